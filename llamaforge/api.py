@@ -1,0 +1,152 @@
+"""`llamaforge.load(source) -> LLM`: the one object the CLI, server, trainer and evaluator use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamaforge.chat import encode_dialog, render_dialog
+from llamaforge.checkpoint import load_checkpoint
+from llamaforge.config import ModelArgs
+from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
+from llamaforge.generate import Generation, collect, fit_prompt, generate_events
+from llamaforge.model import Llama
+from llamaforge.sampling import SamplingParams
+from llamaforge.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name such as "bf16" (None stays None: keep the stored dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A model with its tokenizer: generate, chat and stream, in Meta's chat format."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None, source: str = "", format: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: ModelArgs = model.config
+        self.source = source
+        self.format = format
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                f"{self.source or 'this model'} was loaded without a tokenizer, so it takes token ids only; "
+                "put tokenizer.model beside the weights or pass tokenizer=PATH to load()"
+            )
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a str gets BOS, a list of ids is used exactly as given."""
+        if isinstance(prompt, str):
+            return self._require_tokenizer().encode(prompt, bos=True)
+        if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+            raise GenerationError(f"a token-id prompt must hold ints in [0, {self.config.vocab_size})")
+        return list(prompt)
+
+    def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
+        """The dialog's token ids in Meta's Llama 2 chat format."""
+        return encode_dialog(self._require_tokenizer(), messages)
+
+    def chat_prompt_text(self, messages: Sequence[dict]) -> str:
+        """The dialog's prompt as display text, with BOS/EOS shown as <s> and </s>."""
+        return render_dialog(messages)
+
+    def generate(self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 truncate: bool = False, **sampling: Any) -> Generation | list[Generation]:
+        """Continue a prompt (or a batch of prompts); `out.text` is the text that follows the prompt's text."""
+        prompts, single = _as_batch(prompt)
+        results = self._run([self.encode_prompt(p) for p in prompts], _params(params, sampling), truncate, True)
+        return results[0] if single else results
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams | None = None, truncate: bool = False,
+             **sampling: Any) -> Generation:
+        """Answer the last user message; `out.text` is decoded as Meta's chat_completion decodes it."""
+        return self._run([self.chat_tokens(messages)], _params(params, sampling), truncate, False)[0]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, truncate: bool = False,
+               **sampling: Any) -> Iterator[str]:
+        """Text deltas of `generate(prompt)`; they add up to its `text`."""
+        return self._stream(self.encode_prompt(prompt), _params(params, sampling), truncate, True)
+
+    def stream_chat(self, messages: Sequence[dict], params: SamplingParams | None = None, truncate: bool = False,
+                    **sampling: Any) -> Iterator[str]:
+        """Text deltas of `chat(messages)`."""
+        return self._stream(self.chat_tokens(messages), _params(params, sampling), truncate, False)
+
+    def _fit(self, prompt_ids: list[int], params: SamplingParams, truncate: bool) -> list[int]:
+        return fit_prompt(prompt_ids, params.max_new_tokens, self.config.context_length, truncate)
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams, truncate: bool,
+             prompt_as_context: bool) -> list[Generation]:
+        prompts = [self._fit(p, params, truncate) for p in prompts]
+        batch_params = [params] * len(prompts)
+        timings: dict[str, float] = {}
+        events = generate_events(self.model, self.tokenizer, prompts, batch_params, prompt_as_context, timings)
+        results = collect(events, prompts, batch_params)
+        for result in results:
+            result.timings = timings
+        return results
+
+    def _stream(self, prompt_ids: list[int], params: SamplingParams, truncate: bool,
+                prompt_as_context: bool) -> Iterator[str]:
+        prompt_ids = self._fit(prompt_ids, params, truncate)
+        for event in generate_events(self.model, self._require_tokenizer(), [prompt_ids], [params],
+                                     prompt_as_context):
+            if event.text:
+                yield event.text
+
+
+def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        return [prompt], True
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return list(prompt), False
+    raise GenerationError("the prompt is empty; pass a string, a list of token ids, or a list of those")
+
+
+def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+    if params is not None and sampling:
+        raise GenerationError(f"pass sampling values either as params= or as keywords, not both ({sorted(sampling)})")
+    if params is not None:
+        return params
+    try:
+        return SamplingParams(**sampling)
+    except TypeError as exc:
+        raise GenerationError(f"unknown generation option: {exc}") from None
+
+
+def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None, tokenizer: str | Path | None = None,
+         adapter: str | Path | None = None) -> LLM:
+    """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin."""
+    if source is None:
+        raise CheckpointError(
+            "no model given, and llamaforge has no built-in demo model yet; pass a model, e.g. "
+            "meta-llama/Llama-2-7b-chat-hf, an HF directory, a Meta download or a llama2.c .bin"
+        )
+    if adapter is not None:
+        raise CheckpointError("LoRA adapters are not supported yet; load the merged model instead")
+    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer)
+    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format)

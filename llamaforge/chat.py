@@ -1,0 +1,94 @@
+"""The Llama 2 chat format, built from token ids exactly as Meta's `Llama.chat_completion` builds it.
+
+Reference: meta-llama/llama `llama/generation.py`. Each finished user/assistant exchange is
+`[BOS] + encode("[INST] {user} [/INST] {answer} ") + [EOS]`; the last user turn is
+`[BOS] + encode("[INST] {user} [/INST]")`; a leading system message is folded into the first user
+message between `<<SYS>>` tags. Unlike the reference, which generates and then hides the answer, a
+dialog with control tags in its content is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from llamaforge.errors import ChatFormatError
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+
+
+class Encoder(Protocol):
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of the prompt: text encoded on its own, with BOS before and maybe EOS after."""
+
+    text: str
+    eos: bool
+
+
+def validate_dialog(messages: Sequence[dict]) -> None:
+    """Raise ChatFormatError naming the first message that breaks Llama 2's rules."""
+    if not messages:
+        raise ChatFormatError("the dialog is empty; send at least one user message")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatFormatError(f"message {index} must be an object with 'role' and 'content'")
+        if not isinstance(message["content"], str):
+            raise ChatFormatError(f"message {index} ({message['role']}): content must be a string")
+        for tag in SPECIAL_TAGS:
+            if tag in message["content"]:
+                raise ChatFormatError(
+                    f"message {index} ({message['role']}) contains the control tag {tag!r}; "
+                    "the chat format reserves it, so remove it from the text"
+                )
+    start = 1 if messages[0]["role"] == "system" else 0
+    for index in range(start, len(messages)):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        role = messages[index]["role"]
+        if role != expected:
+            raise ChatFormatError(
+                f"message {index} has role {role!r} where {expected!r} was expected; a dialog is an "
+                "optional system message, then user and assistant turns alternating, ending with user"
+            )
+    if len(messages) == start or messages[-1]["role"] != "user":
+        raise ChatFormatError(
+            f"the last message (index {len(messages) - 1}) must have role 'user': the model answers a user turn"
+        )
+
+
+def dialog_segments(messages: Sequence[dict]) -> list[Segment]:
+    """Split a validated dialog into the segments Meta encodes one by one."""
+    validate_dialog(messages)
+    turns = [dict(m) for m in messages]
+    if turns[0]["role"] == "system":
+        # Meta keeps the system text as is and strips only the combined user content below.
+        system = turns.pop(0)["content"]
+        turns[0]["content"] = B_SYS + system + E_SYS + turns[0]["content"]
+    segments = [
+        Segment(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ", eos=True)
+        for user, answer in zip(turns[::2], turns[1::2], strict=False)
+    ]
+    segments.append(Segment(f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", eos=False))
+    return segments
+
+
+def encode_dialog(tokenizer: Encoder, messages: Sequence[dict]) -> list[int]:
+    """Token ids of the dialog in Llama 2's chat format, ready for the model to answer."""
+    ids: list[int] = []
+    for segment in dialog_segments(messages):
+        ids += tokenizer.encode(segment.text, bos=True, eos=segment.eos)
+    return ids
+
+
+def render_dialog(messages: Sequence[dict]) -> str:
+    """The prompt as text for display, with BOS/EOS shown as `<s>` / `</s>`."""
+    return "".join(
+        BOS_TEXT + segment.text + (EOS_TEXT if segment.eos else "") for segment in dialog_segments(messages)
+    )

@@ -1,0 +1,141 @@
+"""Find, read and convert a checkpoint into a `Llama` with HF names: `load_checkpoint(source)`.
+
+Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`.
+Tensors stream one at a time into a model built on the meta device, each cast to the target dtype as
+it arrives, so loading never holds the checkpoint and the model in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llamaforge.checkpoint import hf, hub, llama2c, meta
+from llamaforge.checkpoint.keymaps import IGNORED_KEYS
+from llamaforge.config import ModelArgs
+from llamaforge.errors import CheckpointError, TokenizerError
+from llamaforge.model import Llama
+from llamaforge.tokenizer import Tokenizer, find_tokenizer
+
+FORMATS = ("hf", "meta", "llama2c")
+HELP = (
+    "pass an HF directory (config.json + *.safetensors), a hub repo id like meta-llama/Llama-2-7b-chat-hf, "
+    "a Meta download directory (params.json + consolidated.00.pth + tokenizer.model) or a llama2.c .bin file"
+)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with what was learnt about where it came from."""
+
+    config: ModelArgs
+    model: Llama
+    tokenizer: Tokenizer | None
+    format: str
+    path: Path
+
+
+def resolve(source: str | Path) -> Path:
+    """A local path for a path or hub repo id; a clear error for neither."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, str) and hub.looks_like_repo_id(source):
+        return hub.download(source)
+    raise CheckpointError(f"{source} does not exist; {HELP}")
+
+
+def detect_format(path: Path) -> str:
+    """Which of FORMATS a local path holds."""
+    if hf.is_hf_dir(path):
+        return "hf"
+    if meta.is_meta_dir(path):
+        return "meta"
+    if path.is_file() and path.suffix == ".bin" and path.stat().st_size >= llama2c.HEADER.size:
+        return "llama2c"
+    raise CheckpointError(f"{path} is not a checkpoint llamaforge recognises; {HELP}")
+
+
+def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                    tokenizer: str | Path | None = None) -> Checkpoint:
+    """Load model and tokenizer; dtype None keeps the stored dtype, device None picks CUDA when present."""
+    path = resolve(source)
+    kind = detect_format(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if kind == "hf":
+        config = hf.read_config(path)
+        tensors = hf.iter_tensors(path)
+        dtype = dtype or hf.stored_dtype(path)
+        tokenizer_path = find_tokenizer(path)
+    elif kind == "meta":
+        shards = meta.open_shards(path)
+        config = meta.read_config(path, shards)
+        tensors = meta.iter_tensors(config, shards)
+        tokenizer_path = find_tokenizer(path) or find_tokenizer(path.parent)
+    else:
+        config, shared = llama2c.read_header(path)
+        tensors = llama2c.iter_tensors(path, config, shared)
+        tokenizer_path = _llama2c_tokenizer(path, config.vocab_size)
+    model = build_model(config, tensors, dtype, device)
+    loaded_tokenizer = Tokenizer(tokenizer) if tokenizer else Tokenizer(tokenizer_path) if tokenizer_path else None
+    if loaded_tokenizer is not None:
+        check_vocab(loaded_tokenizer, config)
+    return Checkpoint(config, model, loaded_tokenizer, kind, path)
+
+
+def _llama2c_tokenizer(path: Path, vocab_size: int) -> Path | None:
+    """llama2.c keeps the tokenizer beside the model: tokenizer.model / tok512.model, or the .bin form."""
+    for name in ("tokenizer.model", f"tok{vocab_size}.model", "tokenizer.bin", f"tok{vocab_size}.bin"):
+        candidate = path.parent / name
+        if candidate.is_file() and candidate != path:
+            return candidate
+    return None
+
+
+def check_vocab(tokenizer: Tokenizer, config: ModelArgs) -> None:
+    """Refuse a tokenizer whose vocabulary does not match the model's embedding rows."""
+    if tokenizer.vocab_size != config.vocab_size:
+        raise TokenizerError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model has "
+            f"{config.vocab_size} embedding rows; pass the tokenizer that was trained with these weights"
+        )
+
+
+def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
+                device: torch.device) -> Llama:
+    """Fill a meta-device model with streamed tensors, each checked against the config and cast on arrival."""
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in tensors:
+        if IGNORED_KEYS.search(name):
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(tensor.shape)} but the config asks for "
+                f"{tuple(expected[name].shape)}; the config does not belong to these weights"
+            )
+        dtype = dtype or tensor.dtype
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+    if unexpected:
+        raise CheckpointError(f"the checkpoint has tensors a Llama model does not: {', '.join(unexpected[:5])}")
+    if config.tie_word_embeddings:
+        loaded.setdefault("lm_head.weight", loaded.get("model.embed_tokens.weight"))
+    missing = [name for name in expected if name not in loaded or loaded[name] is None]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:3])}; "
+            "it is incomplete or not a Llama checkpoint"
+        )
+    model.load_state_dict(loaded, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

@@ -1,0 +1,82 @@
+"""HF checkpoint directories: config.json with safetensors (single or sharded) or pytorch_model*.bin."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llamaforge.config import ModelArgs, from_hf_config, read_json
+from llamaforge.errors import CheckpointError
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_config(path: Path) -> ModelArgs:
+    return from_hf_config(read_json(path / "config.json"))
+
+
+def stored_dtype(path: Path) -> torch.dtype | None:
+    """The dtype config.json says the weights are stored in, if it says."""
+    config = read_json(path / "config.json")
+    name = config.get("torch_dtype") or config.get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of an HF directory, safetensors preferred, in shard order."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{index} lists shards that are not in {path}: {', '.join(missing)}; finish the download"
+                )
+            return [path / s for s in shards]
+        if (path / single).is_file():
+            return [path / single]
+    found = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not found:
+        raise CheckpointError(
+            f"{path} has a config.json but no weights (model.safetensors, model-0000N-of-0000M.safetensors "
+            "or pytorch_model.bin); download the weight files into it"
+        )
+    return found
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs in HF naming, one at a time, memory-mapped where the format allows."""
+    for file in weight_files(path):
+        if file.suffix == ".safetensors":
+            yield from iter_safetensors(file)
+        else:
+            yield from load_torch_file(file).items()
+
+
+def iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one safetensors file, read lazily, with a clear error for truncated or corrupt files."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, handle.get_tensor(name)
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{file} is truncated or corrupt ({exc}); delete it and download it again"
+        ) from None
+
+
+def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict, memory-mapped, tensors only (no pickled code runs)."""
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for damaged files
+        raise CheckpointError(f"{file} could not be read as a PyTorch checkpoint ({exc}); re-download it") from None

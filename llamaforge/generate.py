@@ -1,0 +1,199 @@
+"""Prefill, decode and the generation loop: batches of prompts in, tokens and text deltas out.
+
+Prompts of different lengths are right-padded for one prefill; each row then decodes at its own
+position (see model.py), so no row waits on or sees another's padding. Text is released through a
+`StreamDecoder` and a `StopStringMatcher`, so a delta is never emitted and then taken back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llamaforge.errors import GenerationError
+from llamaforge.model import KVCache, Llama
+from llamaforge.sampling import SamplingParams, make_generator, sample, token_logprobs
+from llamaforge.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one row, with the text it released and whether the row is done."""
+
+    row: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" once the row is finished
+    eos: bool = False  # the token is EOS (reported, but not part of the generated text or ids)
+
+
+@dataclass
+class Generation:
+    """The result of one prompt: new tokens only, as DESIGN.md fixes."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StopStringMatcher:
+    """Hold back text that might be the start of a stop string; cut the text at the first stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.pending += delta
+        if not self.stops:
+            text, self.pending = self.pending, ""
+            return text, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[:min(hits)], ""
+            return text, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context_length: int, truncate: bool) -> list[int]:
+    """Check that prompt + max_new_tokens fits the context; with `truncate`, drop the oldest prompt tokens."""
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty; give at least one token (a str prompt always gets BOS)")
+    total = len(prompt_ids) + max_new_tokens
+    if total <= context_length:
+        return prompt_ids
+    room = context_length - max_new_tokens
+    if not truncate or room < 1:
+        raise GenerationError(
+            f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: {total} tokens "
+            f"exceed the model's context of {context_length}; shorten the prompt, lower max_new_tokens"
+            + (", or ask for truncation" if room >= 1 else "")
+        )
+    # Keep BOS at the front: the model was trained with it and behaves oddly without.
+    head = prompt_ids[:1] if room > 1 else []
+    return head + prompt_ids[len(prompt_ids) - (room - len(head)):]
+
+
+@torch.inference_mode()
+def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence[list[int]],
+                    params: Sequence[SamplingParams], prompt_as_context: bool = True,
+                    timings: dict[str, float] | None = None) -> Iterator[TokenEvent]:
+    """Run prompts as one batch; yield a TokenEvent per generated token until every row has finished.
+
+    With `prompt_as_context`, each row's text is what follows its prompt's text (a leading space kept);
+    without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it.
+    """
+    if tokenizer is None and any(p.stop for p in params):
+        raise GenerationError("stop strings need a tokenizer; load the model with one")
+    device = model.lm_head.weight.device
+    batch = len(prompts)
+    lengths = [len(p) for p in prompts]
+    eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
+    generators = [make_generator(p.seed, device) for p in params]
+    decoders = [StreamDecoder(tokenizer, prompt if prompt_as_context else ()) if tokenizer else None
+                for prompt in prompts]
+    matchers = [StopStringMatcher(p.stop) for p in params]
+    want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
+    top_n = max(p.top_logprobs for p in params)
+
+    started = time.perf_counter()
+    tokens = torch.zeros(batch, max(lengths), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    kv_cache = model.new_kv_cache(batch, max(n + p.max_new_tokens for n, p in zip(lengths, params, strict=True)))
+    positions = torch.tensor(lengths, device=device)
+    input_pos = torch.arange(tokens.shape[1], device=device).expand(batch, -1)
+    logits = model(tokens, input_pos, kv_cache, logits_at=positions - 1)  # (B, V)
+    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen.scatter_(1, tokens, True)
+    active = [True] * batch
+    produced = [0] * batch
+    first_token_at = None
+    while True:
+        next_ids = sample(logits, list(params), generators, seen)  # (B,)
+        if want_logprobs:
+            chosen, top_values, top_ids = token_logprobs(logits, next_ids, top_n)
+        seen.scatter_(1, next_ids[:, None], True)
+        for row, token_id in enumerate(next_ids.tolist()):
+            if not active[row]:
+                continue
+            produced[row] += 1
+            is_eos = token_id == eos_id and not params[row].ignore_eos
+            is_last = produced[row] >= params[row].max_new_tokens
+            text, stopped = _advance_text(decoders[row], matchers[row], token_id, is_eos or is_last)
+            event = TokenEvent(row, token_id, text, eos=is_eos)
+            event.finish_reason = "stop" if is_eos or stopped else "length" if is_last else None
+            if want_logprobs and (params[row].logprobs or params[row].top_logprobs):
+                event.logprob = chosen[row].item()
+                n = params[row].top_logprobs
+                event.top_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True))
+            active[row] = event.finish_reason is None
+            yield event
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        if not any(active):
+            break
+        logits = decode_one_token(model, next_ids, positions, kv_cache)
+        # Finished rows stay in the batch but stop advancing, so they never write past their cache room.
+        positions = torch.where(torch.tensor(active, device=device), positions + 1, positions)
+    if timings is not None:
+        finished = time.perf_counter()
+        timings.update(prefill_s=first_token_at - started, decode_s=finished - first_token_at,
+                       prompt_tokens=sum(lengths), new_tokens=sum(produced), decode_steps=max(produced) - 1)
+
+
+def _advance_text(decoder: StreamDecoder | None, matcher: StopStringMatcher, token_id: int,
+                  final: bool) -> tuple[str, bool]:
+    """Text one token releases through the detokenizer and the stop-string hold-back; (text, stopped)."""
+    if decoder is None:
+        return "", False
+    delta = decoder.push(token_id) + (decoder.flush() if final else "")
+    text, stopped = matcher.feed(delta)
+    if final and not stopped:
+        text += matcher.flush()
+    return text, stopped
+
+
+def collect(events: Iterator[TokenEvent], prompts: Sequence[list[int]],
+            params: Sequence[SamplingParams]) -> list[Generation]:
+    """Gather a batch's events into one Generation per prompt (EOS itself is not in token_ids)."""
+    results = [Generation("", [], "", len(p), [] if q.logprobs else None, [] if q.top_logprobs else None)
+               for p, q in zip(prompts, params, strict=True)]
+    for event in events:
+        result = results[event.row]
+        result.text += event.text
+        if event.eos:
+            result.finish_reason = "stop"
+            continue
+        result.token_ids.append(event.token_id)
+        if result.logprobs is not None:
+            result.logprobs.append(event.logprob)
+        if result.top_logprobs is not None:
+            result.top_logprobs.append(event.top_logprobs)
+        if event.finish_reason:
+            result.finish_reason = event.finish_reason
+    return results
+
+
+def decode_one_token(model: Llama, token_ids: torch.Tensor, input_pos: torch.Tensor,
+                     kv_cache: list[KVCache]) -> torch.Tensor:
+    """Logits (B, V) for one new token per row (B,) written at positions (B,)."""
+    return model(token_ids[:, None], input_pos[:, None], kv_cache, logits_at=torch.zeros_like(input_pos))

@@ -1,0 +1,225 @@
+"""The Llama 2 network in one file.
+
+References: Meta's `llama/model.py` (the spec), HF `transformers.models.llama.modeling_llama` (parameter
+names, rotate-half RoPE layout, RoPE scaling), gpt-fast's `model.py` (a preallocated KV cache written at
+explicit positions). Parameter names equal `LlamaForCausalLM`'s, so HF state dicts and PEFT adapters
+load without renaming.
+
+Positions are explicit per row (`input_pos`, shape (B, T)): every row of a batch has its own cache
+timeline starting at 0, so prompts of different lengths share one batch without left padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaforge.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as Meta and HF do."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE, with HF's `linear` and `dynamic` (NTK) scaling."""
+
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.max_seq_len = config.max_seq_len
+        scaling = config.rope_scaling or {}
+        self.scaling_type = scaling.get("type")
+        self.factor = scaling.get("factor", 1.0)
+
+    def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        base = self.theta
+        if self.scaling_type == "dynamic" and seq_len > self.max_seq_len:
+            # NTK-aware: grow the base with the sequence so low frequencies stretch, high ones stay.
+            ratio = self.factor * seq_len / self.max_seq_len - (self.factor - 1)
+            base = base * ratio ** (self.head_dim / (self.head_dim - 2))
+        exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float() / self.head_dim
+        inv_freq = 1.0 / (base**exponents)  # (D/2,)
+        if self.scaling_type == "linear":
+            inv_freq = inv_freq / self.factor
+        return inv_freq
+
+    def forward(self, input_pos: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        inv_freq = self.inv_freq(seq_len, input_pos.device)
+        freqs = input_pos[..., None].float() * inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by per-row positions; cos/sin are (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """One layer's preallocated keys and values, written at explicit positions.
+
+    Buffers are (B, n_kv_heads, max_len, head_dim). Row b's entry at position p is valid once a
+    forward has passed p in `input_pos[b]`; the attention mask hides everything later than the query.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the first kv_len positions of the cache."""
+        index = input_pos[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_cache, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's `LlamaForCausalLM.model`)."""
+
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Llama(nn.Module):
+    """Llama 2 for causal language modelling, with `LlamaForCausalLM`'s parameter names."""
+
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """Allocate one cache per layer on the model's device and dtype."""
+        weight = self.lm_head.weight
+        return [
+            KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim, weight.dtype, weight.device)
+            for _ in self.model.layers
+        ]
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                kv_cache: list[KVCache] | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T), or (B, V) at one index per row when `logits_at` (B,) is given.
+
+        Without `input_pos` the rows are whole sequences starting at position 0 (training, scoring).
+        With a cache, `input_pos` (B, T) says where each token sits in its row's timeline.
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        if kv_cache is None:
+            # No cache: keys are exactly this call's tokens, so the plain causal mask is right.
+            kv_len, mask = T, None
+        else:
+            # Query at position p sees cache entries 0..p of its own row: anything later is either
+            # the future or stale padding from a shorter prompt, and must stay hidden.
+            kv_len = int(input_pos.max()) + 1
+            cache_pos = torch.arange(kv_len, device=input_ids.device)
+            mask = (cache_pos[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, kv_len)
+        x = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        cos, sin = self.model.rotary_emb(input_pos, kv_len, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            x = layer(x, cos, sin, mask, input_pos, layer_cache, kv_len)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]  # (B, dim)
+        return self.lm_head(self.model.norm(x))
+
+
+def init_weights(model: Llama, seed: int = 0, std: float = 0.02) -> Llama:
+    """Fill a model with the usual small-normal random initialisation (norms at 1), reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                # Scale residual projections down so deep random models stay numerically tame.
+                scale = std / math.sqrt(2 * model.config.n_layers) if name.endswith(("o_proj.weight",
+                                                                                     "down_proj.weight")) else std
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model

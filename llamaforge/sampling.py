@@ -1,0 +1,130 @@
+"""Choosing the next token: sampling parameters and pure tensor functions over (B, V) logits.
+
+Each row has its own temperature, top-k, top-p, repetition penalty and random generator, so a row's
+result depends on its own request only, never on what else shares the batch. The order of logits
+processing is HF `generate`'s: repetition penalty, temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llamaforge.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 means greedy; defaults are Meta's chat ones."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # 1.0: off; HF's rule (divide positive logits, multiply negative)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False  # keep going past EOS (benchmarks that need exactly max_new_tokens)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise GenerationError naming the first invalid value and its allowed range."""
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
+            (_finite(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty!r}"),
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20,
+             f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GenerationError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A per-request random generator: seeded for reproducibility, else from fresh entropy."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Penalise tokens already in the context: logits (B, V), seen (B, V) bool, penalty (B,)."""
+    penalty = penalty[:, None]
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k and top-p nucleus to -inf; top_k (B,) 0 = off, top_p (B,)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None]
+    remove = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token once the tokens ranked above it already hold top_p of the mass; the first always stays.
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove = mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V), each row by its own params and generator."""
+    logits = logits.float()
+    device = logits.device
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    greedy_ids = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_ids
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    logits = logits / temperature[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        logits = filter_top_k_top_p(logits, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    # Gumbel-style sampling without a multinomial sync: argmax(p / q) with q ~ Exp(1) draws from p.
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    sampled_ids = (probs / noise).argmax(dim=-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    return torch.where(is_greedy, greedy_ids, sampled_ids)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                   top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's raw distribution: chosen (B,), top-n values and ids (B, n)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, token_ids[:, None])[:, 0]
+    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], token_ids[:, None][:, :0])
+    return chosen, top_values, top_ids

@@ -1,0 +1,189 @@
+"""Llama tokenizers: SentencePiece `tokenizer.model`, HF `tokenizer.json`, llama2.c `tokenizer.bin`.
+
+All three give the same ids for the same vocabulary. Control tokens (BOS/EOS) are added as ids, never
+parsed out of text: "<s>" typed by a user is five characters, not BOS.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from llamaforge.errors import TokenizerError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+class Tokenizer:
+    """Encode text to ids and back, Meta-style: `encode(text, bos=True)` and `decode(ids)`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TokenizerError(f"tokenizer file {self.path} does not exist")
+        self._sp = None
+        self._hf = None
+        if self.path.suffix == ".json":
+            self._hf = _load_tokenizers_json(self.path)
+            self.bos_id = self._special_id("<s>", 1)
+            self.eos_id = self._special_id("</s>", 2)
+        else:
+            proto = _llama2c_to_sentencepiece(self.path) if self.path.suffix == ".bin" else None
+            self._sp = _load_sentencepiece(self.path, proto)
+            self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        if self._sp is not None:
+            return self._sp.get_piece_size()
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS/EOS ids added on request."""
+        ids = self._sp.encode(text) if self._sp is not None else self._hf.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` as Meta's decode gives it: control tokens dropped, a leading space removed."""
+        ids = list(ids)
+        if self._sp is not None:
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        if self._sp is not None:
+            return self._sp.id_to_piece(token_id)
+        return self._hf.id_to_token(token_id)
+
+    def _special_id(self, token: str, default: int) -> int:
+        found = self._hf.token_to_id(token)
+        return default if found is None else found
+
+
+def _load_sentencepiece(path: Path, proto: bytes | None):
+    import sentencepiece
+
+    try:
+        if proto is not None:
+            return sentencepiece.SentencePieceProcessor(model_proto=proto)
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise TokenizerError(
+            f"{path} is not a SentencePiece model ({exc}); pass the tokenizer.model that came with the weights"
+        ) from None
+
+
+def _load_tokenizers_json(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tokenizer = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for parse errors
+        raise TokenizerError(f"{path} is not a valid tokenizer.json ({exc}); re-download it") from None
+    # Treat "<s>" in user text as plain characters, exactly like SentencePiece does.
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def _llama2c_to_sentencepiece(path: Path) -> bytes:
+    """Rebuild a SentencePiece model from llama2.c's `tokenizer.bin` (pieces and BPE scores).
+
+    The .bin keeps no normaliser settings, so Meta's are used (add a dummy prefix, keep repeated
+    spaces). Ids 0/1/2 are unk/BOS/EOS and `<0xHH>` pieces are byte fallback, as in Llama's own model.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    data = path.read_bytes()
+    model = model_pb2.ModelProto()
+    offset = 4  # int32 max_token_length, unused here
+    try:
+        while offset < len(data):
+            score, length = struct.unpack_from("<fi", data, offset)
+            offset += 8
+            raw = data[offset:offset + length]
+            if len(raw) != length:
+                raise struct.error("piece runs past the end of the file")
+            offset += length
+            piece = model.pieces.add()
+            piece.piece, piece.score = _llama2c_piece(raw.decode("utf-8"), len(model.pieces) - 1), score
+            piece.type = _piece_type(piece.piece, len(model.pieces) - 1)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path} is not a llama2.c tokenizer.bin ({exc})") from None
+    if len(model.pieces) < 3:
+        raise TokenizerError(f"{path} holds {len(model.pieces)} pieces; a llama2.c tokenizer.bin has hundreds")
+    trainer = model.trainer_spec
+    trainer.model_type = model_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(model.pieces)
+    trainer.byte_fallback = True
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = True
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return model.SerializeToString()
+
+
+def _llama2c_piece(text: str, token_id: int) -> str:
+    if token_id in (1, 2):  # stored as "\n<s>\n" and "\n</s>\n"
+        return text.strip()
+    return text.replace(" ", "\u2581")
+
+
+def _piece_type(piece: str, token_id: int) -> int:
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    if token_id == 0:
+        return model_pb2.ModelProto.SentencePiece.UNKNOWN
+    if token_id in (1, 2):
+        return model_pb2.ModelProto.SentencePiece.CONTROL
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return model_pb2.ModelProto.SentencePiece.BYTE
+    return model_pb2.ModelProto.SentencePiece.NORMAL
+
+
+def find_tokenizer(directory: Path) -> Path | None:
+    """The tokenizer file in a checkpoint directory, preferring SentencePiece's own model."""
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+class StreamDecoder:
+    """Turn token ids, one at a time, into text deltas that add up exactly to the full decode.
+
+    A delta is released only when it does not end in U+FFFD, so byte-fallback pieces that together
+    form one multi-byte character are held until the character is complete. Each step decodes a short
+    window that starts at an already-released token, so the leading-space rule of SentencePiece applies
+    the same way to the window's text and to the text already sent.
+
+    With `context` (e.g. the prompt's last tokens), text is what follows the context: a leading space
+    of the first new token is kept. Without it, the text equals `tokenizer.decode(new_ids)`, as Meta's
+    reference returns it.
+    """
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | tuple[int, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(context[-self.CONTEXT_TOKENS:]) if context else []
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Release whatever is held back (an incomplete character becomes U+FFFD, as in the full decode)."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        sent = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(sent) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(sent):]
