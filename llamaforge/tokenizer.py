@@ -6,6 +6,7 @@ parsed out of text: "<s>" typed by a user is five characters, not BOS.
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -77,12 +78,38 @@ def _load_tokenizers_json(path: Path):
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
-        tokenizer = HFTokenizer.from_file(str(path))
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        tokenizer = HFTokenizer.from_str(json.dumps(_sentencepiece_compatible(spec)))
     except Exception as exc:  # tokenizers raises a bare Exception for parse errors
         raise TokenizerError(f"{path} is not a valid tokenizer.json ({exc}); re-download it") from None
     # Treat "<s>" in user text as plain characters, exactly like SentencePiece does.
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def _sentencepiece_compatible(spec: dict) -> dict:
+    """Make a Llama-style tokenizer.json split text exactly as SentencePiece does, Meta's reference.
+
+    HF's conversions of Llama's tokenizer.model differ from SentencePiece in two ways: merges are
+    ranked by piece id, so whitespace-only pieces ("▁▁", which SentencePiece scores -1e9 and so
+    merges last) merge first; and non-legacy files use a Metaspace pre-tokenizer that adds no dummy
+    prefix before a leading space. Other tokenizers are left untouched.
+    """
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or "\u2581" not in model.get("vocab", {}):
+        return spec
+    merges = model.get("merges", [])
+
+    def whitespace_only(merge: str | list[str]) -> bool:
+        return set("".join(merge) if isinstance(merge, list) else merge.replace(" ", "")) == {"\u2581"}
+
+    model["merges"] = [m for m in merges if not whitespace_only(m)] + [m for m in merges if whitespace_only(m)]
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ]}
+    spec["pre_tokenizer"] = None
+    return spec
 
 
 def _llama2c_to_sentencepiece(path: Path) -> bytes:

@@ -69,25 +69,29 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
         config = hf.read_config(path)
         tensors = hf.iter_tensors(path)
         dtype = dtype or hf.stored_dtype(path)
-        tokenizer_path = find_tokenizer(path)
     elif kind == "meta":
         shards = meta.open_shards(path)
         config = meta.read_config(path, shards)
         tensors = meta.iter_tensors(config, shards)
-        tokenizer_path = find_tokenizer(path) or find_tokenizer(path.parent)
     else:
         config, shared = llama2c.read_header(path)
         tensors = llama2c.iter_tensors(path, config, shared)
-        tokenizer_path = _llama2c_tokenizer(path, config.vocab_size)
     model = build_model(config, tensors, dtype, device)
-    loaded_tokenizer = Tokenizer(tokenizer) if tokenizer else Tokenizer(tokenizer_path) if tokenizer_path else None
+    tokenizer_path = tokenizer or tokenizer_file(path, kind)
+    loaded_tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
     if loaded_tokenizer is not None:
         check_vocab(loaded_tokenizer, config)
     return Checkpoint(config, model, loaded_tokenizer, kind, path)
 
 
-def _llama2c_tokenizer(path: Path, vocab_size: int) -> Path | None:
-    """llama2.c keeps the tokenizer beside the model: tokenizer.model / tok512.model, or the .bin form."""
+def tokenizer_file(path: Path, kind: str) -> Path | None:
+    """Where a checkpoint keeps its tokenizer, found without reading any weights."""
+    if kind == "hf":
+        return find_tokenizer(path)
+    if kind == "meta":  # Meta's download puts tokenizer.model one level above the size folders
+        return find_tokenizer(path) or find_tokenizer(path.parent)
+    # llama2.c keeps it beside the model: tokenizer.model / tok512.model, or the .bin form.
+    vocab_size = llama2c.read_header(path)[0].vocab_size
     for name in ("tokenizer.model", f"tok{vocab_size}.model", "tokenizer.bin", f"tok{vocab_size}.bin"):
         candidate = path.parent / name
         if candidate.is_file() and candidate != path:

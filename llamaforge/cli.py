@@ -1,0 +1,256 @@
+"""`llamaforge <command>`: each command is a thin function over one library call.
+
+Every command takes `--model` (an HF directory, hub repo id, Meta directory or llama2.c .bin) and
+`--json` for machine-readable output. User errors print one line naming the problem and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from llamaforge.errors import LlamaforgeError
+
+EXIT_USER_ERROR = 2
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF directory, hub repo id, Meta directory or llama2.c .bin")
+    parser.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json to use instead of the one found")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                        help="weights dtype (default: as stored)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: Meta's 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="drop the oldest prompt tokens when prompt + max-new-tokens exceed the context")
+
+
+def _sampling(args: argparse.Namespace, **extra: object):
+    from llamaforge.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop), **extra)
+
+
+def _load(args: argparse.Namespace):
+    from llamaforge.api import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+
+
+def _print_json(payload: dict) -> None:
+    print(json.dumps(payload, ensure_ascii=False))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Continue a prompt; streams text, or prints text, token ids and timings with --json."""
+    llm = _load(args)
+    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    if prompt is None:
+        raise LlamaforgeError("give a prompt: `llamaforge generate --model M \"Once upon a time\"` or --prompt-ids")
+    params = _sampling(args, logprobs=args.logprobs)
+    if args.json:
+        out = llm.generate(prompt, params=params, truncate=args.truncate)
+        timings = {**out.timings, **_rates(out.timings)}
+        _print_json({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                     "prompt_tokens": out.prompt_tokens, "logprobs": out.logprobs, "timings": timings})
+        return
+    if isinstance(prompt, str):
+        print(prompt, end="", flush=True)
+    for delta in llm.stream(prompt, params=params, truncate=args.truncate):
+        print(delta, end="", flush=True)
+    print()
+
+
+def _rates(timings: dict[str, float]) -> dict[str, float]:
+    """Tokens per second for prefill and decode from generate's timings."""
+    rates = {}
+    if timings.get("prefill_s"):
+        rates["prefill_tokens_per_s"] = timings["prompt_tokens"] / timings["prefill_s"]
+    if timings.get("decode_s") and timings.get("decode_steps"):
+        rates["decode_tokens_per_s"] = timings["decode_steps"] / timings["decode_s"]
+    return rates
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Multi-turn chat in the terminal: /system TEXT, /reset, /exit; Ctrl-C stops the current answer."""
+    llm = _load(args)
+    params = _sampling(args)
+    system = args.system
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive and not args.json:
+        print("llamaforge chat: /system TEXT sets the system prompt, /reset clears, /exit quits; "
+              "Ctrl-C stops an answer.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'removed'}; conversation cleared)")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line})
+        answer, interrupted = _stream_answer(llm, messages, params, args)
+        if interrupted:
+            print("\n(stopped)")
+        history = messages[1:] if system else messages
+        history.append({"role": "assistant", "content": answer})
+
+
+def _stream_answer(llm, messages: list[dict], params, args: argparse.Namespace) -> tuple[str, bool]:
+    """Stream one answer to stdout (or print it as JSON); Ctrl-C ends it early and keeps what was said."""
+    parts: list[str] = []
+    started = time.perf_counter()
+    try:
+        for delta in llm.stream_chat(messages, params=params, truncate=args.truncate):
+            parts.append(delta)
+            if not args.json:
+                print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        return "".join(parts), True
+    except LlamaforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return "", False
+    answer = "".join(parts)
+    if args.json:
+        _print_json({"text": answer, "seconds": time.perf_counter() - started})
+    else:
+        print()
+    return answer, False
+
+
+def cmd_template(args: argparse.Namespace) -> None:
+    """Print the exact Llama 2 chat prompt of a dialog file: the text (with <s>, </s>) and the token ids."""
+    from llamaforge.chat import encode_dialog, render_dialog
+    from llamaforge.checkpoint import detect_format, resolve, tokenizer_file
+    from llamaforge.tokenizer import Tokenizer
+
+    messages = _read_dialog(Path(args.dialog))
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+    elif args.model:
+        model_path = resolve(args.model)
+        path = tokenizer_file(model_path, detect_format(model_path))
+        if path is None:
+            raise LlamaforgeError(f"{args.model} has no tokenizer file; pass --tokenizer tokenizer.model")
+    else:
+        raise LlamaforgeError("give --model (its tokenizer is used) or --tokenizer PATH")
+    tokenizer = Tokenizer(path)
+    prompt, ids = render_dialog(messages), encode_dialog(tokenizer, messages)
+    if args.json:
+        _print_json({"prompt": prompt, "token_ids": ids})
+    else:
+        print(prompt)
+        print(ids)
+
+
+def _read_dialog(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise LlamaforgeError(f"dialog file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LlamaforgeError(f"dialog file {path} is not valid JSON: {exc}") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list):
+        raise LlamaforgeError(f"dialog file {path} must hold a list of {{role, content}} messages "
+                              "(or an object with a 'messages' list)")
+    return messages
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Show a checkpoint's format, config, parameter count, dtype, size in bytes and context length."""
+    llm = _load(args)
+    params = sum(p.numel() for p in llm.model.parameters())
+    size = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    config = llm.config
+    info = {
+        "source": llm.source, "format": llm.format, "parameters": params, "dtype": str(llm.dtype).replace("torch.", ""),
+        "bytes": size, "device": str(llm.device), "context_length": config.context_length,
+        "trained_context": config.max_seq_len, "tokenizer": str(llm.tokenizer.path) if llm.tokenizer else None,
+        "config": {k: v for k, v in vars(config).items() if k != "extra"},
+    }
+    if args.json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        if key != "config":
+            print(f"{key:16} {value}")
+    for key, value in info["config"].items():
+        print(f"  {key:16} {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaforge", description="Test, prompt, fine-tune, deploy and "
+                                     "benchmark Llama 2 models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, function: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=function.__doc__, description=function.__doc__)
+        sub.set_defaults(function=function)
+        return sub
+
+    generate = add("generate", cmd_generate)
+    generate.add_argument("prompt", nargs="?", help="text to continue (BOS is added)")
+    generate.add_argument("--prompt-ids", help="comma-separated token ids, used exactly as given")
+    generate.add_argument("--logprobs", action="store_true", help="report each token's log-probability (--json)")
+    _model_flags(generate)
+    _sampling_flags(generate, max_new_tokens=128)
+
+    chat = add("chat", cmd_chat)
+    chat.add_argument("--system", help="system prompt")
+    _model_flags(chat)
+    _sampling_flags(chat, max_new_tokens=512)
+
+    template = add("template", cmd_template)
+    template.add_argument("--dialog", required=True, help="JSON file: a list of {role, content} messages")
+    _model_flags(template)
+
+    info = add("info", cmd_info)
+    _model_flags(info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.function(args)
+    except LlamaforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
