@@ -13,6 +13,7 @@ from pathlib import Path
 from llamaforge.errors import TokenizerError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+LLAMA2_VOCAB_SIZE, LLAMA2_DOUBLE_SPACE_ID = 32000, 259  # how Llama 2's vocabulary is recognised
 
 
 class Tokenizer:
@@ -90,25 +91,27 @@ def _load_tokenizers_json(path: Path):
 def _sentencepiece_compatible(spec: dict) -> dict:
     """Make a Llama-style tokenizer.json split text exactly as SentencePiece does, Meta's reference.
 
-    HF's conversions of Llama's tokenizer.model differ from SentencePiece in two ways: merges are
-    ranked by piece id, so whitespace-only pieces ("▁▁", which SentencePiece scores -1e9 and so
-    merges last) merge first; and non-legacy files use a Metaspace pre-tokenizer that adds no dummy
-    prefix before a leading space. Other tokenizers are left untouched.
+    Non-legacy HF files use a Metaspace pre-tokenizer that adds no dummy prefix before a leading
+    space; SentencePiece always adds it. And Llama 2's own vocabulary scores its whitespace-only
+    pieces ("▁▁", "▁▁▁▁", ...) -1e9, so SentencePiece merges them last, while converters that rank
+    merges by piece id merge them first. Tokenizers of other shapes are left untouched.
     """
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or "\u2581" not in model.get("vocab", {}):
+    vocab = model.get("vocab", {})
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or "\u2581" not in vocab:
         return spec
-    merges = model.get("merges", [])
-
-    def whitespace_only(merge: str | list[str]) -> bool:
-        return set("".join(merge) if isinstance(merge, list) else merge.replace(" ", "")) == {"\u2581"}
-
-    model["merges"] = [m for m in merges if not whitespace_only(m)] + [m for m in merges if whitespace_only(m)]
     spec["normalizer"] = {"type": "Sequence", "normalizers": [
         {"type": "Prepend", "prepend": "\u2581"},
         {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
     ]}
     spec["pre_tokenizer"] = None
+    if vocab.get("\u2581\u2581") == LLAMA2_DOUBLE_SPACE_ID and len(vocab) == LLAMA2_VOCAB_SIZE:
+        merges = model.get("merges", [])
+
+        def whitespace_only(merge: str | list[str]) -> bool:
+            return set("".join(merge) if isinstance(merge, list) else merge.replace(" ", "")) == {"\u2581"}
+
+        model["merges"] = [m for m in merges if not whitespace_only(m)] + [m for m in merges if whitespace_only(m)]
     return spec
 
 

@@ -1,0 +1,71 @@
+"""Builders for tiny models, tokenizers and checkpoint directories written on the fly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llamaforge.config import ModelArgs
+from llamaforge.model import Llama, init_weights
+
+SHARED_ASSETS = Path(os.environ.get("LLAMAFORGE_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+
+CORPUS = [
+    "Once upon a time there was a small llama who liked to count: 1, 2, 3, 42, 1234.",
+    "The quick brown fox jumps over the lazy dog. Café, naïve, jalapeño, Zürich.",
+    "Llamas live in the Andes; they carry loads and hum when they are happy.",
+    "def generate(prompt):\n    return model(prompt)  # code has  double  spaces",
+    "[INST] What is two plus two? [/INST] Two plus two is four.",
+    "東京は日本の首都です。 Emoji: 🦙🎉 and accents: àéîõü.",
+] * 20
+
+
+def train_tokenizer(directory: Path, vocab_size: int = 400) -> Path:
+    """A SentencePiece BPE model with Llama's settings (byte fallback, digit split, BOS=1, EOS=2)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        character_coverage=1.0, minloglevel=2,
+    )
+    path = directory / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def random_model(config: ModelArgs, seed: int = 0, std: float = 0.2) -> Llama:
+    """A float32 model with random weights large enough to give peaked, non-trivial logits."""
+    return init_weights(Llama(config), seed=seed, std=std).eval()
+
+
+def write_hf_dir(directory: Path, model: Llama, tokenizer: Path | None = None, shards: int = 1,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """An HF checkpoint directory: config.json, model.safetensors (or N shards + index), tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_hf_config() | {"torch_dtype": str(dtype).replace("torch.", "")}
+    (directory / "config.json").write_text(json.dumps(config))
+    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    if shards == 1:
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        names = list(state)
+        weight_map = {}
+        for index in range(shards):
+            file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+            part = {name: state[name] for name in names[index::shards]}
+            save_file(part, directory / file, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(part, file)
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if tokenizer is not None:
+        (directory / tokenizer.name).write_bytes(tokenizer.read_bytes())
+    return directory

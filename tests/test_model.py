@@ -1,0 +1,114 @@
+"""The model against HF transformers' LlamaForCausalLM, and cached decoding against full forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import random_model
+
+from llamaforge.config import PRESETS, ModelArgs
+from llamaforge.model import Llama
+
+transformers = pytest.importorskip("transformers")
+
+CASES = {
+    "multi-head": {},
+    "gqa": {"n_kv_heads": 2},
+    "linear-rope": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    "dynamic-rope": {"n_kv_heads": 2, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    "rope-theta": {"rope_theta": 500000.0},
+}
+
+
+def small_config(**changes) -> ModelArgs:
+    return ModelArgs(dim=64, n_layers=2, n_heads=8, vocab_size=300, hidden_dim=96, max_seq_len=32, **changes)
+
+
+def hf_twin(model: Llama) -> torch.nn.Module:
+    """The same weights in transformers' implementation."""
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config.to_hf_config()))
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and not unexpected
+    return hf.eval()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_transformers(case: str) -> None:
+    model = random_model(small_config(**CASES[case]))
+    hf = hf_twin(model)
+    # 80 positions: past the trained context of 32, where linear and dynamic scaling take effect.
+    input_ids = torch.randint(0, 300, (2, 80), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(input_ids), hf(input_ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_rope_scaling_changes_logits_beyond_context() -> None:
+    """Guard for the test above: the scaled cases would fail if scaling were ignored."""
+    scaled = random_model(small_config(rope_scaling={"type": "dynamic", "factor": 2.0}))
+    plain = Llama(small_config()).eval()
+    plain.load_state_dict(scaled.state_dict())
+    input_ids = torch.randint(0, 300, (1, 80))
+    with torch.no_grad():
+        assert (scaled(input_ids) - plain(input_ids)).abs().max() > 1e-2
+        # Inside the trained context dynamic NTK is the identity.
+        torch.testing.assert_close(scaled(input_ids[:, :32]), plain(input_ids[:, :32]))
+
+
+def test_parameter_names_are_transformers_names() -> None:
+    model = Llama(small_config(n_kv_heads=2))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config.to_hf_config()))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("case", ["gqa", "linear-rope", "multi-head"])
+def test_cached_decoding_equals_full_forward(case: str) -> None:
+    model = random_model(small_config(**CASES[case]))
+    input_ids = torch.randint(0, 300, (2, 60))
+    positions = torch.arange(60).expand(2, 60)
+    cache = model.new_kv_cache(batch_size=2, max_len=60)
+    with torch.no_grad():
+        full = model(input_ids)
+        steps = [model(input_ids[:, :20], positions[:, :20], cache)]
+        steps += [model(input_ids[:, t:t + 1], positions[:, t:t + 1], cache) for t in range(20, 60)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-5, rtol=1e-5)
+
+
+def test_rows_with_different_positions_share_a_batch() -> None:
+    """A short row right-padded into a batch decodes as if alone: its padding stays invisible."""
+    model = random_model(small_config(n_kv_heads=2))
+    long, short = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        alone = model(short)[0, -1]
+        cache = model.new_kv_cache(batch_size=2, max_len=13)
+        padded = torch.cat([long, torch.cat([short[:, :7], torch.zeros(1, 5, dtype=torch.long)], 1)])
+        model(padded, torch.arange(12).expand(2, 12), cache)
+        # Row 1's 8th token overwrites padding at position 7; positions 8..11 still hold padding.
+        step = model(torch.tensor([[long[0, -1]], [short[0, -1]]]), torch.tensor([[12], [7]]), cache)
+    torch.testing.assert_close(step[1, -1], alone, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_float32(dtype: torch.dtype) -> None:
+    model = random_model(small_config(n_kv_heads=2), std=0.05)
+    input_ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        reference = model(input_ids)
+        low = model.to(dtype)(input_ids)
+    assert low.dtype == dtype
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_presets_have_llama2_sizes() -> None:
+    billions = {name: PRESETS[name].num_parameters() / 1e9 for name in ("7B", "13B", "70B")}
+    assert billions["7B"] == pytest.approx(6.74, abs=0.01)
+    assert billions["13B"] == pytest.approx(13.02, abs=0.01)
+    assert billions["70B"] == pytest.approx(68.98, abs=0.01)
+    assert PRESETS["70B"].n_kv_heads == 8 and PRESETS["70B"].context_length == 4096
+
+
+def test_num_parameters_matches_module() -> None:
+    config = small_config(n_kv_heads=2)
+    assert config.num_parameters() == sum(p.numel() for p in Llama(config).parameters())
