@@ -1,0 +1,175 @@
+"""Generation: batching, sampling, stop strings, context limits, log-probabilities, streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import random_model
+
+from llamaforge.api import LLM
+from llamaforge.config import ModelArgs
+from llamaforge.errors import GenerationError
+from llamaforge.generate import StopStringMatcher
+from llamaforge.sampling import SamplingParams, filter_top_k_top_p
+from llamaforge.tokenizer import Tokenizer
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_config: ModelArgs, tiny_tokenizer_path: Path) -> LLM:
+    return LLM(random_model(tiny_config), Tokenizer(tiny_tokenizer_path))
+
+
+def test_batch_of_different_lengths_equals_one_at_a_time(llm: LLM) -> None:
+    prompts = ["Once upon a time", "Llamas", "The quick brown fox jumps over the lazy dog again and again", "1"]
+    batched = llm.generate(prompts, max_new_tokens=12, **GREEDY)
+    for prompt, result in zip(prompts, batched, strict=True):
+        alone = llm.generate(prompt, max_new_tokens=12, **GREEDY)
+        assert result.token_ids == alone.token_ids
+        assert result.text == alone.text
+
+
+def test_token_id_prompt_is_used_as_given(llm: LLM) -> None:
+    ids = llm.tokenizer.encode("Once upon", bos=True)
+    assert llm.generate(ids, max_new_tokens=5, **GREEDY).token_ids == llm.generate(
+        "Once upon", max_new_tokens=5, **GREEDY).token_ids
+    without_bos = llm.generate(ids[1:], max_new_tokens=5, **GREEDY)
+    assert without_bos.prompt_tokens == len(ids) - 1
+
+
+def test_text_continues_the_prompt(llm: LLM) -> None:
+    out = llm.generate("Once upon", max_new_tokens=10, **GREEDY)
+    tokenizer = llm.tokenizer
+    prompt_ids = tokenizer.encode("Once upon", bos=True)
+    assert tokenizer.decode(prompt_ids) + out.text == tokenizer.decode(prompt_ids + out.token_ids)
+
+
+def test_stream_adds_up_to_generate(llm: LLM) -> None:
+    for params in [SamplingParams(max_new_tokens=30, temperature=0.0),
+                   SamplingParams(max_new_tokens=30, temperature=1.0, seed=7)]:
+        assert "".join(llm.stream("Llamas live", params=params)) == llm.generate("Llamas live", params=params).text
+
+
+def test_seed_makes_sampling_reproducible(llm: LLM) -> None:
+    first = llm.generate("Once", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=123)
+    again = llm.generate("Once", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=123)
+    other = llm.generate("Once", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=124)
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llm: LLM) -> None:
+    alone = llm.generate("Once", max_new_tokens=15, temperature=0.9, seed=5)
+    batched = llm.generate(["Once", "Something much longer than the first prompt"], max_new_tokens=15,
+                           temperature=0.9, seed=5)
+    assert batched[0].token_ids == alone.token_ids
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llm: LLM) -> None:
+    greedy = llm.generate("Llamas", max_new_tokens=15, **GREEDY).token_ids
+    assert llm.generate("Llamas", max_new_tokens=15, temperature=1.5, top_k=1, seed=1).token_ids == greedy
+    assert llm.generate("Llamas", max_new_tokens=15, temperature=1.5, top_p=1e-6, seed=1).token_ids == greedy
+
+
+def test_top_k_top_p_filter_keeps_the_right_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_top_k_top_p(logits, top_k=torch.tensor([0, 3]), top_p=torch.tensor([0.7, 1.0])).isfinite()
+    # Row 0: 0.5 < 0.7, so the second token is needed; row 1: top-3.
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+def test_repetition_penalty_discourages_repeats(llm: LLM) -> None:
+    plain = llm.generate("a a a a", max_new_tokens=30, **GREEDY).token_ids
+    penalised = llm.generate("a a a a", max_new_tokens=30, repetition_penalty=5.0, **GREEDY).token_ids
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_logprobs_are_the_models_log_softmax(llm: LLM) -> None:
+    out = llm.generate("Llamas", max_new_tokens=6, logprobs=True, top_logprobs=3, **GREEDY)
+    prompt = llm.tokenizer.encode("Llamas", bos=True)
+    with torch.no_grad():
+        full = llm.model(torch.tensor([prompt + out.token_ids]))[0].log_softmax(-1)
+    for step, token in enumerate(out.token_ids):
+        row = full[len(prompt) - 1 + step]
+        assert out.logprobs[step] == pytest.approx(row[token].item(), abs=1e-4)
+        top = row.topk(3)
+        assert list(out.top_logprobs[step]) == top.indices.tolist()
+        assert token == top.indices[0].item()  # greedy picks the most likely
+
+
+def test_eos_stops_and_is_not_returned(tiny_config: ModelArgs) -> None:
+    model = random_model(tiny_config)
+    probe = LLM(model, None).generate([1, 5, 9], max_new_tokens=8, **GREEDY)
+    model.config = tiny_config.replace(eos_token_id=probe.token_ids[3])  # make the 4th token "EOS"
+    out = LLM(model, None).generate([1, 5, 9], max_new_tokens=8, **GREEDY)
+    assert out.finish_reason == "stop"
+    assert out.token_ids == probe.token_ids[:3]
+    assert LLM(model, None).generate([1, 5, 9], max_new_tokens=8, ignore_eos=True, **GREEDY).token_ids == \
+        probe.token_ids
+
+
+def test_length_finish(llm: LLM) -> None:
+    out = llm.generate("Once", max_new_tokens=4, ignore_eos=True, **GREEDY)
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+
+
+def test_stop_string_cuts_and_is_never_emitted(llm: LLM) -> None:
+    reference = llm.generate("Once", max_new_tokens=40, ignore_eos=True, **GREEDY).text
+    assert len(reference) > 12
+    stop = reference[8:11]  # text the model will produce, likely spread over token boundaries
+    out = llm.generate("Once", max_new_tokens=40, stop=[stop], **GREEDY)
+    assert out.finish_reason == "stop"
+    assert out.text == reference[:reference.index(stop)]
+    deltas = list(llm.stream("Once", max_new_tokens=40, stop=[stop], **GREEDY))
+    assert "".join(deltas) == out.text
+
+
+def test_stop_matcher_holds_back_possible_starts() -> None:
+    matcher = StopStringMatcher(["</answer>", "STOP"])
+    assert matcher.feed("Hello </") == ("Hello ", False)
+    assert matcher.feed("ans") == ("", False)
+    assert matcher.feed("wer") == ("", False)
+    assert matcher.feed("x> ST") == ("</answerx> ", False)
+    assert matcher.feed("OP and more") == ("", True)
+    assert StopStringMatcher(["ab"]).feed("xxabyyab") == ("xx", True)
+
+
+def test_prompt_too_long_names_both_numbers(llm: LLM) -> None:
+    prompt = list(range(3, 100))  # 97 tokens, context is 128
+    with pytest.raises(GenerationError, match=r"prompt has 97 tokens and max_new_tokens is 40: 137 .* context of 128"):
+        llm.generate(prompt, max_new_tokens=40)
+    out = llm.generate([1] + prompt, max_new_tokens=40, truncate=True, **GREEDY)
+    assert out.prompt_tokens == 88 and len(out.token_ids) <= 40
+    assert out.token_ids == llm.generate([1] + prompt[-87:], max_new_tokens=40, **GREEDY).token_ids
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"top_k": -1}, "top_k must be an integer >= 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+    ({"temperature": float("nan")}, "temperature must be >= 0"),
+    ({"stop": [""]}, "stop strings must be non-empty"),
+    ({"bogus": 1}, "unknown generation option"),
+])
+def test_invalid_sampling_values_are_named(llm: LLM, options: dict, message: str) -> None:
+    with pytest.raises(GenerationError, match=message):
+        llm.generate("hi", **options)
+
+
+def test_empty_prompt_is_refused(llm: LLM) -> None:
+    with pytest.raises(GenerationError, match="prompt is empty"):
+        llm.generate([])
+
+
+def test_chat_uses_the_chat_format(llm: LLM) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = llm.chat(messages, max_new_tokens=10, **GREEDY)
+    assert out.prompt_tokens == len(llm.chat_tokens(messages))
+    assert out.text == llm.tokenizer.decode(out.token_ids)  # Meta's decode of the answer alone
+    assert "".join(llm.stream_chat(messages, max_new_tokens=10, **GREEDY)) == out.text
