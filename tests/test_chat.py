@@ -48,11 +48,12 @@ DIALOGS = {
 def meta_chat_tokens(sp, dialog: list[dict]) -> list[int]:
     """Meta's llama/generation.py chat_completion, transcribed on a bare SentencePieceProcessor."""
     if dialog[0]["role"] == "system":
-        dialog = [{"role": dialog[1]["role"],
-                   "content": "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]}] + dialog[2:]
+        merged = "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]
+        dialog = [{"role": dialog[1]["role"], "content": merged}] + dialog[2:]
     tokens: list[int] = []
     for prompt, answer in zip(dialog[::2], dialog[1::2], strict=False):
-        tokens += [sp.bos_id()] + sp.encode(f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} ")
+        text = f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} "
+        tokens += [sp.bos_id()] + sp.encode(text)
         tokens += [sp.eos_id()]
     tokens += [sp.bos_id()] + sp.encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")
     return tokens
@@ -98,7 +99,8 @@ def test_special_tags_are_refused(tag: str, index: int) -> None:
     ([{"role": "assistant", "content": "hi"}], "message 0 has role 'assistant' where 'user' was expected"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
      "message 1 has role 'user' where 'assistant' was expected"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "the last message .* must have role 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+     "the last message .* must have role 'user'"),
     ([{"role": "system", "content": "a"}], "the last message .* must have role 'user'"),
     ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
      "message 1 has role 'system'"),

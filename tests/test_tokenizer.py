@@ -40,7 +40,7 @@ def random_texts(count: int, seed: int = 0) -> list[str]:
     """Strings full of what tokenizers get wrong: repeated spaces, tabs, digits, CJK, emoji, accents."""
     rng = random.Random(seed)
     alphabet = list("ab cd  \n\t.,!?0123") + ["é", "日", "🦙", "  ", "   ", "ñ", "\u200b", "ﬁ", "Ａ", "[INST]", "<s>"]
-    words = "the llama said hello world 12345 def return model(prompt) naïve café".split()
+    words = ["the", "llama", "said", "hello", "world", "12345", "def", "return", "model(prompt)", "naïve", "café"]
     texts = []
     for index in range(count):
         pool = alphabet if index % 2 else [w + " " for w in words] + ["  ", "\n"]
@@ -85,8 +85,9 @@ def test_tokenizer_json_of_tiny_vocabulary(tiny_tokenizer_path: Path, tmp_path: 
 
 
 def test_llama2c_tokenizer_bin_matches_sentencepiece(assets: Path) -> None:
-    for model, binary in [(assets / "llama2-tokenizer" / "tokenizer.model", assets / "llama2-tokenizer" / "tokenizer.bin"),
-                          (assets / "stories260K" / "tok512.model", assets / "stories260K" / "tok512.bin")]:
+    llama, stories = assets / "llama2-tokenizer", assets / "stories260K"
+    for model, binary in [(llama / "tokenizer.model", llama / "tokenizer.bin"),
+                          (stories / "tok512.model", stories / "tok512.bin")]:
         reference, rebuilt = Tokenizer(model), Tokenizer(binary)
         assert rebuilt.vocab_size == reference.vocab_size
         # Repeated and edge spaces are left out: tok512 removes them, and a .bin does not record that setting.

@@ -1,0 +1,110 @@
+"""The command line: help of every command, JSON outputs on a tiny model, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llamaforge
+from llamaforge.cli import build_parser, main
+
+COMMANDS = ["generate", "chat", "template", "info"]
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The installed entry point, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "llamaforge", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--model" in text and "--json" in text
+    assert build_parser()._subparsers._group_actions[0].choices[command].description.split()[0] in text
+
+
+def test_generate_json_matches_the_library(tiny_model_dir: Path) -> None:
+    result = run("generate", "--model", str(tiny_model_dir), "Once upon a time", "--temperature", "0",
+                 "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    expected = llamaforge.load(tiny_model_dir).generate("Once upon a time", max_new_tokens=12, temperature=0.0)
+    assert payload["token_ids"] == expected.token_ids
+    assert payload["text"] == expected.text
+    assert payload["finish_reason"] == expected.finish_reason
+    assert payload["prompt_tokens"] == expected.prompt_tokens
+    assert payload["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_generate_streams_text(tiny_model_dir: Path) -> None:
+    result = run("generate", "--model", str(tiny_model_dir), "Llamas", "--temperature", "0", "--max-new-tokens", "8")
+    expected = llamaforge.load(tiny_model_dir).generate("Llamas", max_new_tokens=8, temperature=0.0).text
+    assert result.stdout == "Llamas" + expected + "\n"
+
+
+def test_generate_with_prompt_ids_and_logprobs(tiny_model_dir: Path) -> None:
+    result = run("generate", "--model", str(tiny_model_dir), "--prompt-ids", "1,5,9", "--temperature", "0",
+                 "--max-new-tokens", "4", "--logprobs", "--json")
+    payload = json.loads(result.stdout)
+    assert payload["prompt_tokens"] == 3 and len(payload["logprobs"]) == len(payload["token_ids"])
+    assert all(value <= 0 for value in payload["logprobs"])
+
+
+def test_template_prints_prompt_and_ids(tiny_model_dir: Path, tmp_path: Path) -> None:
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    (tmp_path / "dialog.json").write_text(json.dumps(dialog))
+    result = run("template", "--model", str(tiny_model_dir), "--dialog", str(tmp_path / "dialog.json"), "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["prompt"] == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST]"
+    assert payload["token_ids"] == llamaforge.load(tiny_model_dir).chat_tokens(dialog)
+    plain = run("template", "--tokenizer", str(tiny_model_dir / "tokenizer.model"), "--dialog",
+                str(tmp_path / "dialog.json"))
+    assert plain.stdout == payload["prompt"] + "\n" + str(payload["token_ids"]) + "\n"
+
+
+def test_info_json(tiny_model_dir: Path) -> None:
+    payload = json.loads(run("info", "--model", str(tiny_model_dir), "--json").stdout)
+    assert payload["format"] == "hf" and payload["dtype"] == "float32"
+    assert payload["parameters"] == llamaforge.load(tiny_model_dir).config.num_parameters()
+    assert payload["bytes"] == 4 * payload["parameters"]
+    assert payload["context_length"] == 128 and payload["config"]["n_kv_heads"] == 2
+
+
+def test_chat_session(tiny_model_dir: Path) -> None:
+    script = "Hello\n/system Be brief.\nHi\n/reset\n/exit\nnot reached\n"
+    result = run("chat", "--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "6", "--json",
+                 stdin=script)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    llm = llamaforge.load(tiny_model_dir)
+    first = llm.chat([{"role": "user", "content": "Hello"}], max_new_tokens=6, temperature=0.0).text
+    second = llm.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                      max_new_tokens=6, temperature=0.0).text
+    assert [a["text"] for a in answers] == [first, second]
+    assert "system prompt set" in result.stdout and "conversation cleared" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "hello"], "no built-in demo model yet"),
+    (["info", "--model", "/definitely/not/here"], "does not exist"),
+    (["template", "--dialog", "/no/dialog.json", "--tokenizer", "x"], "dialog file /no/dialog.json does not exist"),
+])
+def test_user_errors_are_one_line(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_sampling_value_from_cli(tiny_model_dir: Path) -> None:
+    result = run("generate", "--model", str(tiny_model_dir), "hi", "--top-p", "1.5")
+    assert result.returncode == 2 and "top_p must be in (0, 1]" in result.stderr

@@ -1,0 +1,61 @@
+"""DESIGN.md's rule: layers import downward only, and heavy optional libraries only where used."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "llamaforge"
+
+# Lower numbers are lower layers; a module may import only from strictly lower layers (or its own package).
+LAYERS = {
+    "errors": 0,
+    "config": 1,
+    "model": 2, "tokenizer": 2, "sampling": 2,
+    "chat": 3, "generate": 3, "lora": 3, "quantize": 3, "checkpoint": 3,
+    "api": 4, "engine": 4,
+    "server": 5, "finetune": 5, "eval": 5,
+    "cli": 6,
+    "__main__": 7, "__init__": 7,
+}
+OPTIONAL_HEAVY = {"transformers", "fastapi", "uvicorn", "gguf", "lm_eval", "bitsandbytes", "peft", "datasets"}
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def component(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def test_every_module_has_a_layer() -> None:
+    unknown = {component(p) for p in PACKAGE.rglob("*.py")} - set(LAYERS)
+    assert not unknown, f"add these to LAYERS in {__file__}: {unknown}"
+
+
+def test_imports_point_downward() -> None:
+    violations = []
+    for path in PACKAGE.rglob("*.py"):
+        own = component(path)
+        for module in imports_of(path):
+            if not module.startswith("llamaforge."):
+                continue
+            target = module.split(".")[1]
+            if target != own and LAYERS[target] >= LAYERS[own]:
+                violations.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert not violations
+
+
+def test_core_never_imports_heavy_optional_libraries() -> None:
+    offenders = [f"{p.relative_to(PACKAGE)}: {m}" for p in PACKAGE.rglob("*.py") for m in imports_of(p)
+                 if m.split(".")[0] in OPTIONAL_HEAVY]
+    assert not offenders
