@@ -253,3 +253,26 @@ def test_unsupported_rope_scaling(tmp_path: Path, reference_model) -> None:
 def test_no_model_says_the_demo_is_not_there_yet() -> None:
     with pytest.raises(CheckpointError, match="no built-in demo model yet"):
         llamaforge.load()
+
+
+@pytest.mark.parametrize(("error_name", "status", "message"), [
+    ("GatedRepoError", 403, r"is gated: accept its licence on https://huggingface.co/meta-llama/Llama-2-7b-hf.*HF_TOKEN"),
+    ("RepositoryNotFoundError", 404, "was not found on the hub"),
+])
+def test_hub_errors_say_what_to_do(monkeypatch: pytest.MonkeyPatch, error_name: str, status: int,
+                                   message: str) -> None:
+    """The hub's own exception types, raised as huggingface_hub raises them for a refused download."""
+    import huggingface_hub
+    import huggingface_hub.errors as hub_errors
+
+    # The HTTP library whose errors the hub's subclass (httpx for hub 1.x, httpx2 for 2.x).
+    httpx = pytest.importorskip(hub_errors.HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    request = httpx.Request("GET", "https://huggingface.co/api/models/meta-llama/Llama-2-7b-hf")
+    error = getattr(hub_errors, error_name)("refused", response=httpx.Response(status, request=request))
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(CheckpointError, match=message):
+        llamaforge.load("meta-llama/Llama-2-7b-hf")
