@@ -9,8 +9,9 @@ is not doubled) and decode the same fixed random prompt greedily for exactly `--
 - decode GB/s: model bytes x decode tokens/s, the weight bandwidth a memory-bound decode needs (as gpt-fast
   reports it).
 
-Each case gets a warm-up run, then `--repeats` measured runs; medians are reported. Greedy tokens of the
-two implementations are compared for every dtype (fp32 must match; bf16 may drift on near-ties).
+Each case gets a warm-up run, then `--repeats` measured runs, llamaforge and HF alternating; medians are
+reported. Greedy tokens of the two implementations are compared for every dtype (fp32 must match; bf16
+may drift on near-ties).
 
     python benchmarks/decode.py                                   # TinyLlama-1.1B shape, fp32 and bf16
     python benchmarks/decode.py --preset tiny --repeats 1 --json  # smoke test, a few seconds
@@ -37,6 +38,7 @@ from llamaforge.generate import generate_events
 from llamaforge.model import Llama, init_weights
 from llamaforge.sampling import SamplingParams
 
+Run = Callable[[], tuple[float, float, list[int]]]  # () -> (prefill s, decode s per token, generated ids)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,6 +49,7 @@ class Measurement:
     prefill_s: float
     decode_s_per_token: float
     tokens: list[int]
+    runs: list[tuple[float, float]]  # (prefill s, decode s per token) of every measured run
 
     def prefill_tok_s(self, prompt_len: int) -> float:
         return prompt_len / self.prefill_s
@@ -116,12 +119,21 @@ def run_hf(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int) ->
     return prefill_s, (total_s - prefill_s) / (new_tokens - 1), tokens
 
 
-def measure(run: Callable[[], tuple[float, float, list[int]]], repeats: int) -> Measurement:
-    """One warm-up call of `run`, then the medians of `repeats` calls; tokens from the first measured call."""
-    run()
-    results = [run() for _ in range(repeats)]
+def measure_pair(ours: Run, theirs: Run, repeats: int) -> tuple[Measurement, Measurement]:
+    """Warm both up, then alternate them `repeats` times (so drift in the machine hits both alike); medians."""
+    ours()
+    theirs()
+    ours_results, their_results = [], []
+    for _ in range(repeats):
+        ours_results.append(ours())
+        their_results.append(theirs())
+    return median(ours_results), median(their_results)
+
+
+def median(results: list[tuple[float, float, list[int]]]) -> Measurement:
+    """Median prefill and decode times of several runs; tokens from the first."""
     return Measurement(statistics.median(r[0] for r in results), statistics.median(r[1] for r in results),
-                       results[0][2])
+                       results[0][2], [(r[0], r[1]) for r in results])
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -132,10 +144,9 @@ def compare(ours: Llama, prompt_ids: torch.Tensor, args: argparse.Namespace, nam
     """Measure llamaforge and its HF twin in ours' current dtype; a JSON-ready row."""
     hf_model = hf_twin(ours)
     prompt = prompt_ids[0].tolist()
-    log(f"{name}: llamaforge (warm-up + {args.repeats} runs)")
-    mine = measure(lambda: run_ours(ours, prompt, args.new_tokens), args.repeats)
-    log(f"{name}: HF transformers (warm-up + {args.repeats} runs)")
-    theirs = measure(lambda: run_hf(hf_model, prompt_ids, args.new_tokens), args.repeats)
+    log(f"{name}: llamaforge and HF transformers, a warm-up and {args.repeats} alternating runs each")
+    mine, theirs = measure_pair(lambda: run_ours(ours, prompt, args.new_tokens),
+                                lambda: run_hf(hf_model, prompt_ids, args.new_tokens), args.repeats)
     size = model_bytes(ours)
     row = {"dtype": name, "model_bytes": size, "tokens_match": mine.tokens == theirs.tokens,
            "hf_attn_implementation": hf_model.config._attn_implementation}
@@ -147,6 +158,7 @@ def compare(ours: Llama, prompt_ids: torch.Tensor, args: argparse.Namespace, nam
             "decode_tok_s": m.decode_tok_s(),
             "decode_gb_s": size * m.decode_tok_s() / 1e9,
             "tokens": m.tokens,
+            "runs": [{"prefill_s": p, "decode_s_per_token": d} for p, d in m.runs],
         }
     row["ratio"] = {key: row["llamaforge"][key] / row["hf"][key] for key in ("prefill_tok_s", "decode_tok_s")}
     return row

@@ -156,7 +156,12 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        # nn.Embedding's default init (normal_) on the meta device, where checkpoints are loaded, imports
+        # torch._dynamo: a second and 70 MB per process. So initialise by hand, and only real tensors.
+        embedding = torch.empty(config.vocab_size, config.dim)
+        if not embedding.is_meta:
+            nn.init.normal_(embedding)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, _weight=embedding)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.rotary_emb = RotaryEmbedding(config)

@@ -67,8 +67,8 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if kind == "hf":
         config = hf.read_config(path)
-        tensors = hf.iter_tensors(path)
         dtype = dtype or hf.stored_dtype(path)
+        tensors = hf.iter_tensors(path, dtype, device)
     elif kind == "meta":
         shards = meta.open_shards(path)
         config = meta.read_config(path, shards)

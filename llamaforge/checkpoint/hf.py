@@ -51,23 +51,38 @@ def weight_files(path: Path) -> list[Path]:
     return found
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: Path, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs in HF naming, one at a time, memory-mapped where the format allows."""
     for file in weight_files(path):
         if file.suffix == ".safetensors":
-            yield from iter_safetensors(file)
+            yield from iter_safetensors(file, dtype, device)
         else:
             yield from load_torch_file(file).items()
 
 
-def iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one safetensors file, read lazily, with a clear error for truncated or corrupt files."""
+def iter_safetensors(file: Path, dtype: torch.dtype | None = None,
+                     device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one safetensors file, converted to dtype/device where they differ, read lazily.
+
+    `safe_open` maps the whole file, and a page read through the mapping stays resident until the handle
+    closes. Tensors kept as they are (same dtype, on the CPU) stay views of one shared mapping; a tensor
+    to cast or move is read through a handle of its own, closed right after, so loading never holds the
+    checkpoint in memory beside the converted model (measured in benchmarks/load_memory.py).
+    """
     from safetensors import SafetensorError, safe_open
 
+    def converts(tensor: torch.Tensor) -> bool:
+        return (dtype is not None and tensor.dtype != dtype) or (device is not None and device.type != "cpu")
+
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, handle.get_tensor(name)
+        with safe_open(str(file), framework="pt") as shared:
+            for name in shared.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = shared.get_tensor(name)  # a view of the mapping: nothing is read yet
+                if converts(tensor):
+                    with safe_open(str(file), framework="pt") as own:
+                        tensor = own.get_tensor(name).to(device=device, dtype=dtype)
+                yield name, tensor
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"{file} is truncated or corrupt ({exc}); delete it and download it again"
