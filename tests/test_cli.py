@@ -108,3 +108,30 @@ def test_user_errors_are_one_line(args: list[str], message: str) -> None:
 def test_bad_sampling_value_from_cli(tiny_model_dir: Path) -> None:
     result = run("generate", "--model", str(tiny_model_dir), "hi", "--top-p", "1.5")
     assert result.returncode == 2 and "top_p must be in (0, 1]" in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path: Path, tiny_tokenizer_path: Path) -> None:
+    """SIGINT mid-answer prints "(stopped)" and the chat goes on to the next command."""
+    import signal
+
+    from factories import random_model, write_hf_dir
+
+    from llamaforge.config import ModelArgs
+
+    # Big enough that 3000 tokens take many seconds, so the interrupt lands mid-answer.
+    config = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=400, hidden_dim=1024, max_seq_len=4096)
+    model_dir = write_hf_dir(tmp_path / "m", random_model(config, std=0.02), tiny_tokenizer_path)
+    chat = subprocess.Popen([sys.executable, "-m", "llamaforge", "chat", "--model", str(model_dir),
+                             "--max-new-tokens", "3000", "--temperature", "1.0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chat.stdin.write("Hello\n")
+    chat.stdin.flush()
+    first = chat.stdout.read(1)  # the answer has started streaming (nothing else is printed before it)
+    chat.send_signal(signal.SIGINT)
+    chat.stdin.write("/reset\n/exit\n")
+    chat.stdin.flush()
+    out, err = chat.communicate(timeout=120)
+    out = first + out
+    assert chat.returncode == 0, err
+    assert "(stopped)" in out and out.rstrip().endswith("(conversation cleared)")
