@@ -119,11 +119,12 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path: Path, tiny_tokenizer_pat
 
     from llamaforge.config import ModelArgs
 
-    # Big enough that 3000 tokens take many seconds, so the interrupt lands mid-answer.
+    # Big enough that 3000 tokens take many seconds, so the interrupt lands mid-answer; greedy, its
+    # answer runs to the token limit (no EOS in the first 300 tokens), so the answer cannot end by itself.
     config = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=400, hidden_dim=1024, max_seq_len=4096)
     model_dir = write_hf_dir(tmp_path / "m", random_model(config, std=0.02), tiny_tokenizer_path)
     chat = subprocess.Popen([sys.executable, "-m", "llamaforge", "chat", "--model", str(model_dir),
-                             "--max-new-tokens", "3000", "--temperature", "1.0"],
+                             "--max-new-tokens", "3000", "--temperature", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     chat.stdin.write("Hello\n")
     chat.stdin.flush()
