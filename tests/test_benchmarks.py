@@ -1,0 +1,37 @@
+"""The benchmark scripts still run, on tiny shapes, and agree with their baselines where they must."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytest.importorskip("transformers")
+
+
+def run_json(script: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_decode_benchmark_generates_what_transformers_generates() -> None:
+    report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8")
+    by_dtype = {row["dtype"]: row for row in report["results"]}
+    assert by_dtype["fp32"]["tokens_match"]
+    assert len(by_dtype["fp32"]["llamaforge"]["tokens"]) == 8
+    assert all(row["llamaforge"]["decode_tok_s"] > 0 and row["hf"]["decode_tok_s"] > 0 for row in by_dtype.values())
+
+
+@pytest.mark.slow
+def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
+    report = run_json("load_memory.py", "--layers", "1", "--cases", "llamaforge-bf16,hf-bf16")
+    assert [row["case"] for row in report["results"]] == ["llamaforge-bf16", "hf-bf16"]
+    assert all(row["param_dtypes"] == ["bfloat16"] for row in report["results"])
