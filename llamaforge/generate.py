@@ -91,6 +91,52 @@ def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context_length: int, 
     return head + prompt_ids[len(prompt_ids) - (room - len(head)):]
 
 
+class SequenceState:
+    """One sequence being generated: its sampling generator, text release, stop strings and token budget.
+
+    Shared by `generate_events` (a fixed batch) and the server's engine (slots that come and go), so
+    both turn tokens into text and finish reasons the same way.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer | None, eos_id: int,
+                 device: torch.device, prompt_as_context: bool = True) -> None:
+        if tokenizer is None and params.stop:
+            raise GenerationError("stop strings need a tokenizer; load the model with one")
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.eos_id = eos_id
+        self.generator = make_generator(params.seed, device)
+        self.decoder = StreamDecoder(tokenizer, prompt_ids if prompt_as_context else ()) if tokenizer else None
+        self.matcher = StopStringMatcher(params.stop)
+        self.produced = 0
+        self.finished = False
+
+    def accept(self, row: int, token_id: int) -> TokenEvent:
+        """Take the next sampled token; return its event (text released, finish reason if it ended)."""
+        self.produced += 1
+        is_eos = token_id == self.eos_id and not self.params.ignore_eos
+        is_last = self.produced >= self.params.max_new_tokens
+        text, stopped = "", False
+        if self.decoder is not None:
+            final = is_eos or is_last
+            delta = self.decoder.push(token_id) + (self.decoder.flush() if final else "")
+            text, stopped = self.matcher.feed(delta)
+            if final and not stopped:
+                text += self.matcher.flush()
+        event = TokenEvent(row, token_id, text, eos=is_eos)
+        event.finish_reason = "stop" if is_eos or stopped else "length" if is_last else None
+        self.finished = event.finish_reason is not None
+        return event
+
+    def attach_logprobs(self, event: TokenEvent, chosen: torch.Tensor, top_values: torch.Tensor,
+                        top_ids: torch.Tensor) -> None:
+        """Fill the event's log-probabilities from this row's (chosen, top values, top ids), if asked for."""
+        if self.params.logprobs or self.params.top_logprobs:
+            n = self.params.top_logprobs
+            event.logprob = chosen.item()
+            event.top_logprobs = dict(zip(top_ids[:n].tolist(), top_values[:n].tolist(), strict=True))
+
+
 @torch.inference_mode()
 def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence[list[int]],
                     params: Sequence[SamplingParams], prompt_as_context: bool = True,
@@ -100,18 +146,14 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
     With `prompt_as_context`, each row's text is what follows its prompt's text (a leading space kept);
     without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it.
     """
-    if tokenizer is None and any(p.stop for p in params):
-        raise GenerationError("stop strings need a tokenizer; load the model with one")
     device = model.lm_head.weight.device
+    eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
+    sequences = [SequenceState(prompt, p, tokenizer, eos_id, device, prompt_as_context)
+                 for prompt, p in zip(prompts, params, strict=True)]
     batch = len(prompts)
     lengths = [len(p) for p in prompts]
-    eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
-    generators = [make_generator(p.seed, device) for p in params]
-    decoders = [StreamDecoder(tokenizer, prompt if prompt_as_context else ()) if tokenizer else None
-                for prompt in prompts]
-    matchers = [StopStringMatcher(p.stop) for p in params]
-    want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
     top_n = max(p.top_logprobs for p in params)
+    want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
 
     started = time.perf_counter()
     tokens = torch.zeros(batch, max(lengths), dtype=torch.long, device=device)
@@ -124,52 +166,31 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
     seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
     if any(p.repetition_penalty != 1.0 for p in params):
         seen.scatter_(1, tokens, True)
-    active = [True] * batch
-    produced = [0] * batch
     first_token_at = None
     while True:
-        next_ids = sample(logits, list(params), generators, seen)  # (B,)
+        next_ids = sample(logits, list(params), [s.generator for s in sequences], seen)  # (B,)
         if want_logprobs:
             chosen, top_values, top_ids = token_logprobs(logits, next_ids, top_n)
         seen.scatter_(1, next_ids[:, None], True)
         for row, token_id in enumerate(next_ids.tolist()):
-            if not active[row]:
+            if sequences[row].finished:
                 continue
-            produced[row] += 1
-            is_eos = token_id == eos_id and not params[row].ignore_eos
-            is_last = produced[row] >= params[row].max_new_tokens
-            text, stopped = _advance_text(decoders[row], matchers[row], token_id, is_eos or is_last)
-            event = TokenEvent(row, token_id, text, eos=is_eos)
-            event.finish_reason = "stop" if is_eos or stopped else "length" if is_last else None
-            if want_logprobs and (params[row].logprobs or params[row].top_logprobs):
-                event.logprob = chosen[row].item()
-                n = params[row].top_logprobs
-                event.top_logprobs = dict(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True))
-            active[row] = event.finish_reason is None
+            event = sequences[row].accept(row, token_id)
+            if want_logprobs:
+                sequences[row].attach_logprobs(event, chosen[row], top_values[row], top_ids[row])
             yield event
         if first_token_at is None:
             first_token_at = time.perf_counter()
+        active = [not s.finished for s in sequences]
         if not any(active):
             break
         logits = decode_one_token(model, next_ids, positions, kv_cache)
         # Finished rows stay in the batch but stop advancing, so they never write past their cache room.
         positions = torch.where(torch.tensor(active, device=device), positions + 1, positions)
     if timings is not None:
-        finished = time.perf_counter()
-        timings.update(prefill_s=first_token_at - started, decode_s=finished - first_token_at,
+        produced = [s.produced for s in sequences]
+        timings.update(prefill_s=first_token_at - started, decode_s=time.perf_counter() - first_token_at,
                        prompt_tokens=sum(lengths), new_tokens=sum(produced), decode_steps=max(produced) - 1)
-
-
-def _advance_text(decoder: StreamDecoder | None, matcher: StopStringMatcher, token_id: int,
-                  final: bool) -> tuple[str, bool]:
-    """Text one token releases through the detokenizer and the stop-string hold-back; (text, stopped)."""
-    if decoder is None:
-        return "", False
-    delta = decoder.push(token_id) + (decoder.flush() if final else "")
-    text, stopped = matcher.feed(delta)
-    if final and not stopped:
-        text += matcher.flush()
-    return text, stopped
 
 
 def collect(events: Iterator[TokenEvent], prompts: Sequence[list[int]],
