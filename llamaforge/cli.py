@@ -209,6 +209,23 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {key:16} {value}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the model over OpenAI- and TGI-compatible HTTP routes, with the web playground at /."""
+    import os
+
+    from llamaforge.server import serve
+
+    llm = _load(args)
+    api_key = args.api_key or os.environ.get("LLAMAFORGE_API_KEY")
+    url = f"http://{args.host}:{args.port}/"
+    if args.json:
+        _print_json({"url": url, "model": llm.source, "auth": bool(api_key)})
+    else:
+        print(f"llamaforge: serving {llm.source} at {url} (playground at {url}, OpenAI API at {url}v1)", flush=True)
+    serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_context=args.max_context,
+          api_key=api_key, max_queue=args.max_queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaforge", description="Test, prompt, fine-tune, deploy and "
                                      "benchmark Llama 2 models.")
@@ -237,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = add("info", cmd_info)
     _model_flags(info)
+
+    serve = add("serve", cmd_serve)
+    _model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    serve.add_argument("--max-context", type=int, help="tokens per slot (default: the model's context)")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY)")
     return parser
 
 

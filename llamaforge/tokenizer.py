@@ -52,6 +52,27 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=True)
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, start, stop) of each token of `text`, as character offsets into it."""
+        if self._hf is not None:
+            encoding = self._hf.encode(text, add_special_tokens=False)
+            return [(i, start, stop) for i, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True)]
+        char_at = {}  # byte offset -> character offset
+        position = 0
+        for index, char in enumerate(text):
+            char_at[position] = index
+            position += len(char.encode("utf-8"))
+        char_at[position] = len(text)
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        return [(p.id, char_at.get(p.begin, len(text)), char_at.get(p.end, len(text))) for p in pieces]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for ("▁" as a space; byte-fallback pieces as their byte)."""
+        piece = self.id_to_piece(token_id)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def id_to_piece(self, token_id: int) -> str:
         if self._sp is not None:
             return self._sp.id_to_piece(token_id)

@@ -46,3 +46,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelA
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model_dir: Path):
+    import llamaforge
+
+    return llamaforge.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_llm):
+    """The tiny model served on a loopback port: 4 slots, a queue of 64."""
+    pytest.importorskip("fastapi")
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    engine = Engine(tiny_llm, max_batch_size=4, max_queue=64, prefill_chunk=16)
+    with LiveServer(create_app(tiny_llm, engine, model_name="tiny")) as server:
+        server.engine = engine
+        yield server

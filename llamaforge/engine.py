@@ -1,0 +1,233 @@
+"""Continuous batching: requests join and leave a running batch of KV-cache slots at every step.
+
+One worker thread owns the model. Each step it (1) drops cancelled requests and frees their slots,
+(2) admits waiting requests into free slots, (3) prefills at most `prefill_chunk` prompt tokens, so a
+long prompt never stalls running sequences for long, and (4) decodes one token for every running
+sequence in one batched forward. The KV cache is a fixed pool of `max_batch_size` rows, each
+`max_context` long; a row's positions are its own (see model.py), so a sequence's tokens do not
+depend on what else shares the batch. Token events go back through each request's `emit` callback,
+called on the worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llamaforge.api import LLM
+from llamaforge.errors import LlamaforgeError
+from llamaforge.generate import SequenceState, TokenEvent, fit_prompt
+from llamaforge.sampling import SamplingParams, sample, token_logprobs
+
+Emit = Callable[["TokenEvent | BaseException"], None]
+
+
+class QueueFullError(LlamaforgeError):
+    """The engine's waiting queue is full; the client should retry later."""
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """A prompt to run, with where its events go. `emit` receives TokenEvents, then maybe an exception."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Emit
+    prompt_as_context: bool = True
+    request_id: str = ""
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # Set by the engine:
+    slot: int | None = None
+    prefilled: int = 0
+    state: SequenceState | None = None
+    last_token: int | None = None
+
+
+@dataclass
+class EngineStats:
+    """What the engine is doing; read by /metrics and the tests."""
+
+    max_batch_size: int
+    max_context: int
+    free_slots: int
+    running: int
+    waiting: int
+    peak_running: int
+    steps: int
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class Engine:
+    """Serve many requests from one model with continuous batching; start() runs the worker thread."""
+
+    def __init__(self, llm: LLM, max_batch_size: int = 8, max_context: int | None = None, max_queue: int = 256,
+                 prefill_chunk: int = 256) -> None:
+        if max_batch_size < 1:
+            raise LlamaforgeError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.llm = llm
+        self.model = llm.model
+        self.device = llm.device
+        self.max_batch_size = max_batch_size
+        self.max_context = min(max_context or llm.config.context_length, llm.config.context_length)
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.eos_id = llm.tokenizer.eos_id if llm.tokenizer is not None else llm.config.eos_token_id
+        self.kv_cache = self.model.new_kv_cache(max_batch_size, self.max_context)
+        # Which tokens each slot has seen, for the repetition penalty.
+        self.seen = torch.zeros(max_batch_size, llm.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.free_slots = list(range(max_batch_size))
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.counter = itertools.count()
+        self.peak_running = 0
+        self.steps = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+
+    # --- the client side (any thread) ---------------------------------------------------------------
+
+    def check(self, prompt_ids: list[int], params: SamplingParams, truncate: bool = False) -> list[int]:
+        """Validate a prompt against the engine's context (raising GenerationError); return it, maybe cut."""
+        return fit_prompt(prompt_ids, params.max_new_tokens, self.max_context, truncate)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request (already checked); QueueFullError when the queue is at its bound."""
+        with self.wakeup:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"the server's queue is full ({self.max_queue} waiting requests); retry shortly")
+            if not request.request_id:
+                request.request_id = str(next(self.counter))
+            self.waiting.append(request)
+            self.wakeup.notify()
+
+    def cancel(self, request: EngineRequest) -> None:
+        """Stop a request (its client went away); its slot is freed at the start of the next step."""
+        with self.wakeup:
+            request.cancelled = True
+            self.wakeup.notify()
+
+    def stats(self) -> EngineStats:
+        with self.wakeup:
+            return EngineStats(self.max_batch_size, self.max_context, len(self.free_slots), len(self.running),
+                               len(self.waiting), self.peak_running, self.steps, self.prompt_tokens,
+                               self.generated_tokens)
+
+    def start(self) -> Engine:
+        self.thread = threading.Thread(target=self._loop, name="llamaforge-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    # --- the worker thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.wakeup.wait()
+                if self.stopping:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a bug must not leave clients waiting forever: fail what was running
+                for request in list(self.running):
+                    request.emit(exc)
+                    self._release(request)
+        for request in list(self.running) + list(self.waiting):
+            request.emit(LlamaforgeError("the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for request in [r for r in self.running if r.cancelled]:
+            self._release(request)
+
+    def _admit(self) -> None:
+        while self.free_slots and self.waiting:
+            request = self.waiting.popleft()
+            request.slot = self.free_slots.pop(0)
+            request.state = SequenceState(request.prompt_ids, request.params, self.llm.tokenizer, self.eos_id,
+                                          self.device, request.prompt_as_context)
+            self.seen[request.slot] = False
+            if request.params.repetition_penalty != 1.0:
+                self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+            self.running.append(request)
+        self.peak_running = max(self.peak_running, len(self.running))
+
+    def _release(self, request: EngineRequest) -> None:
+        with self.wakeup:
+            if request in self.running:
+                self.running.remove(request)
+                self.free_slots.append(request.slot)
+                self.free_slots.sort()
+
+    def _step(self) -> None:
+        self.steps += 1
+        prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = [r for r in self.running if r.last_token is not None and not r.state.finished]
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill_chunk(self, request: EngineRequest) -> None:
+        """Feed the next chunk of one prompt; after its last chunk, sample the first token."""
+        start = request.prefilled
+        chunk = request.prompt_ids[start:start + self.prefill_chunk]
+        tokens = torch.tensor([chunk], device=self.device)
+        input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+        rows = torch.tensor([request.slot], device=self.device)
+        logits = self.model(tokens, input_pos, self.kv_cache, logits_at=torch.tensor([len(chunk) - 1]),
+                            cache_rows=rows)
+        request.prefilled += len(chunk)
+        self.prompt_tokens += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self._sample_and_emit([request], logits)
+
+    def _decode(self, requests: list[EngineRequest]) -> None:
+        """One token for every running sequence, in one forward over their slots."""
+        tokens = torch.tensor([[r.last_token] for r in requests], device=self.device)
+        positions = torch.tensor([[len(r.prompt_ids) + r.state.produced - 1] for r in requests], device=self.device)
+        rows = torch.tensor([r.slot for r in requests], device=self.device)
+        logits = self.model(tokens, positions, self.kv_cache, logits_at=torch.zeros(len(requests), dtype=torch.long),
+                            cache_rows=rows)
+        self._sample_and_emit(requests, logits)
+
+    def _sample_and_emit(self, requests: list[EngineRequest], logits: torch.Tensor) -> None:
+        rows = torch.tensor([r.slot for r in requests], device=self.device)
+        params = [r.params for r in requests]
+        seen = self.seen[rows]
+        next_ids = sample(logits, params, [r.state.generator for r in requests], seen)  # (B,)
+        self.seen[rows, next_ids] = True
+        top_n = max(p.top_logprobs for p in params)
+        want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
+        if want_logprobs:
+            chosen, top_values, top_ids = token_logprobs(logits, next_ids, top_n)
+        for index, (request, token_id) in enumerate(zip(requests, next_ids.tolist(), strict=True)):
+            event = request.state.accept(0, token_id)
+            if want_logprobs:
+                request.state.attach_logprobs(event, chosen[index], top_values[index], top_ids[index])
+            request.last_token = token_id
+            self.generated_tokens += 1
+            request.emit(event)
+            if event.finish_reason is not None:
+                self._release(request)

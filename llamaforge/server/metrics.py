@@ -1,0 +1,40 @@
+"""Prometheus metrics of one server: requests, tokens, queue and batch, latency histograms."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llamaforge.engine import Engine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """One registry per app, so several servers in one process (tests) keep separate counts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("llamaforge_requests", "HTTP requests by route and status code",
+                                ["route", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("llamaforge_prompt_tokens", "Prompt tokens of finished requests",
+                                     registry=self.registry)
+        self.generated_tokens = Counter("llamaforge_generated_tokens", "Tokens generated for clients",
+                                        registry=self.registry)
+        self.time_to_first_token = Histogram("llamaforge_time_to_first_token_seconds",
+                                             "From request arrival to its first token", buckets=LATENCY_BUCKETS,
+                                             registry=self.registry)
+        self.inter_token_latency = Histogram("llamaforge_inter_token_latency_seconds",
+                                             "Between consecutive tokens of one request", buckets=LATENCY_BUCKETS,
+                                             registry=self.registry)
+        gauges = {
+            "llamaforge_queue_depth": ("Requests waiting for a slot", lambda: engine.stats().waiting),
+            "llamaforge_running_batch_size": ("Sequences in the running batch", lambda: engine.stats().running),
+            "llamaforge_peak_batch_size": ("Largest running batch so far", lambda: engine.stats().peak_running),
+            "llamaforge_free_slots": ("KV-cache slots free", lambda: engine.stats().free_slots),
+            "llamaforge_engine_steps": ("Engine steps run", lambda: engine.stats().steps),
+        }
+        for name, (description, read) in gauges.items():
+            Gauge(name, description, registry=self.registry).set_function(read)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,32 @@
+"""What the routes share: the model, the engine, the metrics; and the error bodies of both protocols."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from llamaforge.api import LLM
+from llamaforge.engine import Engine
+from llamaforge.server.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    engine: Engine
+    metrics: Metrics
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def openai_error_body(error: BaseException | str, kind: str = "invalid_request_error",
+                      param: str | None = None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": str(error), "type": kind, "param": param, "code": None}}
+
+
+def tgi_error_body(error: BaseException | str, kind: str = "validation") -> dict:
+    """TGI's error object: {"error": message, "error_type": kind}."""
+    return {"error": str(error), "error_type": kind}

@@ -1,0 +1,126 @@
+"""TGI's routes: /generate, /generate_stream, the compat route /, /info, /health, /tokenize."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+import llamaforge
+from llamaforge.errors import GenerationError
+from llamaforge.generate import TokenEvent
+from llamaforge.sampling import SamplingParams
+from llamaforge.server.bridge import RequestStream
+from llamaforge.server.schemas import TGIRequest, TokenizeRequest
+from llamaforge.server.state import ServerState
+
+router = APIRouter()
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the request gives none
+FINISH_REASONS = {"length": "length", "stop": "stop_sequence", "eos": "eos_token"}
+
+
+def _finish_reason(event: TokenEvent) -> str:
+    return FINISH_REASONS["eos" if event.eos else event.finish_reason]
+
+
+def _token(server: ServerState, event: TokenEvent) -> dict:
+    return {"id": event.token_id, "text": event.text, "logprob": event.logprob,
+            "special": event.token_id in (server.llm.tokenizer.bos_id, server.llm.tokenizer.eos_id)}
+
+
+def _start(server: ServerState, body: TGIRequest) -> tuple[RequestStream, list[int]]:
+    parameters = body.parameters
+    unsupported = parameters.unsupported()
+    if unsupported:
+        # transformers' wording, which huggingface_hub's InferenceClient recognises and retries without.
+        raise GenerationError(f"The following `model_kwargs` are not used by the model: {unsupported}")
+    prompt_ids = server.llm.encode_prompt(body.inputs)
+    if parameters.truncate is not None and len(prompt_ids) > parameters.truncate:
+        prompt_ids = prompt_ids[-parameters.truncate:]
+    params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
+                            **parameters.sampling())
+    prompt_ids = server.engine.check(prompt_ids, params)
+    return RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True), prompt_ids
+
+
+async def _generate(server: ServerState, body: TGIRequest) -> dict:
+    stream, prompt_ids = _start(server, body)
+    events = [event async for event in stream.events()]
+    text = "".join(e.text for e in events)
+    result = {"generated_text": body.inputs + text if body.parameters.return_full_text else text}
+    if body.parameters.details:
+        result["details"] = {
+            "finish_reason": _finish_reason(events[-1]), "generated_tokens": len(events),
+            "seed": body.parameters.seed, "prefill": [], "tokens": [_token(server, e) for e in events],
+        }
+    return result
+
+
+def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse:
+    stream, prompt_ids = _start(server, body)
+
+    async def lines() -> AsyncIterator[str]:
+        text = ""
+        try:
+            async for event in stream.events():
+                text += event.text
+                payload = {"index": stream.generated, "token": _token(server, event), "generated_text": None,
+                           "details": None, "top_tokens": None}
+                if event.finish_reason:
+                    payload["generated_text"] = body.inputs + text if body.parameters.return_full_text else text
+                    payload["details"] = {"finish_reason": _finish_reason(event), "generated_tokens": stream.generated,
+                                          "input_length": len(prompt_ids), "seed": body.parameters.seed}
+                yield f"data:{json.dumps(payload, ensure_ascii=False)}\n\n"
+        except Exception as exc:  # after the 200 went out: TGI reports errors in-band
+            yield f"data:{json.dumps({'error': str(exc), 'error_type': 'generation'})}\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/generate")
+async def generate(body: TGIRequest, request: Request) -> dict:
+    return await _generate(request.app.state.server, body)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: TGIRequest, request: Request) -> StreamingResponse:
+    return _generate_stream(request.app.state.server, body)
+
+
+@router.post("/", response_model=None)
+async def compat_generate(body: TGIRequest, request: Request) -> JSONResponse | StreamingResponse:
+    """TGI's compat route: what `InferenceClient(url).text_generation()` posts to; `stream` picks the form."""
+    server: ServerState = request.app.state.server
+    if body.stream:
+        return _generate_stream(server, body)
+    return JSONResponse([await _generate(server, body)])
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    server: ServerState = request.app.state.server
+    engine = server.engine
+    return {
+        "model_id": server.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
+        "model_dtype": str(server.llm.dtype).replace("torch.", ""), "model_device_type": server.llm.device.type,
+        "max_concurrent_requests": engine.max_batch_size + engine.max_queue, "max_best_of": 1,
+        "max_stop_sequences": 4, "max_input_tokens": engine.max_context - 1, "max_total_tokens": engine.max_context,
+        "max_client_batch_size": 1, "validation_workers": 1, "router": "llamaforge",
+        "version": llamaforge.__version__, "sha": None, "docker_label": None,
+    }
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> list[dict]:
+    tokenizer = request.app.state.server.llm.tokenizer
+    tokens = [{"id": tokenizer.bos_id, "text": "<s>", "start": 0, "stop": 0}] if body.add_special_tokens else []
+    for token_id, start, stop in tokenizer.encode_with_offsets(body.inputs):
+        tokens.append({"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop})
+    return tokens
