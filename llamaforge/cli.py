@@ -213,8 +213,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve the model over OpenAI- and TGI-compatible HTTP routes, with the web playground at /."""
     import os
 
-    from llamaforge.server import serve
-
+    try:
+        from llamaforge.server import serve
+    except ImportError as exc:
+        raise LlamaforgeError(f"the server needs its extra ({exc.name} is missing): pip install 'llamaforge[serve]'") \
+            from None
     llm = _load(args)
     api_key = args.api_key or os.environ.get("LLAMAFORGE_API_KEY")
     url = f"http://{args.host}:{args.port}/"
