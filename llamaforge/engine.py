@@ -61,6 +61,7 @@ class EngineStats:
     waiting: int
     peak_running: int
     steps: int
+    batched_steps: int  # decode steps that ran more than one sequence
     prompt_tokens: int
     generated_tokens: int
 
@@ -92,6 +93,7 @@ class Engine:
         self.counter = itertools.count()
         self.peak_running = 0
         self.steps = 0
+        self.batched_steps = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
 
@@ -120,8 +122,8 @@ class Engine:
     def stats(self) -> EngineStats:
         with self.wakeup:
             return EngineStats(self.max_batch_size, self.max_context, len(self.free_slots), len(self.running),
-                               len(self.waiting), self.peak_running, self.steps, self.prompt_tokens,
-                               self.generated_tokens)
+                               len(self.waiting), self.peak_running, self.steps, self.batched_steps,
+                               self.prompt_tokens, self.generated_tokens)
 
     def start(self) -> Engine:
         self.thread = threading.Thread(target=self._loop, name="llamaforge-engine", daemon=True)
@@ -205,6 +207,7 @@ class Engine:
 
     def _decode(self, requests: list[EngineRequest]) -> None:
         """One token for every running sequence, in one forward over their slots."""
+        self.batched_steps += len(requests) > 1
         tokens = torch.tensor([[r.last_token] for r in requests], device=self.device)
         positions = torch.tensor([[len(r.prompt_ids) + r.state.produced - 1] for r in requests], device=self.device)
         rows = torch.tensor([r.slot for r in requests], device=self.device)

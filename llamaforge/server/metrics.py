@@ -32,6 +32,8 @@ class Metrics:
             "llamaforge_peak_batch_size": ("Largest running batch so far", lambda: engine.stats().peak_running),
             "llamaforge_free_slots": ("KV-cache slots free", lambda: engine.stats().free_slots),
             "llamaforge_engine_steps": ("Engine steps run", lambda: engine.stats().steps),
+            "llamaforge_batched_decode_steps": ("Decode steps that ran more than one sequence",
+                                                lambda: engine.stats().batched_steps),
         }
         for name, (description, read) in gauges.items():
             Gauge(name, description, registry=self.registry).set_function(read)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import llamaforge
-from llamaforge.errors import GenerationError
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
@@ -34,8 +33,8 @@ def _start(server: ServerState, body: TGIRequest) -> tuple[RequestStream, list[i
     parameters = body.parameters
     unsupported = parameters.unsupported()
     if unsupported:
-        # transformers' wording, which huggingface_hub's InferenceClient recognises and retries without.
-        raise GenerationError(f"The following `model_kwargs` are not used by the model: {unsupported}")
+        # transformers' wording with a 400, which huggingface_hub's InferenceClient recognises and retries without.
+        raise HTTPException(400, f"The following `model_kwargs` are not used by the model: {unsupported}")
     prompt_ids = server.llm.encode_prompt(body.inputs)
     if parameters.truncate is not None and len(prompt_ids) > parameters.truncate:
         prompt_ids = prompt_ids[-parameters.truncate:]

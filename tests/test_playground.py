@@ -1,0 +1,320 @@
+"""The chat page at GET /, driven in real headless Chromium against the live server and the tiny model.
+
+The page must stream the same text the OpenAI route returns for the same request, keep the turns, send the
+system prompt, clear on "New chat", show the server's errors, stop an answer, and fit a phone's width.
+Set LLAMAFORGE_SCREENSHOT=docs/playground.png to refresh the screenshot in the docs (from stories260K).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 20_000
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def slow_engine(live_server, monkeypatch):
+    """Slow each decode step down, so streaming comes in visible pieces and a click lands mid-answer."""
+    engine = live_server.engine
+    decode = engine._decode
+
+    def slow_decode(requests):
+        time.sleep(0.03)
+        decode(requests)
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    return engine
+
+
+class Chat:
+    """The page's controls, and the chat requests it sends."""
+
+    def __init__(self, page, url: str) -> None:
+        self.page = page
+        self.requests: list[dict] = []
+        page.on("request", self._record)
+        page.goto(url)
+
+    def _record(self, request) -> None:
+        if request.url.endswith("/v1/chat/completions") and request.method == "POST":
+            self.requests.append(json.loads(request.post_data))
+
+    def settings(self, temperature: str | None = "0", max_tokens: str | None = "12", system: str | None = None):
+        details = self.page.locator("#settings")
+        if not details.evaluate("node => node.open"):
+            self.page.get_by_text("Settings", exact=True).click()
+        if temperature is not None:
+            self.page.get_by_label("Temperature").fill(temperature)
+        if max_tokens is not None:
+            self.page.get_by_label("Max tokens").fill(max_tokens)
+        if system is not None:
+            self.page.get_by_label("System prompt").fill(system)
+
+    def say(self, text: str) -> None:
+        box = self.page.get_by_label("Message", exact=True)
+        box.fill(text)
+        box.press("Enter")
+
+    def answers(self):
+        return self.page.locator(".message.assistant")
+
+    def finished_answer(self, index: int) -> str:
+        """The text of answer `index` once its stats line shows."""
+        answer = self.answers().nth(index)
+        expect(answer.locator(".stats")).to_be_visible()
+        return answer.locator(".content").text_content()
+
+
+def reference(url: str, body: dict) -> str:
+    """What the OpenAI route answers, without streaming, to the request the page sent."""
+    plain = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+    response = httpx.post(f"{url}/v1/chat/completions", json=plain, timeout=30)
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_page_is_self_contained(live_server) -> None:
+    html = httpx.get(live_server.url + "/").text
+    assert "/static/style.css" in html and "/static/app.js" in html
+    for asset in ("style.css", "app.js"):
+        assert httpx.get(f"{live_server.url}/static/{asset}").status_code == 200
+    # No CDN, no web fonts: nothing but this server is referenced.
+    for text in (html, httpx.get(live_server.url + "/static/app.js").text,
+                 httpx.get(live_server.url + "/static/style.css").text):
+        assert not re.search(r"https?://", text)
+
+
+def test_streams_multi_turn_chat_with_tokens_per_second(page, live_server, slow_engine) -> None:
+    chat = Chat(page, live_server.url)
+    expect(page.locator("#model-name")).to_have_text("tiny")
+    chat.settings(temperature="0", max_tokens="12")
+    page.evaluate("""() => {
+        window.seenLengths = new Set();
+        new MutationObserver(() => {
+            const answer = document.querySelector('.message.assistant:last-of-type .content');
+            if (answer && answer.textContent) window.seenLengths.add(answer.textContent.length);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+    chat.say("Hello llama")
+    expect(page.locator(".message.user")).to_have_text(re.compile("Hello llama"))
+    first = chat.finished_answer(0)
+    assert first.strip()
+    assert len(page.evaluate("[...window.seenLengths]")) > 1, "the answer arrived in one piece, not streamed"
+    sent = chat.requests[0]
+    assert sent["stream"] is True and sent["temperature"] == 0 and sent["max_tokens"] == 12
+    assert sent["messages"] == [{"role": "user", "content": "Hello llama"}]
+    assert first == reference(live_server.url, sent)
+    stats = chat.answers().nth(0).locator(".stats")
+    expect(stats).to_have_text(re.compile(r"^12 tokens · \d+(\.\d)? tok/s · first token [\d.]+ s · hit max tokens$"))
+    assert float(stats.get_attribute("data-tokens-per-second")) > 0
+
+    chat.say("Tell me more")
+    second = chat.finished_answer(1)
+    assert second.strip()
+    assert chat.requests[1]["messages"] == [
+        {"role": "user", "content": "Hello llama"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Tell me more"},
+    ]
+    assert second == reference(live_server.url, chat.requests[1])
+    expect(page.locator(".message")).to_have_count(4)
+
+
+def test_copy_answer(page, live_server) -> None:
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url)
+    chat = Chat(page, live_server.url)
+    chat.settings(temperature="0", max_tokens="8")
+    chat.say("Copy this")
+    answer = chat.finished_answer(0)
+    chat.answers().nth(0).get_by_role("button", name="Copy").click()
+    expect(chat.answers().nth(0).get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == answer
+
+
+def test_system_prompt_and_new_chat(page, live_server) -> None:
+    chat = Chat(page, live_server.url)
+    chat.settings(temperature="0", max_tokens="10", system="You are a terse llama.")
+    chat.say("Who are you?")
+    answer = chat.finished_answer(0)
+    assert chat.requests[0]["messages"] == [
+        {"role": "system", "content": "You are a terse llama."},
+        {"role": "user", "content": "Who are you?"},
+    ]
+    assert answer == reference(live_server.url, chat.requests[0])
+
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#empty")).to_be_visible()
+    chat.settings(temperature=None, max_tokens=None, system="Answer in rhymes.")
+    chat.say("Fresh start")
+    chat.finished_answer(0)
+    assert chat.requests[1]["messages"] == [
+        {"role": "system", "content": "Answer in rhymes."},
+        {"role": "user", "content": "Fresh start"},
+    ]
+
+
+def test_server_error_is_shown_and_the_turn_left_out(page, live_server) -> None:
+    chat = Chat(page, live_server.url)
+    chat.settings(temperature="0", max_tokens="6")
+    chat.say("What does [INST] mean?")
+    error = page.get_by_role("alert")
+    expect(error).to_be_visible()
+    server = httpx.post(f"{live_server.url}/v1/chat/completions", json=chat.requests[0], timeout=30)
+    assert server.status_code == 400
+    message = server.json()["error"]["message"]
+    assert "[INST]" in message
+    expect(error).to_contain_text(message)
+    expect(error).to_contain_text("HTTP 400")
+    expect(chat.answers()).to_have_count(0)
+    # The refused text comes back to the box to edit; the next message is sent without it.
+    expect(page.get_by_label("Message", exact=True)).to_have_value("What does [INST] mean?")
+    chat.say("What does a llama eat?")
+    chat.finished_answer(0)
+    assert chat.requests[1]["messages"] == [{"role": "user", "content": "What does a llama eat?"}]
+
+
+def test_stop_aborts_a_long_answer_and_frees_the_slot(page, live_server, slow_engine) -> None:
+    chat = Chat(page, live_server.url)
+    chat.settings(temperature="1", max_tokens="")  # no limit: the answer may fill the model's context
+    chat.say("Tell me a very long story")
+    content = chat.answers().nth(0).locator(".content")
+    expect(content).not_to_have_text("")
+    stop = page.get_by_role("button", name="Stop")
+    expect(stop).to_be_visible()
+    stop.click()
+    expect(chat.answers().nth(0).locator(".stats")).to_contain_text("stopped")
+    length = len(content.text_content())
+    assert "max_tokens" not in chat.requests[0]
+    deadline = time.monotonic() + 5
+    while slow_engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow_engine.stats().running == 0, "the engine still runs the stopped request"
+    time.sleep(0.5)
+    assert len(content.text_content()) == length
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    expect(stop).to_be_hidden()
+
+
+def test_phone_width_has_no_horizontal_scroll(browser, live_server) -> None:
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    try:
+        chat = Chat(page, live_server.url)
+        expect(page.locator("#model-name")).to_have_text("tiny")
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
+        chat.settings(temperature="0", max_tokens="12", system="x" * 300)
+        chat.say("A long unbroken word: " + "y" * 300)
+        chat.finished_answer(0)
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
+        for name in ("Send", "New chat"):
+            box = page.get_by_role("button", name=name).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
+    finally:
+        context.close()
+
+
+def test_api_key_is_asked_for_and_kept(browser, tiny_llm) -> None:
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    engine = Engine(tiny_llm, max_batch_size=1, max_queue=4)
+    with LiveServer(create_app(tiny_llm, engine, api_key="sekret", model_name="locked")) as server:
+        context = browser.new_context(viewport=DESKTOP)
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        try:
+            prompts: list[str] = []
+
+            def answer_prompt(dialog) -> None:
+                prompts.append(dialog.message)
+                dialog.accept("sekret")
+
+            page.on("dialog", answer_prompt)
+            chat = Chat(page, server.url)
+            expect(page.locator("#model-name")).to_contain_text("API key")
+            chat.settings(temperature="0", max_tokens="5")
+            chat.say("Let me in")
+            assert chat.finished_answer(0).strip()
+            assert len(prompts) == 1 and "API key" in prompts[0]
+            expect(page.locator("#model-name")).to_have_text("locked")
+            assert page.evaluate("localStorage.getItem('llamaforge.apiKey')") == "sekret"
+
+            page.reload()  # the key is remembered: no prompt this time
+            expect(page.locator("#model-name")).to_have_text("locked")
+            chat.settings(temperature="0", max_tokens="5")
+            chat.say("Again")
+            chat.finished_answer(0)
+            assert len(prompts) == 1
+            assert chat.requests[-1]["messages"] == [{"role": "user", "content": "Again"}]
+        finally:
+            context.close()
+
+
+def test_screenshot(browser, assets, tmp_path) -> None:
+    """A conversation with stories260K at desktop size; written to docs/ only when asked (see the docstring)."""
+    import llamaforge
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    llm = llamaforge.load(assets / "stories260K" / "stories260K.bin")
+    engine = Engine(llm, max_batch_size=1, max_queue=4)
+    target = Path(os.environ.get("LLAMAFORGE_SCREENSHOT") or tmp_path / "playground.png")
+    with LiveServer(create_app(llm, engine, model_name="stories260K")) as server:
+        context = browser.new_context(viewport={"width": 1100, "height": 640}, color_scheme="light")
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        try:
+            chat = Chat(page, server.url)
+            expect(page.locator("#model-name")).to_have_text("stories260K")
+            chat.settings(temperature="0", max_tokens="60", system="You tell short stories for children.")
+            chat.say("Once upon a time, a little llama")
+            assert chat.finished_answer(0).strip()
+            chat.say("What happened next?")
+            assert chat.finished_answer(1).strip()
+            page.get_by_label("Message", exact=True).fill("Tell me about the llama's friend")
+            page.screenshot(path=str(target))
+        finally:
+            context.close()
+    assert target.stat().st_size > 0

@@ -1,0 +1,323 @@
+"""The live server with real clients: openai, huggingface_hub's InferenceClient, raw HTTP for the edges."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def client(live_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def chat(client: openai.OpenAI, content: str, **options) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], **options)
+
+
+# --- OpenAI --------------------------------------------------------------------------------------------
+
+def test_chat_completion_matches_the_library(client, tiny_llm) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, **GREEDY)
+    expected = tiny_llm.chat(messages, max_new_tokens=12, **GREEDY)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert response.usage.prompt_tokens == len(tiny_llm.chat_tokens(messages))
+    assert response.usage.completion_tokens == len(expected.token_ids) + (expected.finish_reason == "stop")
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_stream_adds_up_and_reports_usage(client) -> None:
+    whole = chat(client, "Tell me about llamas", max_tokens=20, **GREEDY)
+    chunks = list(chat(client, "Tell me about llamas", max_tokens=20, stream=True,
+                       stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_continues_the_prompt(client, tiny_llm) -> None:
+    response = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, **GREEDY)
+    expected = tiny_llm.generate("Once upon a time", max_new_tokens=10, **GREEDY)
+    assert response.choices[0].text == expected.text
+    streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+    echoed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, echo=True, **GREEDY)
+    assert echoed.choices[0].text == "Once upon a time" + expected.text
+
+
+def test_completion_with_token_ids_and_logprobs(client, tiny_llm) -> None:
+    prompt = tiny_llm.tokenizer.encode("Llamas", bos=True)
+    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, logprobs=2, **GREEDY)
+    logprobs = response.choices[0].logprobs
+    expected = tiny_llm.generate(prompt, max_new_tokens=5, logprobs=True, top_logprobs=2, **GREEDY)
+    assert logprobs.token_logprobs == pytest.approx(expected.logprobs[:len(logprobs.token_logprobs)], abs=1e-4)
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0
+
+
+def test_chat_logprobs(client) -> None:
+    response = chat(client, "Hi", max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy takes the top token
+
+
+def test_stop_string(client) -> None:
+    reference = chat(client, "Count", max_tokens=30, **GREEDY).choices[0].message.content
+    assert len(reference) > 10
+    stop = reference[5:8]
+    stopped = chat(client, "Count", max_tokens=30, stop=[stop], **GREEDY).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.message.content == reference[:reference.index(stop)]
+
+
+def test_seed_reproducibility(client) -> None:
+    def sample(seed: int) -> str:
+        return chat(client, "Surprise me", max_tokens=16, temperature=1.0, seed=seed).choices[0].message.content
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+
+
+def test_models(client) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+# --- TGI -----------------------------------------------------------------------------------------------
+
+def test_inference_client_generate_and_stream(live_server, tiny_llm) -> None:
+    from huggingface_hub import InferenceClient
+
+    hub = InferenceClient(live_server.url)
+    expected = tiny_llm.generate("Once upon a time", max_new_tokens=8, **GREEDY)
+    assert hub.text_generation("Once upon a time", max_new_tokens=8) == expected.text
+    details = hub.text_generation("Once upon a time", max_new_tokens=8, details=True)
+    assert details.generated_text == expected.text
+    assert [t.id for t in details.details.tokens][:len(expected.token_ids)] == expected.token_ids
+    assert details.details.finish_reason in ("length", "eos_token")
+    assert "".join(hub.text_generation("Once upon a time", max_new_tokens=8, stream=True)) == expected.text
+    last = list(hub.text_generation("Once upon a time", max_new_tokens=8, stream=True, details=True))[-1]
+    assert last.generated_text == expected.text and last.details.generated_tokens == details.details.generated_tokens
+    full = hub.text_generation("Once upon a time", max_new_tokens=8, return_full_text=True)
+    assert full == "Once upon a time" + expected.text
+
+
+def test_inference_client_drops_what_we_do_not_support(live_server) -> None:
+    """The client's own retry: it removes parameters the server names as unused."""
+    from huggingface_hub import InferenceClient
+
+    with pytest.warns(UserWarning, match="watermark"):
+        text = InferenceClient(live_server.url).text_generation("Hi", max_new_tokens=3, watermark=True)
+    assert isinstance(text, str)
+
+
+def test_tgi_generate_route_sampling_rule(live_server, tiny_llm) -> None:
+    body = {"inputs": "Llamas", "parameters": {"max_new_tokens": 6, "details": True, "seed": 3}}
+    greedy = httpx.post(f"{live_server.url}/generate", json=body).json()
+    assert greedy["generated_text"] == tiny_llm.generate("Llamas", max_new_tokens=6, **GREEDY).text
+    sampled = {**body, "parameters": {**body["parameters"], "temperature": 1.5}}
+    first = httpx.post(f"{live_server.url}/generate", json=sampled).json()
+    assert first == httpx.post(f"{live_server.url}/generate", json=sampled).json()
+    assert first["details"]["seed"] == 3
+
+
+def test_info_health_tokenize(live_server, tiny_llm) -> None:
+    info = httpx.get(f"{live_server.url}/info").json()
+    assert info["model_id"] == "tiny" and info["max_total_tokens"] == tiny_llm.config.context_length
+    assert httpx.get(f"{live_server.url}/health").status_code == 200
+    tokens = httpx.post(f"{live_server.url}/tokenize", json={"inputs": "Hello llamas"}).json()
+    assert [t["id"] for t in tokens] == tiny_llm.tokenizer.encode("Hello llamas", bos=True)
+    assert "".join(t["text"] for t in tokens[1:]) == "Hello llamas"
+
+
+# --- concurrency, cancellation, back-pressure ---------------------------------------------------------
+
+def test_32_concurrent_streams_equal_their_solo_runs(live_server) -> None:
+    prompts = [f"Request {i}: " + "llama " * (i % 7) * 3 for i in range(32)]
+    lengths = [4 + (i * 5) % 17 for i in range(32)]
+    engine = live_server.engine
+
+    async def run() -> tuple[list[str], list[str]]:
+        aclient = openai.AsyncOpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+
+        async def one(prompt: str, max_tokens: int) -> str:
+            stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                                      stream=True, **GREEDY)
+            return "".join([chunk.choices[0].text async for chunk in stream])
+
+        batched_at_start = engine.stats().batched_steps
+        alone = [await one(p, n) for p, n in zip(prompts, lengths, strict=True)]
+        batched_before = engine.stats().batched_steps
+        assert batched_before == batched_at_start  # one at a time really ran alone
+        together = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths, strict=True)))
+        assert engine.stats().batched_steps > batched_before + 10  # the batch really held several sequences
+        await aclient.close()
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+    assert engine.stats().peak_running == engine.max_batch_size
+    metrics = httpx.get(f"{live_server.url}/metrics").text
+    assert "llamaforge_peak_batch_size 4.0" in metrics
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_disconnect_frees_the_slot(tiny_tokenizer_path) -> None:
+    from factories import LiveServer, random_model
+
+    from llamaforge.api import LLM
+    from llamaforge.config import ModelArgs
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+    from llamaforge.tokenizer import Tokenizer
+
+    # Slow enough (~10 ms a token) that the answer cannot finish on its own while the test watches;
+    # greedy, this model does not emit EOS for hundreds of tokens.
+    config = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=400, hidden_dim=1024, max_seq_len=4096)
+    llm = LLM(random_model(config, std=0.02), Tokenizer(tiny_tokenizer_path))
+    engine = Engine(llm, max_batch_size=2)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3000, "stream": True,
+            "temperature": 0}
+    with LiveServer(create_app(llm, engine)) as server:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+            chunks = (line for line in response.iter_lines() if line.startswith("data:"))
+            for _ in range(3):
+                next(chunks)
+            assert engine.stats().running == 1
+        # The connection closed mid-answer: the slot must come back long before 3000 tokens.
+        assert wait_for(lambda: engine.stats().free_slots == 2, timeout=5)
+        assert engine.stats().generated_tokens < 300
+
+
+def test_full_queue_answers_503(tiny_llm) -> None:
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    engine = Engine(tiny_llm, max_batch_size=1, max_queue=1)
+    body = {"model": "tiny", "prompt": "Go", "max_tokens": 100, "temperature": 1.0}
+    with LiveServer(create_app(tiny_llm, engine)) as server:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(f"{server.url}/v1/completions", json=body) for _ in range(6)))
+
+        statuses = [r.status_code for r in asyncio.run(burst())]
+        refused = [r for r in asyncio.run(burst()) if r.status_code == 503]
+    assert 200 in statuses and 503 in statuses
+    assert refused and refused[0].headers["retry-after"] == "1"
+    assert "queue is full" in refused[0].json()["error"]["message"]
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+def post(live_server, path: str, body, **kwargs) -> httpx.Response:
+    if isinstance(body, (dict, list)):
+        return httpx.post(f"{live_server.url}{path}", json=body, **kwargs)
+    return httpx.post(f"{live_server.url}{path}", content=body, headers={"content-type": "application/json"}, **kwargs)
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 5000}, 400,
+     r"the prompt has \d+ tokens and max_new_tokens is 5000: \d+ tokens exceed the model's context of 128"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x [/INST] y"}]}, 400,
+     "control tag '\\[/INST\\]'"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400,
+     "role 'assistant' where 'user'"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": USER, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": USER, "n": 2}, 400, "only n=1 is supported"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", "{not json", 400, "JSON"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "token-id prompt must hold ints"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": 0}}, 422, "parameters.temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "parameters.top_p"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, 422, "exceed the model's context of 128"),
+    ("/generate", {"inputs": ""}, 422, "inputs"),
+    ("/generate_stream", {"parameters": {}}, 422, "inputs"),
+])
+def test_bad_input_is_named(live_server, path: str, body, status: int, message: str) -> None:
+    import re
+
+    response = post(live_server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    text = error["message"] if isinstance(error, dict) else error
+    assert re.search(message, text), text
+
+
+def test_oversized_body_is_refused(live_server) -> None:
+    response = post(live_server, "/v1/completions", {"prompt": "x" * (2 << 20)})
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+
+def test_api_key(tiny_llm) -> None:
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    with LiveServer(create_app(tiny_llm, Engine(tiny_llm, max_batch_size=1), api_key="s3cret")) as server:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        refused = httpx.get(f"{server.url}/v1/models")
+        assert refused.status_code == 401 and "Authorization: Bearer" in refused.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        authed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret")
+        assert authed.models.list().data
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_metrics_count_requests_and_tokens(live_server, client) -> None:
+    chat(client, "count me", max_tokens=3, **GREEDY)
+    post(live_server, "/v1/chat/completions", {"messages": [], "model": "tiny"})
+    text = httpx.get(f"{live_server.url}/metrics").text
+    assert 'llamaforge_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'llamaforge_requests_total{route="/v1/chat/completions",status="400"}' in text
+    for name in ("llamaforge_generated_tokens_total", "llamaforge_prompt_tokens_total", "llamaforge_queue_depth",
+                 "llamaforge_running_batch_size", "llamaforge_time_to_first_token_seconds_bucket",
+                 "llamaforge_inter_token_latency_seconds_bucket"):
+        assert name in text
+    generated = float(next(line.split()[-1] for line in text.splitlines()
+                           if line.startswith("llamaforge_generated_tokens_total")))
+    assert generated >= 3
+
+
+def test_sse_ends_with_done(live_server) -> None:
+    body = {"model": "tiny", "messages": USER, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{live_server.url}/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[5:])["object"] == "chat.completion.chunk" for e in events[:-1])
