@@ -281,6 +281,16 @@ def test_oversized_body_is_refused(live_server) -> None:
     response = post(live_server, "/v1/completions", {"prompt": "x" * (2 << 20)})
     assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
 
+    def chunked():  # no Content-Length: the limit must hold while the body streams in
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    response = httpx.post(f"{live_server.url}/v1/completions", content=chunked(),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
 
 def test_api_key(tiny_llm) -> None:
     from factories import LiveServer

@@ -27,6 +27,47 @@ STATIC = Path(str(resources.files("llamaforge.server") / "static"))
 RETRY_AFTER_SECONDS = "1"
 
 
+class BodySizeLimit:
+    """ASGI middleware: refuse a body past `max_bytes`, by its Content-Length or while it streams in.
+
+    The body is read here, then replayed to the app: JSON bodies are small, and an error raised from
+    inside FastAPI's body parsing would turn into a plain 400 instead of a 413 in the protocol's shape.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        too_large = _error(request, 413, f"the request body is larger than {self.max_bytes} bytes")
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnects, for streaming responses
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def _is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
@@ -69,7 +110,7 @@ def create_app(llm: LLM, engine: Engine, api_key: str | None = None, model_name:
     app = FastAPI(title="llamaforge", version=__import__("llamaforge").__version__, lifespan=lifespan)
     metrics = Metrics(engine)
     name = model_name or Path(str(llm.source).rstrip("/")).name or "llamaforge"
-    app.state.server = ServerState(llm, engine, metrics, name, api_key, max_body_bytes)
+    app.state.server = ServerState(llm, engine, metrics, name, api_key)
 
     @app.middleware("http")
     async def guard(request: Request, call_next) -> Response:
@@ -109,6 +150,7 @@ def create_app(llm: LLM, engine: Engine, api_key: str | None = None, model_name:
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -116,10 +158,7 @@ def create_app(llm: LLM, engine: Engine, api_key: str | None = None, model_name:
 
 
 async def _guarded(request: Request, call_next, server: ServerState) -> Response:
-    """Refuse oversized bodies and missing or wrong API keys before a route runs."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > server.max_body_bytes):
-        return _error(request, 413, f"the request body is larger than {server.max_body_bytes} bytes")
+    """Refuse missing or wrong API keys before a route runs."""
     path = request.url.path
     public = path == "/" or path == "/health" or path.startswith("/static/")
     if server.api_key and not public:

@@ -17,7 +17,6 @@ class ServerState:
     metrics: Metrics
     model_name: str
     api_key: str | None = None
-    max_body_bytes: int = 1 << 20
     created: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -214,7 +214,6 @@
   function setBusy(busy) {
     els.send.hidden = busy;
     els.stop.hidden = !busy;
-    els.input.setAttribute("aria-busy", String(busy));
   }
 
   async function send(text) {
