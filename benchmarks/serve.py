@@ -24,7 +24,7 @@ The EOS row of the random model's classifier is zeroed, so its logit is always e
 never picks it: every request generates `max_tokens` tokens. The tokens actually generated are still counted
 and reported. Each server answers a few warm-up requests before it is measured.
 
-    python benchmarks/serve.py                      # 134M-parameter model, about 6 minutes
+    python benchmarks/serve.py                      # 134M-parameter model, about 7 minutes on 2 cores
     python benchmarks/serve.py --preset tiny        # smoke test, about 10 seconds
     python benchmarks/serve.py --json               # the results as JSON (every request included)
 """
@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -70,16 +72,17 @@ class Preset:
     rounds: int
     min_requests: int
     prompt_lens: tuple[int, ...]
+    quiet_wait: float  # seconds to wait for other processes to quieten down before each measurement
 
 
 PRESETS = {
     # 134M parameters (85M in the decoder layers), 537 MB in float32.
     "small": Preset(ModelArgs(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=32000, max_seq_len=1024),
                     llama2_tokenizer=True, vocab=32000, max_tokens=64, rounds=2, min_requests=8,
-                    prompt_lens=(16, 32, 64, 128)),
+                    prompt_lens=(16, 32, 64, 128), quiet_wait=120.0),
     "tiny": Preset(ModelArgs(dim=64, n_layers=2, n_heads=4, hidden_dim=172, vocab_size=400, max_seq_len=256),
                    llama2_tokenizer=False, vocab=400, max_tokens=16, rounds=1, min_requests=4,
-                   prompt_lens=(8, 16, 32)),
+                   prompt_lens=(8, 16, 32), quiet_wait=0.0),
 }
 
 
@@ -125,6 +128,9 @@ class LevelResult:
     ttft_p99_s: float
     tpot_p50_ms: float | None
     mean_batch: float | None
+    server_cpu_cores: float  # CPU time of the measured server / wall time
+    client_cpu_cores: float  # CPU time of this process (the clients) / wall time
+    other_cpu_cores: float  # CPU time of everything else on the machine / wall time: other people's load
     runs: list[RequestResult] = field(default_factory=list)
 
 
@@ -140,11 +146,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to use (its vocabulary sets the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
+    parser.add_argument("--quiet-below", type=float, default=0.3,
+                        help="before each measurement, wait until other processes use fewer cores than this")
+    parser.add_argument("--quiet-wait", type=float, help="wait at most this many seconds for that (default: the "
+                        "preset's, 120 s; 0 for tiny)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     args.max_tokens = args.max_tokens or preset.max_tokens
     args.rounds = args.rounds or preset.rounds
+    args.quiet_wait = args.quiet_wait if args.quiet_wait is not None else preset.quiet_wait
     args.min_requests = args.min_requests if args.min_requests is not None else preset.min_requests
     args.prompt_lens = [int(n) for n in args.prompt_lens.split(",")] if args.prompt_lens else list(preset.prompt_lens)
     args.clients = [int(n) for n in args.clients.split(",") if n.strip()]
@@ -215,6 +226,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it if this benchmark dies (even by SIGKILL)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     """`python -m llamaforge serve` in its own process group; stop() ends it (SIGTERM, then SIGKILL)."""
 
@@ -229,7 +246,7 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log_file = log_path.open("wb")
         self.process = subprocess.Popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -257,6 +274,61 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log_file.close()
+
+
+# --- CPU accounting ------------------------------------------------------------------------------
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores; idle and iowait excluded, steal included)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
+def process_cpu_s(pid: int | str) -> float:
+    """CPU seconds (user + system, all threads) of one process."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+class CpuMeter:
+    """CPU used by the measured server, this process and everything else, between start() and stop()."""
+
+    def __init__(self, servers: list[ServerProcess]) -> None:
+        self.pids = [s.process.pid for s in servers]
+
+    def read(self) -> tuple[float, list[float], float]:
+        return machine_busy_s(), [process_cpu_s(pid) for pid in self.pids], process_cpu_s("self")
+
+    def start(self) -> None:
+        self.before = self.read()
+        self.started = time.perf_counter()
+
+    def stop(self) -> tuple[list[float], float, float]:
+        """(cores used by each server, by this process, by everything else), averaged over the interval."""
+        (machine0, servers0, me0), (machine1, servers1, me1) = self.before, self.read()
+        wall = time.perf_counter() - self.started
+        servers = [(b - a) / wall for a, b in zip(servers0, servers1, strict=True)]
+        me = (me1 - me0) / wall
+        return servers, me, max(0.0, (machine1 - machine0) / wall - sum(servers) - me)
+
+
+def wait_for_quiet(meter: CpuMeter, threshold: float, patience: float) -> float:
+    """Wait (at most `patience` s) until other processes use under `threshold` cores for 2 s; return their use."""
+    if patience <= 0:
+        return 0.0
+    deadline = time.monotonic() + patience
+    while True:
+        meter.start()
+        time.sleep(2.0)
+        other = meter.stop()[2]
+        if other < threshold or time.monotonic() > deadline:
+            return other
+        log(f"  the machine is busy ({other:.2f} cores used by other processes); waiting")
 
 
 # --- the client ------------------------------------------------------------------------------------
@@ -305,13 +377,16 @@ async def stream_one(client: httpx.AsyncClient, prompt: list[int], max_tokens: i
     return result
 
 
-async def run_level(server: ServerProcess, clients: int, prompts: list[list[int]], max_tokens: int) -> LevelResult:
+async def run_level(server: ServerProcess, clients: int, prompts: list[list[int]], max_tokens: int,
+                    meter: CpuMeter | None = None) -> LevelResult:
     """`clients` concurrent clients work through `prompts` (each takes the next when its last one ends)."""
+    meter = meter or CpuMeter([server])
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(900.0), limits=limits) as client:
         todo = list(enumerate(prompts))[::-1]
         runs: list[tuple[int, RequestResult]] = []
         before = await engine_counters(client)
+        meter.start()
         origin = time.perf_counter()
 
         async def worker() -> None:
@@ -321,6 +396,7 @@ async def run_level(server: ServerProcess, clients: int, prompts: list[list[int]
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - origin
+        servers_cpu, client_cpu, other_cpu = meter.stop()
         after = await engine_counters(client)
     results = [r for _, r in sorted(runs, key=lambda pair: pair[0])]
     completion = sum(r.completion_tokens for r in results)
@@ -332,7 +408,8 @@ async def run_level(server: ServerProcess, clients: int, prompts: list[list[int]
         prompt_tokens=sum(r.prompt_tokens for r in results), completion_tokens=completion, engine_steps=steps,
         peak_batch=int(after["peak"]), tok_s=completion / wall, ttft_p50_s=percentile(ttfts, 50),
         ttft_p99_s=percentile(ttfts, 99), tpot_p50_ms=percentile(tpots, 50) * 1e3 if tpots else None,
-        mean_batch=completion / steps if steps else None, runs=results,
+        mean_batch=completion / steps if steps else None, server_cpu_cores=servers_cpu[0], client_cpu_cores=client_cpu,
+        other_cpu_cores=other_cpu, runs=results,
     )
 
 
@@ -364,10 +441,14 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             count = max(clients * args.rounds, args.min_requests)
             prompts = make_prompts(count, args.prompt_lens, model["vocab_size"], seed=args.seed + clients)
             for server in servers:
+                meter = CpuMeter([server] + [s for s in servers if s is not server])
                 log(f"{clients} clients, {count} requests: server ({server.name})")
-                level = asyncio.run(run_level(server, clients, prompts, args.max_tokens))
+                wait_for_quiet(meter, args.quiet_below, args.quiet_wait)
+                level = asyncio.run(run_level(server, clients, prompts, args.max_tokens, meter))
                 log(f"  {level.tok_s:.1f} tok/s, TTFT p50 {level.ttft_p50_s:.2f} s, p99 {level.ttft_p99_s:.2f} s, "
-                    f"{level.completion_tokens} tokens in {level.wall_s:.1f} s")
+                    f"{level.completion_tokens} tokens in {level.wall_s:.1f} s; cores used: server "
+                    f"{level.server_cpu_cores:.2f}, clients {level.client_cpu_cores:.2f}, other processes "
+                    f"{level.other_cpu_cores:.2f}")
                 results.append(level)
     finally:
         for server in servers:
@@ -392,7 +473,8 @@ def report(args: argparse.Namespace, model: dict, results: list[LevelResult]) ->
     return {
         "setup": {"preset": args.preset, **model, "max_tokens": args.max_tokens, "prompt_lens": args.prompt_lens,
                   "rounds": args.rounds, "min_requests": args.min_requests, "threads": args.threads,
-                  "batch_size": args.batch_size, "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
+                  "batch_size": args.batch_size, "quiet_below": args.quiet_below, "quiet_wait": args.quiet_wait,
+                  "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "results": levels,
         "ratios": ratios,
         "llama_cpp": {"skipped": True, "reason": LLAMA_CPP_SKIPPED},
@@ -410,8 +492,8 @@ def format_table(report: dict) -> str:
         f"{'/'.join(map(str, setup['prompt_lens']))} tokens; torch {setup['torch']}",
         "",
         "| clients | requests | server | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | mean batch "
-        "| tokens | (a) / (b) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | other load (cores) | (a) / (b) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ratios = {r["clients"]: r for r in report["ratios"]}
     names = {"a": f"(a) batching, max batch {setup['batch_size']}", "b": "(b) one at a time"}
@@ -421,8 +503,8 @@ def format_table(report: dict) -> str:
         batch = f"{level['mean_batch']:.1f}" if level["mean_batch"] is not None else "-"
         lines.append(f"| {level['clients']} | {level['requests']} | {names[level['server']]} | {level['tok_s']:.1f} "
                      f"| {level['ttft_p50_s']:.2f} | {level['ttft_p99_s']:.2f} | {tpot} | {batch} "
-                     f"| {level['completion_tokens']} | {ratio} |")
-    lines.append(f"| | | (c) llama.cpp server | skipped: {report['llama_cpp']['reason']} | | | | | | |")
+                     f"| {level['completion_tokens']} | {level['other_cpu_cores']:.2f} | {ratio} |")
+    lines.append(f"| | | (c) llama.cpp server | skipped: {report['llama_cpp']['reason']} | | | | | | | |")
     same = [f"{r['clients']} clients {r['same_text']}/{r['requests']}" for r in report["ratios"]]
     lines += ["", "identical greedy text in (a) and (b): " + ", ".join(same)]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,29 +23,46 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 20_000
 
-sync_api = pytest.importorskip("playwright.sync_api")
-expect = sync_api.expect
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the dev extra is not installed: the browser tests skip
+    expect = sync_playwright = None
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
+    if sync_playwright is None:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium); the playground tests need it")
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, live_server):
+    """A desktop-sized page that may reach the live server only (offline: no CDN, no fonts), and has no JS errors."""
     context = browser.new_context(viewport=DESKTOP)
     context.set_default_timeout(TIMEOUT_MS)
+    foreign: list[str] = []
+
+    def local_only(route) -> None:
+        if route.request.url.startswith(live_server.url + "/"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", local_only)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not foreign, f"the page asked for something beyond its server: {foreign}"
 
 
 @pytest.fixture
@@ -74,7 +92,8 @@ class Chat:
         if request.url.endswith("/v1/chat/completions") and request.method == "POST":
             self.requests.append(json.loads(request.post_data))
 
-    def settings(self, temperature: str | None = "0", max_tokens: str | None = "12", system: str | None = None):
+    def settings(self, temperature: str | None = None, max_tokens: str | None = None, system: str | None = None):
+        """Fill the settings given (as typed); None leaves one as it is."""
         details = self.page.locator("#settings")
         if not details.evaluate("node => node.open"):
             self.page.get_by_text("Settings", exact=True).click()
@@ -98,6 +117,18 @@ class Chat:
         answer = self.answers().nth(index)
         expect(answer.locator(".stats")).to_be_visible()
         return answer.locator(".content").text_content()
+
+
+@contextmanager
+def serve(llm, **options):
+    """A second live server, for a model or an option the shared `live_server` does not have."""
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    with LiveServer(create_app(llm, Engine(llm, max_batch_size=1, max_queue=4), **options)) as server:
+        yield server
 
 
 def reference(url: str, body: dict) -> str:
@@ -216,6 +247,7 @@ def test_stop_aborts_a_long_answer_and_frees_the_slot(page, live_server, slow_en
     chat.say("Tell me a very long story")
     content = chat.answers().nth(0).locator(".content")
     expect(content).not_to_have_text("")
+    expect(chat.answers().nth(0).get_by_role("button", name="Copy")).to_be_hidden()  # no stats until it ends
     stop = page.get_by_role("button", name="Stop")
     expect(stop).to_be_visible()
     stop.click()
@@ -240,8 +272,11 @@ def test_phone_width_has_no_horizontal_scroll(browser, live_server) -> None:
         chat = Chat(page, live_server.url)
         expect(page.locator("#model-name")).to_have_text("tiny")
         assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
-        chat.settings(temperature="0", max_tokens="12", system="x" * 300)
-        chat.say("A long unbroken word: " + "y" * 300)
+        chat.settings(temperature="0", max_tokens="12")
+        chat.say("Too long for the tiny context: " + "x" * 300)  # long bubbles and a long error
+        expect(page.get_by_role("alert")).to_contain_text("context")
+        page.get_by_label("Message", exact=True).fill("")
+        chat.say("A long unbroken word: " + "y" * 60)
         chat.finished_answer(0)
         assert page.evaluate("document.scrollingElement.scrollWidth") <= PHONE["width"]
         for name in ("Send", "New chat"):
@@ -252,13 +287,7 @@ def test_phone_width_has_no_horizontal_scroll(browser, live_server) -> None:
 
 
 def test_api_key_is_asked_for_and_kept(browser, tiny_llm) -> None:
-    from factories import LiveServer
-
-    from llamaforge.engine import Engine
-    from llamaforge.server import create_app
-
-    engine = Engine(tiny_llm, max_batch_size=1, max_queue=4)
-    with LiveServer(create_app(tiny_llm, engine, api_key="sekret", model_name="locked")) as server:
+    with serve(tiny_llm, api_key="sekret", model_name="locked") as server:
         context = browser.new_context(viewport=DESKTOP)
         context.set_default_timeout(TIMEOUT_MS)
         page = context.new_page()
@@ -293,15 +322,10 @@ def test_api_key_is_asked_for_and_kept(browser, tiny_llm) -> None:
 def test_screenshot(browser, assets, tmp_path) -> None:
     """A conversation with stories260K at desktop size; written to docs/ only when asked (see the docstring)."""
     import llamaforge
-    from factories import LiveServer
-
-    from llamaforge.engine import Engine
-    from llamaforge.server import create_app
 
     llm = llamaforge.load(assets / "stories260K" / "stories260K.bin")
-    engine = Engine(llm, max_batch_size=1, max_queue=4)
     target = Path(os.environ.get("LLAMAFORGE_SCREENSHOT") or tmp_path / "playground.png")
-    with LiveServer(create_app(llm, engine, model_name="stories260K")) as server:
+    with serve(llm, model_name="stories260K") as server:
         context = browser.new_context(viewport={"width": 1100, "height": 640}, color_scheme="light")
         context.set_default_timeout(TIMEOUT_MS)
         page = context.new_page()
