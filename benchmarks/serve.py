@@ -19,12 +19,15 @@ mixed lengths (`--prompt-lens`, cycled), `temperature: 0`, `max_tokens` fixed. T
 - TPOT: per request, (last token time - first token time) / (tokens - 1), the decode pace a client sees.
 - mean batch: completion tokens / engine steps during the level (from the server's /metrics): how many
   sequences the engine decoded per step on average.
+- other load: cores used during the level by processes other than the servers and the clients (from
+  /proc/stat). The machine may be shared, so before each measurement the script waits (`--quiet-wait`)
+  until other processes use fewer than `--quiet-below` cores, and it reports this column either way.
 
 The EOS row of the random model's classifier is zeroed, so its logit is always exactly 0 and greedy decoding
 never picks it: every request generates `max_tokens` tokens. The tokens actually generated are still counted
 and reported. Each server answers a few warm-up requests before it is measured.
 
-    python benchmarks/serve.py                      # 134M-parameter model, about 7 minutes on 2 cores
+    python benchmarks/serve.py                      # 134M-parameter model, about 8 minutes on 2 cores
     python benchmarks/serve.py --preset tiny        # smoke test, about 10 seconds
     python benchmarks/serve.py --json               # the results as JSON (every request included)
 """
@@ -504,9 +507,10 @@ def format_table(report: dict) -> str:
         lines.append(f"| {level['clients']} | {level['requests']} | {names[level['server']]} | {level['tok_s']:.1f} "
                      f"| {level['ttft_p50_s']:.2f} | {level['ttft_p99_s']:.2f} | {tpot} | {batch} "
                      f"| {level['completion_tokens']} | {level['other_cpu_cores']:.2f} | {ratio} |")
-    lines.append(f"| | | (c) llama.cpp server | skipped: {report['llama_cpp']['reason']} | | | | | | | |")
+    lines.append("| | | (c) llama.cpp server | skipped | | | | | | | |")
     same = [f"{r['clients']} clients {r['same_text']}/{r['requests']}" for r in report["ratios"]]
-    lines += ["", "identical greedy text in (a) and (b): " + ", ".join(same)]
+    lines += ["", "identical greedy text in (a) and (b): " + ", ".join(same),
+              f"(c) llama.cpp server: skipped: {report['llama_cpp']['reason']}"]
     return "\n".join(lines)
 
 
