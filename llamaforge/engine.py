@@ -197,23 +197,35 @@ class Engine:
         chunk = request.prompt_ids[start:start + self.prefill_chunk]
         tokens = torch.tensor([chunk], device=self.device)
         input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-        rows = torch.tensor([request.slot], device=self.device)
-        logits = self.model(tokens, input_pos, self.kv_cache, logits_at=torch.tensor([len(chunk) - 1]),
-                            cache_rows=rows)
+        cache = [layer.rows(request.slot, request.slot + 1) for layer in self.kv_cache]
+        logits = self.model(tokens, input_pos, cache, logits_at=torch.tensor([len(chunk) - 1], device=self.device))
         request.prefilled += len(chunk)
         self.prompt_tokens += len(chunk)
         if request.prefilled == len(request.prompt_ids):
             self._sample_and_emit([request], logits)
 
     def _decode(self, requests: list[EngineRequest]) -> None:
-        """One token for every running sequence, in one forward over their slots."""
+        """One token for every running sequence, in one forward over the run of slots that holds them.
+
+        The cache rows are a view (no copy). Slots in the run that are not decoding ride along as
+        padding: each writes at a position it will overwrite anyway (a prefilling prompt's next
+        position, or position 0 of a free slot), so nothing real is touched.
+        """
         self.batched_steps += len(requests) > 1
-        tokens = torch.tensor([[r.last_token] for r in requests], device=self.device)
-        positions = torch.tensor([[len(r.prompt_ids) + r.state.produced - 1] for r in requests], device=self.device)
-        rows = torch.tensor([r.slot for r in requests], device=self.device)
-        logits = self.model(tokens, positions, self.kv_cache, logits_at=torch.zeros(len(requests), dtype=torch.long),
-                            cache_rows=rows)
-        self._sample_and_emit(requests, logits)
+        first, last = min(r.slot for r in requests), max(r.slot for r in requests)
+        tokens = torch.zeros(last - first + 1, 1, dtype=torch.long)
+        positions = torch.zeros(last - first + 1, 1, dtype=torch.long)
+        for request in self.running:
+            if first <= request.slot <= last:
+                positions[request.slot - first] = request.prefilled
+        for request in requests:
+            tokens[request.slot - first] = request.last_token
+            positions[request.slot - first] = len(request.prompt_ids) + request.state.produced - 1
+        cache = [layer.rows(first, last + 1) for layer in self.kv_cache]
+        logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
+                            logits_at=torch.zeros(len(tokens), dtype=torch.long, device=self.device))
+        picked = torch.tensor([r.slot - first for r in requests], device=self.device)
+        self._sample_and_emit(requests, logits[picked])
 
     def _sample_and_emit(self, requests: list[EngineRequest], logits: torch.Tensor) -> None:
         rows = torch.tensor([r.slot for r in requests], device=self.device)

@@ -83,27 +83,26 @@ class KVCache:
     forward has passed p in `input_pos[b]`; the attention mask hides everything later than the query.
     """
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    @classmethod
+    def allocate(cls, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
-               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the first kv_len positions of the cache.
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own, sharing memory (a server's run of slots)."""
+        return KVCache(self.k[start:stop], self.v[start:stop])
 
-        `rows` (B,) picks which cache rows the batch's rows are (a server's slots); None means all, in order.
-        """
-        if rows is None:
-            index = input_pos[:, None, :, None].expand_as(k)
-            self.k.scatter_(2, index, k)
-            self.v.scatter_(2, index, v)
-            return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
-        # Advanced indices on dims 0 and 2 come out first: the written block is (B, T, Hkv, D).
-        self.k[rows[:, None], :, input_pos] = k.transpose(1, 2)
-        self.v[rows[:, None], :, input_pos] = v.transpose(1, 2)
-        return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]  # gathered copies (B, Hkv, kv_len, D)
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the first kv_len positions of the cache."""
+        index = input_pos[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -118,15 +117,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int,
-                cache_rows: torch.Tensor | None) -> torch.Tensor:
+                input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v, kv_len, cache_rows)  # (B, Hkv, kv_len, D)
+            k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, H, T, D)
@@ -155,9 +153,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int,
-                cache_rows: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_cache, kv_len, cache_rows)
+                input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_cache, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,18 +189,17 @@ class Llama(nn.Module):
         """Allocate one cache per layer on the model's device and dtype."""
         weight = self.lm_head.weight
         return [
-            KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim, weight.dtype, weight.device)
+            KVCache.allocate(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim, weight.dtype,
+                             weight.device)
             for _ in self.model.layers
         ]
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, logits_at: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: list[KVCache] | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T), or (B, V) at one index per row when `logits_at` (B,) is given.
 
         Without `input_pos` the rows are whole sequences starting at position 0 (training, scoring).
-        With a cache, `input_pos` (B, T) says where each token sits in its row's timeline, and
-        `cache_rows` (B,) which cache rows the batch uses (default: row b is cache row b).
+        With a cache, `input_pos` (B, T) says where each token sits in its row's timeline.
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -221,7 +217,7 @@ class Llama(nn.Module):
         cos, sin = self.model.rotary_emb(input_pos, kv_len, x.dtype)
         for i, layer in enumerate(self.model.layers):
             layer_cache = kv_cache[i] if kv_cache is not None else None
-            x = layer(x, cos, sin, mask, input_pos, layer_cache, kv_len, cache_rows)
+            x = layer(x, cos, sin, mask, input_pos, layer_cache, kv_len)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # (B, dim)
         return self.lm_head(self.model.norm(x))

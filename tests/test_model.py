@@ -114,8 +114,9 @@ def test_num_parameters_matches_module() -> None:
     assert config.num_parameters() == sum(p.numel() for p in Llama(config).parameters())
 
 
-def test_cache_rows_address_slots_of_a_shared_cache() -> None:
-    """Two sequences in slots 3 and 1 of a 4-slot cache, prefilled in chunks, decode as if alone."""
+def test_cache_row_views_address_slots_of_a_shared_cache() -> None:
+    """Sequences in slots 3 and 1 of a 4-slot cache, prefilled in chunks through one-row views, then
+    decoded together over the run of slots 1..3 (slot 2 free, riding along) as if each were alone."""
     model = random_model(small_config(n_kv_heads=2))
     a, b = torch.randint(0, 300, (1, 20)), torch.randint(0, 300, (1, 13))
     cache = model.new_kv_cache(batch_size=4, max_len=32)
@@ -124,9 +125,8 @@ def test_cache_rows_address_slots_of_a_shared_cache() -> None:
         for seq, slot in ((a, 3), (b, 1)):
             for start in range(0, seq.shape[1] - 1, 8):  # chunks of 8, leaving the last token to decode
                 chunk = seq[:, start:min(start + 8, seq.shape[1] - 1)]
-                model(chunk, torch.arange(start, start + chunk.shape[1])[None], cache,
-                      cache_rows=torch.tensor([slot]))
-        step = model(torch.tensor([[a[0, -1]], [b[0, -1]]]), torch.tensor([[19], [12]]), cache,
-                     cache_rows=torch.tensor([3, 1]))
-    torch.testing.assert_close(step[0, -1], expected_a, atol=5e-5, rtol=1e-5)
-    torch.testing.assert_close(step[1, -1], expected_b, atol=5e-5, rtol=1e-5)
+                model(chunk, torch.arange(start, start + chunk.shape[1])[None], [c.rows(slot, slot + 1) for c in cache])
+        step = model(torch.tensor([[b[0, -1]], [0], [a[0, -1]]]), torch.tensor([[12], [0], [19]]),
+                     [c.rows(1, 4) for c in cache])
+    torch.testing.assert_close(step[2, -1], expected_a, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(step[0, -1], expected_b, atol=5e-5, rtol=1e-5)
