@@ -99,12 +99,9 @@ class Engine:
 
     # --- the client side (any thread) ---------------------------------------------------------------
 
-    def check(self, prompt_ids: list[int], params: SamplingParams, truncate: bool = False) -> list[int]:
-        """Validate a prompt against the engine's context (raising GenerationError); return it, maybe cut."""
-        return fit_prompt(prompt_ids, params.max_new_tokens, self.max_context, truncate)
-
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request (already checked); QueueFullError when the queue is at its bound."""
+        """Queue a request; GenerationError if it cannot fit a slot, QueueFullError when the queue is full."""
+        fit_prompt(request.prompt_ids, request.params.max_new_tokens, self.max_context, truncate=False)
         with self.wakeup:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the server's queue is full ({self.max_queue} waiting requests); retry shortly")
@@ -186,46 +183,75 @@ class Engine:
         self.steps += 1
         prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            self._prefill(prefilling)
         decoding = [r for r in self.running if r.last_token is not None and not r.state.finished]
         if decoding:
-            self._decode(decoding)
+            self.batched_steps += len(decoding) > 1
+            inputs = {r.slot: ([r.last_token], self._next_position(r)) for r in decoding}
+            logits = self._run_slots(inputs)
+            self._sample_and_emit(decoding, torch.stack([logits[r.slot] for r in decoding]))
 
-    def _prefill_chunk(self, request: EngineRequest) -> None:
-        """Feed the next chunk of one prompt; after its last chunk, sample the first token."""
-        start = request.prefilled
-        chunk = request.prompt_ids[start:start + self.prefill_chunk]
-        tokens = torch.tensor([chunk], device=self.device)
-        input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-        cache = [layer.rows(request.slot, request.slot + 1) for layer in self.kv_cache]
-        logits = self.model(tokens, input_pos, cache, logits_at=torch.tensor([len(chunk) - 1], device=self.device))
-        request.prefilled += len(chunk)
-        self.prompt_tokens += len(chunk)
-        if request.prefilled == len(request.prompt_ids):
-            self._sample_and_emit([request], logits)
+    def _prefill(self, requests: list[EngineRequest]) -> None:
+        """Feed the next chunks of waiting prompts, `prefill_chunk` tokens at most, in one forward.
 
-    def _decode(self, requests: list[EngineRequest]) -> None:
-        """One token for every running sequence, in one forward over the run of slots that holds them.
-
-        The cache rows are a view (no copy). Slots in the run that are not decoding ride along as
-        padding: each writes at a position it will overwrite anyway (a prefilling prompt's next
-        position, or position 0 of a free slot), so nothing real is touched.
+        Capping the tokens per step keeps running sequences decoding while long prompts come in.
+        A prompt whose last chunk went in gets its first token sampled.
         """
-        self.batched_steps += len(requests) > 1
-        first, last = min(r.slot for r in requests), max(r.slot for r in requests)
-        tokens = torch.zeros(last - first + 1, 1, dtype=torch.long)
-        positions = torch.zeros(last - first + 1, 1, dtype=torch.long)
-        for request in self.running:
-            if first <= request.slot <= last:
-                positions[request.slot - first] = request.prefilled
+        inputs, budget = {}, self.prefill_chunk
         for request in requests:
-            tokens[request.slot - first] = request.last_token
-            positions[request.slot - first] = len(request.prompt_ids) + request.state.produced - 1
+            if budget == 0:
+                break
+            chunk = request.prompt_ids[request.prefilled:request.prefilled + budget]
+            inputs[request.slot] = (chunk, request.prefilled)
+            budget -= len(chunk)
+        # One forward per run of adjacent slots: a gap would make idle rows compute a whole chunk of padding.
+        logits = {}
+        for run in _runs(sorted(inputs)):
+            logits |= self._run_slots({slot: inputs[slot] for slot in run})
+        done = []
+        for request in requests:
+            if request.slot in inputs:
+                request.prefilled += len(inputs[request.slot][0])
+                self.prompt_tokens += len(inputs[request.slot][0])
+                if request.prefilled == len(request.prompt_ids):
+                    done.append(request)
+        if done:
+            self._sample_and_emit(done, torch.stack([logits[r.slot] for r in done]))
+
+    def _next_position(self, request: EngineRequest) -> int:
+        """Where the request writes next: its prompt's next chunk, or its last sampled token."""
+        if request.prefilled < len(request.prompt_ids):
+            return request.prefilled
+        return len(request.prompt_ids) + request.state.produced - 1
+
+    def _run_slots(self, inputs: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+        """One forward over the run of slots holding `inputs` (slot -> tokens, first position).
+
+        Returns each slot's logits (V,) after its last token. The cache rows are a view, not a copy.
+        Rows are right-padded to one width, and slots of the run with no input ride along as padding.
+        Every padding token is written at or after its row's next position, which that row overwrites
+        before it ever attends there (or at the last position, clamped, which no prompt reaches and a
+        sequence reaches only by writing it), so nothing real is touched.
+        """
+        first, last = min(inputs), max(inputs)
+        width = max(len(tokens) for tokens, _ in inputs.values())
+        idle = {r.slot: self._next_position(r) for r in self.running}
+        tokens = torch.zeros(last - first + 1, width, dtype=torch.long)
+        positions = torch.zeros(last - first + 1, width, dtype=torch.long)
+        last_index = torch.zeros(last - first + 1, dtype=torch.long)
+        for slot in range(first, last + 1):
+            row = slot - first
+            if slot in inputs:
+                ids, start = inputs[slot]
+                tokens[row, :len(ids)] = torch.tensor(ids)
+                last_index[row] = len(ids) - 1
+            else:
+                start = idle.get(slot, 0)
+            positions[row] = (start + torch.arange(width)).clamp(max=self.max_context - 1)
         cache = [layer.rows(first, last + 1) for layer in self.kv_cache]
         logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
-                            logits_at=torch.zeros(len(tokens), dtype=torch.long, device=self.device))
-        picked = torch.tensor([r.slot - first for r in requests], device=self.device)
-        self._sample_and_emit(requests, logits[picked])
+                            logits_at=last_index.to(self.device))  # (rows, V)
+        return {slot: logits[slot - first] for slot in inputs}
 
     def _sample_and_emit(self, requests: list[EngineRequest], logits: torch.Tensor) -> None:
         rows = torch.tensor([r.slot for r in requests], device=self.device)
@@ -246,3 +272,14 @@ class Engine:
             request.emit(event)
             if event.finish_reason is not None:
                 self._release(request)
+
+
+def _runs(slots: list[int]) -> list[list[int]]:
+    """Sorted slots split into runs of consecutive numbers: [1, 2, 4] -> [[1, 2], [4]]."""
+    runs: list[list[int]] = []
+    for slot in slots:
+        if runs and slot == runs[-1][-1] + 1:
+            runs[-1].append(slot)
+        else:
+            runs.append([slot])
+    return runs

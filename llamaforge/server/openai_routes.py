@@ -34,12 +34,11 @@ def sse(payloads: AsyncIterator[dict]) -> StreamingResponse:
 
 
 def _params(server: ServerState, body: OpenAIRequest, prompt_ids: list[int], max_tokens: int | None,
-            logprobs: bool, top_logprobs: int) -> tuple[list[int], SamplingParams]:
+            logprobs: bool, top_logprobs: int) -> SamplingParams:
     """Sampling parameters from the body; without max_tokens, the answer may fill the rest of the context."""
     room = max(1, server.engine.max_context - len(prompt_ids))
-    params = SamplingParams(max_new_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed, stop=tuple(body.stop), logprobs=logprobs, top_logprobs=top_logprobs)
-    return server.engine.check(prompt_ids, params), params
+    return SamplingParams(max_new_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
+                          seed=body.seed, stop=tuple(body.stop), logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -72,8 +71,9 @@ async def list_models(request: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
     server: ServerState = request.app.state.server
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids, params = _params(server, body, server.llm.chat_tokens(messages),
-                                 body.max_completion_tokens or body.max_tokens, body.logprobs, body.top_logprobs or 0)
+    prompt_ids = server.llm.chat_tokens(messages)
+    params = _params(server, body, prompt_ids, body.max_completion_tokens or body.max_tokens, body.logprobs,
+                     body.top_logprobs or 0)
     stream = RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=False)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name
@@ -117,8 +117,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
     server: ServerState = request.app.state.server
-    prompt_ids, params = _params(server, body, server.llm.encode_prompt(body.prompt), body.max_tokens,
-                                 body.logprobs is not None, body.logprobs or 0)
+    prompt_ids = server.llm.encode_prompt(body.prompt)
+    params = _params(server, body, prompt_ids, body.max_tokens, body.logprobs is not None, body.logprobs or 0)
     stream = RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name

@@ -40,7 +40,6 @@ def _start(server: ServerState, body: TGIRequest) -> tuple[RequestStream, list[i
         prompt_ids = prompt_ids[-parameters.truncate:]
     params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
                             **parameters.sampling())
-    prompt_ids = server.engine.check(prompt_ids, params)
     return RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True), prompt_ids
 
 
