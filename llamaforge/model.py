@@ -99,9 +99,10 @@ class KVCache:
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the first kv_len positions of the cache."""
-        index = input_pos[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        # Advanced indices on dims 0 and 2 address a (B, T) grid, so the written block is (B, T, Hkv, D).
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 

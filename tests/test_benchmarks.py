@@ -35,3 +35,10 @@ def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
     report = run_json("load_memory.py", "--layers", "1", "--cases", "llamaforge-bf16,hf-bf16")
     assert [row["case"] for row in report["results"]] == ["llamaforge-bf16", "hf-bf16"]
     assert all(row["param_dtypes"] == ["bfloat16"] for row in report["results"])
+
+
+@pytest.mark.slow
+def test_serve_benchmark_batching_gives_the_same_text() -> None:
+    report = run_json("serve.py", "--preset", "tiny")
+    assert report["llama_cpp"]["skipped"]
+    assert report["ratios"] and all(r["same_text"] == r["requests"] for r in report["ratios"])
