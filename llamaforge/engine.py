@@ -1,12 +1,12 @@
 """Continuous batching: requests join and leave a running batch of KV-cache slots at every step.
 
 One worker thread owns the model. Each step it (1) drops cancelled requests and frees their slots,
-(2) admits waiting requests into free slots, (3) prefills at most `prefill_chunk` prompt tokens, so a
-long prompt never stalls running sequences for long, and (4) decodes one token for every running
-sequence in one batched forward. The KV cache is a fixed pool of `max_batch_size` rows, each
-`max_context` long; a row's positions are its own (see model.py), so a sequence's tokens do not
-depend on what else shares the batch. Token events go back through each request's `emit` callback,
-called on the worker thread.
+(2) admits waiting requests into free slots, (3) prefills one chunk of at most `prefill_chunk` tokens
+of one prompt, so a long prompt never stalls running sequences for long, and (4) decodes one token for
+every running sequence in one batched forward over a view of the slots that hold them. The KV cache
+is a fixed pool of `max_batch_size` rows, each `max_context` long; a row's positions are its own (see
+model.py), so a sequence's tokens do not depend on what else shares the batch. Token events go back
+through each request's `emit` callback, called on the worker thread.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class Engine:
         self.steps += 1
         prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
         if prefilling:
-            self._prefill(prefilling)
+            self._prefill(prefilling[0])
         decoding = [r for r in self.running if r.last_token is not None and not r.state.finished]
         if decoding:
             self.batched_steps += len(decoding) > 1
@@ -191,32 +191,20 @@ class Engine:
             logits = self._run_slots(inputs)
             self._sample_and_emit(decoding, torch.stack([logits[r.slot] for r in decoding]))
 
-    def _prefill(self, requests: list[EngineRequest]) -> None:
-        """Feed the next chunks of waiting prompts, `prefill_chunk` tokens at most, in one forward.
+    def _prefill(self, request: EngineRequest) -> None:
+        """Feed the next chunk (`prefill_chunk` tokens at most) of one waiting prompt.
 
-        Capping the tokens per step keeps running sequences decoding while long prompts come in.
+        Capping the tokens per step keeps running sequences decoding while long prompts come in. One
+        prompt per step: packing several into one padded forward measured slower (engine benchmark in
+        docs/benchmarks.md), since rows of different lengths compute each other's padding.
         A prompt whose last chunk went in gets its first token sampled.
         """
-        inputs, budget = {}, self.prefill_chunk
-        for request in requests:
-            if budget == 0:
-                break
-            chunk = request.prompt_ids[request.prefilled:request.prefilled + budget]
-            inputs[request.slot] = (chunk, request.prefilled)
-            budget -= len(chunk)
-        # One forward per run of adjacent slots: a gap would make idle rows compute a whole chunk of padding.
-        logits = {}
-        for run in _runs(sorted(inputs)):
-            logits |= self._run_slots({slot: inputs[slot] for slot in run})
-        done = []
-        for request in requests:
-            if request.slot in inputs:
-                request.prefilled += len(inputs[request.slot][0])
-                self.prompt_tokens += len(inputs[request.slot][0])
-                if request.prefilled == len(request.prompt_ids):
-                    done.append(request)
-        if done:
-            self._sample_and_emit(done, torch.stack([logits[r.slot] for r in done]))
+        chunk = request.prompt_ids[request.prefilled:request.prefilled + self.prefill_chunk]
+        logits = self._run_slots({request.slot: (chunk, request.prefilled)})
+        request.prefilled += len(chunk)
+        self.prompt_tokens += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self._sample_and_emit([request], logits[request.slot][None])
 
     def _next_position(self, request: EngineRequest) -> int:
         """Where the request writes next: its prompt's next chunk, or its last sampled token."""
@@ -273,13 +261,3 @@ class Engine:
             if event.finish_reason is not None:
                 self._release(request)
 
-
-def _runs(slots: list[int]) -> list[list[int]]:
-    """Sorted slots split into runs of consecutive numbers: [1, 2, 4] -> [[1, 2], [4]]."""
-    runs: list[list[int]] = []
-    for slot in slots:
-        if runs and slot == runs[-1][-1] + 1:
-            runs[-1].append(slot)
-        else:
-            runs.append([slot])
-    return runs
