@@ -1,10 +1,10 @@
-# One venv, two jobs: `make chat MODEL=...` and `make test`.
+# One venv, two jobs: `make serve MODEL=...` and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 MODEL ?= meta-llama/Llama-2-7b-chat-hf
 
-.PHONY: setup test lint browser chat bench
+.PHONY: setup test lint browser serve chat bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ browser:
 
 test: lint browser
 	$(BIN)/python -m pytest -q
+
+serve: setup
+	$(BIN)/llamaforge serve --model $(MODEL)
 
 chat: setup
 	$(BIN)/llamaforge chat --model $(MODEL)
