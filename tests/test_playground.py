@@ -67,15 +67,15 @@ def page(browser, live_server):
 
 @pytest.fixture
 def slow_engine(live_server, monkeypatch):
-    """Slow each decode step down, so streaming comes in visible pieces and a click lands mid-answer."""
+    """Slow each engine step down, so streaming comes in visible pieces and a click lands mid-answer."""
     engine = live_server.engine
-    decode = engine._decode
+    step = engine._step
 
-    def slow_decode(requests):
+    def slow_step():
         time.sleep(0.03)
-        decode(requests)
+        step()
 
-    monkeypatch.setattr(engine, "_decode", slow_decode)
+    monkeypatch.setattr(engine, "_step", slow_step)
     return engine
 
 
