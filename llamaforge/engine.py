@@ -11,7 +11,6 @@ through each request's `emit` callback, called on the worker thread.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -40,7 +39,6 @@ class EngineRequest:
     params: SamplingParams
     emit: Emit
     prompt_as_context: bool = True
-    request_id: str = ""
     submitted_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     # Set by the engine:
@@ -90,7 +88,6 @@ class Engine:
         self.wakeup = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.counter = itertools.count()
         self.peak_running = 0
         self.steps = 0
         self.batched_steps = 0
@@ -105,8 +102,6 @@ class Engine:
         with self.wakeup:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the server's queue is full ({self.max_queue} waiting requests); retry shortly")
-            if not request.request_id:
-                request.request_id = str(next(self.counter))
             self.waiting.append(request)
             self.wakeup.notify()
 
