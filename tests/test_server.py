@@ -290,6 +290,8 @@ def test_oversized_body_is_refused(live_server) -> None:
     response = httpx.post(f"{live_server.url}/v1/completions", content=chunked(),
                           headers={"content-type": "application/json"})
     assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+    assert 'llamaforge_requests_total{route="/v1/completions",status="413"} 2.0' in httpx.get(
+        f"{live_server.url}/metrics").text
 
 
 def test_api_key(tiny_llm) -> None:

@@ -112,6 +112,9 @@ def create_app(llm: LLM, engine: Engine, api_key: str | None = None, model_name:
     name = model_name or Path(str(llm.source).rstrip("/")).name or "llamaforge"
     app.state.server = ServerState(llm, engine, metrics, name, api_key)
 
+    # Added first, so it sits inside the guard below, which then counts its 413s too.
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
     @app.middleware("http")
     async def guard(request: Request, call_next) -> Response:
         route = request.url.path
@@ -150,7 +153,6 @@ def create_app(llm: LLM, engine: Engine, api_key: str | None = None, model_name:
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
