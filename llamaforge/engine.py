@@ -79,6 +79,8 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.eos_id = llm.tokenizer.eos_id if llm.tokenizer is not None else llm.config.eos_token_id
+        self.kv_cache_bytes = kv_cache_bytes(llm, max_batch_size, self.max_context)
+        _check_memory(self.kv_cache_bytes, self.device, max_batch_size, self.max_context)
         self.kv_cache = self.model.new_kv_cache(max_batch_size, self.max_context)
         # Which tokens each slot has seen, for the repetition penalty.
         self.seen = torch.zeros(max_batch_size, llm.config.vocab_size, dtype=torch.bool, device=self.device)
@@ -256,3 +258,31 @@ class Engine:
             if event.finish_reason is not None:
                 self._release(request)
 
+
+def kv_cache_bytes(llm: LLM, batch_size: int, max_context: int) -> int:
+    """Bytes of keys and values for `batch_size` slots of `max_context` tokens."""
+    config = llm.config
+    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * llm.dtype.itemsize
+    return batch_size * max_context * per_token
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory where the cache will live (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_memory(needed: int, device: torch.device, batch_size: int, max_context: int) -> None:
+    """Refuse, with the numbers and the fix, a KV cache that would not fit (rather than die allocating it)."""
+    available = _available_bytes(device)
+    if available is not None and needed > available:
+        raise LlamaforgeError(
+            f"the KV cache for {batch_size} slots of {max_context} tokens needs {needed / 2**30:.1f} GiB, but only "
+            f"{available / 2**30:.1f} GiB is free on {device}; lower --max-batch-size or --max-context"
+        )

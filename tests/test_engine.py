@@ -8,7 +8,7 @@ import pytest
 
 from llamaforge.api import LLM
 from llamaforge.engine import Engine, EngineRequest, QueueFullError
-from llamaforge.errors import GenerationError
+from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 
@@ -68,3 +68,16 @@ def test_requests_that_cannot_fit_a_slot_are_refused(tiny_llm: LLM) -> None:
     engine = Engine(tiny_llm, max_batch_size=1, max_context=64)
     with pytest.raises(GenerationError, match="the prompt has 60 tokens and max_new_tokens is 10: 70 tokens exceed"):
         engine.submit(EngineRequest([1] * 60, SamplingParams(max_new_tokens=10), lambda event: None))
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(tiny_llm: LLM, monkeypatch) -> None:
+    import llamaforge.engine as engine_module
+
+    config = tiny_llm.config  # 2 layers x 2 KV heads x 16 dims, float32: 512 bytes a token
+    assert engine_module.kv_cache_bytes(tiny_llm, 4, 128) == 4 * 128 * 2 * config.n_layers * config.n_kv_heads * \
+        config.head_dim * 4
+    monkeypatch.setattr(engine_module, "_available_bytes", lambda device: 100_000)
+    with pytest.raises(LlamaforgeError, match=r"KV cache for 4 slots of 128 tokens needs .* GiB, but only .* GiB "
+                                              r"is free on cpu; lower --max-batch-size or --max-context"):
+        Engine(tiny_llm, max_batch_size=4)
+    assert Engine(tiny_llm, max_batch_size=1, max_context=64).kv_cache_bytes == 64 * 512

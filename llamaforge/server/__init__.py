@@ -15,5 +15,7 @@ def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, max_batch_size: i
     import uvicorn
 
     engine = Engine(llm, max_batch_size=max_batch_size, max_context=max_context, max_queue=max_queue)
+    print(f"llamaforge: KV cache of {engine.max_batch_size} slots x {engine.max_context} tokens: "
+          f"{engine.kv_cache_bytes / 2**30:.2f} GiB", flush=True)
     app = create_app(llm, engine, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")
