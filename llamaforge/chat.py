@@ -27,14 +27,23 @@ class Encoder(Protocol):
 
 @dataclass(frozen=True)
 class Segment:
-    """One piece of the prompt: text encoded on its own, with BOS before and maybe EOS after."""
+    """One piece of the prompt: text encoded on its own, with BOS before and maybe EOS after.
+
+    `answer_start` is where the assistant's part of `text` begins (the space after "[/INST]"), for
+    training's loss mask; None for the final, unanswered user turn.
+    """
 
     text: str
     eos: bool
+    answer_start: int | None = None
 
 
-def validate_dialog(messages: Sequence[dict]) -> None:
-    """Raise ChatFormatError naming the first message that breaks Llama 2's rules."""
+def validate_dialog(messages: Sequence[dict], answered: bool = False) -> None:
+    """Raise ChatFormatError naming the first message that breaks Llama 2's rules.
+
+    A prompt ends with a user turn for the model to answer; a training example (`answered`) ends
+    with the assistant's answer.
+    """
     if not messages:
         raise ChatFormatError("the dialog is empty; send at least one user message")
     for index, message in enumerate(messages):
@@ -55,27 +64,28 @@ def validate_dialog(messages: Sequence[dict]) -> None:
         if role != expected:
             raise ChatFormatError(
                 f"message {index} has role {role!r} where {expected!r} was expected; a dialog is an "
-                "optional system message, then user and assistant turns alternating, ending with user"
+                "optional system message, then user and assistant turns alternating"
             )
-    if len(messages) == start or messages[-1]["role"] != "user":
-        raise ChatFormatError(
-            f"the last message (index {len(messages) - 1}) must have role 'user': the model answers a user turn"
-        )
+    last = "assistant" if answered else "user"
+    if len(messages) == start or messages[-1]["role"] != last:
+        why = "a training example ends with the answer" if answered else "the model answers a user turn"
+        raise ChatFormatError(f"the last message (index {len(messages) - 1}) must have role {last!r}: {why}")
 
 
-def dialog_segments(messages: Sequence[dict]) -> list[Segment]:
+def dialog_segments(messages: Sequence[dict], answered: bool = False) -> list[Segment]:
     """Split a validated dialog into the segments Meta encodes one by one."""
-    validate_dialog(messages)
+    validate_dialog(messages, answered)
     turns = [dict(m) for m in messages]
     if turns[0]["role"] == "system":
         # Meta keeps the system text as is and strips only the combined user content below.
         system = turns.pop(0)["content"]
         turns[0]["content"] = B_SYS + system + E_SYS + turns[0]["content"]
-    segments = [
-        Segment(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ", eos=True)
-        for user, answer in zip(turns[::2], turns[1::2], strict=False)
-    ]
-    segments.append(Segment(f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", eos=False))
+    segments = []
+    for user, answer in zip(turns[::2], turns[1::2], strict=False):
+        question = f"{B_INST} {user['content'].strip()} {E_INST}"
+        segments.append(Segment(f"{question} {answer['content'].strip()} ", eos=True, answer_start=len(question)))
+    if not answered:
+        segments.append(Segment(f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", eos=False))
     return segments
 
 
