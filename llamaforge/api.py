@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llamaforge.chat import encode_dialog, render_dialog
+from llamaforge.chat import encode_dialog
 from llamaforge.checkpoint import load_checkpoint
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
@@ -68,10 +68,6 @@ class LLM:
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
         """The dialog's token ids in Meta's Llama 2 chat format."""
         return encode_dialog(self._require_tokenizer(), messages)
-
-    def chat_prompt_text(self, messages: Sequence[dict]) -> str:
-        """The dialog's prompt as display text, with BOS/EOS shown as <s> and </s>."""
-        return render_dialog(messages)
 
     def generate(self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  truncate: bool = False, **sampling: Any) -> Generation | list[Generation]:

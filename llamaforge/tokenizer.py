@@ -69,7 +69,7 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for ("▁" as a space; byte-fallback pieces as their byte)."""
         piece = self.id_to_piece(token_id)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        if is_byte_piece(piece):
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
 
@@ -188,9 +188,14 @@ def _piece_type(piece: str, token_id: int) -> int:
         return model_pb2.ModelProto.SentencePiece.UNKNOWN
     if token_id in (1, 2):
         return model_pb2.ModelProto.SentencePiece.CONTROL
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    if is_byte_piece(piece):
         return model_pb2.ModelProto.SentencePiece.BYTE
     return model_pb2.ModelProto.SentencePiece.NORMAL
+
+
+def is_byte_piece(piece: str) -> bool:
+    """A byte-fallback piece, "<0xHH>"."""
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def find_tokenizer(directory: Path) -> Path | None:

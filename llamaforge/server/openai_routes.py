@@ -14,7 +14,7 @@ from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from llamaforge.server.state import ServerState, openai_error_body
+from llamaforge.server.state import ServerState, event_stream, openai_error_body
 
 router = APIRouter()
 
@@ -30,7 +30,7 @@ def sse(payloads: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(openai_error_body(exc))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return event_stream(lines())
 
 
 def _params(server: ServerState, body: OpenAIRequest, prompt_ids: list[int], max_tokens: int | None,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from fastapi.responses import StreamingResponse
 
 from llamaforge.api import LLM
 from llamaforge.engine import Engine
@@ -18,6 +21,11 @@ class ServerState:
     model_name: str
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, already formatted as `data: ...` lines, uncached."""
+    return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def openai_error_body(error: BaseException | str, kind: str = "invalid_request_error",

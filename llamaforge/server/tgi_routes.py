@@ -13,7 +13,7 @@ from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import TGIRequest, TokenizeRequest
-from llamaforge.server.state import ServerState
+from llamaforge.server.state import ServerState, event_stream
 
 router = APIRouter()
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the request gives none
@@ -29,7 +29,7 @@ def _token(server: ServerState, event: TokenEvent) -> dict:
             "special": event.token_id in (server.llm.tokenizer.bos_id, server.llm.tokenizer.eos_id)}
 
 
-def _start(server: ServerState, body: TGIRequest) -> tuple[RequestStream, list[int]]:
+def _start(server: ServerState, body: TGIRequest) -> RequestStream:
     parameters = body.parameters
     unsupported = parameters.unsupported()
     if unsupported:
@@ -40,11 +40,11 @@ def _start(server: ServerState, body: TGIRequest) -> tuple[RequestStream, list[i
         prompt_ids = prompt_ids[-parameters.truncate:]
     params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
                             **parameters.sampling())
-    return RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True), prompt_ids
+    return RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
 
 
 async def _generate(server: ServerState, body: TGIRequest) -> dict:
-    stream, prompt_ids = _start(server, body)
+    stream = _start(server, body)
     events = [event async for event in stream.events()]
     text = "".join(e.text for e in events)
     result = {"generated_text": body.inputs + text if body.parameters.return_full_text else text}
@@ -57,7 +57,7 @@ async def _generate(server: ServerState, body: TGIRequest) -> dict:
 
 
 def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse:
-    stream, prompt_ids = _start(server, body)
+    stream = _start(server, body)
 
     async def lines() -> AsyncIterator[str]:
         text = ""
@@ -69,12 +69,12 @@ def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse
                 if event.finish_reason:
                     payload["generated_text"] = body.inputs + text if body.parameters.return_full_text else text
                     payload["details"] = {"finish_reason": _finish_reason(event), "generated_tokens": stream.generated,
-                                          "input_length": len(prompt_ids), "seed": body.parameters.seed}
+                                          "input_length": len(stream.request.prompt_ids), "seed": body.parameters.seed}
                 yield f"data:{json.dumps(payload, ensure_ascii=False)}\n\n"
         except Exception as exc:  # after the 200 went out: TGI reports errors in-band
             yield f"data:{json.dumps({'error': str(exc), 'error_type': 'generation'})}\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return event_stream(lines())
 
 
 @router.post("/generate")
