@@ -6,7 +6,8 @@ explicit positions). Parameter names equal `LlamaForCausalLM`'s, so HF state dic
 load without renaming.
 
 Positions are explicit per row (`input_pos`, shape (B, T)): every row of a batch has its own cache
-timeline starting at 0, so prompts of different lengths share one batch without left padding.
+timeline starting at 0, so prompts of different lengths share one batch without left padding. Without a
+cache, positions that restart at 0 mark packed training examples: each attends only to its own tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llamaforge.config import ModelArgs
 
@@ -175,12 +177,23 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+def packed_causal_mask(input_pos: torch.Tensor) -> torch.Tensor:
+    """Causal mask (B, 1, T, T) that keeps packed examples apart: a new example starts where a position is 0."""
+    segment = (input_pos == 0).cumsum(dim=1)  # (B, T): which example of the row each token belongs to
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    T = input_pos.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_pos.device).tril()
+    return (same_segment & causal)[:, None]
+
+
 class Llama(nn.Module):
     """Llama 2 for causal language modelling, with `LlamaForCausalLM`'s parameter names."""
 
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
         self.config = config
+        # Recompute each layer's activations in backward instead of keeping them (training only).
+        self.gradient_checkpointing = False
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -200,14 +213,16 @@ class Llama(nn.Module):
         """Logits (B, T, V) for input_ids (B, T), or (B, V) at one index per row when `logits_at` (B,) is given.
 
         Without `input_pos` the rows are whole sequences starting at position 0 (training, scoring).
-        With a cache, `input_pos` (B, T) says where each token sits in its row's timeline.
+        With a cache, `input_pos` (B, T) says where each token sits in its row's timeline. Without a cache,
+        `input_pos` marks packed examples: positions restart at 0 where an example starts.
         """
         B, T = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
         if kv_cache is None:
-            # No cache: keys are exactly this call's tokens, so the plain causal mask is right.
-            kv_len, mask = T, None
+            # No cache: keys are exactly this call's tokens; packed rows also hide the other examples.
+            kv_len = T
+            mask = None if input_pos is None else packed_causal_mask(input_pos)
+            if input_pos is None:
+                input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             # Query at position p sees cache entries 0..p of its own row: anything later is either
             # the future or stale padding from a shorter prompt, and must stay hidden.
@@ -218,7 +233,10 @@ class Llama(nn.Module):
         cos, sin = self.model.rotary_emb(input_pos, kv_len, x.dtype)
         for i, layer in enumerate(self.model.layers):
             layer_cache = kv_cache[i] if kv_cache is not None else None
-            x = layer(x, cos, sin, mask, input_pos, layer_cache, kv_len)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, layer_cache, kv_len, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos, layer_cache, kv_len)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # (B, dim)
         return self.lm_head(self.model.norm(x))
