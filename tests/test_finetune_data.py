@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,17 @@ from llamaforge.chat import ChatFormatError
 from llamaforge.finetune.data import (
     IGNORE_INDEX,
     DataError,
+    Example,
+    Record,
+    collate,
     detect_schema,
     encode_chat,
     encode_record,
+    encode_records,
+    load_records,
+    pack_examples,
     read_records,
+    split_examples,
 )
 from llamaforge.tokenizer import Tokenizer
 
@@ -91,8 +101,29 @@ def test_read_formats(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.csv").write_text("instruction,context,response\na,,b\nc,d,e\n")
-    for name in ("d.jsonl", "d.json", "d.csv"):
-        assert read_records(tmp_path / name) == rows
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet"):
+        assert [record.data for record in read_records(tmp_path / name)] == rows
+    assert [record.where for record in read_records(tmp_path / "d.csv")] == ["line 2", "line 3"]
+
+
+def test_dataset_directory_through_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that is not a file goes to `datasets.load_dataset` (a hub id or a dataset folder), offline here."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert [record.data for record in load_records(tmp_path / "repo")] == rows
+    # A hub id that is not cached, offline (set before `datasets` is imported, as a user would).
+    code = "from llamaforge.finetune.data import load_records; load_records('no-such-user/no-such-dataset')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")})
+    assert result.returncode != 0
+    assert "DataError: cannot load dataset no-such-user/no-such-dataset split 'train' (offline" in result.stderr
 
 
 def test_bad_files_are_named(tmp_path: Path) -> None:
@@ -109,3 +140,61 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
 def test_training_dialogs_must_end_with_the_answer(tiny_tokenizer_path: Path) -> None:
     with pytest.raises(ChatFormatError, match="must have role 'assistant': a training example ends with the answer"):
         encode_chat(Tokenizer(tiny_tokenizer_path), DIALOG[:-1])
+
+
+def test_bad_records_are_reported_with_their_lines(tiny_tokenizer_path: Path, tmp_path: Path) -> None:
+    tokenizer = Tokenizer(tiny_tokenizer_path)
+    lines = [
+        {"instruction": "fine", "response": "ok"},
+        {"instruction": "no answer"},
+        {"instruction": 3, "response": "x"},
+        {"instruction": "empty", "response": "  "},
+        {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "?"}]},
+        {"messages": "hello"},
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(DataError) as error:
+        encode_records(tokenizer, read_records(tmp_path / "d.jsonl"), seq_len=64)
+    message = str(error.value)
+    assert "line 1" not in message
+    assert "line 2: cannot tell the schema" in message
+    assert "line 3: field 'instruction' must be a string, not int" in message
+    assert "line 4: field 'response' is empty" in message
+    assert "line 5: message 0 has role 'assistant' where 'user' was expected" in message
+    assert "line 6: 'messages' must be a list" in message
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl holds no records"):
+        read_records(tmp_path / "empty.jsonl")
+
+
+def test_long_records_truncate_drop_or_fail(tiny_tokenizer_path: Path) -> None:
+    tokenizer = Tokenizer(tiny_tokenizer_path)
+    records = [Record("line 1", {"text": "short"}), Record("line 2", {"text": "a long text " * 20})]
+    kept, notes = encode_records(tokenizer, records, seq_len=16, on_long="truncate")
+    assert [len(e.input_ids) for e in kept][1] == 16 and notes == [notes[0]] and "line 2" in notes[0]
+    kept, notes = encode_records(tokenizer, records, seq_len=16, on_long="drop")
+    assert len(kept) == 1 and "dropped" in notes[0]
+    with pytest.raises(DataError, match="line 2: .* longer than --seq-len 16"):
+        encode_records(tokenizer, records, seq_len=16, on_long="error")
+
+
+def test_packing_keeps_examples_whole_and_labels_aligned() -> None:
+    examples = [Example([1] + [10 + i] * i, [IGNORE_INDEX] + [10 + i] * i) for i in range(8)]
+    rows = pack_examples(examples, seq_len=8)
+    assert all(len(row.input_ids) <= 8 for row in rows)
+    assert sum((row.input_ids for row in rows), []) == sum((e.input_ids for e in examples), [])
+    for row in rows:  # positions restart at 0 exactly where an example starts
+        starts = [i for i, p in enumerate(row.positions) if p == 0]
+        assert all(row.input_ids[i] == 1 and row.labels[i] == IGNORE_INDEX for i in starts)
+    batch = collate(rows[:2])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["positions"].shape
+    assert (batch["labels"][batch["input_ids"] == 0] == IGNORE_INDEX).all()
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    items = list(range(100))
+    train, val = split_examples(items, 0.1, seed=3)
+    assert len(val) == 10 and sorted(train + val) == items
+    assert split_examples(items, 0.1, seed=3) == (train, val)
+    assert split_examples(items, 0.1, seed=4)[1] != val
+    assert split_examples(items[:3], 0.01, seed=0)[1]  # a small file still gets one validation example

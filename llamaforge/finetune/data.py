@@ -4,17 +4,24 @@ of `llamaforge.chat` does; put the loss on the assistant's tokens (and its EOS) 
 Schemas, detected from a record's fields: chat (`messages` with roles), Dolly (`instruction`,
 `context`, `response`), Alpaca (`instruction`, `input`, `output`), plain text (`text`, for continued
 pre-training: every token carries loss).
+
+Packing puts several short examples in one `seq_len` row with positions restarting at 0 for each;
+`Llama.forward` turns restarting positions into a block-diagonal causal mask, so examples never attend
+to each other, and each example's BOS carries no label, so none is trained to predict the next one.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamaforge.chat import dialog_segments
-from llamaforge.errors import LlamaforgeError
+import torch
+
+from llamaforge.chat import dialog_segments, validate_dialog
+from llamaforge.errors import ChatFormatError, LlamaforgeError
 from llamaforge.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch's cross_entropy default ignore_index)
@@ -30,6 +37,9 @@ class DataError(LlamaforgeError):
     """A training file or record that cannot be used, named with its line."""
 
 
+ON_LONG = ("truncate", "drop", "error")  # what to do with an example longer than seq_len
+
+
 @dataclass
 class Example:
     """One tokenized training example: labels equal input_ids where there is loss, else IGNORE_INDEX."""
@@ -38,8 +48,16 @@ class Example:
     labels: list[int]
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Records of a .jsonl, .json (a list of objects), .csv or .parquet file."""
+@dataclass
+class Record:
+    """A record with where it came from ("line 12", "row 3"), for messages that point at it."""
+
+    where: str
+    data: dict
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Records of a .jsonl, .json (a list of objects), .csv or .parquet file, each with its line or row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -49,10 +67,10 @@ def read_records(path: str | Path) -> list[dict]:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append(Record(f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
-        return records
+        return _nonempty(records, path)
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -60,17 +78,47 @@ def read_records(path: str | Path) -> list[dict]:
             raise DataError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(data, list):
             raise DataError(f"{path} must hold a list of records")
-        return data
+        return _nonempty([Record(f"record {i}", item) for i, item in enumerate(data, start=1)], path)
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            # Line 1 is the header; this counts rows, which equals lines unless a field spans several.
+            return _nonempty([Record(f"line {i}", row) for i, row in enumerate(csv.DictReader(handle), start=2)],
+                             path)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as parquet
         except ImportError:
             raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-        return parquet.read_table(path).to_pylist()
+        rows = parquet.read_table(path).to_pylist()
+        return _nonempty([Record(f"row {i}", row) for i, row in enumerate(rows, start=1)], path)
     raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _nonempty(records: list[Record], path: Path) -> list[Record]:
+    if not records:
+        raise DataError(f"{path} holds no records; it is empty")
+    return records
+
+
+def load_records(source: str | Path, split: str = "train") -> list[Record]:
+    """Records of a local file, or of a dataset directory or hub id through the `datasets` library."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_records(path)
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        raise DataError(f"data file {path} does not exist")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source} is not a file; reading a hub dataset needs the datasets library: "
+                        "pip install 'llamaforge[train]'") from None
+    try:
+        dataset = datasets.load_dataset(str(source), split=split)
+    except Exception as exc:  # datasets raises many types: not found, offline, gated, bad split
+        offline = " (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and it is not cached)" if (
+            datasets.config.HF_HUB_OFFLINE) else ""
+        raise DataError(f"cannot load dataset {source} split {split!r}{offline}: {exc}") from None
+    return _nonempty([Record(f"row {i}", row) for i, row in enumerate(dataset, start=1)], Path(str(source)))
 
 
 def detect_schema(record: dict) -> str:
@@ -83,6 +131,30 @@ def detect_schema(record: dict) -> str:
         f"cannot tell the schema of a record with fields {keys}; expected one of: "
         + "; ".join(f"{name} ({', '.join(fields)})" for name, fields in SCHEMA_FIELDS.items())
     )
+
+
+def check_record(record: dict, schema: str) -> None:
+    """Raise DataError naming the field of a record that is missing, of the wrong type, or empty."""
+    missing = [name for name in SCHEMA_FIELDS[schema] if name not in record]
+    if missing:
+        raise DataError(f"missing field {', '.join(missing)} (this file is {schema}: "
+                        f"{', '.join(SCHEMA_FIELDS[schema])})")
+    if schema == "chat":
+        if not isinstance(record["messages"], list):
+            raise DataError(f"'messages' must be a list of {{role, content}} objects, "
+                            f"not {type(record['messages']).__name__}")
+        try:
+            validate_dialog(record["messages"], answered=True)
+        except ChatFormatError as exc:
+            raise DataError(str(exc)) from None
+        return
+    optional = {"dolly": ("context",), "alpaca": ("input",), "text": ()}[schema]
+    for name in SCHEMA_FIELDS[schema] + optional:
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"field {name!r} must be a string, not {type(value).__name__}")
+        if name in SCHEMA_FIELDS[schema] and not (value or "").strip():
+            raise DataError(f"field {name!r} is empty")
 
 
 def to_messages(record: dict, schema: str) -> list[dict]:
@@ -123,3 +195,97 @@ def encode_record(tokenizer: Tokenizer, record: dict, schema: str | None = None)
     if schema == "text":
         return encode_text(tokenizer, str(record["text"]))
     return encode_chat(tokenizer, to_messages(record, schema))
+
+
+def encode_records(tokenizer: Tokenizer, records: Iterable[Record], seq_len: int, on_long: str = "truncate",
+                   schema: str | None = None) -> tuple[list[Example], list[str]]:
+    """Check and encode every record; returns the examples and notes on the ones truncated or dropped.
+
+    Raises one DataError listing the first problems (with their lines) if any record is unusable.
+    """
+    if on_long not in ON_LONG:
+        raise DataError(f"on_long must be one of {', '.join(ON_LONG)}, not {on_long!r}")
+    examples, notes, problems = [], [], []
+    for record in records:
+        try:
+            record_schema = schema or detect_schema(record.data)
+            check_record(record.data, record_schema)
+            example = encode_record(tokenizer, record.data, record_schema)
+        except DataError as exc:
+            problems.append(f"{record.where}: {exc}")
+            continue
+        if len(example.input_ids) > seq_len:
+            message = f"{record.where}: {len(example.input_ids)} tokens, longer than --seq-len {seq_len}"
+            if on_long == "error":
+                problems.append(message + " (use --on-long truncate or drop, or raise --seq-len)")
+                continue
+            notes.append(message + ("; truncated" if on_long == "truncate" else "; dropped"))
+            if on_long == "drop":
+                continue
+            example = Example(example.input_ids[:seq_len], example.labels[:seq_len])
+        examples.append(example)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError("unusable training records:\n  " + "\n  ".join(problems[:5]) + more
+                        + "\nrun `llamaforge data check FILE` for a full report")
+    return examples, notes
+
+
+def split_examples(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic (train, validation) split: the same seed and data give the same split."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(len(items) * val_fraction)
+    if val_fraction > 0 and len(items) >= 2:
+        n_val = max(n_val, 1)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = sorted(order[:n_val])
+    chosen = set(val)
+    return [item for i, item in enumerate(items) if i not in chosen], [items[i] for i in val]
+
+
+@dataclass
+class Row:
+    """One training row: ids, labels and positions (restarting at 0 for each packed example)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    positions: list[int]
+
+    @property
+    def n_labels(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def pack_examples(examples: list[Example], seq_len: int) -> list[Row]:
+    """Greedily fill rows of at most seq_len tokens with whole examples, in order."""
+    rows: list[Row] = []
+    current = Row([], [], [])
+    for example in examples:
+        if current.input_ids and len(current.input_ids) + len(example.input_ids) > seq_len:
+            rows.append(current)
+            current = Row([], [], [])
+        current.input_ids += example.input_ids
+        current.labels += example.labels
+        current.positions += list(range(len(example.input_ids)))
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def unpacked_rows(examples: list[Example]) -> list[Row]:
+    """One example per row."""
+    return [Row(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in examples]
+
+
+def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest into tensors (B, T); padding has no label and its own positions."""
+    length = max(len(row.input_ids) for row in rows)
+    input_ids, labels, positions = [], [], []
+    for row in rows:
+        pad = length - len(row.input_ids)
+        input_ids.append(row.input_ids + [pad_id] * pad)
+        labels.append(row.labels + [IGNORE_INDEX] * pad)
+        positions.append(row.positions + list(range(pad)))  # a segment of its own: nothing attends to it
+    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+            "positions": torch.tensor(positions)}
