@@ -9,10 +9,12 @@ from typing import Any
 import torch
 
 from llamaforge.chat import encode_dialog
-from llamaforge.checkpoint import load_checkpoint
+from llamaforge.checkpoint import load_checkpoint, resolve
+from llamaforge.checkpoint.hub import looks_like_repo_id
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
 from llamaforge.generate import Generation, collect, fit_prompt, generate_events
+from llamaforge.lora import AdapterError, load_adapter, merge_lora
 from llamaforge.model import Llama
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
@@ -135,14 +137,24 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
-         adapter: str | Path | None = None) -> LLM:
-    """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin."""
+         adapter: str | Path | None = None, merge_adapter: bool = True) -> LLM:
+    """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin.
+
+    `adapter` (a peft LoRA directory or hub id) is put on the model and, unless `merge_adapter` is
+    False, folded into its weights so generation costs what the base model costs.
+    """
     if source is None:
         raise CheckpointError(
             "no model given, and llamaforge has no built-in demo model yet; pass a model, e.g. "
             "meta-llama/Llama-2-7b-chat-hf, an HF directory, a Meta download or a llama2.c .bin"
         )
-    if adapter is not None:
-        raise CheckpointError("LoRA adapters are not supported yet; load the merged model instead")
     checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer)
+    if adapter is not None:
+        if not Path(adapter).expanduser().exists() and not looks_like_repo_id(str(adapter)):
+            raise AdapterError(f"adapter {adapter} does not exist; pass a directory holding adapter_config.json "
+                               "and adapter_model.safetensors (from llamaforge finetune or peft), or a hub id")
+        load_adapter(checkpoint.model, resolve(adapter))
+        if merge_adapter:
+            merge_lora(checkpoint.model)
+        checkpoint.model.eval()
     return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format)

@@ -27,6 +27,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _adapter_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="LoRA adapter directory or hub id (peft format), merged into the weights")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: Meta's 0.6)")
@@ -50,7 +54,8 @@ def _sampling(args: argparse.Namespace, **extra: object):
 def _load(args: argparse.Namespace):
     from llamaforge.api import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+                adapter=getattr(args, "adapter", None))
 
 
 def _print_json(payload: dict) -> None:
@@ -151,20 +156,10 @@ def _stream_answer(llm, messages: list[dict], params, args: argparse.Namespace) 
 def cmd_template(args: argparse.Namespace) -> None:
     """Print the exact Llama 2 chat prompt of a dialog file: the text (with <s>, </s>) and the token ids."""
     from llamaforge.chat import encode_dialog, render_dialog
-    from llamaforge.checkpoint import detect_format, resolve, tokenizer_file
     from llamaforge.tokenizer import Tokenizer
 
     messages = _read_dialog(Path(args.dialog))
-    if args.tokenizer:
-        path = Path(args.tokenizer)
-    elif args.model:
-        model_path = resolve(args.model)
-        path = tokenizer_file(model_path, detect_format(model_path))
-        if path is None:
-            raise LlamaforgeError(f"{args.model} has no tokenizer file; pass --tokenizer tokenizer.model")
-    else:
-        raise LlamaforgeError("give --model (its tokenizer is used) or --tokenizer PATH")
-    tokenizer = Tokenizer(path)
+    tokenizer = Tokenizer(_tokenizer_path(args))
     prompt, ids = render_dialog(messages), encode_dialog(tokenizer, messages)
     if args.json:
         _print_json({"prompt": prompt, "token_ids": ids})
@@ -229,6 +224,118 @@ def cmd_serve(args: argparse.Namespace) -> None:
           api_key=api_key, max_queue=args.max_queue)
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune with LoRA, QLoRA or every weight; under torchrun the model is sharded with FSDP2."""
+    from llamaforge.finetune.config import TrainConfig
+    from llamaforge.finetune.trainer import finetune
+
+    settings = {name: value for name, value in vars(args).items() if name not in ("command", "function", "json")}
+    settings["lora_targets"] = [t for t in settings["lora_targets"].split(",") if t]
+    result = finetune(TrainConfig(**settings))
+    if result.interrupted:
+        raise SystemExit(130)
+    if args.json:
+        _print_json({"out": str(result.out), "steps": result.steps, "final_train_loss": result.train_losses[-1]
+                     if result.train_losses else None, "validation_loss": result.val_loss})
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Fold a LoRA adapter into its base model and write a full HF-format model."""
+    from llamaforge.api import load
+    from llamaforge.checkpoint.hf import save_hf_dir
+
+    if not args.adapter:
+        raise LlamaforgeError("merge needs --adapter DIR (the adapter to fold into --model)")
+    llm = load(args.model, dtype=args.dtype, device=args.device or "cpu", tokenizer=args.tokenizer,
+               adapter=args.adapter)
+    tokenizer_file = llm.tokenizer.path if llm.tokenizer else None
+    out = save_hf_dir(llm.model.state_dict(), llm.config, args.out, tokenizer_file)
+    if args.json:
+        _print_json({"out": str(out)})
+    else:
+        print(f"wrote {out} ({llm.source} + {args.adapter})")
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    """Lint a training file: schema, problems with line numbers, token lengths, the loss mask of one example."""
+    from llamaforge.finetune.inspect import check_data
+    from llamaforge.tokenizer import Tokenizer
+
+    report = check_data(args.file, Tokenizer(_tokenizer_path(args)), args.seq_len)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.render())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def _tokenizer_path(args: argparse.Namespace) -> Path:
+    """--tokenizer, or the tokenizer file of --model (found without loading weights)."""
+    from llamaforge.checkpoint import detect_format, resolve, tokenizer_file
+
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    if args.model:
+        model_path = resolve(args.model)
+        path = tokenizer_file(model_path, detect_format(model_path))
+        if path is None:
+            raise LlamaforgeError(f"{args.model} has no tokenizer file; pass --tokenizer tokenizer.model")
+        return path
+    raise LlamaforgeError("give --model (its tokenizer is used) or --tokenizer PATH")
+
+
+def _finetune_flags(parser: argparse.ArgumentParser) -> None:
+    from llamaforge.finetune.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
+    from llamaforge.finetune.data import ON_LONG
+    from llamaforge.lora import DEFAULT_TARGETS
+
+    defaults = TrainConfig.__dataclass_fields__
+
+    def default(name: str):
+        return defaults[name].default
+
+    parser.add_argument("--model", help="base model: HF directory, hub id, Meta directory or llama2.c .bin")
+    parser.add_argument("--init", help="train a new model from random weights: a preset (tiny, 7B ...) or "
+                        "config.json; needs --tokenizer and --method full")
+    parser.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json (default: the model's)")
+    parser.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet file, or a datasets id")
+    parser.add_argument("--out", required=True, help="output directory (adapter, or model/ for --method full)")
+    parser.add_argument("--method", choices=METHODS, default=default("method"))
+    parser.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per training row")
+    parser.add_argument("--no-pack", dest="pack", action="store_false",
+                        help="one example per row (default: pack short examples into --seq-len rows)")
+    parser.add_argument("--on-long", choices=ON_LONG, default=default("on_long"),
+                        help="examples longer than --seq-len: truncate, drop, or stop with an error")
+    parser.add_argument("--val-fraction", type=float, default=default("val_fraction"))
+    parser.add_argument("--epochs", type=float, default=default("epochs"))
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="rows per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=default("grad_accum"), help="micro-batches per step")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 for LoRA/QLoRA, 2e-5 full)")
+    parser.add_argument("--weight-decay", type=float, default=default("weight_decay"))
+    parser.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
+    parser.add_argument("--schedule", choices=SCHEDULES, default=default("schedule"))
+    parser.add_argument("--clip", type=float, default=default("clip"), help="max gradient norm (0 = off)")
+    parser.add_argument("--seed", type=int, default=default("seed"))
+    parser.add_argument("--precision", choices=PRECISIONS, default=default("precision"),
+                        help="auto: bf16 autocast on CUDA GPUs that support it, else fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward: less memory, ~30%% more compute")
+    parser.add_argument("--lora-r", type=int, default=default("lora_r"))
+    parser.add_argument("--lora-alpha", type=float, default=default("lora_alpha"))
+    parser.add_argument("--lora-dropout", type=float, default=default("lora_dropout"))
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                        help="comma-separated module names (or all-linear)")
+    parser.add_argument("--save-every", type=int, default=default("save_every"), help="checkpoint every N steps")
+    parser.add_argument("--keep-checkpoints", type=int, default=default("keep_checkpoints"))
+    parser.add_argument("--eval-every", type=int, default=default("eval_every"),
+                        help="validation loss every N steps (0 = at the end only)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--device", help="cpu, cuda ... (under torchrun: one GPU per process)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaforge", description="Test, prompt, fine-tune, deploy and "
                                      "benchmark Llama 2 models.")
@@ -244,11 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt-ids", help="comma-separated token ids, used exactly as given")
     generate.add_argument("--logprobs", action="store_true", help="report each token's log-probability (--json)")
     _model_flags(generate)
+    _adapter_flag(generate)
     _sampling_flags(generate, max_new_tokens=128)
 
     chat = add("chat", cmd_chat)
     chat.add_argument("--system", help="system prompt")
     _model_flags(chat)
+    _adapter_flag(chat)
     _sampling_flags(chat, max_new_tokens=512)
 
     template = add("template", cmd_template)
@@ -260,12 +369,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = add("serve", cmd_serve)
     _model_flags(serve)
+    _adapter_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--max-context", type=int, help="tokens per slot (default: the model's context)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY)")
+
+    _finetune_flags(add("finetune", cmd_finetune))
+
+    merge = add("merge", cmd_merge)
+    _model_flags(merge)
+    _adapter_flag(merge)
+    merge.add_argument("--out", required=True, help="directory for the merged HF-format model")
+
+    data = commands.add_parser("data", help="inspect training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    check = data_commands.add_parser("check", help=cmd_data_check.__doc__, description=cmd_data_check.__doc__)
+    check.set_defaults(function=cmd_data_check)
+    check.add_argument("file", help=".jsonl/.json/.csv/.parquet file, or a datasets id")
+    check.add_argument("--model", help="model whose tokenizer to use")
+    check.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json")
+    check.add_argument("--seq-len", type=int, default=2048, help="the --seq-len you will train with")
+    check.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return parser
 
 

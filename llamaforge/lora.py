@@ -176,23 +176,29 @@ def add_lora(model: nn.Module, config: LoraConfig, ranks: dict[str, int] | None 
     return model
 
 
+def _is_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's saved names."""
-    tensors = {}
-    for name, layer in lora_layers(model):
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
-    return tensors
+    """The adapter's tensors under the model's own names (`...q_proj.lora_A.weight`)."""
+    return {name: param.detach() for name, param in model.named_parameters() if _is_lora(name)}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
-    """Write peft's adapter directory (config + safetensors) for a model with LoRA layers."""
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write peft's adapter directory (config + safetensors) for a model with LoRA layers.
+
+    `weights` (the model's own names) replaces the model's tensors, e.g. gathered from FSDP shards.
+    """
     config: LoraConfig = getattr(model, "lora_config", None)
     if config is None:
         raise AdapterError("this model has no LoRA layers to save; call add_lora first")
+    weights = lora_state_dict(model) if weights is None else weights
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.cpu() for key, value in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + name: value.detach().cpu().contiguous() for name, value in weights.items()
+               if _is_lora(name)}
     save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model), indent=2) + "\n")
     return directory

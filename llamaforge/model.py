@@ -210,7 +210,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 kv_cache: list[KVCache] | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for input_ids (B, T), or (B, V) at one index per row when `logits_at` (B,) is given.
+        """Logits (B, T, V) for input_ids (B, T); or only where `logits_at` says: one index per row (B,) gives
+        (B, V), a boolean mask (B, T) gives (N, V) for its N true places (training skips unlabelled tokens).
 
         Without `input_pos` the rows are whole sequences starting at position 0 (training, scoring).
         With a cache, `input_pos` (B, T) says where each token sits in its row's timeline. Without a cache,
@@ -237,7 +238,9 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, layer_cache, kv_len, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos, layer_cache, kv_len)
-        if logits_at is not None:
+        if logits_at is not None and logits_at.dtype == torch.bool:
+            x = x[logits_at]  # (N, dim)
+        elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # (B, dim)
         return self.lm_head(self.model.norm(x))
 

@@ -22,7 +22,8 @@ LAYERS = {
 OPTIONAL_HEAVY = {"transformers", "fastapi", "uvicorn", "starlette", "prometheus_client", "gguf", "lm_eval",
                   "bitsandbytes", "peft", "datasets"}
 # Where each optional library may be imported (its extra's own package).
-ALLOWED_HEAVY = {"fastapi": "server", "uvicorn": "server", "starlette": "server", "prometheus_client": "server"}
+ALLOWED_HEAVY = {"fastapi": "server", "uvicorn": "server", "starlette": "server", "prometheus_client": "server",
+                 "datasets": "finetune"}
 
 
 def imports_of(path: Path) -> set[str]:

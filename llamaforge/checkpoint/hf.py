@@ -95,3 +95,56 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # torch.load raises many types for damaged files
         raise CheckpointError(f"{file} could not be read as a PyTorch checkpoint ({exc}); re-download it") from None
+
+
+def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: str | Path,
+                tokenizer_file: Path | None = None, dtype: torch.dtype | None = None,
+                max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write an HF checkpoint (config.json, safetensors shards + index, tokenizer) atomically.
+
+    Files go to a sibling temporary folder that is renamed into place at the end, so a crash never
+    leaves a directory that looks complete but is not.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise CheckpointError(f"{directory} already exists and is not empty; choose a new --out directory")
+    staging = directory.with_name(f".{directory.name}.partial")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    tensors = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in state.items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], staging / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for index, shard in enumerate(shards, start=1):
+            file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, staging / file, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, file)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index_data = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2))
+    stored = next(iter(tensors.values())).dtype
+    hf_config = config.to_hf_config() | {"torch_dtype": str(stored).removeprefix("torch.")}
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer_file is not None:
+        (staging / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
+    if directory.exists():
+        directory.rmdir()
+    staging.rename(directory)
+    return directory

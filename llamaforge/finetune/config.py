@@ -1,0 +1,93 @@
+"""Every setting of a fine-tuning run, checked before any weight is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.finetune.data import ON_LONG
+from llamaforge.lora import DEFAULT_TARGETS
+
+METHODS = ("lora", "qlora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainingError(LlamaforgeError):
+    """A fine-tuning run that cannot start or go on, with what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run: what to train, on what, how, and where to write it."""
+
+    data: str
+    out: str
+    model: str | None = None
+    init: str | None = None  # a preset name or config.json: train from random weights (method full)
+    tokenizer: str | None = None
+    method: str = "lora"
+    seq_len: int = 2048
+    pack: bool = True
+    on_long: str = "truncate"
+    val_fraction: float = 0.05
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None  # default depends on the method
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end
+    resume: bool = False
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = 2e-5 if self.method == "full" else 2e-4
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise TrainingError(message)
+
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        need(self.on_long in ON_LONG, f"--on-long must be one of {', '.join(ON_LONG)}")
+        need((self.model is None) != (self.init is None),
+             "pass exactly one of --model (fine-tune these weights) and --init (train a new model from a config)")
+        need(self.init is None or self.method == "full", "--init trains every weight from scratch: use --method full")
+        need(self.init is None or self.tokenizer is not None, "--init needs --tokenizer (the new model's vocabulary)")
+        for name in ("seq_len", "batch_size", "grad_accum", "lora_r", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("save_every", "eval_every"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 (off) or more")
+        need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        need(self.epochs > 0, "--epochs must be positive")
+        need(self.lr > 0, "--lr must be positive")
+        need(0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+        need(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
+        need(self.clip >= 0, "--clip must be 0 (off) or positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def same_run(self, saved: dict) -> list[str]:
+        """Settings that differ from a saved run's and would change its results (for --resume)."""
+        ignored = {"resume", "max_steps", "save_every", "keep_checkpoints", "eval_every", "device"}
+        return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in self.to_dict().items()
+                if key not in ignored and saved.get(key) != value]
