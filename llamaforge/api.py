@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,16 @@ from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
 from llamaforge.generate import Generation, collect, fit_prompt, generate_events
 from llamaforge.lora import AdapterError, load_adapter, merge_lora
 from llamaforge.model import Llama
+from llamaforge.quantize import quantize_linears_nf4
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+MANIFEST = "llamaforge_manifest.json"  # what finetune writes beside its outputs
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -137,11 +142,14 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
-         adapter: str | Path | None = None, merge_adapter: bool = True) -> LLM:
+         adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto") -> LLM:
     """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin.
 
     `adapter` (a peft LoRA directory or hub id) is put on the model and, unless `merge_adapter` is
     False, folded into its weights so generation costs what the base model costs.
+    `quantize="nf4"` stores the linear layers in 4 bits; "auto" does so only for an adapter that
+    llamaforge trained with QLoRA, whose base was 4-bit in training (merging then dequantizes first,
+    so the merged weights are exactly the ones the adapter was trained against).
     """
     if source is None:
         raise CheckpointError(
@@ -149,12 +157,30 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             "meta-llama/Llama-2-7b-chat-hf, an HF directory, a Meta download or a llama2.c .bin"
         )
     checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer)
+    adapter_path = None
     if adapter is not None:
         if not Path(adapter).expanduser().exists() and not looks_like_repo_id(str(adapter)):
             raise AdapterError(f"adapter {adapter} does not exist; pass a directory holding adapter_config.json "
                                "and adapter_model.safetensors (from llamaforge finetune or peft), or a hub id")
-        load_adapter(checkpoint.model, resolve(adapter))
+        adapter_path = resolve(adapter)
+    if quantize == "auto":
+        quantize = "nf4" if adapter_path is not None and trained_on_nf4(adapter_path) else None
+    if quantize not in (None, "none", "nf4"):
+        raise CheckpointError(f"quantize={quantize!r}: use 'nf4' (4-bit NormalFloat) or None")
+    if quantize == "nf4":
+        quantize_linears_nf4(checkpoint.model)
+    if adapter_path is not None:
+        load_adapter(checkpoint.model, adapter_path)
         if merge_adapter:
             merge_lora(checkpoint.model)
         checkpoint.model.eval()
     return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format)
+
+
+def trained_on_nf4(adapter: Path) -> bool:
+    """Whether llamaforge's manifest beside an adapter says it was trained with QLoRA (a 4-bit base)."""
+    manifest = adapter / MANIFEST
+    try:
+        return json.loads(manifest.read_text()).get("method") == "qlora"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False

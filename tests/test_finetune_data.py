@@ -101,7 +101,8 @@ def test_read_formats(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.csv").write_text("instruction,context,response\na,,b\nc,d,e\n")
-    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow")
+    import pyarrow
     import pyarrow.parquet
 
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "d.parquet")
@@ -157,7 +158,7 @@ def test_bad_records_are_reported_with_their_lines(tiny_tokenizer_path: Path, tm
         encode_records(tokenizer, read_records(tmp_path / "d.jsonl"), seq_len=64)
     message = str(error.value)
     assert "line 1" not in message
-    assert "line 2: cannot tell the schema" in message
+    assert "line 2: missing field 'response' (the record looks like dolly" in message
     assert "line 3: field 'instruction' must be a string, not int" in message
     assert "line 4: field 'response' is empty" in message
     assert "line 5: message 0 has role 'assistant' where 'user' was expected" in message

@@ -126,6 +126,14 @@ def detect_schema(record: dict) -> str:
     for schema, fields in SCHEMA_FIELDS.items():
         if isinstance(record, dict) and all(field in record for field in fields):
             return schema
+    if isinstance(record, dict):
+        # Name the missing field of the schema the record comes closest to (a Dolly row without `response`).
+        present = {name: sum(f in record for f in fields) for name, fields in SCHEMA_FIELDS.items()}
+        closest = max(present, key=present.get)
+        if present[closest]:
+            missing = [f for f in SCHEMA_FIELDS[closest] if f not in record]
+            raise DataError(f"missing field {', '.join(repr(f) for f in missing)} (the record looks like {closest}: "
+                            f"{', '.join(SCHEMA_FIELDS[closest])})")
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise DataError(
         f"cannot tell the schema of a record with fields {keys}; expected one of: "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaforge.api import load
+from llamaforge.api import MANIFEST, load
 from llamaforge.checkpoint.hf import read_config, save_hf_dir
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.finetune import checkpoints, distributed
@@ -44,8 +44,6 @@ from llamaforge.lora import LoraConfig, add_lora, save_adapter
 from llamaforge.model import Llama, init_weights
 from llamaforge.quantize import quantize_linears_nf4
 from llamaforge.tokenizer import Tokenizer
-
-MANIFEST = "llamaforge_manifest.json"
 
 
 @dataclass
