@@ -78,6 +78,20 @@ def test_adapter_learns_the_answers_and_stops(method: str, qa_file: Path, base_d
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_training_on_cuda_in_bf16(method: str, qa_file: Path, base_dir: Path, tmp_path: Path) -> None:
+    """On a GPU: bf16 autocast, a bf16 (or NF4) base on the device, fused AdamW; the model still learns and stops."""
+    out = tmp_path / method
+    result = finetune(TrainConfig(data=str(qa_file), out=str(out), model=str(base_dir), method=method, lr=1e-2,
+                                  max_steps=150, device="cuda", **FAST))
+    assert result.train_losses[-1] < result.train_losses[0] / 20
+    llm = llamaforge.load(base_dir, adapter=out, device="cuda", dtype="bf16")
+    got = answers(llm, QA[::3])
+    assert all(reason == "stop" for _, reason in got)
+    assert sum(text == row["response"] for (text, _), row in zip(got, QA[::3], strict=True)) >= len(got) - 2
+
+
 @pytest.mark.slow
 def test_full_finetune_writes_a_model_transformers_loads(qa_file: Path, base_dir: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")

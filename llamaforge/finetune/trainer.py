@@ -187,27 +187,13 @@ class Trainer:
                 "tokens_per_s": tokens / elapsed, "epoch": round((self.step + 1) / self.steps_per_epoch, 4)}
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy of a micro-batch's labelled tokens, computing logits only where there are labels."""
-        device = self.info.device
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        positions = batch["positions"].to(device)
-        plain = bool((positions == torch.arange(positions.shape[1], device=device)).all())
-        targets = labels[:, 1:]  # (B, T-1): token t predicts token t+1
-        predict = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T)
-        with self._autocast():
-            logits = self.model(input_ids, None if plain else positions, logits_at=predict)  # (N, V)
-        return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+        return token_loss_sum(self.model, batch, self.info.device, self.precision)
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.clip if self.config.clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-    def _autocast(self):
-        if self.precision == torch.bfloat16:
-            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -313,6 +299,25 @@ class Trainer:
 
 
 # -- building blocks --------------------------------------------------------------------------------------
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                   precision: torch.dtype) -> torch.Tensor:
+    """Summed cross-entropy of a batch's labelled tokens, computing logits only where there are labels.
+
+    Packed or padded rows pass their positions (a block-diagonal mask); plain rows use the causal
+    kernel, which on GPUs is flash attention.
+    """
+    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    positions = batch["positions"].to(device)
+    plain = bool((positions == torch.arange(positions.shape[1], device=device)).all())
+    targets = labels[:, 1:]  # (B, T-1): token t predicts token t+1
+    predict = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == torch.bfloat16 else (
+        contextlib.nullcontext())
+    with autocast:
+        logits = model(input_ids, None if plain else positions, logits_at=predict)  # (N, V)
+    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
