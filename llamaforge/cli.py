@@ -322,6 +322,8 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 autocast on CUDA GPUs that support it, else fp32")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in backward: less memory, ~30%% more compute")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile each decoder layer (default: on CUDA, off on CPU)")
     parser.add_argument("--lora-r", type=int, default=default("lora_r"))
     parser.add_argument("--lora-alpha", type=float, default=default("lora_alpha"))
     parser.add_argument("--lora-dropout", type=float, default=default("lora_dropout"))

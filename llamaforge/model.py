@@ -194,6 +194,7 @@ class Llama(nn.Module):
         self.config = config
         # Recompute each layer's activations in backward instead of keeping them (training only).
         self.gradient_checkpointing = False
+        self.loss_chunk = 2048  # rows of logits alive at once when forward computes the loss
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -219,9 +220,11 @@ class Llama(nn.Module):
         ]
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: list[KVCache] | None = None, logits_at: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T); or only where `logits_at` says: one index per row (B,) gives
         (B, V), a boolean mask (B, T) gives (N, V) for its N true places (training skips unlabelled tokens).
+        With `targets` (N,) for such a mask, the summed cross-entropy instead (see `chunked_loss_sum`).
 
         Without `input_pos` the rows are whole sequences starting at position 0 (training, scoring).
         With a cache, `input_pos` (B, T) says where each token sits in its row's timeline. Without a cache,
@@ -252,7 +255,25 @@ class Llama(nn.Module):
             x = x[logits_at]  # (N, dim)
         elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # (B, dim)
+        if targets is not None:
+            return self.chunked_loss_sum(self.model.norm(x), targets, self.loss_chunk)
         return self.lm_head(self.model.norm(x))
+
+    def chunked_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Summed cross-entropy of normed hidden states (N, dim) against targets (N,), `chunk` rows at a time.
+
+        Each chunk's logits are recomputed in backward rather than kept, so the float32 (N, V) logits and
+        their gradient (2.6 GB for 8192 tokens of Llama 2's vocabulary) never exist at once.
+        """
+        def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.lm_head(h).float(), t, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                             else chunk_loss(h, t))
+        return total
 
 
 def init_weights(model: Llama, seed: int = 0, std: float = 0.02) -> Llama:

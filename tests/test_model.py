@@ -158,3 +158,23 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed)
+
+
+def test_chunked_loss_equals_cross_entropy_of_full_logits() -> None:
+    model = random_model(small_config(n_kv_heads=2), std=0.05).train()
+    input_ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(8))
+    mask = torch.rand(2, 20, generator=torch.Generator().manual_seed(9)) > 0.3
+    targets = torch.randint(0, 300, (int(mask.sum()),))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        if chunked:  # chunks of 5 rows: several chunks and a ragged last one
+            model.loss_chunk = 5
+            loss = model(input_ids, logits_at=mask, targets=targets)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(input_ids, logits_at=mask), targets, reduction="sum")
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for full, chunked in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(chunked, full)

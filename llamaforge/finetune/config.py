@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool | None = None  # torch.compile each layer; None: on CUDA (1.5x there), off on CPU (no gain)
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05

@@ -316,8 +316,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: tor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == torch.bfloat16 else (
         contextlib.nullcontext())
     with autocast:
-        logits = model(input_ids, None if plain else positions, logits_at=predict)  # (N, V)
-    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+        return model(input_ids, None if plain else positions, logits_at=predict,
+                     targets=targets[targets != IGNORE_INDEX])
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -334,7 +334,7 @@ def build_model(config: TrainConfig, device: torch.device, precision: torch.dtyp
         tokenizer = Tokenizer(config.tokenizer)
         args = init_config(config.init, tokenizer)
         model = init_weights(Llama(args), seed=config.seed).to(device)
-        return model.train(), tokenizer, f"init:{config.init}"
+        return prepare(model, config, device), tokenizer, f"init:{config.init}"
     # Full training keeps float32 master weights; adapters train in float32 over a frozen base in the
     # compute precision (bf16 halves its memory), and QLoRA then stores that base in 4 bits.
     base_dtype = torch.float32 if config.method == "full" else precision
@@ -351,8 +351,15 @@ def build_model(config: TrainConfig, device: torch.device, precision: torch.dtyp
     else:
         for param in model.parameters():
             param.requires_grad_(True)
+    return prepare(model, config, device), llm.tokenizer, str(config.model)
+
+
+def prepare(model: Llama, config: TrainConfig, device: torch.device) -> Llama:
+    """Gradient checkpointing and compilation as configured; training mode."""
     model.gradient_checkpointing = config.gradient_checkpointing
-    return model.train(), llm.tokenizer, str(config.model)
+    if config.compile if config.compile is not None else device.type == "cuda":
+        model.compile_layers()
+    return model.train()
 
 
 def init_config(init: str, tokenizer: Tokenizer) -> ModelArgs:
