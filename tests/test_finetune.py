@@ -261,3 +261,73 @@ def test_run_settings_are_checked(qa_file: Path, base_dir: Path, tmp_path: Path)
     with pytest.raises(TrainingError, match=r"settings differ .* lr: 0.0002 -> 0.001"):
         finetune(TrainConfig(data=str(qa_file), out=str(out), model=str(base_dir), max_steps=4, lr=1e-3, resume=True,
                              **(FAST | {"save_every": 1})))
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(qa_file: Path, base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    finetune(TrainConfig(data=str(qa_file), out=str(out), model=str(base_dir), method="lora", lr=1e-2,
+                         max_steps=120, **FAST))
+    return out
+
+
+@pytest.mark.slow
+def test_generate_and_serve_take_the_adapter(trained_adapter: Path, base_dir: Path) -> None:
+    import socket
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    question = [{"role": "user", "content": QA[4]["instruction"]}]
+    expected = llamaforge.load(base_dir, adapter=trained_adapter).chat(question, temperature=0, max_new_tokens=30)
+    generate = cli("chat", "--model", str(base_dir), "--adapter", str(trained_adapter), "--temperature", "0",
+                   "--max-new-tokens", "30", "--json", stdin=subprocess.PIPE)
+    stdout, stderr = generate.communicate(QA[4]["instruction"] + "\n", timeout=120)
+    answer = next(json.loads(line) for line in stdout.splitlines() if line.startswith("{"))
+    assert answer["text"] == expected.text and expected.text.strip() == QA[4]["response"], stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = cli("serve", "--model", str(base_dir), "--adapter", str(trained_adapter), "--port", str(port))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.chat.completions.create(model="any", messages=question, temperature=0, max_tokens=30)
+        assert reply.choices[0].message.content == expected.text
+        assert reply.choices[0].finish_reason == "stop"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_trained_adapter_loads_in_peft(trained_adapter: Path, base_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    tuned = peft.PeftModel.from_pretrained(hf, trained_adapter).eval()
+    ours = llamaforge.load(base_dir, adapter=trained_adapter, merge_adapter=False)
+    probe = torch.randint(0, CONFIG.vocab_size, (2, 25))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(probe).logits, ours.model(probe), atol=1e-5, rtol=0)
+
+
+def test_data_check_command(qa_file: Path, tiny_tokenizer_path: Path, tmp_path: Path) -> None:
+    clean = cli("data", "check", str(qa_file), "--tokenizer", str(tiny_tokenizer_path), "--seq-len", "40")
+    stdout, _ = clean.communicate(timeout=60)
+    assert clean.returncode == 0
+    assert "records: 50" in stdout and "schemas: dolly 50" in stdout and "result: OK" in stdout
+    assert f"[[ {QA[0]['response']} </s>]]" in stdout  # the loss mask of the first example
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QA[0]) + "\n" + json.dumps({"instruction": "no answer"}) + "\n")
+    broken = cli("data", "check", str(bad), "--tokenizer", str(tiny_tokenizer_path), "--json")
+    stdout, _ = broken.communicate(timeout=60)
+    assert broken.returncode == 1
+    report = json.loads(stdout)
+    assert report["problems"] == [{"where": "line 2", "message": report["problems"][0]["message"]}]
+    assert "missing field 'response'" in report["problems"][0]["message"]
