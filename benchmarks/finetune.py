@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=["lora", "qlora"], default="lora", help=argparse.SUPPRESS)
     parser.add_argument("--sides", default="llamaforge,hf",
-                        help="comma-separated runs: llamaforge, llamaforge-compiled, llamaforge-qlora, hf")
+                        help="comma-separated runs: llamaforge, llamaforge-compiled, llamaforge-qlora, "
+                        "llamaforge-qlora-compiled, hf")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -179,7 +180,7 @@ def main() -> None:
         return
     results = {}
     flags = {"llamaforge": [], "llamaforge-compiled": ["--compile"], "llamaforge-qlora": ["--method", "qlora"],
-             "hf": []}
+             "llamaforge-qlora-compiled": ["--method", "qlora", "--compile"], "hf": []}
     passed = [a for a in sys.argv[1:] if a != "--json"]
     for name in args.sides.split(","):
         side = "hf" if name == "hf" else "llamaforge"

@@ -42,3 +42,13 @@ def test_serve_benchmark_batching_gives_the_same_text() -> None:
     report = run_json("serve.py", "--preset", "tiny")
     assert report["llama_cpp"]["skipped"]
     assert report["ratios"] and all(r["same_text"] == r["requests"] for r in report["ratios"])
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_trains_the_same_model_as_peft() -> None:
+    pytest.importorskip("peft")
+    report = run_json("finetune.py", "--preset", "tiny", "--seq-len", "64", "--steps", "1", "--warmup", "1",
+                      "--sides", "llamaforge,llamaforge-qlora,hf")
+    assert report["vs_hf"]["llamaforge"]["first_loss_delta"] < 1e-4  # same weights, data and LoRA maths
+    assert report["vs_hf"]["llamaforge-qlora"]["first_loss_delta"] < 0.05  # 4-bit base: close, not equal
+    assert all(row["tokens_per_s"] > 0 for row in report["results"].values())
