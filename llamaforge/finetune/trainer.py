@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import platform
 import signal
@@ -113,15 +114,15 @@ class Trainer:
         previous_handler = _sigterm_as_interrupt()
         try:
             while self.step < self.total_steps:
-                rng_at_step_start = checkpoints.rng_states()
                 record = self._train_step()
                 self.step += 1
+                rng_at_step_start = checkpoints.rng_states()  # what the next step starts from
                 progress.log(record)
                 result.train_losses.append(record["loss"])
                 if self.config.eval_every and self.step % self.config.eval_every == 0 and self.val_rows:
                     progress.log({"step": self.step, "val_loss": self.evaluate()})
                 if self.config.save_every and self.step % self.config.save_every == 0:
-                    self._save_checkpoint(checkpoints.rng_states())
+                    self._save_checkpoint(rng_at_step_start)
         except KeyboardInterrupt:
             self._save_checkpoint(rng_at_step_start)
             progress.close()
@@ -415,8 +416,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def write_manifest(trainer: Trainer, result: TrainResult) -> None:
     """A small JSON record of what produced this output."""
-    import json
-
     config = trainer.config
     try:
         version = metadata.version("llamaforge")
