@@ -34,3 +34,4 @@ chat: setup
 bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/load_memory.py
+	$(BIN)/python benchmarks/finetune.py
