@@ -121,7 +121,7 @@ def main() -> None:
     tokenizer = train_tokenizer(args.out, args.vocab_size)  # 256 byte pieces + characters + merges
     config = write_config(args.out, args.vocab_size)
     common = ["--seq-len", "512", "--batch-size", str(args.batch_size), "--val-fraction", "0.01",
-              "--save-every", "500", "--warmup-ratio", "0.02", "--seed", "0"]
+              "--save-every", "500", "--warmup-ratio", "0.02", "--seed", "0", "--no-compile"]
     finetune("--init", str(config), "--tokenizer", str(tokenizer), "--data", str(text),
              "--out", str(args.out / "pretrain"), "--method", "full", "--lr", "2e-3",
              "--max-steps", str(args.pretrain_steps), *common)
