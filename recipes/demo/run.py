@@ -37,11 +37,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_data(out: Path, per_skill: int, eval_per_skill: int) -> tuple[Path, Path, Path]:
-    """Pre-training text, chat examples and held-out problems."""
+def make_data(out: Path, per_skill: int, eval_per_skill: int, pretrain_on: str = "problems") -> tuple[Path, Path, Path]:
+    """Pre-training text (whole problems, or answers only), chat examples and held-out problems."""
     evaluation_rows = held_out(EVAL_SEED, eval_per_skill)
     train = training(TRAIN_SEED, per_skill, evaluation_rows)
-    text = write_jsonl(out / "pretrain.jsonl", [{"text": f"{p['question']}\n{p['answer']}"} for p in train])
+    texts = [p["answer"] if pretrain_on == "answers" else f"{p['question']}\n{p['answer']}" for p in train]
+    text = write_jsonl(out / "pretrain.jsonl", [{"text": t} for t in texts])
     chat = write_jsonl(out / "chat.jsonl", [{"messages": [{"role": "user", "content": p["question"]},
                                                           {"role": "assistant", "content": p["answer"]}]}
                                             for p in train])
@@ -53,7 +54,8 @@ def train_tokenizer(out: Path, vocab_size: int) -> Path:
     """SentencePiece BPE with Llama's settings, on the training problems and the chat format's tags."""
     import sentencepiece
 
-    lines = [json.loads(line)["text"] for line in (out / "pretrain.jsonl").read_text().splitlines()]
+    dialogs = [json.loads(line)["messages"] for line in (out / "chat.jsonl").read_text().splitlines()]
+    lines = [f"{user['content']}\n{answer['content']}" for user, answer in dialogs]
     # Leave the made-up words out, so the vocabulary has no merges of them: they tokenize letter by
     # letter, which is what reversing, spelling and counting letters need.
     lines = [SPELLED.sub("", QUOTED.sub("''", line)) for line in lines]
@@ -112,12 +114,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows of 512 tokens per step")
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--chat-steps", type=int, default=500)
+    parser.add_argument("--pretrain-on", choices=["problems", "answers"], default="problems",
+                        help="pre-training text: question and answer, or the answers alone (shorter, all learnable)")
     args = parser.parse_args()
     if args.smoke:
         args.per_skill, args.eval_per_skill, args.vocab_size, args.pretrain_steps, args.chat_steps = 20, 5, 400, 3, 3
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    text, chat, evaluation = make_data(args.out, args.per_skill, args.eval_per_skill)
+    text, chat, evaluation = make_data(args.out, args.per_skill, args.eval_per_skill, args.pretrain_on)
     tokenizer = train_tokenizer(args.out, args.vocab_size)  # 256 byte pieces + characters + merges
     config = write_config(args.out, args.vocab_size)
     common = ["--seq-len", "512", "--batch-size", str(args.batch_size), "--val-fraction", "0.01",
