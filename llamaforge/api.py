@@ -156,7 +156,9 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             "no model given, and llamaforge has no built-in demo model yet; pass a model, e.g. "
             "meta-llama/Llama-2-7b-chat-hf, an HF directory, a Meta download or a llama2.c .bin"
         )
-    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer)
+    # Settings and the adapter are checked first: a mistake there should not cost loading the weights.
+    if quantize not in ("auto", None, "none", "nf4"):
+        raise CheckpointError(f"quantize={quantize!r}: use 'nf4' (4-bit NormalFloat), 'auto' or None")
     adapter_path = None
     if adapter is not None:
         if not Path(adapter).expanduser().exists() and not looks_like_repo_id(str(adapter)):
@@ -165,8 +167,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         adapter_path = resolve(adapter)
     if quantize == "auto":
         quantize = "nf4" if adapter_path is not None and trained_on_nf4(adapter_path) else None
-    if quantize not in (None, "none", "nf4"):
-        raise CheckpointError(f"quantize={quantize!r}: use 'nf4' (4-bit NormalFloat) or None")
+    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer)
     if quantize == "nf4":
         quantize_linears_nf4(checkpoint.model)
     if adapter_path is not None:

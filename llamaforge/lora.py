@@ -167,11 +167,9 @@ def add_lora(model: nn.Module, config: LoraConfig, ranks: dict[str, int] | None 
     for param in model.parameters():
         param.requires_grad_(False)
     for name, r in ranks.items():
-        parent_name, _, child = name.rpartition(".")
         alpha = _pattern_value(config.alpha_pattern, name, config.alpha)
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
-        layer = LoraLinear(model.get_submodule(name), r, scaling, config.dropout)
-        setattr(model.get_submodule(parent_name), child, layer)
+        model.set_submodule(name, LoraLinear(model.get_submodule(name), r, scaling, config.dropout))
     model.lora_config = config
     return model
 
@@ -258,8 +256,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and remove the LoRA layers (in place)."""
     for name, layer in list(lora_layers(model)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.merged())
+        model.set_submodule(name, layer.merged())
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -230,9 +230,7 @@ def quantize_linears_nf4(model: nn.Module, skip: tuple[str, ...] = ("lm_head",))
 
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not skipped(name)]
     for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         # Swapping one layer at a time frees each dense weight as soon as its 4-bit copy exists, so the peak
         # is the 4-bit model plus one dense layer, never two full copies.
-        setattr(parent, child_name, NF4Linear.from_linear(getattr(parent, child_name)))
+        model.set_submodule(name, NF4Linear.from_linear(model.get_submodule(name)))
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,8 +113,6 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
         raise CheckpointError(f"{directory} already exists and is not empty; choose a new --out directory")
     staging = directory.with_name(f".{directory.name}.partial")
     if staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     tensors = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in state.items()}

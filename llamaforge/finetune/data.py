@@ -205,8 +205,15 @@ def encode_record(tokenizer: Tokenizer, record: dict, schema: str | None = None)
     return encode_chat(tokenizer, to_messages(record, schema))
 
 
-def encode_records(tokenizer: Tokenizer, records: Iterable[Record], seq_len: int, on_long: str = "truncate",
-                   schema: str | None = None) -> tuple[list[Example], list[str]]:
+def prepare_record(tokenizer: Tokenizer, record: Record, schema: str | None = None) -> Example:
+    """Check one record (its schema detected unless given) and encode it; DataError names what is wrong."""
+    schema = schema or detect_schema(record.data)
+    check_record(record.data, schema)
+    return encode_record(tokenizer, record.data, schema)
+
+
+def encode_records(tokenizer: Tokenizer, records: Iterable[Record], seq_len: int,
+                   on_long: str = "truncate") -> tuple[list[Example], list[str]]:
     """Check and encode every record; returns the examples and notes on the ones truncated or dropped.
 
     Raises one DataError listing the first problems (with their lines) if any record is unusable.
@@ -216,9 +223,7 @@ def encode_records(tokenizer: Tokenizer, records: Iterable[Record], seq_len: int
     examples, notes, problems = [], [], []
     for record in records:
         try:
-            record_schema = schema or detect_schema(record.data)
-            check_record(record.data, record_schema)
-            example = encode_record(tokenizer, record.data, record_schema)
+            example = prepare_record(tokenizer, record)
         except DataError as exc:
             problems.append(f"{record.where}: {exc}")
             continue

@@ -1,10 +1,10 @@
 """`llamaforge data check`: lint a training file before a run.
 
-Every record goes through the same steps as training (`detect_schema`, `check_record`,
-`encode_record` of `llamaforge.finetune.data`), so the problems found here are exactly the records
-training would refuse; unlike training, the check collects all of them instead of stopping. The
-report adds the token lengths of the usable examples, the ones longer than `seq_len`, and the first
-example with the tokens that carry loss marked, to check the loss mask by eye.
+Every record goes through the same step as training (`prepare_record` of `llamaforge.finetune.data`),
+so the problems found here are exactly the records training would refuse; unlike training, the check
+collects all of them instead of stopping. The report adds the token lengths of the usable examples,
+the ones longer than `seq_len`, and the first example with the tokens that carry loss marked, to
+check the loss mask by eye.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from llamaforge.finetune.data import (
     SCHEMA_FIELDS,
     DataError,
     Example,
-    Record,
-    check_record,
     detect_schema,
-    encode_record,
     load_records,
+    prepare_record,
 )
 from llamaforge.tokenizer import Tokenizer
 
@@ -166,7 +164,7 @@ def check_data(source: str, tokenizer: Tokenizer, seq_len: int = 2048) -> DataRe
         try:
             schema = detect_schema(record.data)
             schemas[schema] += 1
-            example = _encode_checked(tokenizer, record, schema)
+            example = prepare_record(tokenizer, record, schema)
         except DataError as exc:
             problems.append(Problem(record.where, str(exc)))
             continue
@@ -176,11 +174,6 @@ def check_data(source: str, tokenizer: Tokenizer, seq_len: int = 2048) -> DataRe
             first_example = ShownExample(record.where, schema, render_loss_mask(tokenizer, example))
     ordered = {schema: schemas[schema] for schema in SCHEMA_FIELDS if schemas[schema]}
     return DataReport(str(source), seq_len, len(records), ordered, problems, sizes, first_example)
-
-
-def _encode_checked(tokenizer: Tokenizer, record: Record, schema: str) -> Example:
-    check_record(record.data, schema)
-    return encode_record(tokenizer, record.data, schema)
 
 
 def token_stats(lengths: list[int]) -> dict:

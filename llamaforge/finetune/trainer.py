@@ -174,11 +174,11 @@ class Trainer:
         tokens = distributed.all_sum(tokens, self.info)
         grad_norm = self._clip()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = checkpoints.latest(self.out)
             raise TrainingError(
                 f"the loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; training stopped "
                 f"before the weights were touched. Lower --lr (now {self.config.lr:g}), keep --clip at 1.0, or use "
-                "--precision fp32; then --resume from the last checkpoint"
-                + (f" ({checkpoints.latest(self.out)})" if checkpoints.latest(self.out) else ""))
+                "--precision fp32; then --resume from the last checkpoint" + (f" ({last})" if last else ""))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -218,13 +218,7 @@ class Trainer:
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         names = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        if self.info.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-            return {name: tensor for name, tensor in state.items() if name in names}
-        return {name: p.detach() for name, p in self.model.named_parameters() if name in names}
+        return {name: tensor for name, tensor in self._full_state().items() if name in names}
 
     def _optimizer_state(self) -> dict:
         if self.info.enabled:
@@ -292,6 +286,7 @@ class Trainer:
         distributed.barrier(self.info)
 
     def _full_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the model by name, gathered whole from the ranks' shards under FSDP (a collective)."""
         if self.info.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
