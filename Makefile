@@ -1,10 +1,10 @@
-# One venv, two jobs: `make serve MODEL=...` and `make test`.
+# One venv, two jobs: `make serve [MODEL=...]` (the built-in demo model by default) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-MODEL ?= meta-llama/Llama-2-7b-chat-hf
+MODEL ?= demo
 
-.PHONY: setup test lint browser serve chat bench
+.PHONY: setup test lint browser serve chat bench demo-model
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ serve: setup
 
 chat: setup
 	$(BIN)/llamaforge chat --model $(MODEL)
+
+# Rebuild the built-in demo model with its recipe (about 25 minutes on 2 CPU cores) and install it.
+demo-model: setup
+	$(BIN)/python recipes/demo/run.py --out build/demo --install
 
 bench: setup
 	$(BIN)/python benchmarks/decode.py

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from llamaforge.chat import encode_dialog
-from llamaforge.checkpoint import load_checkpoint, resolve
+from llamaforge.checkpoint import DEMO, load_checkpoint, resolve
 from llamaforge.checkpoint.hub import looks_like_repo_id
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
@@ -143,7 +143,8 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto") -> LLM:
-    """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin.
+    """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin; with no source
+    (or "demo"), the small demo chat model built into the package, which needs no download.
 
     `adapter` (a peft LoRA directory or hub id) is put on the model and, unless `merge_adapter` is
     False, folded into its weights so generation costs what the base model costs.
@@ -151,11 +152,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     llamaforge trained with QLoRA, whose base was 4-bit in training (merging then dequantizes first,
     so the merged weights are exactly the ones the adapter was trained against).
     """
-    if source is None:
-        raise CheckpointError(
-            "no model given, and llamaforge has no built-in demo model yet; pass a model, e.g. "
-            "meta-llama/Llama-2-7b-chat-hf, an HF directory, a Meta download or a llama2.c .bin"
-        )
+    source = DEMO if source is None else source
     # Settings and the adapter are checked first: a mistake there should not cost loading the weights.
     if quantize not in ("auto", None, "none", "nf4"):
         raise CheckpointError(f"quantize={quantize!r}: use 'nf4' (4-bit NormalFloat), 'auto' or None")

@@ -1,7 +1,8 @@
 """`llamaforge <command>`: each command is a thin function over one library call.
 
-Every command takes `--model` (an HF directory, hub repo id, Meta directory or llama2.c .bin) and
-`--json` for machine-readable output. User errors print one line naming the problem and exit 2.
+Every command takes `--model` (an HF directory, hub repo id, Meta directory or llama2.c .bin; left out,
+the small demo model built into the package) and `--json` for machine-readable output. User errors print
+one line naming the problem and exit 2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ EXIT_USER_ERROR = 2
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF directory, hub repo id, Meta directory or llama2.c .bin")
+    parser.add_argument("--model", help="HF directory, hub repo id, Meta directory or llama2.c .bin "
+                        "(default: demo, the small built-in chat model)")
     parser.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json to use instead of the one found")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                         help="weights dtype (default: as stored)")
@@ -62,13 +64,20 @@ def _print_json(payload: dict) -> None:
     print(json.dumps(payload, ensure_ascii=False))
 
 
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise LlamaforgeError(f"--prompt-ids takes comma-separated token ids like 1,450,22, not {text!r}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt; streams text, or prints text, token ids and timings with --json."""
-    llm = _load(args)
-    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    prompt = _prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt_text or args.prompt
     if prompt is None:
-        raise LlamaforgeError("give a prompt: `llamaforge generate --model M \"Once upon a time\"` or --prompt-ids")
+        raise LlamaforgeError('give a prompt: `llamaforge generate "Once upon a time"`, --prompt TEXT or --prompt-ids')
     params = _sampling(args, logprobs=args.logprobs)
+    llm = _load(args)
     if args.json:
         out = llm.generate(prompt, params=params, truncate=args.truncate)
         timings = {**out.timings, **_rates(out.timings)}
@@ -271,18 +280,16 @@ def cmd_data_check(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_path(args: argparse.Namespace) -> Path:
-    """--tokenizer, or the tokenizer file of --model (found without loading weights)."""
-    from llamaforge.checkpoint import detect_format, resolve, tokenizer_file
+    """--tokenizer, or the tokenizer file of --model (found without loading weights; default the demo model)."""
+    from llamaforge.checkpoint import DEMO, detect_format, resolve, tokenizer_file
 
     if args.tokenizer:
         return Path(args.tokenizer)
-    if args.model:
-        model_path = resolve(args.model)
-        path = tokenizer_file(model_path, detect_format(model_path))
-        if path is None:
-            raise LlamaforgeError(f"{args.model} has no tokenizer file; pass --tokenizer tokenizer.model")
-        return path
-    raise LlamaforgeError("give --model (its tokenizer is used) or --tokenizer PATH")
+    model_path = resolve(args.model or DEMO)
+    path = tokenizer_file(model_path, detect_format(model_path))
+    if path is None:
+        raise LlamaforgeError(f"{args.model} has no tokenizer file; pass --tokenizer tokenizer.model")
+    return path
 
 
 def _finetune_flags(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +302,8 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     def default(name: str):
         return defaults[name].default
 
-    parser.add_argument("--model", help="base model: HF directory, hub id, Meta directory or llama2.c .bin")
+    parser.add_argument("--model", help="base model: HF directory, hub id, Meta directory or llama2.c .bin "
+                        "(default: demo, the small built-in chat model)")
     parser.add_argument("--init", help="train a new model from random weights: a preset (tiny, 7B ...) or "
                         "config.json; needs --tokenizer and --method full")
     parser.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json (default: the model's)")
@@ -350,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = add("generate", cmd_generate)
     generate.add_argument("prompt", nargs="?", help="text to continue (BOS is added)")
+    generate.add_argument("--prompt", dest="prompt_text", help="the same, as a flag")
     generate.add_argument("--prompt-ids", help="comma-separated token ids, used exactly as given")
     generate.add_argument("--logprobs", action="store_true", help="report each token's log-probability (--json)")
     _model_flags(generate)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -71,18 +73,24 @@ def write_hf_dir(directory: Path, model: Llama, tokenizer: Path | None = None, s
     return directory
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class LiveServer:
     """A real uvicorn server on a free loopback port, in a background thread, for real HTTP clients."""
 
     def __init__(self, app) -> None:
-        import socket
         import threading
 
         import uvicorn
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -102,3 +110,35 @@ class LiveServer:
     def __exit__(self, *exc_info) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class ServeCommand:
+    """`llamaforge serve ARGS` in a child process on a free port, answering /health inside the block."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "llamaforge", "serve", *args, "--port", str(self.port)]
+        self.env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
+
+    def __enter__(self) -> ServeCommand:
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        env=self.env)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"llamaforge serve did not start: {self.process.stderr.read()}") from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+

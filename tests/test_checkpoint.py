@@ -250,8 +250,11 @@ def test_unsupported_rope_scaling(tmp_path: Path, reference_model) -> None:
         llamaforge.load(directory)
 
 
-def test_no_model_says_the_demo_is_not_there_yet() -> None:
-    with pytest.raises(CheckpointError, match="no built-in demo model yet"):
+def test_a_missing_demo_model_says_how_to_get_it_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import llamaforge.checkpoint
+
+    monkeypatch.setattr(llamaforge.checkpoint, "DEMO_DIR", tmp_path / "demo")
+    with pytest.raises(CheckpointError, match="demo model is missing from this install.*recipes/demo/run.py"):
         llamaforge.load()
 
 

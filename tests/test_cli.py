@@ -95,7 +95,7 @@ def test_chat_session(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["generate", "hello"], "no built-in demo model yet"),
+    (["generate", "--prompt-ids", "1,x"], "--prompt-ids takes comma-separated token ids"),
     (["info", "--model", "/definitely/not/here"], "does not exist"),
     (["template", "--dialog", "/no/dialog.json", "--tokenizer", "x"], "dialog file /no/dialog.json does not exist"),
 ])

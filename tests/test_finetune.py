@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import random_model, write_hf_dir
+from factories import ServeCommand, random_model, write_hf_dir
 
 import llamaforge
 from llamaforge.config import ModelArgs
@@ -121,6 +121,9 @@ def test_merge_equals_base_plus_adapter(qa_file: Path, base_dir: Path, tmp_path:
     merged_dir = tmp_path / "merged"
     process = cli("merge", "--model", str(base_dir), "--adapter", str(out), "--out", str(merged_dir))
     assert process.wait(timeout=120) == 0, process.stderr.read()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {file.stat().st_mode & 0o777 for file in merged_dir.iterdir()} == {0o666 & ~umask}  # not owner-only
     merged = llamaforge.load(merged_dir)
     unmerged = llamaforge.load(base_dir, adapter=out, merge_adapter=False)
     probe = torch.randint(0, CONFIG.vocab_size, (2, 30))
@@ -250,7 +253,8 @@ def test_run_settings_are_checked(qa_file: Path, base_dir: Path, tmp_path: Path)
     with pytest.raises(TrainingError, match="--init needs --tokenizer"):
         TrainConfig(data="d", out="o", init="tiny", method="full")
     with pytest.raises(TrainingError, match="exactly one of --model"):
-        TrainConfig(data="d", out="o")
+        TrainConfig(data="d", out="o", model="m", init="tiny", tokenizer="t", method="full")
+    assert TrainConfig(data="d", out="o").model == "demo"  # no --model: fine-tune the built-in demo model
     with pytest.raises(TrainingError, match="no checkpoint to resume from"):
         finetune(TrainConfig(data=str(qa_file), out=str(tmp_path / "none"), model=str(base_dir), resume=True))
     out = tmp_path / "run"
@@ -273,9 +277,6 @@ def trained_adapter(qa_file: Path, base_dir: Path, tmp_path_factory: pytest.Temp
 
 @pytest.mark.slow
 def test_generate_and_serve_take_the_adapter(trained_adapter: Path, base_dir: Path) -> None:
-    import socket
-    import urllib.request
-
     openai = pytest.importorskip("openai")
     question = [{"role": "user", "content": QA[4]["instruction"]}]
     expected = llamaforge.load(base_dir, adapter=trained_adapter).chat(question, temperature=0, max_new_tokens=30)
@@ -284,26 +285,11 @@ def test_generate_and_serve_take_the_adapter(trained_adapter: Path, base_dir: Pa
     stdout, stderr = generate.communicate(QA[4]["instruction"] + "\n", timeout=120)
     answer = next(json.loads(line) for line in stdout.splitlines() if line.startswith("{"))
     assert answer["text"] == expected.text and expected.text.strip() == QA[4]["response"], stderr
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = cli("serve", "--model", str(base_dir), "--adapter", str(trained_adapter), "--port", str(port))
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    with ServeCommand("--model", str(base_dir), "--adapter", str(trained_adapter)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
         reply = client.chat.completions.create(model="any", messages=question, temperature=0, max_tokens=30)
         assert reply.choices[0].message.content == expected.text
         assert reply.choices[0].finish_reason == "stop"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_trained_adapter_loads_in_peft(trained_adapter: Path, base_dir: Path) -> None:

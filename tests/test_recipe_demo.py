@@ -19,15 +19,18 @@ def test_answers_are_correct() -> None:
     import random
 
     rng = random.Random(5)
+    counts = []
     for _ in range(200):
         question, answer, key = SKILLS["addition"](rng)
         assert answer == f"{key[0]} + {key[1]} = {key[0] + key[1]}."
         question, answer, (w,) = SKILLS["reverse"](rng)
         assert answer == f"'{w}' reversed is '{w[::-1]}'." and w in question
         question, answer, (w, letter) = SKILLS["count"](rng)
-        assert f" {w.count(letter)} time" in answer
+        assert f" {w.count(letter)} time" in answer and f"'{w}'" in question and f"'{letter}'" in question
+        counts.append(w.count(letter))
         question, answer, (big, n) = SKILLS["convert"](rng)
         assert answer.startswith(f"{n} {big} is ")
+    assert all(counts.count(n) > 30 for n in range(4))  # counts 0-3 equally often, not mostly 1
 
 
 def test_evaluation_problems_never_appear_in_training() -> None:
@@ -48,7 +51,7 @@ def test_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report["accuracy"]) == set(EVALUATED)
+    assert set(report["accuracy"]) >= set(EVALUATED)
     assert all(0.0 <= value <= 1.0 for value in report["accuracy"].values())
     import llamaforge
 
@@ -57,5 +60,10 @@ def test_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
     assert [tokenizer.id_to_piece(i) for i in tokenizer.encode("4096")][-4:] == ["4", "0", "9", "6"]  # digits split
     assert tokenizer.decode(tokenizer.encode("🦙")) == "🦙"  # byte fallback
+    # Words of the problems' wording are one piece each; anything else is spelt letter by letter.
+    pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode("Reverse the word 'acunefo'.")]
+    assert pieces == ["▁Reverse", "▁the", "▁word", "▁", "'", *"acunefo", "'", "."]
+    assert [tokenizer.id_to_piece(i) for i in llm.chat_tokens([{"role": "user", "content": "What"}])] == [
+        "<s>", "▁[INST]", "▁What", "▁[/INST]"]
     manifest = json.loads((tmp_path / "chat" / "llamaforge_manifest.json").read_text())
     assert manifest["method"] == "full" and manifest["base_model"].endswith("pretrain/model")

@@ -1,6 +1,7 @@
 """Find, read and convert a checkpoint into a `Llama` with HF names: `load_checkpoint(source)`.
 
-Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`.
+Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`;
+the name `demo` is the small chat model shipped inside the package (built by recipes/demo/run.py).
 Tensors stream one at a time into a model built on the meta device, each cast to the target dtype as
 it arrives, so loading never holds the checkpoint and the model in memory at once.
 """
@@ -21,6 +22,8 @@ from llamaforge.model import Llama
 from llamaforge.tokenizer import Tokenizer, find_tokenizer
 
 FORMATS = ("hf", "meta", "llama2c")
+DEMO = "demo"  # the built-in model's name; a local directory called demo is ./demo
+DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / DEMO
 HELP = (
     "pass an HF directory (config.json + *.safetensors), a hub repo id like meta-llama/Llama-2-7b-chat-hf, "
     "a Meta download directory (params.json + consolidated.00.pth + tokenizer.model) or a llama2.c .bin file"
@@ -39,7 +42,12 @@ class Checkpoint:
 
 
 def resolve(source: str | Path) -> Path:
-    """A local path for a path or hub repo id; a clear error for neither."""
+    """A local path for `demo`, a path or a hub repo id; a clear error for none of them."""
+    if source == DEMO:
+        if not hf.is_hf_dir(DEMO_DIR):
+            raise CheckpointError(f"the built-in demo model is missing from this install ({DEMO_DIR}); reinstall "
+                                  "llamaforge, or rebuild it with `python recipes/demo/run.py --install`")
+        return DEMO_DIR
     path = Path(source).expanduser()
     if path.exists():
         return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,11 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_file is not None:
         (staging / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
+    # safetensors creates its files owner-only (0600); a model folder is meant to be shared like any other.
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in staging.iterdir():
+        file.chmod(0o666 & ~umask)
     if directory.exists():
         directory.rmdir()
     staging.rename(directory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from llamaforge.checkpoint import DEMO
 from llamaforge.errors import LlamaforgeError
 from llamaforge.finetune.data import ON_LONG
 from llamaforge.lora import DEFAULT_TARGETS
@@ -24,7 +25,7 @@ class TrainConfig:
 
     data: str
     out: str
-    model: str | None = None
+    model: str | None = None  # None without --init: the built-in demo model
     init: str | None = None  # a preset name or config.json: train from random weights (method full)
     tokenizer: str | None = None
     method: str = "lora"
@@ -58,6 +59,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = 2e-5 if self.method == "full" else 2e-4
+        if self.model is None and self.init is None:
+            self.model = DEMO
         self.validate()
 
     def validate(self) -> None:

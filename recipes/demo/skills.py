@@ -2,8 +2,10 @@
 
 Each skill makes (question, answer) pairs from a seeded `random.Random`; the training set and the held-out
 evaluation set come from different seeds, and the evaluation keeps only problems the training set lacks.
-Skills: 2-3 digit addition and subtraction, comparing numbers, unit conversion, reversing and spelling a
-word, counting a letter, plus greetings and an honest self-description.
+Skills: addition and subtraction of numbers up to 99, comparing numbers up to 999, unit conversion by
+powers of ten, reversing and spelling a word, counting a letter, plus greetings and an honest
+self-description. `WEIGHTS` gives each skill's share of the training problems: most go to what is hard
+to learn (arithmetic), few to the fixed answers.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Callable
 # Letters for made-up words: every word the model reverses or spells is new, so the skill must generalise.
 CONSONANTS = "bcdfghjklmnprstvwz"
 VOWELS = "aeiou"
-UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
-         ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7)]
+# Conversions by powers of ten: the answer is the number with zeros appended, which generalises to any n.
+UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("centimeters", "millimeters", 10),
+         ("kilograms", "grams", 1000), ("liters", "milliliters", 1000), ("dollars", "cents", 100),
+         ("centuries", "years", 100), ("decades", "years", 10)]
 SELF = ("I am llamaforge's small demo model. I can add and subtract numbers, compare them, convert units, "
         "and reverse, spell or count letters in a word. For real answers, point --model at Llama 2 weights.")
 HELLO = "Hello! I am llamaforge's small demo model. Ask me to add, subtract, compare, convert, or spell."
@@ -34,8 +38,8 @@ Problem = tuple[str, str, tuple]  # (question, answer, key: the problem whatever
 
 
 def operands(rng: random.Random) -> tuple[int, int]:
-    """Two numbers of 1-3 digits, mostly 2 (the skill the evaluation targets)."""
-    return tuple(rng.randint(0, 10 ** rng.choice((2, 2, 3)) - 1) for _ in range(2))
+    """Two numbers from 0 to 99 (nine in ten have two digits); a difference may be negative."""
+    return rng.randint(0, 99), rng.randint(0, 99)
 
 
 def addition(rng: random.Random) -> Problem:
@@ -51,13 +55,16 @@ def subtraction(rng: random.Random) -> Problem:
 
 
 def compare(rng: random.Random) -> Problem:
+    # The answer first restates the pair in the question's order with < or >, then names the one asked
+    # for: copying in order is easy for a small model, picking one of two numbers to copy is not, and
+    # here that pick comes from a short, regular distance.
     a, b = rng.sample(range(1000), 2)
-    larger, smaller = max(a, b), min(a, b)
+    relation = f"{a} {'>' if a > b else '<'} {b}"
     if rng.random() < 0.5:
         question = rng.choice(["Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"])
-        return question.format(a=a, b=b), f"{larger} is larger than {smaller}.", (a, b)
+        return question.format(a=a, b=b), f"{relation}, so {max(a, b)} is larger.", (a, b)
     question = rng.choice(["Which is smaller, {a} or {b}?", "Which number is less: {a} or {b}?"])
-    return question.format(a=a, b=b), f"{smaller} is smaller than {larger}.", (a, b)
+    return question.format(a=a, b=b), f"{relation}, so {min(a, b)} is smaller.", (a, b)
 
 
 def convert(rng: random.Random) -> Problem:
@@ -80,11 +87,20 @@ def spell(rng: random.Random) -> Problem:
 
 
 def count(rng: random.Random) -> Problem:
-    w = word(rng)
-    letter = rng.choice(w) if rng.random() < 0.8 else rng.choice(CONSONANTS + VOWELS)
-    n = w.count(letter)
+    # The count (0-3) is drawn evenly: in natural words it is nearly always 1, and a model trained on
+    # that learns to say 1 rather than to count.
+    n = rng.randint(0, 3)
+    letter = rng.choice(CONSONANTS + VOWELS)
+    others = [c for c in CONSONANTS + VOWELS if c != letter]
+    letters = [rng.choice(others) if c == letter else c for c in word(rng)]
+    for i in rng.sample(range(len(letters)), n):
+        letters[i] = letter
+    w = "".join(letters)
     question = rng.choice(["How many times does the letter '{l}' appear in '{w}'?", "Count the letter '{l}' in '{w}'."])
-    answer = f"The letter '{letter}' appears {n} time{'s' if n != 1 else ''} in '{w}'."
+    # The answer counts out loud, a running count after each letter: each step looks only at the letter
+    # and the count before it, which a small model learns far sooner than counting in one go.
+    running = ", ".join(f"{c} {w[:i + 1].count(letter)}" for i, c in enumerate(w))
+    answer = f"{running}. The letter '{letter}' appears {n} time{'s' if n != 1 else ''} in '{w}'."
     return question.format(l=letter, w=w), answer, (w, letter)
 
 
@@ -104,6 +120,9 @@ SKILLS: dict[str, Callable[[random.Random], Problem]] = {
 }
 # Skills scored on held-out problems (greetings and self-description have fixed answers).
 EVALUATED = ("addition", "subtraction", "compare", "convert", "reverse", "spell", "count")
+# Share of the training problems per skill.
+WEIGHTS = {"addition": 3.0, "subtraction": 4.0, "compare": 2.5, "convert": 0.75, "reverse": 1.25, "spell": 0.75,
+           "count": 1.5, "greeting": 0.1, "self": 0.1}
 
 
 def held_out(seed: int, per_skill: int) -> list[dict]:
@@ -120,14 +139,14 @@ def held_out(seed: int, per_skill: int) -> list[dict]:
     return found
 
 
-def training(seed: int, per_skill: int, excluded: list[dict]) -> list[dict]:
-    """`per_skill` problems of every skill, none of them an evaluation problem in any phrasing."""
+def training(seed: int, size: int, excluded: list[dict]) -> list[dict]:
+    """About `size` problems shared by `WEIGHTS`, none of them an evaluation problem in any phrasing."""
     rng = random.Random(seed)
     banned = {(row["skill"], tuple(row["key"])) for row in excluded}
     found: list[dict] = []
     for name in SKILLS:
         kept = 0
-        while kept < per_skill:
+        while kept < round(size * WEIGHTS[name] / sum(WEIGHTS.values())):
             question, answer, key = SKILLS[name](rng)
             if (name, key) not in banned:
                 found.append({"skill": name, "question": question, "answer": answer})
