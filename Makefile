@@ -39,3 +39,4 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/load_memory.py
 	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/eval.py

@@ -33,6 +33,10 @@ def _adapter_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="LoRA adapter directory or hub id (peft format), merged into the weights")
 
 
+def _quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["nf4"], help="store the linear layers in 4 bits (NF4) after loading")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: Meta's 0.6)")
@@ -57,7 +61,7 @@ def _load(args: argparse.Namespace):
     from llamaforge.api import load
 
     return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-                adapter=getattr(args, "adapter", None))
+                adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None) or "auto")
 
 
 def _print_json(payload: dict) -> None:
@@ -279,6 +283,77 @@ def cmd_data_check(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Score ARC, HellaSwag, MMLU, TruthfulQA, Winogrande and GSM8K exactly as lm-evaluation-harness does."""
+    if args.compare:
+        _compare_reports(args)
+        return
+    from llamaforge.eval.data import DataSource
+    from llamaforge.eval.evaluator import evaluate, prepare, run_config
+    from llamaforge.eval.report import markdown, write_report
+    from llamaforge.eval.tasks import resolve
+
+    if args.limit is not None and args.limit < 1:
+        raise LlamaforgeError(f"--limit must be at least 1 (documents per task), got {args.limit}")
+    if args.batch_size < 1 or (args.num_fewshot is not None and args.num_fewshot < 0):
+        raise LlamaforgeError("--batch-size must be at least 1 and --num-fewshot at least 0")
+    names = resolve(args.tasks, args.preset)
+    source = DataSource(args.data_dir)
+    # Data and prompts are checked before the weights load: a missing file should not cost a 7B load.
+    runs = prepare(names, source, args.num_fewshot, args.limit)
+    llm = _load(args)
+    model = {"source": llm.source, "adapter": args.adapter, "dtype": str(llm.dtype).replace("torch.", ""),
+             "device": str(llm.device)}
+    report = {"tasks": names, "model": model,
+              "config": run_config(source, args.num_fewshot, args.limit, args.batch_size),
+              **evaluate(llm, runs, args.batch_size, progress=sys.stderr.isatty())}
+    if args.out:
+        write_report(report, args.out)
+    if args.json:
+        _print_json(report)
+        return
+    print(markdown(report))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def _compare_reports(args: argparse.Namespace) -> None:
+    """Print the deltas between two results files and draw both as a bar chart."""
+    from llamaforge.eval.report import compare, compare_markdown, plot_comparison, read_report
+
+    first, second = (Path(p) for p in args.compare)
+    deltas = compare(read_report(first), read_report(second))
+    name_a, name_b = (first.stem, second.stem) if first.stem != second.stem else (str(first), str(second))
+    plot = plot_comparison(deltas, name_a, name_b, args.plot or second.with_name(f"{first.stem}_vs_{second.stem}.png"))
+    if args.json:
+        _print_json({"deltas": [{"task": d.label.strip(), "metric": d.metric, "a": d.a, "b": d.b, "delta": d.delta}
+                                for d in deltas], "plot": str(plot)})
+        return
+    print(compare_markdown(deltas, name_a, name_b))
+    print(f"wrote {plot}")
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    """Perplexity and bits per byte of a text file, sliding window with stride (e.g. to check a quantized model)."""
+    from llamaforge.eval.perplexity import perplexity
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise LlamaforgeError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LlamaforgeError(f"{path} is not UTF-8 text ({exc})") from None
+    llm = _load(args)
+    result = perplexity(llm, text, args.context, args.stride, args.batch_size, progress=sys.stderr.isatty())
+    if args.json:
+        _print_json({"file": str(path), **result.to_dict()})
+        return
+    print(f"perplexity {result.perplexity:.4f}  bits per byte {result.bits_per_byte:.4f}  ({result.tokens} tokens, "
+          f"{result.bytes} bytes, {result.windows} windows of {result.context} tokens every {result.stride}, "
+          f"{result.seconds:.1f} s)")
+
+
 def _tokenizer_path(args: argparse.Namespace) -> Path:
     """--tokenizer, or the tokenizer file of --model (found without loading weights; default the demo model)."""
     from llamaforge.checkpoint import DEMO, detect_format, resolve, tokenizer_file
@@ -394,6 +469,35 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(merge)
     _adapter_flag(merge)
     merge.add_argument("--out", required=True, help="directory for the merged HF-format model")
+
+    evaluation = add("eval", cmd_eval)
+    _model_flags(evaluation)
+    _adapter_flag(evaluation)
+    _quantize_flag(evaluation)
+    evaluation.add_argument("--tasks", help="comma-separated: arc_challenge, hellaswag, mmlu, truthfulqa_mc2, "
+                            "winogrande, gsm8k; also mmlu_<category> and mmlu_<subject>")
+    evaluation.add_argument("--preset", help="leaderboard: the Open LLM Leaderboard's six tasks (the task list when "
+                            "--tasks is not given)")
+    evaluation.add_argument("--num-fewshot", type=int, help="examples in every prompt (default: each task's "
+                            "leaderboard count; TruthfulQA stays 0-shot, as in lm-eval)")
+    evaluation.add_argument("--data-dir", help="local task files in the hub datasets' schemas (layout: docs/eval.md); "
+                            "default: download them through datasets")
+    evaluation.add_argument("--limit", type=int, help="only the first N documents of each task (each MMLU subject)")
+    evaluation.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    evaluation.add_argument("--out", help="write the results as JSON to this file")
+    evaluation.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                            help="instead of evaluating: print the deltas of two results files and draw a bar chart")
+    evaluation.add_argument("--plot", help="the --compare chart's PNG (default: A_vs_B.png beside B.json)")
+
+    ppl = add("perplexity", cmd_perplexity)
+    ppl.add_argument("file", help="UTF-8 text file")
+    _model_flags(ppl)
+    _adapter_flag(ppl)
+    _quantize_flag(ppl)
+    ppl.add_argument("--context", type=int, help="tokens per window (default: the model's context)")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts, less than --context "
+                     "(default: half the context)")
+    ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
 
     data = commands.add_parser("data", help="inspect training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

@@ -142,3 +142,204 @@ class ServeCommand:
         self.process.terminate()
         self.process.wait(timeout=30)
 
+
+# --- Evaluation: small task files in the hub datasets' schemas, and lm-evaluation-harness run on them ---
+
+EVAL_WORDS = ("llama", "small", "count", "quick", "brown", "fox", "lazy", "dog", "Andes", "carry", "loads", "hum",
+              "happy", "two", "plus", "four", "model", "prompt", "time", "river", "stone", "green", "light", "heavy",
+              "water", "north", "cold", "warm", "song", "bread")
+
+
+def _phrase(rng, low: int = 2, high: int = 5) -> str:
+    return " ".join(rng.choice(EVAL_WORDS) for _ in range(rng.randint(low, high)))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def eval_rows(task: str, n: int, rng, split: str = "train", subject: str = "anatomy") -> list[dict]:
+    """n rows of one dataset in its hub schema (allenai/ai2_arc, Rowan/hellaswag, cais/mmlu, truthful_qa
+    multiple_choice, winogrande, gsm8k main), with the quirks the task definitions handle."""
+    rows = []
+    for i in range(n):
+        if task == "arc_challenge":
+            size = rng.choice((3, 4, 4, 5))
+            labels = list("ABCDE"[:size]) if i % 3 else [str(k + 1) for k in range(size)]
+            rows.append({"id": f"Mercury_{i}", "question": _phrase(rng, 3, 8).capitalize() + "?",
+                         "choices": {"text": [_phrase(rng, 1, 4) for _ in labels], "label": labels},
+                         "answerKey": rng.choice(labels)})
+        elif task == "hellaswag":
+            endings = [_phrase(rng, 2, 7) + rng.choice(("", ".", " [title] " + _phrase(rng), " [step] ok"))
+                       for _ in range(4)]
+            ctx_a, ctx_b = _phrase(rng, 3, 8).capitalize() + ".", rng.choice(("", "The LLAMA " + _phrase(rng, 1, 3)))
+            rows.append({"ind": i, "activity_label": rng.choice(("Llamas", "Baking bread", "Walking a dog")),
+                         "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}", "endings": endings,
+                         "source_id": f"activitynet~v_{i}", "split": "val" if split == "validation" else split,
+                         "split_type": "indomain", "label": str(rng.randrange(4))})
+        elif task == "mmlu":
+            rows.append({"question": " " + _phrase(rng, 3, 9) + "? ", "subject": subject,
+                         "choices": [_phrase(rng, 1, 3) for _ in range(4)], "answer": rng.randrange(4)})
+        elif task == "truthfulqa":
+            size = rng.randint(2, 6)
+            true = rng.randint(1, size - 1)
+            rows.append({"question": _phrase(rng, 3, 8).capitalize() + "?",
+                         "mc1_targets": {"choices": [_phrase(rng) for _ in range(4)], "labels": [1, 0, 0, 0]},
+                         "mc2_targets": {"choices": [_phrase(rng, 2, 6) + "." for _ in range(size)],
+                                         "labels": [1] * true + [0] * (size - true)}})
+        elif task == "winogrande":
+            first, second = rng.sample(("llama", "fox", "dog", "river", "model"), 2)
+            rows.append({"sentence": f"The {first} gave the {second} a {_phrase(rng, 1, 2)} because _ was "
+                                     f"{_phrase(rng, 1, 3)}.", "option1": first, "option2": second,
+                         "answer": rng.choice(("1", "2"))})
+        elif task == "gsm8k":
+            a, b = rng.randint(2, 999), rng.randint(1000, 2500)
+            rows.append({"question": f"A {_phrase(rng, 1, 2)} has {a} loads and gets {b} more. How many now?",
+                         "answer": f"It has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} loads.\n#### {a + b:,}"})
+    return rows
+
+
+EVAL_SPLITS = {"arc_challenge": ("train", "test"), "hellaswag": ("train", "validation"), "mmlu": ("dev", "test"),
+               "truthfulqa": (None, "validation"), "winogrande": ("train", "validation"), "gsm8k": ("train", "test")}
+
+
+def write_eval_data(directory: Path, n_eval: int = 4, n_train: int = 30, seed: int = 0,
+                    subjects: tuple[str, ...] = ("abstract_algebra", "anatomy", "world_religions"),
+                    n_mmlu: int | None = None) -> Path:
+    """Every task's splits as JSONL under `directory` in docs/eval.md's layout (`n_mmlu` documents per MMLU
+    subject, default `n_eval`); HellaSwag's and Winogrande's train splits also hold a copy of their first
+    evaluation row (few-shot sampling must skip it)."""
+    import random
+
+    rng = random.Random(seed)
+    for task, (train_split, eval_split) in EVAL_SPLITS.items():
+        for folder, subject in ([(f"mmlu/{s}", s) for s in subjects] if task == "mmlu" else [(task, "")]):
+            evaluated = eval_rows(task, n_eval if n_mmlu is None or task != "mmlu" else n_mmlu, rng, eval_split,
+                                  subject)
+            _write_jsonl(directory / folder / f"{eval_split}.jsonl", evaluated)
+            if train_split:
+                train = eval_rows(task, 5 if task == "mmlu" else n_train, rng, train_split, subject)
+                if task in ("hellaswag", "winogrande"):
+                    train.insert(3, evaluated[0])
+                _write_jsonl(directory / folder / f"{train_split}.jsonl", train)
+    return directory
+
+
+# Our task -> lm-eval's own YAML for it (under lm_eval/tasks), and the shots the leaderboard uses.
+LM_EVAL_YAMLS = {"arc_challenge": "arc/arc_challenge.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+                 "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml", "winogrande": "winogrande/default.yaml",
+                 "gsm8k": "gsm8k/gsm8k.yaml"}
+LEADERBOARD_SHOTS = {"arc_challenge": 25, "hellaswag": 10, "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5}
+
+
+def write_lm_eval_tasks(directory: Path, data_dir: Path, tasks: list[str],
+                        subjects: tuple[str, ...] = ()) -> list[str]:
+    """lm-eval task YAMLs that include lm-eval's own definitions and read our files instead of the hub.
+
+    Returns lm-eval's task names to run ("lf_" + ours). MMLU subjects become "lf_mmlu_SUBJECT", grouped by
+    category ("lf_mmlu_stem", ...) under "lf_mmlu", each group size-weighted as lm-eval's mmlu is.
+    """
+    import lm_eval
+
+    from llamaforge.eval.data import DataSource
+    from llamaforge.eval.tasks import MMLU_CATEGORY, make_task
+
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    source = DataSource(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = [(t, LM_EVAL_YAMLS[t], LEADERBOARD_SHOTS[t]) for t in tasks]
+    entries += [(f"mmlu_{s}", f"mmlu/default/mmlu_{s}.yaml", 5) for s in subjects]
+    for name, yaml_file, shots in entries:
+        task = make_task(name)
+        files = {split: str(source.split_path(task.dataset, split))
+                 for split in (task.eval_split, task.fewshot_split) if split}
+        file_format = "parquet" if files[task.eval_split].endswith(".parquet") else "json"
+        config = {"include": str(builtin / yaml_file), "task": f"lf_{name}", "dataset_path": file_format,
+                  "dataset_name": None, "dataset_kwargs": {"data_files": files}, "num_fewshot": shots, "tag": []}
+        (directory / f"lf_{name}.yaml").write_text(json.dumps(config))  # JSON is YAML
+
+    def group(name: str, members: list[str]) -> None:
+        config = {"group": name, "task": members, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]}
+        (directory / f"{name}.yaml").write_text(json.dumps(config))
+
+    categories = dict.fromkeys(MMLU_CATEGORY[s] for s in subjects)
+    for category in categories:
+        group(f"lf_mmlu_{category}", [f"lf_mmlu_{s}" for s in subjects if MMLU_CATEGORY[s] == category])
+    if subjects:
+        group("lf_mmlu", [f"lf_mmlu_{category}" for category in categories])
+    # A group runs its members: lm-eval refuses a task named twice.
+    return [f"lf_{t}" for t in tasks] + (["lf_mmlu"] if subjects else [])
+
+
+def lm_eval_metrics(results: dict) -> dict[str, dict[str, float | None]]:
+    """lm-eval's results in llamaforge's names: tasks without "lf_", truthfulqa's acc as mc2, gsm8k's filters."""
+    renames = {"acc,none": "acc", "acc_norm,none": "acc_norm", "exact_match,strict-match": "exact_match",
+               "exact_match,flexible-extract": "exact_match_flexible"}
+    metrics = {}
+    for task, values in results.items():
+        name = task.removeprefix("lf_")
+        ours = {}
+        for key, value in values.items():
+            base = renames.get(key.replace("_stderr,", ","))
+            if base is None:
+                continue
+            base = "mc2" if name == "truthfulqa_mc2" else base
+            ours[base + ("_stderr" if "_stderr," in key else "")] = None if value == "N/A" else float(value)
+        metrics[name] = ours
+    return metrics
+
+
+def run_lm_eval(model_dir: Path, data_dir: Path, tasks: list[str], subjects: tuple[str, ...] = (),
+                limit: int | None = None, batch_size: int = 1, work_dir: Path | None = None, dtype: str = "float32",
+                device: str = "cpu", timings: dict | None = None) -> tuple[dict, dict]:
+    """lm-eval 0.4's `simple_evaluate` with its HF backend on an HF model directory and our task files, offline.
+
+    Returns (metrics by llamaforge's task and metric names, per task the documents' request arguments and
+    responses in document order). With `timings`, adds the seconds spent loading the model ("load_s") and
+    answering the model requests ("requests_s", and in CPU time of this process "requests_cpu_s").
+    """
+    import tempfile
+    import time
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    yaml_dir = Path(work_dir or tempfile.mkdtemp()) / "lm_eval_tasks"
+    names = write_lm_eval_tasks(yaml_dir, data_dir, tasks, subjects)
+    manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
+    started = time.perf_counter()
+    # The Llama 2 HF tokenizer adds BOS (its tokenizer_config says so); a bare tokenizer.model needs telling.
+    lm = HFLM(pretrained=str(model_dir), add_bos_token=True, dtype=dtype, device=device, batch_size=batch_size)
+    spent = {"load_s": time.perf_counter() - started, "requests_s": 0.0, "requests_cpu_s": 0.0}
+
+    def timed(method):
+        def run(*args, **kwargs):
+            begin, begin_cpu = time.perf_counter(), time.process_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent["requests_s"] += time.perf_counter() - begin
+                spent["requests_cpu_s"] += time.process_time() - begin_cpu
+        return run
+
+    lm.loglikelihood, lm.generate_until = timed(lm.loglikelihood), timed(lm.generate_until)
+    output = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=True)
+    if timings is not None:
+        timings.update(spent)
+    samples = {}
+    for task, logged in output["samples"].items():
+        first_filter = [s for s in logged if s["filter"] == logged[0]["filter"]]
+        samples[task.removeprefix("lf_")] = [{"arguments": s["arguments"], "resps": s["resps"]}
+                                             for s in sorted(first_filter, key=lambda s: s["doc_id"])]
+    return lm_eval_metrics(output["results"]), samples
+
+
+EVAL_CONFIG = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=128, max_seq_len=2048)
+
+
+def write_eval_model(directory: Path, tokenizer: Path, max_seq_len: int = 2048, seed: int = 1) -> Path:
+    """A tiny random GQA model with room for 25-shot prompts; weights mild enough that choices stay close."""
+    return write_hf_dir(directory, random_model(EVAL_CONFIG.replace(max_seq_len=max_seq_len), seed=seed, std=0.08),
+                        tokenizer)

@@ -52,3 +52,15 @@ def test_finetune_benchmark_trains_the_same_model_as_peft() -> None:
     assert report["vs_hf"]["llamaforge"]["first_loss_delta"] < 1e-4  # same weights, data and LoRA maths
     assert report["vs_hf"]["llamaforge-qlora"]["first_loss_delta"] < 0.05  # 4-bit base: close, not equal
     assert all(row["tokens_per_s"] > 0 for row in report["results"].values())
+
+
+@pytest.mark.slow
+def test_eval_benchmark_scores_as_lm_eval_does() -> None:
+    pytest.importorskip("lm_eval")
+    report = run_json("eval.py", "--preset", "tiny", "--docs", "2", "--tasks", "arc_challenge,gsm8k", "--threads", "1")
+    assert report["max_score_difference"] < 1e-6  # the same scores as lm-eval's, or the timing means nothing
+    tasks = report["tasks"]
+    assert list(tasks) == ["arc_challenge", "gsm8k"] and tasks["gsm8k"]["requests"] == 2
+    assert tasks["arc_challenge"]["requests"] >= 2 * 3  # 3 to 5 choices per question
+    assert all(t[side]["requests_cpu_s"] > 0 for t in tasks.values() for side in ("llamaforge", "lm_eval"))
+    assert report["leaderboard_mix"]["speedup"]["requests_cpu"] > 0

@@ -1,0 +1,311 @@
+"""The Open LLM Leaderboard tasks, each prompted and scored exactly as lm-evaluation-harness 0.4.x does.
+
+Reference: the task YAMLs of lm-eval (`tasks/arc`, `hellaswag`, `mmlu/default`, `truthfulqa`, `winogrande`,
+`gsm8k`) and `ConfigurableTask.fewshot_context` / `construct_requests`. A context is
+
+    description + (question + " " + answer + "\\n\\n") for each few-shot example + question
+
+and each choice is scored as the continuation " " + choice. docs/eval.md shows every task's template.
+"""
+
+from __future__ import annotations
+
+import re
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.eval.data import Dataset
+from llamaforge.eval.metrics import accuracy, gsm8k_scores, mc2, normalized_accuracy
+
+TARGET_DELIMITER = " "  # between a question and its answer
+FEWSHOT_DELIMITER = "\n\n"  # after each few-shot example
+
+
+class Task:
+    """A benchmark: where its rows come from, how a document becomes requests, how results become metrics."""
+
+    name: str
+    dataset: Dataset
+    eval_split: str
+    fewshot_split: str | None
+    num_fewshot: int  # the leaderboard's
+    metrics: tuple[str, ...]
+    primary: str  # the metric the leaderboard reports
+    kind = "loglikelihood"  # or "generate"
+    first_n = False  # few-shot examples are the split's first n rows (else drawn at random)
+    # lm-eval leaves the document itself out of its examples when the task's fewshot_split and test_split
+    # settings are equal; for HellaSwag and Winogrande both are unset (None == None), so it does, and
+    # draws n + 1 examples to have room: that extra draw changes which examples every later document gets.
+    exclude_doc = False
+
+    def description(self) -> str:
+        return ""
+
+    def prepare(self, doc: dict) -> dict:
+        """The row as the prompt reads it (lm-eval's process_docs)."""
+        return doc
+
+    def example(self, doc: dict) -> tuple[str, str]:
+        """(question, answer) of a document shown as a few-shot example."""
+        raise NotImplementedError
+
+    def requests(self, doc: dict, prefix: str) -> list[tuple[str, str]]:
+        """(context, continuation) pairs whose log-likelihoods `score` needs."""
+        raise NotImplementedError
+
+    def score(self, doc: dict, results: list[float]) -> dict[str, float]:
+        """Metrics of one document from its requests' log-likelihoods."""
+        raise NotImplementedError
+
+
+class MultipleChoice(Task):
+    """A question with choices: each choice is a continuation of the same context."""
+
+    metrics = ("acc", "acc_norm")
+    primary = "acc_norm"
+
+    def question(self, doc: dict) -> str:
+        raise NotImplementedError
+
+    def choices(self, doc: dict) -> list[str]:
+        raise NotImplementedError
+
+    def gold(self, doc: dict) -> int:
+        raise NotImplementedError
+
+    def example(self, doc: dict) -> tuple[str, str]:
+        return self.question(doc), self.choices(doc)[self.gold(doc)]
+
+    def requests(self, doc: dict, prefix: str) -> list[tuple[str, str]]:
+        context = prefix + self.question(doc)
+        return [(context, TARGET_DELIMITER + choice) for choice in self.choices(doc)]
+
+    def score(self, doc: dict, results: list[float]) -> dict[str, float]:
+        gold = self.gold(doc)
+        return {"acc": accuracy(results, gold), "acc_norm": normalized_accuracy(results, self.choices(doc), gold)}
+
+
+class ArcChallenge(MultipleChoice):
+    name = "arc_challenge"
+    dataset = Dataset("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", ("question", "choices.text",
+                                                                           "choices.label", "answerKey"))
+    eval_split, fewshot_split, num_fewshot = "test", "train", 25
+
+    def question(self, doc: dict) -> str:
+        return f"Question: {doc['question']}\nAnswer:"
+
+    def choices(self, doc: dict) -> list[str]:
+        return doc["choices"]["text"]
+
+    def gold(self, doc: dict) -> int:
+        return doc["choices"]["label"].index(doc["answerKey"])
+
+
+def clean_hellaswag(text: str) -> str:
+    """lm-eval's HellaSwag clean-up: WikiHow's " [title]" becomes ". ", other [tags] go, double spaces halve."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+class HellaSwag(MultipleChoice):
+    name = "hellaswag"
+    dataset = Dataset("hellaswag", "Rowan/hellaswag", None, ("activity_label", "ctx_a", "ctx_b", "endings", "label"))
+    eval_split, fewshot_split, num_fewshot = "validation", "train", 10
+    exclude_doc = True
+
+    def prepare(self, doc: dict) -> dict:
+        # str.capitalize also lower-cases the rest of ctx_b, as lm-eval's does.
+        query = clean_hellaswag(f"{doc['activity_label']}: {doc['ctx_a']} {doc['ctx_b'].capitalize()}")
+        return {**doc, "query": query, "choices": [clean_hellaswag(ending) for ending in doc["endings"]]}
+
+    def question(self, doc: dict) -> str:
+        return doc["query"]
+
+    def choices(self, doc: dict) -> list[str]:
+        return doc["choices"]
+
+    def gold(self, doc: dict) -> int:
+        return int(doc["label"])
+
+
+# MMLU's 57 subjects and the category lm-eval groups each under (mmlu_stem, mmlu_humanities, ...).
+MMLU_SUBJECTS = {
+    "stem": ("abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+             "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+             "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+             "high_school_mathematics high_school_physics high_school_statistics machine_learning"),
+    "humanities": ("formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                   "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                   "prehistory professional_law world_religions"),
+    "social_sciences": ("econometrics high_school_geography high_school_government_and_politics "
+                        "high_school_macroeconomics high_school_microeconomics high_school_psychology "
+                        "human_sexuality professional_psychology public_relations security_studies sociology "
+                        "us_foreign_policy"),
+    "other": ("business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+              "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology"),
+}
+MMLU_CATEGORY = {subject: category for category, names in MMLU_SUBJECTS.items() for subject in names.split()}
+
+
+class MMLUSubject(MultipleChoice):
+    """One MMLU subject; `mmlu` is all 57, weighted by their sizes (lm-eval's group)."""
+
+    eval_split, fewshot_split, num_fewshot = "test", "dev", 5
+    first_n = True  # lm-eval's mmlu uses the dev split's first five rows, in order
+    metrics = ("acc",)
+    primary = "acc"
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self.name = f"mmlu_{subject}"
+        self.dataset = Dataset(f"mmlu/{subject}", "cais/mmlu", subject, ("question", "choices", "answer"))
+
+    def description(self) -> str:
+        return f"The following are multiple choice questions (with answers) about {subject_words(self.subject)}.\n\n"
+
+    def question(self, doc: dict) -> str:
+        a, b, c, d = doc["choices"]
+        return f"{doc['question'].strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+
+    def choices(self, doc: dict) -> list[str]:
+        return ["A", "B", "C", "D"]
+
+    def gold(self, doc: dict) -> int:
+        return doc["answer"]
+
+    def score(self, doc: dict, results: list[float]) -> dict[str, float]:
+        return {"acc": accuracy(results, self.gold(doc))}
+
+
+def subject_words(subject: str) -> str:
+    return " ".join(subject.split("_"))
+
+
+TRUTHFULQA_PREAMBLE = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+)
+
+
+class TruthfulQAMC2(MultipleChoice):
+    """TruthfulQA MC2: zero-shot behind a fixed six-question QA preamble; any number of true answers."""
+
+    name = "truthfulqa_mc2"
+    dataset = Dataset("truthfulqa", "truthfulqa/truthful_qa", "multiple_choice",
+                      ("question", "mc2_targets.choices", "mc2_targets.labels"))
+    eval_split, fewshot_split, num_fewshot = "validation", None, 0
+    metrics = ("mc2",)
+    primary = "mc2"
+
+    def question(self, doc: dict) -> str:
+        return f"{TRUTHFULQA_PREAMBLE}\n\nQ: {doc['question']}\nA:"
+
+    def choices(self, doc: dict) -> list[str]:
+        return doc["mc2_targets"]["choices"]
+
+    def gold(self, doc: dict) -> int:
+        return 0  # lm-eval's doc_to_target: the first choice is a true answer
+
+
+    def score(self, doc: dict, results: list[float]) -> dict[str, float]:
+        return {"mc2": mc2(results, doc["mc2_targets"]["labels"])}
+
+
+class Winogrande(Task):
+    """Partial evaluation: each option fills the blank in the context; the shared rest of the sentence is scored."""
+
+    name = "winogrande"
+    dataset = Dataset("winogrande", "allenai/winogrande", "winogrande_xl", ("sentence", "option1", "option2", "answer"))
+    eval_split, fewshot_split, num_fewshot = "validation", "train", 5
+    metrics = ("acc",)
+    primary = "acc"
+    exclude_doc = True
+
+    def prepare(self, doc: dict) -> dict:
+        blank = doc["sentence"].index("_")
+        return {**doc, "contexts": [doc["sentence"][:blank] + doc[option] for option in ("option1", "option2")],
+                "rest": doc["sentence"][blank + 1:].strip(), "gold": {"1": 0, "2": 1}[doc["answer"]]}
+
+    def example(self, doc: dict) -> tuple[str, str]:
+        return doc["contexts"][doc["gold"]], doc["rest"]
+
+    def requests(self, doc: dict, prefix: str) -> list[tuple[str, str]]:
+        return [(prefix + context, TARGET_DELIMITER + doc["rest"]) for context in doc["contexts"]]
+
+    def score(self, doc: dict, results: list[float]) -> dict[str, float]:
+        return {"acc": accuracy(results, doc["gold"])}
+
+
+class GSM8K(Task):
+    """Greedy generation until a stop sequence; the answer after "####" (or the last number) must match."""
+
+    name = "gsm8k"
+    dataset = Dataset("gsm8k", "openai/gsm8k", "main", ("question", "answer"))
+    eval_split, fewshot_split, num_fewshot = "test", "train", 5
+    metrics = ("exact_match", "exact_match_flexible")
+    primary = "exact_match"
+    kind = "generate"
+    until = ("Question:", "</s>", "<|im_end|>")
+    max_new_tokens = 256  # lm-eval's HF backend default
+
+    def question(self, doc: dict) -> str:
+        return f"Question: {doc['question']}\nAnswer:"
+
+    def example(self, doc: dict) -> tuple[str, str]:
+        return self.question(doc), doc["answer"]
+
+    def prompt(self, doc: dict, prefix: str) -> str:
+        return prefix + self.question(doc)
+
+    def score(self, doc: dict, results: list[str]) -> dict[str, float]:
+        return gsm8k_scores(results[0], doc["answer"])
+
+
+SINGLE_TASKS: dict[str, type[Task]] = {task.name: task for task in (ArcChallenge, HellaSwag, TruthfulQAMC2,
+                                                                      Winogrande, GSM8K)}
+# Groups report the size-weighted mean of their members (lm-eval's weight_by_size).
+GROUPS: dict[str, list[str]] = {
+    "mmlu": [f"mmlu_{category}" for category in MMLU_SUBJECTS],
+    **{f"mmlu_{category}": [f"mmlu_{s}" for s in names.split()] for category, names in MMLU_SUBJECTS.items()},
+}
+PRESETS = {"leaderboard": ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k"]}
+
+
+def known_tasks() -> str:
+    return ", ".join([*SINGLE_TASKS, "mmlu", "mmlu_<category>", "mmlu_<subject>"])
+
+
+def make_task(name: str) -> Task:
+    """One task by name (not a group)."""
+    if name in SINGLE_TASKS:
+        return SINGLE_TASKS[name]()
+    if name.startswith("mmlu_") and name[5:] in MMLU_CATEGORY:
+        return MMLUSubject(name[5:])
+    raise LlamaforgeError(f"unknown task {name!r}; known tasks: {known_tasks()}; presets: {', '.join(PRESETS)}")
+
+
+def leaves(name: str) -> list[str]:
+    """The single tasks a name stands for: itself, or a group's members."""
+    return [leaf for member in GROUPS[name] for leaf in leaves(member)] if name in GROUPS else [name]
+
+
+def resolve(names: str | None, preset: str | None) -> list[str]:
+    """The requested task and group names, checked; `preset` gives the list when `names` is not given."""
+    if preset is not None and preset not in PRESETS:
+        raise LlamaforgeError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    requested = [n.strip() for n in names.split(",") if n.strip()] if names else PRESETS.get(preset, [])
+    if not requested:
+        raise LlamaforgeError(f"give --tasks (known: {known_tasks()}) or --preset ({', '.join(PRESETS)})")
+    for name in requested:
+        for leaf in leaves(name):
+            make_task(leaf)
+    return list(dict.fromkeys(requested))
