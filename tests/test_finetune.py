@@ -199,8 +199,8 @@ def test_sigkill_then_resume_gives_the_same_losses(qa_file: Path, base_dir: Path
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qa_file: Path, base_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["finetune", "--model", str(base_dir), "--data", str(qa_file), "--out", str(out), "--method", "full",
-            "--max-steps", "400", "--save-every", "0", "--batch-size", "2", "--seq-len", "128", "--lr", "1e-3"]
-    process = cli(*args)
+            "--max-steps", "5000", "--save-every", "0", "--batch-size", "2", "--seq-len", "128", "--lr", "1e-3"]
+    process = cli(*args)  # 5000 steps: the interrupt must land mid-run even when the test is slow to send it
     wait_for_step(out, 3, process)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130
