@@ -288,6 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.compare:
         _compare_reports(args)
         return
+    from llamaforge.checkpoint import DEMO
     from llamaforge.eval.data import DataSource
     from llamaforge.eval.evaluator import evaluate, prepare, run_config
     from llamaforge.eval.report import markdown, write_report
@@ -297,6 +298,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise LlamaforgeError(f"--limit must be at least 1 (documents per task), got {args.limit}")
     if args.batch_size < 1 or (args.num_fewshot is not None and args.num_fewshot < 0):
         raise LlamaforgeError("--batch-size must be at least 1 and --num-fewshot at least 0")
+    if args.tasks is None and args.preset is None and (args.model or DEMO) == DEMO:
+        args.tasks = "demo"  # the built-in model's own skills: something real to run with nothing downloaded
     names = resolve(args.tasks, args.preset)
     source = DataSource(args.data_dir)
     # Data and prompts are checked before the weights load: a missing file should not cost a 7B load.
@@ -475,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_flag(evaluation)
     _quantize_flag(evaluation)
     evaluation.add_argument("--tasks", help="comma-separated: arc_challenge, hellaswag, mmlu, truthfulqa_mc2, "
-                            "winogrande, gsm8k; also mmlu_<category> and mmlu_<subject>")
+                            "winogrande, gsm8k; also mmlu_<category> and mmlu_<subject>; demo (the built-in "
+                            "model's skills, the default for it) and demo_<skill>")
     evaluation.add_argument("--preset", help="leaderboard: the Open LLM Leaderboard's six tasks (the task list when "
                             "--tasks is not given)")
     evaluation.add_argument("--num-fewshot", type=int, help="examples in every prompt (default: each task's "

@@ -247,7 +247,8 @@ def broken_data(root: Path, data: Path) -> Path:
     (["--tasks", "arc_challenge"], "{root}/arc_challenge/test.jsonl: row 2 has no column 'question'"),
     (["--tasks", "winogrande"], "{root}/winogrande/train.jsonl: row 5 has no column 'option2'"),
     (["--tasks", "winogrande", "--limit", "0"], "--limit must be at least 1"),
-    ([], "give --tasks"),
+    (["--tasks", "demo_juggle"], "unknown task 'demo_juggle'"),
+    ([], "give --tasks"),  # only the demo model has a default task
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, data: Path, tmp_path: Path,
                                           tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -301,3 +302,33 @@ def test_perplexity_matches_transformers(tiny_model_dir: Path, tmp_path: Path, c
                              "--context", "64", "--stride", "24", "--json")
     assert code == 0, err
     assert json.loads(out)["perplexity"] == pytest.approx(ours.perplexity, rel=1e-6)
+
+
+def test_demo_task_asks_in_the_chat_format_and_reads_the_shipped_problems(tmp_path: Path) -> None:
+    from llamaforge.checkpoint import DEMO_DIR
+    from llamaforge.eval.tasks import DemoSkill
+
+    demo = llamaforge.load()
+    runs = prepare(["demo_addition_2digit", "demo_count"], DataSource(None), limit=3)
+    shipped = read_rows(DEMO_DIR / "heldout.jsonl")
+    assert [run.docs for run in runs] == [
+        [row for row in shipped if row["skill"] == "addition" and min(row["key"]) >= 10][:3],
+        [row for row in shipped if row["skill"] == "count"][:3]]
+    doc = runs[0].docs[0]
+    # The prompt is the chat format's: encoding it with BOS gives the ids LLM.chat sends.
+    assert demo.tokenizer.encode(runs[0].prompts[0], bos=True) == demo.chat_tokens(
+        [{"role": "user", "content": doc["question"]}])
+
+    # A --data-dir with a demo/ folder replaces the shipped problems; one without it does not.
+    (tmp_path / "demo").mkdir()
+    wrong = {**doc, "answer": doc["answer"].replace("=", "is")}
+    (tmp_path / "demo" / "test.jsonl").write_text(json.dumps(doc) + "\n" + json.dumps(wrong) + "\n")
+    report = evaluate(demo, prepare(["demo_addition"], DataSource(tmp_path)), progress=False)
+    assert report["results"]["demo_addition"] == pytest.approx({"exact_match": 0.5, "exact_match_stderr": 0.5,
+                                                               "samples": 2, "num_fewshot": 0})
+    with pytest.raises(EvalDataError, match="demo_spell: the test split of llamaforge's demo data has none"):
+        prepare(["demo_spell"], DataSource(tmp_path))
+    (tmp_path / "demo" / "test.jsonl").unlink()
+    (tmp_path / "demo").rmdir()
+    assert prepare(["demo_spell"], DataSource(tmp_path), limit=1)[0].docs[0]["skill"] == "spell"
+    assert isinstance(make_task("demo_spell"), DemoSkill)

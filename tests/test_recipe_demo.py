@@ -51,7 +51,8 @@ def test_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report["accuracy"]) >= set(EVALUATED)
+    assert set(report["accuracy"]) == {*EVALUATED, "addition 2-digit", "subtraction 2-digit"}
+    assert (tmp_path / "demo" / "test.jsonl").is_file()  # the held-out problems, in `eval --data-dir` layout
     assert all(0.0 <= value <= 1.0 for value in report["accuracy"].values())
     import llamaforge
 

@@ -8,9 +8,11 @@ Layout of `--data-dir DIR` (one folder per dataset, one file per split, as the h
     DIR/truthfulqa/validation.jsonl           truthfulqa/truthful_qa, config multiple_choice
     DIR/winogrande/{train,validation}.jsonl   allenai/winogrande, config winogrande_xl
     DIR/gsm8k/{train,test}.jsonl              openai/gsm8k, config main
+    DIR/demo/test.jsonl                       the demo model's held-out problems (shipped with it)
 
 Each split may instead be `SPLIT.parquet` or the hub's shards `SPLIT-00000-of-0000N.parquet`, so a
 config folder downloaded from the hub (e.g. cais/mmlu's `abstract_algebra/`) can be used as it is.
+A dataset shipped with the package (the demo's) is read from the package when DIR lacks its folder.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ class Dataset:
     """Where a task's rows live, and the columns its prompts read (dotted for nested fields)."""
 
     folder: str  # under --data-dir
-    hub: str  # the hub id lm-eval loads
+    hub: str | None  # the hub id lm-eval loads; None for data only the package has
     config: str | None  # the hub config (dataset_name)
     columns: tuple[str, ...]
+    bundled: Path | None = None  # the eval split's file in the package, used when --data-dir lacks `folder`
 
     def describe(self) -> str:
+        if self.hub is None:
+            return f"llamaforge's {self.folder} data"
         return self.hub + (f" ({self.config})" if self.config else "")
 
 
@@ -51,7 +56,12 @@ class DataSource:
 
     def rows(self, dataset: Dataset, split: str) -> list[dict]:
         """The split's rows in file order, each checked to hold the dataset's columns."""
-        if self.data_dir is None:
+        if dataset.bundled is not None and (self.data_dir is None or not (self.data_dir / dataset.folder).is_dir()):
+            if not dataset.bundled.is_file():
+                raise EvalDataError(f"{dataset.bundled} is missing from this install; reinstall llamaforge, or pass "
+                                    f"--data-dir with a {dataset.folder}/ folder")
+            rows, where = read_rows(dataset.bundled), str(dataset.bundled)
+        elif self.data_dir is None:
             rows, where = _hub_rows(dataset, split), f"{dataset.describe()} split {split}"
         else:
             path = self.split_path(dataset, split)

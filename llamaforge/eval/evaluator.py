@@ -41,7 +41,11 @@ def prepare(names: list[str], source: DataSource, num_fewshot: int | None = None
     for name in dict.fromkeys(leaf for requested in names for leaf in leaves(requested)):
         task = make_task(name)
         shots = task.num_fewshot if num_fewshot is None or task.num_fewshot == 0 else num_fewshot
-        docs = _prepared(task, source.rows(task.dataset, task.eval_split)[:limit], task.eval_split)
+        rows = [row for row in source.rows(task.dataset, task.eval_split) if task.keep(row)]
+        if not rows:
+            raise EvalDataError(f"{name}: the {task.eval_split} split of {task.dataset.describe()} has none "
+                                "of its rows")
+        docs = _prepared(task, rows[:limit], task.eval_split)
         sampler = None
         if shots:
             pool = _prepared(task, source.rows(task.dataset, task.fewshot_split), task.fewshot_split)

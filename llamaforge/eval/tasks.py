@@ -1,4 +1,5 @@
-"""The Open LLM Leaderboard tasks, each prompted and scored exactly as lm-evaluation-harness 0.4.x does.
+"""The Open LLM Leaderboard tasks, each prompted and scored exactly as lm-evaluation-harness 0.4.x does,
+and the built-in demo model's skills.
 
 Reference: the task YAMLs of lm-eval (`tasks/arc`, `hellaswag`, `mmlu/default`, `truthfulqa`, `winogrande`,
 `gsm8k`) and `ConfigurableTask.fewshot_context` / `construct_requests`. A context is
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from llamaforge.chat import dialog_segments
+from llamaforge.checkpoint import DEMO_DIR
 from llamaforge.errors import LlamaforgeError
 from llamaforge.eval.data import Dataset
 from llamaforge.eval.metrics import accuracy, gsm8k_scores, mc2, normalized_accuracy
@@ -40,6 +43,10 @@ class Task:
     def description(self) -> str:
         return ""
 
+    def keep(self, row: dict) -> bool:
+        """Whether a row of the split is one of this task's documents (a task may be a slice of a dataset)."""
+        return True
+
     def prepare(self, doc: dict) -> dict:
         """The row as the prompt reads it (lm-eval's process_docs)."""
         return doc
@@ -52,8 +59,20 @@ class Task:
         """(context, continuation) pairs whose log-likelihoods `score` needs."""
         raise NotImplementedError
 
-    def score(self, doc: dict, results: list[float]) -> dict[str, float]:
-        """Metrics of one document from its requests' log-likelihoods."""
+    def score(self, doc: dict, results: list) -> dict[str, float]:
+        """Metrics of one document from its requests' log-likelihoods (or its one generated text)."""
+        raise NotImplementedError
+
+
+class GenerateTask(Task):
+    """A task whose document is one prompt, answered greedily until a stop sequence or EOS."""
+
+    kind = "generate"
+    until: tuple[str, ...] = ()
+    max_new_tokens = 256  # lm-eval's HF backend default
+
+    def prompt(self, doc: dict, prefix: str) -> str:
+        """The text the model continues."""
         raise NotImplementedError
 
 
@@ -215,7 +234,6 @@ class TruthfulQAMC2(MultipleChoice):
     def gold(self, doc: dict) -> int:
         return 0  # lm-eval's doc_to_target: the first choice is a true answer
 
-
     def score(self, doc: dict, results: list[float]) -> dict[str, float]:
         return {"mc2": mc2(results, doc["mc2_targets"]["labels"])}
 
@@ -245,7 +263,7 @@ class Winogrande(Task):
         return {"acc": accuracy(results, doc["gold"])}
 
 
-class GSM8K(Task):
+class GSM8K(GenerateTask):
     """Greedy generation until a stop sequence; the answer after "####" (or the last number) must match."""
 
     name = "gsm8k"
@@ -253,9 +271,7 @@ class GSM8K(Task):
     eval_split, fewshot_split, num_fewshot = "test", "train", 5
     metrics = ("exact_match", "exact_match_flexible")
     primary = "exact_match"
-    kind = "generate"
     until = ("Question:", "</s>", "<|im_end|>")
-    max_new_tokens = 256  # lm-eval's HF backend default
 
     def question(self, doc: dict) -> str:
         return f"Question: {doc['question']}\nAnswer:"
@@ -270,18 +286,59 @@ class GSM8K(Task):
         return gsm8k_scores(results[0], doc["answer"])
 
 
+# The demo model's skills, each scored on the held-out problems recipes/demo/run.py wrote beside the model.
+DEMO_SKILLS = ("addition", "subtraction", "compare", "convert", "reverse", "spell", "count")
+TWO_DIGIT_SKILLS = ("addition", "subtraction")  # also scored on the problems whose operands both have two digits
+
+
+class DemoSkill(GenerateTask):
+    """One skill of the built-in demo model: its held-out problems asked in the chat format, answered greedily.
+
+    A problem counts when the answer, stripped, is exactly the expected text; the model must also stop
+    (EOS), since anything it adds makes the text differ.
+    """
+
+    dataset = Dataset("demo", None, None, ("skill", "question", "answer", "key"), bundled=DEMO_DIR / "heldout.jsonl")
+    eval_split, fewshot_split, num_fewshot = "test", None, 0
+    metrics = ("exact_match",)
+    primary = "exact_match"
+    max_new_tokens = 96  # the longest answer (counting out a long word) is about 60 tokens
+
+    def __init__(self, skill: str, two_digit: bool = False) -> None:
+        self.skill = skill
+        self.two_digit = two_digit
+        self.name = f"demo_{skill}" + ("_2digit" if two_digit else "")
+
+    def keep(self, row: dict) -> bool:
+        return row["skill"] == self.skill and (not self.two_digit or min(row["key"]) >= 10)
+
+    def example(self, doc: dict) -> tuple[str, str]:
+        return doc["question"], doc["answer"]
+
+    def prompt(self, doc: dict, prefix: str) -> str:
+        # The chat format's text for one user turn; encoding it with BOS gives the ids `LLM.chat` sends.
+        return prefix + dialog_segments([{"role": "user", "content": doc["question"]}])[-1].text
+
+    def score(self, doc: dict, results: list[str]) -> dict[str, float]:
+        return {"exact_match": float(results[0].strip() == doc["answer"])}
+
+
+DEMO_TASKS = {f"demo_{skill}": (skill, False) for skill in DEMO_SKILLS} | {
+    f"demo_{skill}_2digit": (skill, True) for skill in TWO_DIGIT_SKILLS}
 SINGLE_TASKS: dict[str, type[Task]] = {task.name: task for task in (ArcChallenge, HellaSwag, TruthfulQAMC2,
                                                                       Winogrande, GSM8K)}
 # Groups report the size-weighted mean of their members (lm-eval's weight_by_size).
 GROUPS: dict[str, list[str]] = {
     "mmlu": [f"mmlu_{category}" for category in MMLU_SUBJECTS],
     **{f"mmlu_{category}": [f"mmlu_{s}" for s in names.split()] for category, names in MMLU_SUBJECTS.items()},
+    "demo": [f"demo_{skill}" for skill in DEMO_SKILLS],
 }
 PRESETS = {"leaderboard": ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k"]}
 
 
 def known_tasks() -> str:
-    return ", ".join([*SINGLE_TASKS, "mmlu", "mmlu_<category>", "mmlu_<subject>"])
+    return ", ".join([*SINGLE_TASKS, "mmlu", "mmlu_<category>", "mmlu_<subject>", "demo", "demo_<skill>",
+                      "demo_<skill>_2digit"])
 
 
 def make_task(name: str) -> Task:
@@ -290,6 +347,8 @@ def make_task(name: str) -> Task:
         return SINGLE_TASKS[name]()
     if name.startswith("mmlu_") and name[5:] in MMLU_CATEGORY:
         return MMLUSubject(name[5:])
+    if name in DEMO_TASKS:
+        return DemoSkill(*DEMO_TASKS[name])
     raise LlamaforgeError(f"unknown task {name!r}; known tasks: {known_tasks()}; presets: {', '.join(PRESETS)}")
 
 

@@ -9,7 +9,8 @@ project), a training set and a held-out evaluation set from another seed; (2) a 
 tokenizer with Llama's settings (byte fallback, digits split, BOS=1, EOS=2); (3) pre-training from random
 weights on the problems as plain text (`llamaforge finetune --init config.json --method full`);
 (4) instruction tuning in the Llama 2 chat format (`--method full` on stage 3's model); (5) greedy
-evaluation of the held-out problems through `LLM.chat`, accuracy per skill into eval.json.
+evaluation of the held-out problems with `llamaforge eval`'s `demo` task, accuracy per skill into eval.json.
+The held-out problems ship with the model (heldout.jsonl), so `llamaforge eval` reruns stage 5 anywhere.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def make_data(out: Path, problems: int, eval_per_skill: int) -> tuple[Path, Path, Path]:
-    """Pre-training text (question and answer), chat examples and held-out problems."""
+    """Pre-training text (question and answer), chat examples and held-out problems (in `eval --data-dir`'s
+    layout: out/demo/test.jsonl)."""
     evaluation_rows = held_out(EVAL_SEED, eval_per_skill)
     train = training(TRAIN_SEED, problems, evaluation_rows)
     text = write_jsonl(out / "pretrain.jsonl", [{"text": f"{p['question']}\n{p['answer']}"} for p in train])
@@ -59,7 +61,8 @@ def make_data(out: Path, problems: int, eval_per_skill: int) -> tuple[Path, Path
         system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.05 else []
         dialogs.append({"messages": system + turn})
     chat = write_jsonl(out / "chat.jsonl", dialogs)
-    evaluation = write_jsonl(out / "eval.jsonl", evaluation_rows)
+    (out / "demo").mkdir(exist_ok=True)
+    evaluation = write_jsonl(out / "demo" / "test.jsonl", evaluation_rows)
     return text, chat, evaluation
 
 
@@ -124,33 +127,33 @@ def final_losses(run: Path) -> dict[str, float]:
             "val_loss": round(next(r["val_loss"] for r in reversed(records) if "val_loss" in r), 4)}
 
 
-def evaluate(model_dir: Path, evaluation: Path) -> dict[str, float]:
-    """Accuracy per skill: greedy chat answers equal to the expected answer and ending with EOS.
+def evaluate(model_dir: Path, data_dir: Path) -> dict[str, float]:
+    """Accuracy per skill: the `demo` evaluation task (greedy chat answers exactly the expected text).
 
     Addition and subtraction are also scored on the problems whose operands both have two digits
     ("addition 2-digit"), the target the demo model is held to; the rest have a 1-digit operand.
     """
     import llamaforge
+    from llamaforge.eval.data import DataSource
+    from llamaforge.eval.evaluator import evaluate as run_tasks
+    from llamaforge.eval.evaluator import prepare
 
-    llm = llamaforge.load(model_dir, device="cpu")
-    rows = [json.loads(line) for line in evaluation.read_text().splitlines()]
-    correct: dict[str, list[bool]] = {}
-    for row in rows:
-        out = llm.chat([{"role": "user", "content": row["question"]}], temperature=0, max_new_tokens=96)
-        hit = out.text.strip() == row["answer"] and out.finish_reason == "stop"
-        correct.setdefault(row["skill"], []).append(hit)
-        if row["skill"] in ("addition", "subtraction") and min(row["key"]) >= 10:
-            correct.setdefault(f"{row['skill']} 2-digit", []).append(hit)
-    return {skill: sum(hits) / len(hits) for skill, hits in correct.items()}
+    runs = prepare(["demo", "demo_addition_2digit", "demo_subtraction_2digit"], DataSource(data_dir))
+    results = run_tasks(llamaforge.load(model_dir, device="cpu"), runs, progress=False)["results"]
+    return {run.task.name.removeprefix("demo_").replace("_2digit", " 2-digit"): results[run.task.name]["exact_match"]
+            for run in runs}
 
 
-def install(model_dir: Path, report: dict) -> Path:
-    """Make the model the package's built-in demo model (`llamaforge.load()`), replacing the old one whole."""
+def install(model_dir: Path, held_out: Path, report: dict) -> Path:
+    """Make the model the package's built-in demo model (`llamaforge.load()`), replacing the old one whole;
+    its held-out problems go with it for `llamaforge eval`."""
     from llamaforge.checkpoint import DEMO_DIR
+    from llamaforge.eval.tasks import DemoSkill
 
     staging = DEMO_DIR.with_name(f".{DEMO_DIR.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging)
+    shutil.copy(held_out, staging / DemoSkill.dataset.bundled.name)
     (staging / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     staging.rename(DEMO_DIR)
@@ -186,7 +189,7 @@ def main() -> None:
              "--max-steps", str(args.pretrain_steps), *common)
     finetune("--model", str(args.out / "pretrain" / "model"), "--data", str(chat), "--out", str(args.out / "chat"),
              "--method", "full", "--lr", "1.5e-3", "--max-steps", str(args.chat_steps), *common)
-    scores = evaluate(args.out / "chat" / "model", evaluation)
+    scores = evaluate(args.out / "chat" / "model", args.out)
     report = {"accuracy": scores, "skills": list(SKILLS), "minutes": round((time.perf_counter() - started) / 60, 1),
               "losses": {stage: final_losses(args.out / stage) for stage in ("pretrain", "chat")},
               "held_out_per_skill": args.eval_per_skill,
@@ -197,7 +200,7 @@ def main() -> None:
         print(f"{skill:12} {accuracy:6.1%}")
     print(f"model: {report['model']} ({report['minutes']:.1f} min)")
     if args.install:
-        print(f"installed as the built-in demo model: {install(args.out / 'chat' / 'model', report)}")
+        print(f"installed as the built-in demo model: {install(args.out / 'chat' / 'model', evaluation, report)}")
 
 
 if __name__ == "__main__":

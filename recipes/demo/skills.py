@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from llamaforge.eval.tasks import DEMO_SKILLS
+
 # Letters for made-up words: every word the model reverses or spells is new, so the skill must generalise.
 CONSONANTS = "bcdfghjklmnprstvwz"
 VOWELS = "aeiou"
@@ -118,8 +120,9 @@ SKILLS: dict[str, Callable[[random.Random], Problem]] = {
     "addition": addition, "subtraction": subtraction, "compare": compare, "convert": convert,
     "reverse": reverse, "spell": spell, "count": count, "greeting": greeting, "self": self_description,
 }
-# Skills scored on held-out problems (greetings and self-description have fixed answers).
-EVALUATED = ("addition", "subtraction", "compare", "convert", "reverse", "spell", "count")
+# Skills scored on held-out problems, each a task of `llamaforge eval` (greetings and self-description
+# have fixed answers).
+EVALUATED = DEMO_SKILLS
 # Share of the training problems per skill.
 WEIGHTS = {"addition": 3.0, "subtraction": 4.0, "compare": 2.5, "convert": 0.75, "reverse": 1.25, "spell": 0.75,
            "count": 1.5, "greeting": 0.1, "self": 0.1}
