@@ -112,6 +112,32 @@ def test_shared_prefix_runs_once_and_scores_as_full_sequences(llm, data: Path) -
     assert sum(ran) < full / 2, "each document's shared prompt should run once, not once per choice"
 
 
+def test_documents_sharing_few_shot_examples_run_them_once_per_batch(llm) -> None:
+    """MMLU's questions of a subject all follow the same five examples: those run once per batch, not per question."""
+    examples = "".join(f"Question {i}: which llama carries the {word} loads?\nAnswer: B\n\n"
+                       for i, word in enumerate(["small", "quick", "brown", "lazy", "heavy"]))
+    questions = [f"Question: does the {w} llama hum {'loudly ' * n}today?\nAnswer:"
+                 for n, w in enumerate(["fox", "dog", "Andes", "small", "quick", "brown", "lazy"])]
+    tokenizer = llm.tokenizer
+    groups = [[tokenize_request(tokenizer, examples + q, f" {c}", 2048) for c in "ABCD"] for q in questions]
+    groups.append([tokenize_request(tokenizer, "A llama", " hums", 64), tokenize_request(tokenizer, "A", " dog", 64)])
+    with torch.inference_mode():
+        expected = [[full_sequence_loglikelihood(llm, r) for r in group] for group in groups]
+    ran: list[int] = []
+    for batch_size in (3, 7):  # 7: one batch of the seven questions; 3: two batches and a leftover question
+        ran.clear()
+        hook = llm.model.model.embed_tokens.register_forward_pre_hook(lambda _, args: ran.append(args[0].numel()))
+        try:
+            ours = loglikelihoods(llm.model, groups, batch_size=batch_size, progress=False)
+        finally:
+            hook.remove()
+        for mine, theirs in zip(ours, expected, strict=True):
+            torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=1e-5, atol=1e-4)
+        if batch_size == 7:
+            # Each question's prompt once would be 7 x ~250 tokens; the examples once, ~240 + 7 x ~50.
+            assert sum(ran) < sum(len(group[0].tokens) for group in groups) / 2, ran
+
+
 def test_limit_keeps_the_prompts_of_a_full_run(data: Path) -> None:
     source = DataSource(data)
     for task in ("hellaswag", "arc_challenge", "gsm8k"):

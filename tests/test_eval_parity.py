@@ -7,11 +7,13 @@ truncation, generation and metrics, not a re-typed copy of them.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'llamaforge[eval]')")
 
@@ -108,6 +110,39 @@ def test_every_task_scores_as_lm_eval(data: Path, tiny_tokenizer_path: Path, tmp
     assert_same_requests(llm, runs, samples, model_dir)
     # Not a tie of degenerate numbers: the model's choices differ from document to document.
     assert 0 < ours["truthfulqa_mc2"]["mc2"] < 1 and 0 < ours["mmlu"]["acc"] < 1
+
+
+@pytest.mark.slow
+def test_an_adapter_scores_as_lm_eval_with_peft(data: Path, tiny_tokenizer_path: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """`llamaforge eval --adapter A` against lm-eval's `peft=A`: the LoRA adapter a fine-tune writes, evaluated."""
+    from factories import EVAL_CONFIG, random_model
+
+    from llamaforge.cli import main
+    from llamaforge.lora import LoraConfig, add_lora, lora_layers, save_adapter
+
+    model_dir = write_eval_model(tmp_path / "model", tiny_tokenizer_path, seed=1)
+    tuned = add_lora(random_model(EVAL_CONFIG, seed=1, std=0.08), LoraConfig(r=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained adapter's B is nonzero; the zero init would change nothing
+        for _, layer in lora_layers(tuned):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.2)
+    save_adapter(tuned, tmp_path / "adapter", base_model=str(model_dir))
+    tasks = ["arc_challenge", "winogrande", "gsm8k"]
+    flags = ["--tasks", ",".join(tasks), "--data-dir", str(data), "--limit", "3", "--batch-size", "3"]
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), *flags,
+                 "--out", str(tmp_path / "tuned.json")]) == 0
+    capsys.readouterr()
+    ours = json.loads((tmp_path / "tuned.json").read_text())
+    assert ours["model"]["adapter"] == str(tmp_path / "adapter")
+    theirs, samples = run_lm_eval(model_dir, data, tasks, limit=3, batch_size=4, work_dir=tmp_path,
+                                  peft=tmp_path / "adapter")
+    assert_same_metrics(ours["results"], theirs)
+    # The adapter is really applied: lm-eval's log-likelihoods with it differ from the base model's.
+    base_runs = prepare(["arc_challenge"], DataSource(data), limit=3)
+    base = our_loglikelihoods(llamaforge.load(model_dir), base_runs[0])
+    tuned_logged = [[resp[0][0] for resp in s["resps"]] for s in samples["arc_challenge"]]
+    assert max(abs(a - b) for x, y in zip(base, tuned_logged, strict=True) for a, b in zip(x, y, strict=True)) > 1e-2
 
 
 @pytest.mark.slow

@@ -9,7 +9,11 @@ The requests of one document share a prefix: the few-shot examples and the quest
 everything up to where its options differ. That prefix runs once per document; its KV cache is copied
 to one row per request, and only each request's own tokens run after it. lm-eval instead runs every
 (context + continuation) in full, so a 4-choice, 25-shot ARC question costs it about four times the
-compute. Requests are sorted by length (longest first) and batched, `batch_size` requests per forward.
+compute. Documents can share a prefix too: every MMLU question of a subject follows the same five
+examples, every TruthfulQA question the same preamble. Documents that share at least `MIN_SHARED`
+tokens are batched together, and the part a whole batch shares (its root) runs once for the batch.
+Batches hold `batch_size` documents (one prefix row each), longest first; their requests' own tokens
+run `batch_size` rows at a time.
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ def tokenize_request(tokenizer: Tokenizer, context: str, continuation: str, max_
     return Scored(full[:-1], continuation_ids)
 
 
+# Documents sharing at least this many leading tokens are batched together so that the shared part runs
+# once; below it a separate pass costs more than it saves.
+MIN_SHARED = 32
+
+
 @dataclass
 class _Unit:
     """Requests that run one shared prefix: `prefix` tokens every one of them starts with."""
@@ -80,8 +89,22 @@ class _Unit:
     prefix: int
 
     @property
+    def prefix_tokens(self) -> list[int]:
+        return self.requests[0].tokens[:self.prefix]
+
+    @property
     def longest(self) -> int:
         return max(len(r.tokens) for r in self.requests)
+
+
+def common_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all sequences share, at most `limit`."""
+    first = sequences[0]
+    limit = min(limit, *(len(s) for s in sequences))
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
 
 
 def shared_prefix(requests: Sequence[Scored]) -> int:
@@ -90,12 +113,7 @@ def shared_prefix(requests: Sequence[Scored]) -> int:
     A request's first target is predicted at `first_scored`; the prefix pass yields the logits of its
     last token, so the prefix may end there but not later.
     """
-    limit = min(r.first_scored + 1 for r in requests)
-    first = requests[0].tokens
-    length = 0
-    while length < limit and all(r.tokens[length] == first[length] for r in requests):
-        length += 1
-    return length
+    return common_length([r.tokens for r in requests], min(r.first_scored + 1 for r in requests))
 
 
 def _units(groups: Sequence[Sequence[Scored]]) -> list[_Unit]:
@@ -109,28 +127,41 @@ def _units(groups: Sequence[Sequence[Scored]]) -> list[_Unit]:
     return units
 
 
+def _batches(units: list[_Unit], batch_size: int) -> list[list[_Unit]]:
+    """Units in batches of `batch_size`, longest first; units sharing `MIN_SHARED` tokens fill batches together.
+
+    In token order, units that share a long start are neighbours: each run of such neighbours (a family,
+    e.g. one MMLU subject) fills whole batches of its own; what is left over is batched by length.
+    """
+    families: list[list[_Unit]] = []
+    for unit in sorted(units, key=lambda u: u.prefix_tokens):
+        previous = families[-1][-1] if families else None
+        if previous is None or common_length([previous.prefix_tokens, unit.prefix_tokens], MIN_SHARED) < MIN_SHARED:
+            families.append([])
+        families[-1].append(unit)
+    batches, leftover = [], []
+    for family in families:
+        family.sort(key=lambda u: -u.longest)
+        whole = len(family) - len(family) % batch_size
+        batches += [family[i:i + batch_size] for i in range(0, whole, batch_size)]
+        leftover += family[whole:]
+    leftover.sort(key=lambda u: -u.longest)
+    batches += [leftover[i:i + batch_size] for i in range(0, len(leftover), batch_size)]
+    return sorted(batches, key=lambda batch: -batch[0].longest)
+
+
 def loglikelihoods(model: Llama, groups: Sequence[Sequence[Scored]], batch_size: int,
                    progress: bool = True) -> list[list[float]]:
     """Each request's summed log-probability of its targets, in the groups' shape.
 
     A group is the requests of one document; whatever prefix its requests share runs once.
     """
-    units = sorted(_units(groups), key=lambda u: -u.longest)
     results = [[0.0] * len(requests) for requests in groups]
     with tqdm(total=sum(len(g) for g in groups), desc="loglikelihood", unit="req", disable=not progress,
               dynamic_ncols=True) as bar:
-        batch: list[_Unit] = []
-        size = 0  # requests in the batch
-        for unit in units:
-            if batch and size + len(unit.requests) > batch_size:
-                _score_batch(model, batch, batch_size, results)
-                bar.update(size)
-                batch, size = [], 0
-            batch.append(unit)
-            size += len(unit.requests)
-        if batch:
+        for batch in _batches(_units(groups), batch_size):
             _score_batch(model, batch, batch_size, results)
-            bar.update(size)
+            bar.update(sum(len(unit.requests) for unit in batch))
     return results
 
 
@@ -157,10 +188,17 @@ def _score_batch(model: Llama, units: list[_Unit], batch_size: int, results: lis
     # Each unit's requests continue after its prefix; the cache holds the longest prefix plus the longest rest.
     rest = max(len(r.tokens) - u.prefix for u in units for r in u.requests)
     cache = model.new_kv_cache(len(units), max(u.prefix for u in units) + rest)
-    prefixes = _pad([u.requests[0].tokens[:u.prefix] for u in units], device)  # (G, P)
-    input_pos = torch.arange(prefixes.shape[1], device=device).expand_as(prefixes)
-    last = torch.tensor([u.prefix - 1 for u in units], device=device)
-    prefix_logprobs = F.log_softmax(model(prefixes, input_pos, cache, logits_at=last).float(), dim=-1)  # (G, V)
+    # The root: what every prefix of the batch starts with, run once. Each prefix keeps at least its last
+    # token for the pass below, which yields the logits there.
+    prefixes = [u.prefix_tokens for u in units]
+    root = common_length(prefixes, min(u.prefix for u in units) - 1) if len(units) > 1 else 0
+    root = root if root >= MIN_SHARED else 0
+    if root:
+        _run_root(model, prefixes[0][:root], cache)
+    tokens = _pad([p[root:] for p in prefixes], device)  # (G, P - root)
+    input_pos = root + torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    last = torch.tensor([u.prefix - 1 - root for u in units], device=device)
+    prefix_logprobs = F.log_softmax(model(tokens, input_pos, cache, logits_at=last).float(), dim=-1)  # (G, V)
 
     # A request whose first target follows the prefix's last token takes that one log-prob from the prefix pass.
     from_prefix = [(row, unit, member, request.targets[0]) for row, unit in enumerate(units)
@@ -175,6 +213,17 @@ def _score_batch(model: Llama, units: list[_Unit], batch_size: int, results: lis
              for member, request in zip(unit.members, unit.requests, strict=True) if len(request.tokens) > unit.prefix]
     for start in range(0, len(rests), batch_size):
         _score_rest(model, cache, rests[start:start + batch_size], results)
+
+
+def _run_root(model: Llama, root: list[int], cache: list[KVCache]) -> None:
+    """Run the tokens every row starts with in row 0 of the cache, then copy their keys and values to every row."""
+    device = model.lm_head.weight.device
+    tokens = torch.tensor([root], device=device)  # (1, R)
+    input_pos = torch.arange(len(root), device=device)[None]  # (1, R)
+    model(tokens, input_pos, [layer.rows(0, 1) for layer in cache], logits_at=torch.tensor([0], device=device))
+    for layer in cache:
+        layer.k[1:, :, :len(root)] = layer.k[:1, :, :len(root)]
+        layer.v[1:, :, :len(root)] = layer.v[:1, :, :len(root)]
 
 
 def _score_rest(model: Llama, cache: list[KVCache], rests: list[_Rest], results: list[list[float]]) -> None:
