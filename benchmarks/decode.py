@@ -4,8 +4,8 @@ Both models hold the same random weights (HF's parameters are llamaforge's tenso
 is not doubled) and decode the same fixed random prompt greedily for exactly `--new-tokens` tokens.
 
 - prefill: time to first token (prompt forward + first greedy pick), reported as prompt tokens/s.
-- decode: seconds per further token; llamaforge's from `generate_events` timings, HF's as
-  (time of generate(N) - time of generate(1)) / (N - 1).
+- decode: seconds per further token, from the first new token to the last; llamaforge's from
+  `generate_events` timings, HF's from when its `generate` hands each token to a streamer.
 - decode GB/s: model bytes x decode tokens/s, the weight bandwidth a memory-bound decode needs (as gpt-fast
   reports it).
 
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llamaforge.config import PRESETS, ModelArgs
@@ -103,20 +104,32 @@ def run_ours(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float, f
     return timings["prefill_s"], timings["decode_s"] / timings["decode_steps"], tokens
 
 
-def hf_generate(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
-    """(seconds, generated ids) of one greedy HF `generate` of exactly `new_tokens` tokens."""
-    started = time.perf_counter()
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            pad_token_id=model.config.eos_token_id)
-    return time.perf_counter() - started, output[0, input_ids.shape[1]:].tolist()
+class TokenClock(BaseStreamer):
+    """A streamer that only notes when `generate` hands it tokens: the prompt first, then each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def run_hf(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds per token, generated ids): generate(1) is the prefill."""
-    prefill_s, _ = hf_generate(model, input_ids, 1)
-    total_s, tokens = hf_generate(model, input_ids, new_tokens)
-    return prefill_s, (total_s - prefill_s) / (new_tokens - 1), tokens
+    """(prefill seconds, decode seconds per token, generated ids) of one greedy HF `generate`.
+
+    The prefill ends when the first new token reaches the streamer; decoding is the time from there to
+    the last token, per token after the first (as llamaforge's timings count it).
+    """
+    clock = TokenClock()
+    started = time.perf_counter()
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=model.config.eos_token_id, streamer=clock)
+    first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt, before any forward pass
+    return first - started, (last - first) / (new_tokens - 1), output[0, input_ids.shape[1]:].tolist()
 
 
 def measure_pair(ours: Run, theirs: Run, repeats: int) -> tuple[Measurement, Measurement]:

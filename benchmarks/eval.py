@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, help="task files in docs/eval.md's layout (default: generated)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated; mmlu is all 57 subjects")
     parser.add_argument("--docs", type=int, default=12, help="documents per generated task")
-    parser.add_argument("--mmlu-docs", type=int, default=1, help="documents per generated MMLU subject (57)")
+    parser.add_argument("--mmlu-docs", type=int, default=8, help="documents per generated MMLU subject (57); a real "
+                        "subject has 100-1534, and one batch of them shares its five examples")
     parser.add_argument("--limit", type=int, help="documents per task to evaluate (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass, both sides")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
