@@ -23,7 +23,7 @@ from llamaforge.eval.metrics import gsm8k_scores, mc2
 from llamaforge.eval.perplexity import perplexity
 from llamaforge.eval.report import markdown
 from llamaforge.eval.scoring import Scored, loglikelihoods, tokenize_request
-from llamaforge.eval.tasks import MMLU_CATEGORY, MMLU_SUBJECTS, ArcChallenge, make_task
+from llamaforge.eval.tasks import MMLU_CATEGORY, MMLU_SUBJECTS, make_task
 
 
 @pytest.fixture(scope="module")
@@ -160,21 +160,51 @@ def test_parquet_files_and_hub_shards_read_like_jsonl(data: Path, tmp_path: Path
         prepare(["arc_challenge"], DataSource(data))[0].requests
 
 
-def test_without_data_dir_rows_come_from_the_hub(monkeypatch: pytest.MonkeyPatch, data: Path) -> None:
-    datasets = pytest.importorskip("datasets")
-    calls = []
+def hub_download_cache(hf_home: Path, data: Path) -> None:
+    """The `datasets` cache that downloading allenai/ai2_arc (ARC-Challenge) leaves, built from local files.
 
-    def load_dataset(path: str, name: str | None, split: str):
-        calls.append((path, name, split))
-        if split == "train":
-            raise ConnectionError("no network")
-        return read_rows(data / "arc_challenge/test.jsonl")
+    A download prepares Arrow files under HF_HOME/datasets/allenai___ai2_arc/ARC-Challenge/0.0.0/<hash>/;
+    offline, `load_dataset("allenai/ai2_arc", "ARC-Challenge")` reads them back from there.
+    """
+    from datasets.packaged_modules.json.json import Json
 
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    assert DataSource().rows(ArcChallenge.dataset, "test") == read_rows(data / "arc_challenge/test.jsonl")
-    with pytest.raises(EvalDataError, match="no network.*pass --data-dir"):
-        DataSource().rows(ArcChallenge.dataset, "train")
-    assert calls == [("allenai/ai2_arc", "ARC-Challenge", "test"), ("allenai/ai2_arc", "ARC-Challenge", "train")]
+    cache = hf_home / "datasets"
+    files = {split: str(data / f"arc_challenge/{split}.jsonl") for split in ("train", "test")}
+    Json(cache_dir=str(cache), dataset_name="ai2_arc", config_name="ARC-Challenge", data_files=files,
+         hash="0123456789abcdef").download_and_prepare()
+    # Local files make the folder names carry a data-files hash a hub download's do not have.
+    (cache / "ai2_arc").rename(cache / "allenai___ai2_arc")
+    config = next((cache / "allenai___ai2_arc").iterdir())
+    config.rename(config.with_name("ARC-Challenge"))
+
+
+@pytest.mark.slow
+def test_without_data_dir_tasks_load_through_datasets_from_its_cache(model_dir: Path, data: Path,
+                                                                    tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    import os
+    import subprocess
+    import sys
+
+    hub_download_cache(tmp_path / "hf", data)
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    flags = ["--model", str(model_dir), "--limit", "2"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llamaforge", "eval", *flags, *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    done = run("--tasks", "arc_challenge", "--out", str(tmp_path / "hub.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["eval", *flags, "--tasks", "arc_challenge", "--data-dir", str(data),
+                 "--out", str(tmp_path / "local.json")]) == 0
+    hub, local = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("hub", "local"))
+    assert hub["config"]["data"] == "hub" and hub["results"] == local["results"]
+
+    done = run("--tasks", "winogrande")  # never downloaded
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: could not load allenai/winogrande (winogrande_xl) split validation from "
+                                  "the hub (") and "offline, pass --data-dir with local files" in done.stderr
 
 
 def test_mmlu_reports_the_size_weighted_and_the_plain_mean_of_its_subjects(llm, data: Path, tmp_path: Path) -> None:
