@@ -388,3 +388,18 @@ def test_demo_task_asks_in_the_chat_format_and_reads_the_shipped_problems(tmp_pa
     (tmp_path / "demo").rmdir()
     assert prepare(["demo_spell"], DataSource(tmp_path), limit=1)[0].docs[0]["skill"] == "spell"
     assert isinstance(make_task("demo_spell"), DemoSkill)
+
+
+def test_perplexity_checks_what_4_bit_weights_cost(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The demo model on its own held-out problems: NF4 weights score close to the bf16 ones, not the same."""
+    from llamaforge.checkpoint import DEMO_DIR
+
+    rows = read_rows(DEMO_DIR / "heldout.jsonl")[::7]
+    (tmp_path / "text.txt").write_text("\n".join(f"[INST] {r['question']} [/INST] {r['answer']}" for r in rows))
+    scores = {}
+    for quantize in ([], ["--quantize", "nf4"]):
+        code, out, err = run_cli(capsys, "perplexity", str(tmp_path / "text.txt"), "--context", "512", "--json",
+                                 *quantize)
+        assert code == 0, err
+        scores[bool(quantize)] = json.loads(out)["bits_per_byte"]
+    assert scores[True] != scores[False] and abs(scores[True] / scores[False] - 1) < 0.02, scores
