@@ -403,3 +403,21 @@ def test_perplexity_checks_what_4_bit_weights_cost(tmp_path: Path, capsys: pytes
         assert code == 0, err
         scores[bool(quantize)] = json.loads(out)["bits_per_byte"]
     assert scores[True] != scores[False] and abs(scores[True] / scores[False] - 1) < 0.02, scores
+
+
+def test_running_out_of_memory_names_the_batch_size(model_dir: Path, data: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from llamaforge.model import Llama
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Llama, "forward", out_of_memory)
+    (tmp_path / "text.txt").write_text(CORPUS[0])
+    for command, unit in ((["eval", "--tasks", "arc_challenge", "--data-dir", str(data)], "documents"),
+                          (["perplexity", str(tmp_path / "text.txt")], "windows")):
+        code, out, err = run_cli(capsys, *command, "--model", str(model_dir), "--batch-size", "16")
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"error: out of cpu memory with --batch-size 16 ({unit} per forward pass); lower "
+                              "--batch-size")

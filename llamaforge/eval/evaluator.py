@@ -15,7 +15,7 @@ from llamaforge.errors import TokenizerError
 from llamaforge.eval.data import DataSource, EvalDataError
 from llamaforge.eval.fewshot import FEWSHOT_SEED, FewshotSampler, fewshot_prefix
 from llamaforge.eval.metrics import mean, mean_stderr, pooled_stderr, unweighted_stderr, weighted_mean
-from llamaforge.eval.scoring import generate_until, loglikelihoods, tokenize_request
+from llamaforge.eval.scoring import batch_size_named_on_oom, generate_until, loglikelihoods, tokenize_request
 from llamaforge.eval.tasks import GROUPS, Task, leaves, make_task
 
 
@@ -88,10 +88,10 @@ def evaluate(llm: LLM, runs: list[TaskRun], batch_size: int = 8, progress: bool 
     scored = [run for run in runs if run.task.kind == "loglikelihood"]
     groups = [[tokenize_request(llm.tokenizer, context, continuation, llm.config.context_length)
                for context, continuation in doc_requests] for run in scored for doc_requests in run.requests]
-    results = iter(loglikelihoods(llm.model, groups, batch_size, progress))
-    per_doc = {run.task.name: [run.task.score(doc, next(results)) for doc in run.docs] for run in scored}
-    for run in runs:
-        if run.task.kind == "generate":
+    with batch_size_named_on_oom(llm.device, batch_size, "documents"):
+        results = iter(loglikelihoods(llm.model, groups, batch_size, progress))
+        per_doc = {run.task.name: [run.task.score(doc, next(results)) for doc in run.docs] for run in scored}
+        for run in (run for run in runs if run.task.kind == "generate"):
             texts = generate_until(llm, run.prompts, run.task.until, run.task.max_new_tokens, batch_size, progress)
             per_doc[run.task.name] = [run.task.score(doc, [text]) for doc, text in zip(run.docs, texts, strict=True)]
     report = {run.task.name: _task_metrics(per_doc[run.task.name]) | {"num_fewshot": run.num_fewshot} for run in runs}

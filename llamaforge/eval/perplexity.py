@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from llamaforge.api import LLM
 from llamaforge.errors import LlamaforgeError
+from llamaforge.eval.scoring import batch_size_named_on_oom
 
 
 @dataclass
@@ -72,7 +73,7 @@ def perplexity(llm: LLM, text: str, context: int | None = None, stride: int | No
     ids = llm.tokenizer.encode(text, bos=True)
     spans = windows(len(ids), context, stride)
     nll = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), batch_size_named_on_oom(llm.device, batch_size, "windows"):
         for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch", disable=not progress,
                           dynamic_ncols=True):
             nll += _window_nll(llm, ids, spans[start:start + batch_size])

@@ -18,7 +18,8 @@ run `batch_size` rows at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -279,3 +280,13 @@ def generate_until(llm: LLM, prompts: Sequence[str], stops: Sequence[str], max_n
                 texts[index] = cut_at_stops(tokenizer.decode(result.token_ids), stops)
             bar.update(len(chunk))
     return texts
+
+
+@contextmanager
+def batch_size_named_on_oom(device: torch.device, batch_size: int, unit: str) -> Iterator[None]:
+    """Turn running out of accelerator memory into an error that says which setting to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise LlamaforgeError(f"out of {device} memory with --batch-size {batch_size} ({unit} per forward pass); "
+                              "lower --batch-size, or load the weights with --quantize nf4") from None
