@@ -13,8 +13,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llamaforge.errors import LlamaforgeError
+
+if TYPE_CHECKING:
+    from llamaforge.tokenizer import Tokenizer
 
 EXIT_USER_ERROR = 2
 
@@ -169,10 +173,9 @@ def _stream_answer(llm, messages: list[dict], params, args: argparse.Namespace) 
 def cmd_template(args: argparse.Namespace) -> None:
     """Print the exact Llama 2 chat prompt of a dialog file: the text (with <s>, </s>) and the token ids."""
     from llamaforge.chat import encode_dialog, render_dialog
-    from llamaforge.tokenizer import Tokenizer
 
     messages = _read_dialog(Path(args.dialog))
-    tokenizer = Tokenizer(_tokenizer_path(args))
+    tokenizer = _tokenizer(args)
     prompt, ids = render_dialog(messages), encode_dialog(tokenizer, messages)
     if args.json:
         _print_json({"prompt": prompt, "token_ids": ids})
@@ -261,8 +264,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         raise LlamaforgeError("merge needs --adapter DIR (the adapter to fold into --model)")
     llm = load(args.model, dtype=args.dtype, device=args.device or "cpu", tokenizer=args.tokenizer,
                adapter=args.adapter)
-    tokenizer_file = llm.tokenizer.path if llm.tokenizer else None
-    out = save_hf_dir(llm.model.state_dict(), llm.config, args.out, tokenizer_file)
+    out = save_hf_dir(llm.model.state_dict(), llm.config, args.out, llm.tokenizer)
     if args.json:
         _print_json({"out": str(out)})
     else:
@@ -272,15 +274,37 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_data_check(args: argparse.Namespace) -> None:
     """Lint a training file: schema, problems with line numbers, token lengths, the loss mask of one example."""
     from llamaforge.finetune.inspect import check_data
-    from llamaforge.tokenizer import Tokenizer
 
-    report = check_data(args.file, Tokenizer(_tokenizer_path(args)), args.seq_len)
+    report = check_data(args.file, _tokenizer(args), args.seq_len)
     if args.json:
         _print_json(report.to_dict())
     else:
         print(report.render())
     if not report.ok:
         raise SystemExit(1)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write the model (with --adapter merged in) as one GGUF file that llama.cpp runs."""
+    from llamaforge.api import load
+    from llamaforge.checkpoint.gguf import WEIGHT_TYPES, write_gguf
+
+    out = Path(args.out)
+    # Checked before the weights load: a typo should not cost a 7B load.
+    if out.suffix != ".gguf" or out.exists():
+        raise LlamaforgeError(f"--out {out}: give a new file name ending in .gguf")
+    if args.type not in WEIGHT_TYPES:
+        raise LlamaforgeError(f"--type {args.type}: choose one of {', '.join(WEIGHT_TYPES)}")
+    llm = load(args.model, dtype=args.dtype, device=args.device or "cpu", tokenizer=args.tokenizer,
+               adapter=args.adapter)
+    if llm.tokenizer is None:
+        raise LlamaforgeError(f"{llm.source} has no tokenizer, and a GGUF file carries one: pass --tokenizer "
+                              "tokenizer.model")
+    write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, out, args.type, name=Path(str(llm.source)).name)
+    if args.json:
+        _print_json({"out": str(out), "type": args.type, "bytes": out.stat().st_size})
+    else:
+        print(f"wrote {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -357,17 +381,18 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
           f"{result.seconds:.1f} s)")
 
 
-def _tokenizer_path(args: argparse.Namespace) -> Path:
-    """--tokenizer, or the tokenizer file of --model (found without loading weights; default the demo model)."""
-    from llamaforge.checkpoint import DEMO, detect_format, resolve, tokenizer_file
+def _tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """--tokenizer, or the tokenizer of --model (read without loading weights; default the demo model)."""
+    from llamaforge.checkpoint import DEMO, detect_format, read_tokenizer, resolve
+    from llamaforge.tokenizer import Tokenizer
 
     if args.tokenizer:
-        return Path(args.tokenizer)
+        return Tokenizer(args.tokenizer)
     model_path = resolve(args.model or DEMO)
-    path = tokenizer_file(model_path, detect_format(model_path))
-    if path is None:
+    tokenizer = read_tokenizer(model_path, detect_format(model_path))
+    if tokenizer is None:
         raise LlamaforgeError(f"{args.model} has no tokenizer file; pass --tokenizer tokenizer.model")
-    return path
+    return tokenizer
 
 
 def _finetune_flags(parser: argparse.ArgumentParser) -> None:
@@ -472,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(merge)
     _adapter_flag(merge)
     merge.add_argument("--out", required=True, help="directory for the merged HF-format model")
+
+    export = add("export", cmd_export)
+    _model_flags(export)
+    _adapter_flag(export)
+    export.add_argument("--out", required=True, help="the .gguf file to write")
+    export.add_argument("--type", default="f16", help="how the weights are stored: f32, f16 (default), bf16 or "
+                        "q8_0, the types llama.cpp's converter writes; norms stay f32")
 
     evaluation = add("eval", cmd_eval)
     _model_flags(evaluation)

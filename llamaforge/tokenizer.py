@@ -1,6 +1,7 @@
-"""Llama tokenizers: SentencePiece `tokenizer.model`, HF `tokenizer.json`, llama2.c `tokenizer.bin`.
+"""Llama tokenizers: SentencePiece `tokenizer.model`, HF `tokenizer.json`, llama2.c `tokenizer.bin`, and the
+vocabulary inside a GGUF file (rebuilt as a SentencePiece model by checkpoint/gguf.py).
 
-All three give the same ids for the same vocabulary. Control tokens (BOS/EOS) are added as ids, never
+All of them give the same ids for the same vocabulary. Control tokens (BOS/EOS) are added as ids, never
 parsed out of text: "<s>" typed by a user is five characters, not BOS.
 """
 
@@ -19,19 +20,22 @@ LLAMA2_VOCAB_SIZE, LLAMA2_DOUBLE_SPACE_ID = 32000, 259  # how Llama 2's vocabula
 class Tokenizer:
     """Encode text to ids and back, Meta-style: `encode(text, bos=True)` and `decode(ids)`."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, model_proto: bytes | None = None) -> None:
+        """`path` is the tokenizer's file; `model_proto`, a SentencePiece model rebuilt from the vocabulary
+        another format keeps in that file (GGUF)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer file {self.path} does not exist")
         self._sp = None
         self._hf = None
-        if self.path.suffix == ".json":
+        if self.path.suffix == ".json" and model_proto is None:
             self._hf = _load_tokenizers_json(self.path)
             self.bos_id = self._special_id("<s>", 1)
             self.eos_id = self._special_id("</s>", 2)
         else:
-            proto = _llama2c_to_sentencepiece(self.path) if self.path.suffix == ".bin" else None
-            self._sp = _load_sentencepiece(self.path, proto)
+            if model_proto is None and self.path.suffix == ".bin":
+                model_proto = _llama2c_to_sentencepiece(self.path)
+            self._sp = _load_sentencepiece(self.path, model_proto)
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
 
     @property
@@ -72,6 +76,23 @@ class Tokenizer:
         if is_byte_piece(piece):
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
+
+    def sentencepiece_model(self) -> bytes:
+        """The SentencePiece model (what a tokenizer.model file holds), also when it was rebuilt from another format."""
+        if self._sp is None:
+            raise TokenizerError(f"{self.path} is an HF tokenizer.json; this needs the SentencePiece tokenizer.model "
+                                 "that came with the weights (pass --tokenizer tokenizer.model)")
+        return self._sp.serialized_model_proto()
+
+    def save(self, directory: Path) -> Path:
+        """Write the tokenizer into a model folder: its own file as is, a rebuilt model as tokenizer.model."""
+        if self.path.name in TOKENIZER_FILES:
+            target = directory / self.path.name
+            target.write_bytes(self.path.read_bytes())
+        else:
+            target = directory / "tokenizer.model"
+            target.write_bytes(self.sentencepiece_model())
+        return target
 
     def id_to_piece(self, token_id: int) -> str:
         if self._sp is not None:
@@ -142,10 +163,8 @@ def _llama2c_to_sentencepiece(path: Path) -> bytes:
     The .bin keeps no normaliser settings, so Meta's are used (add a dummy prefix, keep repeated
     spaces). Ids 0/1/2 are unk/BOS/EOS and `<0xHH>` pieces are byte fallback, as in Llama's own model.
     """
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
     data = path.read_bytes()
-    model = model_pb2.ModelProto()
+    pieces = []
     offset = 4  # int32 max_token_length, unused here
     try:
         while offset < len(data):
@@ -155,22 +174,34 @@ def _llama2c_to_sentencepiece(path: Path) -> bytes:
             if len(raw) != length:
                 raise struct.error("piece runs past the end of the file")
             offset += length
-            piece = model.pieces.add()
-            piece.piece, piece.score = _llama2c_piece(raw.decode("utf-8"), len(model.pieces) - 1), score
-            piece.type = _piece_type(piece.piece, len(model.pieces) - 1)
+            piece = _llama2c_piece(raw.decode("utf-8"), len(pieces))
+            pieces.append((piece, score, _piece_type(piece, len(pieces))))
     except (struct.error, UnicodeDecodeError) as exc:
         raise TokenizerError(f"{path} is not a llama2.c tokenizer.bin ({exc})") from None
-    if len(model.pieces) < 3:
-        raise TokenizerError(f"{path} holds {len(model.pieces)} pieces; a llama2.c tokenizer.bin has hundreds")
+    if len(pieces) < 3:
+        raise TokenizerError(f"{path} holds {len(pieces)} pieces; a llama2.c tokenizer.bin has hundreds")
+    return sentencepiece_proto(pieces)
+
+
+def sentencepiece_proto(pieces: list[tuple[str, float, int]], unk_id: int = 0, bos_id: int = 1, eos_id: int = 2,
+                        add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False) -> bytes:
+    """A serialized SentencePiece BPE model of (piece, score, type) with Llama's settings: byte fallback,
+    identity normalisation, spaces as "▁", a dummy prefix and repeated spaces kept (unless told otherwise)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model = model_pb2.ModelProto()
+    for text, score, kind in pieces:
+        piece = model.pieces.add()
+        piece.piece, piece.score, piece.type = text, score, kind
     trainer = model.trainer_spec
     trainer.model_type = model_pb2.TrainerSpec.BPE
-    trainer.vocab_size = len(model.pieces)
+    trainer.vocab_size = len(pieces)
     trainer.byte_fallback = True
-    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = unk_id, bos_id, eos_id, -1
     normalizer = model.normalizer_spec
     normalizer.name = "identity"
-    normalizer.add_dummy_prefix = True
-    normalizer.remove_extra_whitespaces = False
+    normalizer.add_dummy_prefix = add_dummy_prefix
+    normalizer.remove_extra_whitespaces = remove_extra_whitespaces
     normalizer.escape_whitespaces = True
     return model.SerializeToString()
 

@@ -23,7 +23,7 @@ OPTIONAL_HEAVY = {"transformers", "fastapi", "uvicorn", "starlette", "prometheus
                   "bitsandbytes", "peft", "datasets"}
 # Where each optional library may be imported (its extra's own packages). lm_eval is for tests and benchmarks only.
 ALLOWED_HEAVY = {"fastapi": ("server",), "uvicorn": ("server",), "starlette": ("server",),
-                 "prometheus_client": ("server",), "datasets": ("finetune", "eval")}
+                 "prometheus_client": ("server",), "datasets": ("finetune", "eval"), "gguf": ("checkpoint",)}
 
 
 def imports_of(path: Path) -> set[str]:

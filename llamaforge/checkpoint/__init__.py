@@ -1,6 +1,7 @@
 """Find, read and convert a checkpoint into a `Llama` with HF names: `load_checkpoint(source)`.
 
-Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`;
+Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`, a
+GGUF file (llama.cpp's; quantized weights are dequantized);
 the name `demo` is the small chat model shipped inside the package (built by recipes/demo/run.py).
 Tensors stream one at a time into a model built on the meta device, each cast to the target dtype as
 it arrives, so loading never holds the checkpoint and the model in memory at once.
@@ -14,19 +15,20 @@ from pathlib import Path
 
 import torch
 
-from llamaforge.checkpoint import hf, hub, llama2c, meta
+from llamaforge.checkpoint import gguf, hf, hub, llama2c, meta
 from llamaforge.checkpoint.keymaps import IGNORED_KEYS
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, TokenizerError
 from llamaforge.model import Llama
 from llamaforge.tokenizer import Tokenizer, find_tokenizer
 
-FORMATS = ("hf", "meta", "llama2c")
+FORMATS = ("hf", "meta", "llama2c", "gguf")
 DEMO = "demo"  # the built-in model's name; a local directory called demo is ./demo
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / DEMO
 HELP = (
     "pass an HF directory (config.json + *.safetensors), a hub repo id like meta-llama/Llama-2-7b-chat-hf, "
-    "a Meta download directory (params.json + consolidated.00.pth + tokenizer.model) or a llama2.c .bin file"
+    "a Meta download directory (params.json + consolidated.00.pth + tokenizer.model), a llama.cpp .gguf file "
+    "or a llama2.c .bin file"
 )
 
 
@@ -64,6 +66,8 @@ def detect_format(path: Path) -> str:
         return "meta"
     if path.is_file() and path.suffix == ".bin" and path.stat().st_size >= llama2c.HEADER.size:
         return "llama2c"
+    if gguf.is_gguf(path):
+        return "gguf"
     raise CheckpointError(f"{path} is not a checkpoint llamaforge recognises; {HELP}")
 
 
@@ -81,19 +85,31 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
         shards = meta.open_shards(path)
         config = meta.read_config(path, shards)
         tensors = meta.iter_tensors(config, shards)
+    elif kind == "gguf":
+        reader = gguf.open_reader(path)
+        config = gguf.read_config(reader, path)
+        dtype = dtype or gguf.stored_dtype(reader)
+        tensors = gguf.iter_tensors(reader, config)
     else:
         config, shared = llama2c.read_header(path)
         tensors = llama2c.iter_tensors(path, config, shared)
     model = build_model(config, tensors, dtype, device)
-    tokenizer_path = tokenizer or tokenizer_file(path, kind)
-    loaded_tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+    loaded_tokenizer = Tokenizer(tokenizer) if tokenizer else read_tokenizer(path, kind)
     if loaded_tokenizer is not None:
         check_vocab(loaded_tokenizer, config)
     return Checkpoint(config, model, loaded_tokenizer, kind, path)
 
 
+def read_tokenizer(path: Path, kind: str) -> Tokenizer | None:
+    """The tokenizer a checkpoint comes with, read without its weights; None when it has none."""
+    if kind == "gguf":  # the vocabulary is inside the file
+        return gguf.read_tokenizer(gguf.open_reader(path), path)
+    found = tokenizer_file(path, kind)
+    return Tokenizer(found) if found else None
+
+
 def tokenizer_file(path: Path, kind: str) -> Path | None:
-    """Where a checkpoint keeps its tokenizer, found without reading any weights."""
+    """Where a checkpoint keeps its tokenizer file, found without reading any weights."""
     if kind == "hf":
         return find_tokenizer(path)
     if kind == "meta":  # Meta's download puts tokenizer.model one level above the size folders

@@ -12,6 +12,7 @@ import torch
 
 from llamaforge.config import ModelArgs, from_hf_config, read_json
 from llamaforge.errors import CheckpointError
+from llamaforge.tokenizer import Tokenizer
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -100,7 +101,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: str | Path,
-                tokenizer_file: Path | None = None, dtype: torch.dtype | None = None,
+                tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None,
                 max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write an HF checkpoint (config.json, safetensors shards + index, tokenizer) atomically.
 
@@ -142,8 +143,8 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
     stored = next(iter(tensors.values())).dtype
     hf_config = config.to_hf_config() | {"torch_dtype": str(stored).removeprefix("torch.")}
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer_file is not None:
-        (staging / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
+    if tokenizer is not None:
+        tokenizer.save(staging)
     # safetensors creates its files owner-only (0600); a model folder is meant to be shared like any other.
     umask = os.umask(0)
     os.umask(umask)

@@ -26,6 +26,22 @@ META_TO_HF = {
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
 }
 HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
+# GGUF (llama.cpp) name -> Meta name; GGUF keeps Meta's interleaved q/k rows too.
+GGUF_TO_META = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+}
+META_TO_GGUF = {meta: gguf for gguf, meta in GGUF_TO_META.items()}
 
 # Along which dimension Meta's model-parallel shards split a tensor (None: replicated in every shard).
 # Llama 2's embedding is a ParallelEmbedding, split along the embedding dimension.
@@ -39,10 +55,10 @@ IGNORED_KEYS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rope\.freqs)$")
 
 
 def _template(name: str) -> tuple[str, str | None]:
-    match = re.search(r"layers\.(\d+)\.", name)
+    match = re.search(r"(layers|blk)\.(\d+)\.", name)
     if match is None:
         return name, None
-    return name.replace(match.group(0), "layers.{}.", 1), match.group(1)
+    return name.replace(match.group(0), match.group(1) + ".{}.", 1), match.group(2)
 
 
 def rename(name: str, table: dict[str, str]) -> str | None:

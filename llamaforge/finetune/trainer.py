@@ -273,9 +273,8 @@ class Trainer:
             distributed.barrier(self.info)
             return
         if method == "full":
-            tokenizer_file = Path(self.tokenizer.path) if self.tokenizer.path else None
             save_dtype = torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32
-            save_hf_dir(state, self.model.config, self.out / "model", tokenizer_file, save_dtype)
+            save_hf_dir(state, self.model.config, self.out / "model", self.tokenizer, save_dtype)
         else:
             save_adapter(self.model, self.out, base_model=self.base_name, weights=weights)
         plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)

@@ -1,0 +1,257 @@
+"""GGUF, llama.cpp's one-file format: read a Llama GGUF into llamaforge, and write one llama.cpp runs.
+
+References: ggml's `docs/gguf.md` (the file), gguf-py (the `gguf` package, which reads and writes it
+here, quantizes and dequantizes), and llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel`: the metadata
+keys, tensor names, the q/k row permutation and token types). A Llama GGUF keeps Meta's interleaved
+q/k rows, so loading goes GGUF name -> Meta name -> HF name and rows (keymaps.py), and writing the
+reverse. The vocabulary is SentencePiece's (`tokenizer.ggml.model = "llama"`): pieces, scores and
+piece types, from which the tokenizer is rebuilt on load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamaforge.checkpoint.keymaps import GGUF_TO_META, HF_TO_META, META_TO_GGUF, meta_to_hf, permute_hf_to_meta, rename
+from llamaforge.config import ModelArgs
+from llamaforge.errors import CheckpointError, TokenizerError
+from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
+
+MAGIC = b"GGUF"
+ARCH = "llama"
+# What `llamaforge export --type` writes for the 2-D weights (norms stay float32, as llama.cpp keeps them):
+# the types llama.cpp's convert_hf_to_gguf.py writes (--outtype).
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("GGUF files need the gguf package: pip install 'llamaforge[gguf]'") from None
+    return gguf
+
+
+def is_gguf(path: Path) -> bool:
+    """A file that starts with GGUF's magic."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == MAGIC
+
+
+def open_reader(path: Path):
+    """A memory-mapped `gguf.GGUFReader`; a clear error for a damaged file."""
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError, struct errors, numpy errors for a bad file
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def value(reader, key: str, default: Any = None) -> Any:
+    """A metadata value (a scalar, a string, or a list); `default` when the file lacks the key."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def float_value(reader, key: str, default: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    found = value(reader, key)
+    return default if found is None else float(str(np.float32(found)))
+
+
+def read_config(reader, path: Path) -> ModelArgs:
+    """The model's shape from the `llama.*` metadata."""
+    architecture = value(reader, "general.architecture")
+    if architecture != ARCH:
+        raise CheckpointError(f"{path} holds a {architecture!r} model; llamaforge runs Llama 2 ('llama') models")
+
+    def required(key: str) -> Any:
+        found = value(reader, f"{ARCH}.{key}")
+        if found is None:
+            raise CheckpointError(f"{path} lacks the metadata key {ARCH}.{key}; it is not a complete Llama GGUF")
+        return found
+
+    n_heads = required("attention.head_count")
+    dim = required("embedding_length")
+    rope_dims = value(reader, f"{ARCH}.rope.dimension_count", dim // n_heads)
+    if rope_dims != dim // n_heads:
+        raise CheckpointError(f"{path} rotates {rope_dims} of each head's {dim // n_heads} dimensions; Llama 2 "
+                              "rotates all of them")
+    tokens = value(reader, "tokenizer.ggml.tokens")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab_size = int(embedding.shape[1]) if embedding is not None else len(tokens or [])
+    scaling = value(reader, f"{ARCH}.rope.scaling.type")
+    rope_scaling = None
+    if scaling not in (None, "none"):
+        rope_scaling = {"type": scaling, "factor": float_value(reader, f"{ARCH}.rope.scaling.factor", 1.0)}
+    return ModelArgs(
+        dim=dim, n_layers=required("block_count"), n_heads=n_heads,
+        n_kv_heads=value(reader, f"{ARCH}.attention.head_count_kv", n_heads), vocab_size=vocab_size,
+        hidden_dim=required("feed_forward_length"),
+        norm_eps=float(str(np.float32(required("attention.layer_norm_rms_epsilon")))),
+        max_seq_len=required("context_length"), rope_theta=float_value(reader, f"{ARCH}.rope.freq_base", 10000.0),
+        rope_scaling=rope_scaling, tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+        bos_token_id=value(reader, "tokenizer.ggml.bos_token_id", 1),
+        eos_token_id=value(reader, "tokenizer.ggml.eos_token_id", 2),
+    )
+
+
+def stored_dtype(reader) -> torch.dtype:
+    """The dtype a load keeps by default: the file's float type; float16 for quantized weights (as the
+    Llama 2 release is), which holds a dequantized 8-bit weight exactly where bfloat16 would round it."""
+    types = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    if types <= {"F32"}:
+        return torch.float32
+    return torch.bfloat16 if "BF16" in types else torch.float16
+
+
+def tensor_array(tensor) -> np.ndarray:
+    """One GGUF tensor as a float numpy array (rows, columns), dequantized if it is quantized."""
+    gguf = _gguf()
+    shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
+    kind = tensor.tensor_type
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.array(tensor.data).reshape(shape)
+    return gguf.quants.dequantize(tensor.data, kind).reshape(shape)
+
+
+def iter_tensors(reader, config: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors in HF's row layout, one at a time."""
+    for tensor in reader.tensors:
+        meta_name = rename(tensor.name, GGUF_TO_META)
+        if meta_name is None:
+            yield tensor.name, torch.empty(0)  # the model's key check names it
+            continue
+        array = tensor_array(tensor)
+        if array.dtype == np.uint16:  # bfloat16 stored as bits, which numpy cannot name
+            weight = torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
+        else:
+            weight = torch.from_numpy(np.ascontiguousarray(array))
+        yield meta_to_hf(meta_name, weight, config.n_heads, config.n_kv_heads)
+
+
+def read_tokenizer(reader, path: Path) -> Tokenizer | None:
+    """The SentencePiece tokenizer rebuilt from the file's vocabulary; None when the file has none."""
+    model = value(reader, "tokenizer.ggml.model")
+    if model is None:
+        return None
+    if model != "llama":
+        raise TokenizerError(f"{path} has a {model!r} tokenizer; Llama 2 uses SentencePiece ('llama')")
+    tokens = value(reader, "tokenizer.ggml.tokens")
+    scores = value(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))
+    types = value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    proto = sentencepiece_proto(
+        list(zip(tokens, scores, types, strict=True)),
+        unk_id=value(reader, "tokenizer.ggml.unknown_token_id", 0),
+        bos_id=value(reader, "tokenizer.ggml.bos_token_id", 1), eos_id=value(reader, "tokenizer.ggml.eos_token_id", 2),
+        add_dummy_prefix=value(reader, "tokenizer.ggml.add_space_prefix", True),
+        remove_extra_whitespaces=value(reader, "tokenizer.ggml.remove_extra_whitespaces", False),
+    )
+    return Tokenizer(path, model_proto=proto)
+
+
+def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tokenizer, path: str | Path,
+               weight_type: str = "f16", name: str = "llama") -> Path:
+    """Write a Llama GGUF that llama.cpp loads: metadata, the SentencePiece vocabulary, and the weights.
+
+    2-D weights are stored as `weight_type`; a weight whose rows do not split into Q8_0's 32-value blocks
+    stays float16, and norms stay float32 (both as llama.cpp's converter does). The file is written to a
+    temporary name and renamed into place, so a crash never leaves a half-written GGUF.
+    """
+    gguf = _gguf()
+    if weight_type not in WEIGHT_TYPES:
+        raise CheckpointError(f"unknown GGUF weight type {weight_type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise CheckpointError(f"{path}: a GGUF file's name ends in .gguf")
+    if path.exists():
+        raise CheckpointError(f"{path} already exists; choose a new --out file")
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    vocabulary = model_pb2.ModelProto.FromString(tokenizer.sentencepiece_model())
+    if len(vocabulary.pieces) != config.vocab_size:
+        raise TokenizerError(f"the tokenizer has {len(vocabulary.pieces)} pieces but the model {config.vocab_size} "
+                             "embedding rows; export needs the tokenizer trained with these weights")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    writer = gguf.GGUFWriter(partial, ARCH)
+    _write_metadata(writer, gguf, config, vocabulary, weight_type, name)
+    for hf_name, weight in state.items():
+        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd when the file has no output.weight
+        meta_name = rename(hf_name, HF_TO_META)
+        if meta_name is None:
+            raise CheckpointError(f"the model has a tensor GGUF's Llama layout does not: {hf_name}")
+        weight = weight.detach().to("cpu", torch.float32)
+        if meta_name.endswith("attention.wq.weight"):
+            weight = permute_hf_to_meta(weight, config.n_heads)
+        elif meta_name.endswith("attention.wk.weight"):
+            weight = permute_hf_to_meta(weight, config.n_kv_heads)
+        array, kind = _encode(gguf, weight.numpy(), weight_type)
+        writer.add_tensor(rename(meta_name, META_TO_GGUF), array, raw_dtype=kind)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _write_metadata(writer, gguf, config: ModelArgs, vocabulary, weight_type: str, name: str) -> None:
+    writer.add_name(name)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if config.rope_scaling is not None:
+        if config.rope_scaling["type"] != "linear":
+            raise CheckpointError(f"llama.cpp has no {config.rope_scaling['type']!r} RoPE scaling for Llama; "
+                                  "export a model with linear scaling or none")
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    writer.add_file_type(gguf.LlamaFileType[file_types[weight_type]])
+    if weight_type == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    trainer, normalizer = vocabulary.trainer_spec, vocabulary.normalizer_spec
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([piece.piece.encode("utf-8") for piece in vocabulary.pieces])
+    writer.add_token_scores([piece.score for piece in vocabulary.pieces])
+    writer.add_token_types([piece.type for piece in vocabulary.pieces])  # SentencePiece's numbering is GGUF's
+    writer.add_unk_token_id(trainer.unk_id)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(normalizer.add_dummy_prefix)
+    writer.add_remove_extra_whitespaces(normalizer.remove_extra_whitespaces)
+
+
+def _encode(gguf, array: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]:
+    """The tensor's bytes and type: norms (1-D) in float32, weights as asked."""
+    kinds = gguf.GGMLQuantizationType
+    if array.ndim == 1 or weight_type == "f32":
+        return array.astype(np.float32), kinds.F32
+    if weight_type == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[kinds.Q8_0][0] == 0:
+        return gguf.quants.quantize(array, kinds.Q8_0), kinds.Q8_0
+    if weight_type == "bf16":
+        return gguf.quants.quantize(array, kinds.BF16), kinds.BF16
+    return array.astype(np.float16), kinds.F16

@@ -1,0 +1,240 @@
+"""GGUF: what `llamaforge export` writes loads in transformers and llama.cpp as the same model, and loads back.
+
+llama.cpp itself runs when a python with llama-cpp-python is named by LLAMAFORGE_LLAMA_CPP_PYTHON (it
+is a benchmark baseline built in its own venv by ../shared/tools/llamacpp-venv.sh, not a dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from factories import random_model, write_hf_dir
+from test_checkpoint import STORIES_GREEDY_200
+
+import llamaforge
+from llamaforge.checkpoint.gguf import write_gguf
+from llamaforge.cli import main
+from llamaforge.config import ModelArgs
+from llamaforge.errors import CheckpointError, TokenizerError
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'llamaforge[gguf]')")
+LLAMA_CPP_PYTHON = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
+TEXTS = ["Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "Café naïve jalapeño 🦙", "1234567",
+         "[INST] What is 2 + 2? [/INST]", "a  b   c", ""]
+
+
+def export(llm: llamaforge.LLM, path: Path, weight_type: str = "f32") -> Path:
+    return write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, path, weight_type)
+
+
+def logits(llm: llamaforge.LLM, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return llm.model(torch.tensor([ids])).float()[0]
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_path: Path) -> Path:
+    """A random model with grouped-query attention, so q and k are permuted with different head counts."""
+    config = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=80, max_seq_len=128)
+    return write_hf_dir(tmp_path_factory.mktemp("gqa") / "model", random_model(config, std=0.1), tiny_tokenizer_path)
+
+
+def test_export_then_load_is_the_same_model(gqa_model_dir: Path, tmp_path: Path) -> None:
+    base = llamaforge.load(gqa_model_dir, dtype=torch.float32)
+    loaded = llamaforge.load(export(base, tmp_path / "model.gguf"))
+    assert loaded.format == "gguf" and loaded.dtype == torch.float32
+    assert loaded.config.replace(extra={}) == base.config.replace(extra={})
+    for text in TEXTS:
+        assert loaded.tokenizer.encode(text, bos=True) == base.tokenizer.encode(text, bos=True), text
+    ids = base.tokenizer.encode("The llama hums a quiet song", bos=True)
+    torch.testing.assert_close(logits(loaded, ids), logits(base, ids), rtol=0, atol=1e-5)
+    generated = loaded.generate("The llama", max_new_tokens=12, temperature=0.0)
+    assert generated.token_ids == base.generate("The llama", max_new_tokens=12, temperature=0.0).token_ids
+
+
+def test_transformers_reads_our_gguf_as_the_same_model(gqa_model_dir: Path, tmp_path: Path) -> None:
+    """transformers' own GGUF loader (its q/k un-permutation and metadata mapping) as an independent reader."""
+    transformers = pytest.importorskip("transformers")
+    base = llamaforge.load(gqa_model_dir, dtype=torch.float32)
+    export(base, tmp_path / "model.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf",
+                                                           torch_dtype=torch.float32).eval()
+    ids = base.tokenizer.encode("The llama hums a quiet song", bos=True)
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(theirs, logits(base, ids), rtol=0, atol=1e-5)
+
+
+def test_q8_0_holds_llama_cpps_8_bit_weights(gqa_model_dir: Path, tmp_path: Path) -> None:
+    base = llamaforge.load(gqa_model_dir, dtype=torch.float32)
+    path = export(base, tmp_path / "model.gguf", "q8_0")
+    reader = gguf.GGUFReader(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert kinds["blk.0.ffn_down.weight"] == "F16"  # its rows of 80 do not split into Q8_0's blocks of 32
+    loaded = llamaforge.load(path, dtype=torch.float32)
+    # What llama.cpp computes with: each weight quantized and dequantized by gguf-py's reference code.
+    weight = base.model.model.layers[1].mlp.up_proj.weight.detach().numpy()
+    expected = gguf.quants.dequantize(gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
+                                      gguf.GGMLQuantizationType.Q8_0)
+    torch.testing.assert_close(loaded.model.model.layers[1].mlp.up_proj.weight, torch.from_numpy(expected))
+    ids = base.tokenizer.encode("The llama hums", bos=True)
+    assert (logits(loaded, ids) - logits(base, ids)).abs().max() < 0.1
+
+
+def test_the_llama2_vocabulary_survives_the_trip(llama_tokenizer_path: Path, tmp_path: Path) -> None:
+    """32000 pieces, scores, byte fallback and whitespace handling: the rebuilt tokenizer is Meta's."""
+    config = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000, hidden_dim=64, max_seq_len=64)
+    model_dir = write_hf_dir(tmp_path / "model", random_model(config), llama_tokenizer_path)
+    base = llamaforge.load(model_dir)
+    loaded = llamaforge.load(export(base, tmp_path / "model.gguf", "f16"))
+    texts = [*TEXTS, "Llamas (Lama glama) are    domesticated South American camelids.", "日本語のテキスト",
+             "\u2581already escaped", "<s> is text, not BOS", "\x00\x01 control bytes", " " * 17]
+    for text in texts:
+        ids = base.tokenizer.encode(text)
+        assert loaded.tokenizer.encode(text) == ids, text
+        assert loaded.tokenizer.decode(ids) == base.tokenizer.decode(ids), text
+    assert (loaded.tokenizer.bos_id, loaded.tokenizer.eos_id) == (1, 2)
+
+
+def test_stories260k_exported_and_loaded_back_tells_the_same_story(assets: Path, tmp_path: Path) -> None:
+    llm = llamaforge.load(assets / "stories260K" / "stories260K.bin")
+    path = export(llm, tmp_path / "stories260K.gguf")
+    loaded = llamaforge.load(path)
+    assert loaded.config.tie_word_embeddings and "output.weight" not in {t.name for t in gguf.GGUFReader(path).tensors}
+    assert loaded.generate([1], max_new_tokens=200, temperature=0.0).text.encode() == STORIES_GREEDY_200
+
+
+LLAMA_CPP = """
+import json, sys
+from llama_cpp import Llama
+job = json.loads(sys.argv[1])
+model = Llama(model_path=job["model"], n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+result = {"encoded": [model.tokenize(text.encode(), add_bos=True) for text in job["texts"]]}
+if job.get("generate"):
+    tokens = []
+    for token in model.generate([model.token_bos()], temp=0.0, top_k=1, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == job["generate"]:
+            break
+    result |= {"tokens": tokens, "text": model.detokenize(tokens).decode("utf-8", "replace")}
+if job.get("logits_of"):
+    model.reset()
+    model.eval(job["logits_of"])
+    result["logits"] = [list(map(float, model.scores[i])) for i in range(len(job["logits_of"]))]
+print(json.dumps(result))
+"""
+
+
+def llama_cpp(**job) -> dict:
+    done = subprocess.run([LLAMA_CPP_PYTHON, "-c", LLAMA_CPP, json.dumps(job)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+needs_llama_cpp = pytest.mark.skipif(
+    not LLAMA_CPP_PYTHON, reason="llama.cpp is not installed here: set LLAMAFORGE_LLAMA_CPP_PYTHON to a python with "
+    "llama-cpp-python (../shared/tools/llamacpp-venv.sh builds one)")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "q8_0"])
+def test_llama_cpp_tells_stories260k_story_from_our_gguf(weight_type: str, assets: Path, tmp_path: Path) -> None:
+    llm = llamaforge.load(assets / "stories260K" / "stories260K.bin")
+    path = export(llm, tmp_path / "stories260K.gguf", weight_type)
+    # tok512 collapses repeated spaces (remove_extra_whitespaces), which llama.cpp's tokenizer never does:
+    # these texts have none. Llama 2's own tokenizer keeps them (the next test).
+    texts = ["Once upon a time, Lily's mom said: \"hello\"\n", "The end."]
+    result = llama_cpp(model=str(path), generate=200, texts=texts)
+    assert result["encoded"] == [llm.tokenizer.encode(text, bos=True) for text in texts]
+    if weight_type == "f32":
+        assert result["tokens"] == llm.generate([1], max_new_tokens=200, temperature=0.0).token_ids
+        assert result["text"].encode() == b" " + STORIES_GREEDY_200  # llama.cpp keeps the dummy-prefix space
+    else:  # rounded weights, which llamaforge loads back: the same story for as long as no near-tie flips
+        ours = llamaforge.load(path, dtype=torch.float32).generate([1], max_new_tokens=200, temperature=0.0)
+        same = next((i for i, (a, b) in enumerate(zip(result["tokens"], ours.token_ids, strict=True)) if a != b), 200)
+        print(f"{weight_type}: llama.cpp and llamaforge agree on the first {same} of 200 greedy tokens")
+        assert same >= 50
+
+
+@needs_llama_cpp
+def test_llama_cpp_reads_the_llama2_vocabulary_and_weights_as_we_do(llama_tokenizer_path: Path,
+                                                                    tmp_path: Path) -> None:
+    config = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=128, max_seq_len=128)
+    llm = llamaforge.load(write_hf_dir(tmp_path / "model", random_model(config, std=0.1), llama_tokenizer_path))
+    path = export(llm, tmp_path / "model.gguf")
+    texts = [text for text in TEXTS if text] + ["Llamas are    domesticated camelids.", "日本語 🦙 ok"]
+    ids = llm.tokenizer.encode("[INST] Tell me about llamas. [/INST]", bos=True)
+    result = llama_cpp(model=str(path), texts=texts, logits_of=ids)
+    assert result["encoded"] == [llm.tokenizer.encode(text, bos=True) for text in texts]
+    theirs, ours = torch.tensor(result["logits"]), logits(llm, ids)
+    # llama.cpp keeps its KV cache in float16 and sums in its own order: close, not bit-equal.
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+def test_export_command_and_its_errors(gqa_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--model", str(gqa_model_dir), "--out", str(out), "--type", "q8_0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(out), "type": "q8_0", "bytes": out.stat().st_size}
+    assert main(["generate", "--model", str(out), "The llama", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_bytes(b"GGUF" + b"\x00" * 20)
+    for args, message in [
+        (["--out", str(out)], f"--out {out}: give a new file name ending in .gguf"),
+        (["--out", str(tmp_path / "model.bin")], f"--out {tmp_path / 'model.bin'}: give a new file name"),
+        (["--out", str(tmp_path / "m.gguf"), "--type", "q4_k"], "--type q4_k: choose one of f32, f16, bf16, q8_0"),
+    ]:
+        assert main(["export", "--model", str(gqa_model_dir), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert main(["generate", "--model", str(not_gguf), "hi"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {not_gguf} is not a readable GGUF file")
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_gguf_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    writer = gguf.GGUFWriter(tmp_path / "falcon.gguf", "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="holds a 'falcon' model; llamaforge runs Llama 2"):
+        llamaforge.load(tmp_path / "falcon.gguf")
+
+
+def test_export_needs_the_sentencepiece_tokenizer(gqa_model_dir: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
+    hf_only = tmp_path / "hf-only"
+    hf_only.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (hf_only / file).write_bytes((gqa_model_dir / file).read_bytes())
+    vocab = {f"t{i}": i for i in range(400)}
+    HFTokenizer(WordLevel(vocab, unk_token="t0")).save(str(hf_only / "tokenizer.json"))
+    llm = llamaforge.load(hf_only)
+    with pytest.raises(TokenizerError, match="is an HF tokenizer.json; this needs the SentencePiece tokenizer.model"):
+        export(llm, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_a_gguf_loaded_model_saves_as_an_hf_folder_with_its_tokenizer(gqa_model_dir: Path, tmp_path: Path) -> None:
+    from llamaforge.checkpoint.hf import save_hf_dir
+
+    loaded = llamaforge.load(export(llamaforge.load(gqa_model_dir), tmp_path / "model.gguf"))
+    out = save_hf_dir(loaded.model.state_dict(), loaded.config, tmp_path / "hf", loaded.tokenizer)
+    again = llamaforge.load(out)
+    assert again.tokenizer.path.name == "tokenizer.model"
+    assert again.tokenizer.encode("The llama hums") == loaded.tokenizer.encode("The llama hums")
+    ids = loaded.tokenizer.encode("The llama hums", bos=True)
+    torch.testing.assert_close(logits(again, ids), logits(loaded, ids))
