@@ -1,11 +1,16 @@
-"""Serving throughput and time to first token: continuous batching against one request at a time.
+"""Serving throughput and time to first token: continuous batching against one request at a time and llama.cpp.
 
-The script writes a random-weight HF directory and serves it twice, each server in its own process
-(`python -m llamaforge serve`), both up for the whole run:
+The script writes a random-weight HF directory and serves it in up to three servers, each in its own
+process, all up for the whole run:
 
-- (a) continuous batching: `--max-batch-size 32` (the engine decodes up to 32 sequences per step);
+- (a) continuous batching: `llamaforge serve --max-batch-size 32` (the engine decodes up to 32 sequences
+  per step);
 - (b) one request at a time: the same engine with `--max-batch-size 1`, so later requests wait in its queue;
-- (c) llama.cpp's server: skipped until llamaforge can export GGUF (printed and recorded as skipped).
+- (c) llama.cpp's server: `llama-server` on the same weights exported with `llamaforge export` (float32
+  GGUF), with as many parallel slots as (a) has (`-np 32`, continuous batching) and the same threads.
+  It runs when `--llama-server PATH` (or LLAMAFORGE_LLAMA_SERVER) names the binary; otherwise it is
+  printed and recorded as skipped. llama-cpp-python does not ship it: build it from llama.cpp's source
+  (`cmake -B build && cmake --build build --target llama-server`).
 
 For each concurrency level (1, 8 and 32 clients by default) an asyncio client opens that many streaming
 `/v1/completions` connections; each client sends its next request as soon as its previous one has ended,
@@ -28,6 +33,7 @@ never picks it: every request generates `max_tokens` tokens. The tokens actually
 and reported. Each server answers a few warm-up requests before it is measured.
 
     python benchmarks/serve.py                      # 134M-parameter model, about 8 minutes on 2 cores
+    python benchmarks/serve.py --llama-server ~/llama.cpp/build/bin/llama-server   # with (c)
     python benchmarks/serve.py --preset tiny        # smoke test, about 10 seconds
     python benchmarks/serve.py --json               # the results as JSON (every request included)
 """
@@ -60,8 +66,7 @@ from factories import SHARED_ASSETS, random_model, train_tokenizer, write_hf_dir
 from llamaforge.config import ModelArgs  # noqa: E402
 
 LLAMA2_TOKENIZER = SHARED_ASSETS / "llama2-tokenizer" / "tokenizer.model"
-LLAMA_CPP_SKIPPED = ("llamaforge cannot export GGUF yet, and llama.cpp's server needs a GGUF file; it becomes a "
-                     "baseline once the export exists")
+LLAMA_CPP_SKIPPED = "no llama-server binary given (--llama-server PATH or LLAMAFORGE_LLAMA_SERVER)"
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="before each measurement, wait until other processes use fewer cores than this")
     parser.add_argument("--quiet-wait", type=float, help="wait at most this many seconds for that (default: the "
                         "preset's, 120 s; 0 for tiny)")
+    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMAFORGE_LLAMA_SERVER"),
+                        help="llama.cpp's llama-server binary, for server (c)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.llama_server is not None and not Path(args.llama_server).is_file():
+        parser.error(f"--llama-server {args.llama_server} does not exist")
     preset = PRESETS[args.preset]
     args.max_tokens = args.max_tokens or preset.max_tokens
     args.rounds = args.rounds or preset.rounds
@@ -236,16 +245,23 @@ def _die_with_parent() -> None:
 
 
 class ServerProcess:
-    """`python -m llamaforge serve` in its own process group; stop() ends it (SIGTERM, then SIGKILL)."""
+    """A server in its own process group (`python -m llamaforge serve`, or llama.cpp's `llama-server` when
+    given a GGUF file and the binary); stop() ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, model_dir: Path, max_batch_size: int, threads: int, log_path: Path) -> None:
+    def __init__(self, name: str, model: Path, max_batch_size: int, threads: int, log_path: Path,
+                 llama_server: Path | None = None, context: int = 0) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.command = [sys.executable, "-m", "llamaforge", "serve", "--model", str(model_dir), "--port",
-                        str(self.port), "--max-batch-size", str(max_batch_size)]
+        if llama_server is None:
+            self.command = [sys.executable, "-m", "llamaforge", "serve", "--model", str(model), "--port",
+                            str(self.port), "--max-batch-size", str(max_batch_size)]
+        else:  # one slot per sequence, each with the model's context, as llamaforge's engine allocates
+            self.command = [str(llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                            "-t", str(threads), "-tb", str(threads), "-np", str(max_batch_size), "-c",
+                            str(context * max_batch_size), "--cont-batching", "--no-webui"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log_file = log_path.open("wb")
         self.process = subprocess.Popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
@@ -337,8 +353,9 @@ def wait_for_quiet(meter: CpuMeter, threshold: float, patience: float) -> float:
 # --- the client ------------------------------------------------------------------------------------
 
 async def engine_counters(client: httpx.AsyncClient) -> dict[str, float]:
-    """The server's engine gauges from /metrics (steps run, largest batch so far)."""
-    text = (await client.get("/metrics")).text
+    """The server's engine gauges from /metrics (steps run, largest batch so far); none from llama.cpp's."""
+    response = await client.get("/metrics")
+    text = response.text if response.status_code == 200 else ""
     wanted = {"llamaforge_engine_steps": "steps", "llamaforge_peak_batch_size": "peak"}
     counters = {}
     for line in text.splitlines():
@@ -377,6 +394,8 @@ async def stream_one(client: httpx.AsyncClient, prompt: list[int], max_tokens: i
                 result.text += choice["text"]
                 result.finish_reason = choice["finish_reason"] or result.finish_reason
     result.done = time.perf_counter() - origin
+    if not result.completion_tokens:  # llama.cpp's stream reports no usage; it sends one token a chunk
+        result.completion_tokens = result.chunks
     return result
 
 
@@ -403,13 +422,13 @@ async def run_level(server: ServerProcess, clients: int, prompts: list[list[int]
         after = await engine_counters(client)
     results = [r for _, r in sorted(runs, key=lambda pair: pair[0])]
     completion = sum(r.completion_tokens for r in results)
-    steps = int(after["steps"] - before["steps"])
+    steps = int(after["steps"] - before["steps"]) if "steps" in after else 0
     ttfts = [r.ttft for r in results]
     tpots = [r.tpot for r in results if r.tpot is not None]
     return LevelResult(
         server=server.name, clients=clients, requests=len(results), wall_s=wall,
         prompt_tokens=sum(r.prompt_tokens for r in results), completion_tokens=completion, engine_steps=steps,
-        peak_batch=int(after["peak"]), tok_s=completion / wall, ttft_p50_s=percentile(ttfts, 50),
+        peak_batch=int(after.get("peak", 0)), tok_s=completion / wall, ttft_p50_s=percentile(ttfts, 50),
         ttft_p99_s=percentile(ttfts, 99), tpot_p50_ms=percentile(tpots, 50) * 1e3 if tpots else None,
         mean_batch=completion / steps if steps else None, server_cpu_cores=servers_cpu[0], client_cpu_cores=client_cpu,
         other_cpu_cores=other_cpu, runs=results,
@@ -434,11 +453,16 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     try:
         for name, batch in (("a", args.batch_size), ("b", 1)):
             servers.append(ServerProcess(name, workdir / "model", batch, args.threads, workdir / f"server-{name}.log"))
+        if args.llama_server:
+            gguf_file = export_gguf(workdir / "model", workdir / "model.gguf")
+            servers.append(ServerProcess("c", gguf_file, args.batch_size, args.threads, workdir / "server-c.log",
+                                         args.llama_server, PRESETS[args.preset].config.max_seq_len))
+        else:
+            log(f"(c) llama.cpp server: skipped: {LLAMA_CPP_SKIPPED}")
         for server in servers:
             server.wait_ready()
-            log(f"server ({server.name}) --max-batch-size {server.max_batch_size} ready at {server.url}; warming up")
+            log(f"server ({server.name}) with {server.max_batch_size} slots ready at {server.url}; warming up")
             asyncio.run(warm_up(server, args.prompt_lens, model["vocab_size"]))
-        log(f"(c) llama.cpp server: skipped: {LLAMA_CPP_SKIPPED}")
         results = []
         for clients in args.clients:
             count = max(clients * args.rounds, args.min_requests)
@@ -459,14 +483,28 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     return report(args, model, results)
 
 
+def export_gguf(model_dir: Path, path: Path) -> Path:
+    """The benchmark's model as a float32 GGUF for llama.cpp, written by `llamaforge export`."""
+    done = subprocess.run([sys.executable, "-m", "llamaforge", "export", "--model", str(model_dir), "--out", str(path),
+                           "--type", "f32"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llamaforge export failed: {done.stderr}")
+    return path
+
+
 def report(args: argparse.Namespace, model: dict, results: list[LevelResult]) -> dict:
-    """JSON-ready: the setup, every level of both servers, the (a)/(b) ratios and llama.cpp's skip."""
+    """JSON-ready: the setup, every level of every server, the ratios of (a) to the others, llama.cpp's skip."""
     by_key = {(r.server, r.clients): r for r in results}
     ratios = []
     for clients in args.clients:
-        a, b = by_key[("a", clients)], by_key[("b", clients)]
-        same = sum(x.text == y.text for x, y in zip(a.runs, b.runs, strict=True))
-        ratios.append({"clients": clients, "tok_s_ratio": a.tok_s / b.tok_s, "same_text": same, "requests": a.requests})
+        a = by_key[("a", clients)]
+        for other in ("b", "c"):
+            if (other, clients) not in by_key:
+                continue
+            b = by_key[(other, clients)]
+            same = sum(x.text == y.text for x, y in zip(a.runs, b.runs, strict=True))
+            ratios.append({"clients": clients, "versus": other, "tok_s_ratio": a.tok_s / b.tok_s, "same_text": same,
+                           "requests": a.requests})
     levels = []
     for r in results:
         level = asdict(r)
@@ -480,37 +518,42 @@ def report(args: argparse.Namespace, model: dict, results: list[LevelResult]) ->
                   "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "results": levels,
         "ratios": ratios,
-        "llama_cpp": {"skipped": True, "reason": LLAMA_CPP_SKIPPED},
+        "llama_cpp": ({"skipped": False, "binary": str(args.llama_server)} if args.llama_server
+                      else {"skipped": True, "reason": LLAMA_CPP_SKIPPED}),
     }
 
 
 def format_table(report: dict) -> str:
-    """The results as a Markdown table: (a) and (b) at each level, and the ratio of their throughput."""
+    """The results as a Markdown table: every server at each level, and (a)'s throughput over the others'."""
     setup = report["setup"]
     config = setup["config"]
     lines = [
         f"preset {setup['preset']} ({setup['parameters'] / 1e6:.1f}M parameters: dim {config['dim']}, "
-        f"{config['n_layers']} layers, vocab {setup['vocab_size']}; float32), {setup['threads']} torch threads per "
+        f"{config['n_layers']} layers, vocab {setup['vocab_size']}; float32), {setup['threads']} threads per "
         f"server; streaming /v1/completions, temperature 0, max_tokens {setup['max_tokens']}, prompts of "
         f"{'/'.join(map(str, setup['prompt_lens']))} tokens; torch {setup['torch']}",
         "",
         "| clients | requests | server | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | mean batch "
-        "| tokens | other load (cores) | (a) / (b) |",
+        "| tokens | other load (cores) | (a) / this |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios = {r["clients"]: r for r in report["ratios"]}
-    names = {"a": f"(a) batching, max batch {setup['batch_size']}", "b": "(b) one at a time"}
+    ratios = {(r["clients"], r["versus"]): r for r in report["ratios"]}
+    names = {"a": f"(a) batching, max batch {setup['batch_size']}", "b": "(b) one at a time",
+             "c": f"(c) llama.cpp server, {setup['batch_size']} slots"}
     for level in report["results"]:
-        ratio = f"{ratios[level['clients']]['tok_s_ratio']:.2f}" if level["server"] == "a" else ""
+        ratio = ratios.get((level["clients"], level["server"]))
+        versus = f"{ratio['tok_s_ratio']:.2f}" if ratio else ""
         tpot = f"{level['tpot_p50_ms']:.1f}" if level["tpot_p50_ms"] is not None else "-"
         batch = f"{level['mean_batch']:.1f}" if level["mean_batch"] is not None else "-"
         lines.append(f"| {level['clients']} | {level['requests']} | {names[level['server']]} | {level['tok_s']:.1f} "
                      f"| {level['ttft_p50_s']:.2f} | {level['ttft_p99_s']:.2f} | {tpot} | {batch} "
-                     f"| {level['completion_tokens']} | {level['other_cpu_cores']:.2f} | {ratio} |")
-    lines.append("| | | (c) llama.cpp server | skipped | | | | | | | |")
-    same = [f"{r['clients']} clients {r['same_text']}/{r['requests']}" for r in report["ratios"]]
-    lines += ["", "identical greedy text in (a) and (b): " + ", ".join(same),
-              f"(c) llama.cpp server: skipped: {report['llama_cpp']['reason']}"]
+                     f"| {level['completion_tokens']} | {level['other_cpu_cores']:.2f} | {versus} |")
+    if report["llama_cpp"]["skipped"]:
+        lines.append("| | | (c) llama.cpp server | skipped | | | | | | | |")
+    lines += ["", "identical greedy text as (a): " + ", ".join(
+        f"({r['versus']}) {r['clients']} clients {r['same_text']}/{r['requests']}" for r in report["ratios"])]
+    if report["llama_cpp"]["skipped"]:
+        lines.append(f"(c) llama.cpp server: skipped: {report['llama_cpp']['reason']}")
     return "\n".join(lines)
 
 
