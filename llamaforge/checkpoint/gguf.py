@@ -114,7 +114,8 @@ def stored_dtype(reader) -> torch.dtype:
 
 
 def tensor_array(tensor) -> np.ndarray:
-    """One GGUF tensor as a float numpy array (rows, columns), dequantized if it is quantized."""
+    """One GGUF tensor as a float numpy array (rows, columns): float32 and float16 as stored, anything else
+    (bfloat16, quantized) dequantized to float32."""
     gguf = _gguf()
     shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
     kind = tensor.tensor_type
@@ -130,11 +131,7 @@ def iter_tensors(reader, config: ModelArgs) -> Iterator[tuple[str, torch.Tensor]
         if meta_name is None:
             yield tensor.name, torch.empty(0)  # the model's key check names it
             continue
-        array = tensor_array(tensor)
-        if array.dtype == np.uint16:  # bfloat16 stored as bits, which numpy cannot name
-            weight = torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
-        else:
-            weight = torch.from_numpy(np.ascontiguousarray(array))
+        weight = torch.from_numpy(np.ascontiguousarray(tensor_array(tensor)))
         yield meta_to_hf(meta_name, weight, config.n_heads, config.n_kv_heads)
 
 
