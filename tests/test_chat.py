@@ -110,3 +110,18 @@ def test_special_tags_are_refused(tag: str, index: int) -> None:
 def test_bad_role_order_names_the_message(dialog: list[dict], message: str) -> None:
     with pytest.raises(ChatFormatError, match=message):
         validate_dialog(dialog)
+
+
+@pytest.mark.parametrize("name", DIALOGS)
+def test_the_jinja_template_renders_the_same_prompt(name: str) -> None:
+    """The chat template written into exported GGUF files formats every dialog as llamaforge does."""
+    jinja2 = pytest.importorskip("jinja2")
+    from llamaforge.chat import JINJA_TEMPLATE
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    template = jinja2.Environment().from_string(JINJA_TEMPLATE)
+    rendered = template.render(messages=DIALOGS[name], bos_token="<s>", eos_token="</s>",
+                               raise_exception=raise_exception)
+    assert rendered == render_dialog(DIALOGS[name])

@@ -17,6 +17,7 @@ from factories import random_model, write_hf_dir
 from test_checkpoint import STORIES_GREEDY_200
 
 import llamaforge
+from llamaforge.chat import JINJA_TEMPLATE
 from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.cli import main
 from llamaforge.config import ModelArgs
@@ -46,8 +47,10 @@ def gqa_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_path:
 
 def test_export_then_load_is_the_same_model(gqa_model_dir: Path, tmp_path: Path) -> None:
     base = llamaforge.load(gqa_model_dir, dtype=torch.float32)
-    loaded = llamaforge.load(export(base, tmp_path / "model.gguf"))
+    path = export(base, tmp_path / "model.gguf")
+    loaded = llamaforge.load(path)
     assert loaded.format == "gguf" and loaded.dtype == torch.float32
+    assert gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents() == JINJA_TEMPLATE
     assert loaded.config.replace(extra={}) == base.config.replace(extra={})
     for text in TEXTS:
         assert loaded.tokenizer.encode(text, bos=True) == base.tokenizer.encode(text, bos=True), text

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llamaforge.chat import JINJA_TEMPLATE
 from llamaforge.checkpoint.keymaps import GGUF_TO_META, HF_TO_META, META_TO_GGUF, meta_to_hf, permute_hf_to_meta, rename
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, TokenizerError
@@ -240,6 +241,7 @@ def _write_metadata(writer, gguf, config: ModelArgs, vocabulary, weight_type: st
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(normalizer.add_dummy_prefix)
     writer.add_remove_extra_whitespaces(normalizer.remove_extra_whitespaces)
+    writer.add_chat_template(JINJA_TEMPLATE)  # so llama.cpp's server formats chats as llamaforge does
 
 
 def _encode(gguf, array: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]:
