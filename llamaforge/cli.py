@@ -287,6 +287,7 @@ def cmd_data_check(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """Write the model (with --adapter merged in) as one GGUF file that llama.cpp runs."""
     from llamaforge.api import load
+    from llamaforge.chat import JINJA_TEMPLATE
     from llamaforge.checkpoint.gguf import WEIGHT_TYPES, write_gguf
 
     out = Path(args.out)
@@ -300,7 +301,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     if llm.tokenizer is None:
         raise LlamaforgeError(f"{llm.source} has no tokenizer, and a GGUF file carries one: pass --tokenizer "
                               "tokenizer.model")
-    write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, out, args.type, name=Path(str(llm.source)).name)
+    # The Llama 2 chat format as a Jinja template, so llama.cpp's chat endpoint formats dialogs as llamaforge does.
+    write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, out, args.type, name=Path(str(llm.source)).name,
+               chat_template=JINJA_TEMPLATE)
     if args.json:
         _print_json({"out": str(out), "type": args.type, "bytes": out.stat().st_size})
     else:

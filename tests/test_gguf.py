@@ -30,7 +30,8 @@ TEXTS = ["Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "CafÃ
 
 
 def export(llm: llamaforge.LLM, path: Path, weight_type: str = "f32") -> Path:
-    return write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, path, weight_type)
+    return write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, path, weight_type,
+                      chat_template=JINJA_TEMPLATE)
 
 
 def logits(llm: llamaforge.LLM, ids: list[int]) -> torch.Tensor:
@@ -186,6 +187,7 @@ def test_export_command_and_its_errors(gqa_model_dir: Path, tmp_path: Path, caps
     out = tmp_path / "model.gguf"
     assert main(["export", "--model", str(gqa_model_dir), "--out", str(out), "--type", "q8_0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"out": str(out), "type": "q8_0", "bytes": out.stat().st_size}
+    assert gguf.GGUFReader(out).fields["tokenizer.chat_template"].contents() == JINJA_TEMPLATE
     assert main(["generate", "--model", str(out), "The llama", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     capsys.readouterr()
     not_gguf = tmp_path / "notes.gguf"

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamaforge.chat import JINJA_TEMPLATE
 from llamaforge.checkpoint.keymaps import GGUF_TO_META, HF_TO_META, META_TO_GGUF, meta_to_hf, permute_hf_to_meta, rename
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, TokenizerError
@@ -157,8 +156,9 @@ def read_tokenizer(reader, path: Path) -> Tokenizer | None:
 
 
 def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tokenizer, path: str | Path,
-               weight_type: str = "f16", name: str = "llama") -> Path:
-    """Write a Llama GGUF that llama.cpp loads: metadata, the SentencePiece vocabulary, and the weights.
+               weight_type: str = "f16", name: str = "llama", chat_template: str | None = None) -> Path:
+    """Write a Llama GGUF that llama.cpp loads: metadata, the SentencePiece vocabulary (and `chat_template`,
+    Jinja, for llama.cpp's chat endpoint), and the weights.
 
     2-D weights are stored as `weight_type`; a weight whose rows do not split into Q8_0's 32-value blocks
     stays float16, and norms stay float32 (both as llama.cpp's converter does). The file is written to a
@@ -182,6 +182,8 @@ def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tok
     partial = path.with_name(f".{path.name}.partial")
     writer = gguf.GGUFWriter(partial, ARCH)
     _write_metadata(writer, gguf, config, vocabulary, weight_type, name)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     for hf_name, weight in state.items():
         if config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd when the file has no output.weight
@@ -241,7 +243,6 @@ def _write_metadata(writer, gguf, config: ModelArgs, vocabulary, weight_type: st
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(normalizer.add_dummy_prefix)
     writer.add_remove_extra_whitespaces(normalizer.remove_extra_whitespaces)
-    writer.add_chat_template(JINJA_TEMPLATE)  # so llama.cpp's server formats chats as llamaforge does
 
 
 def _encode(gguf, array: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]:

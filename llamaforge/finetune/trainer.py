@@ -16,6 +16,7 @@ import math
 import platform
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -110,29 +111,30 @@ class Trainer:
                 print(f"warning: {len(self.data_notes) - 5} more rows longer than --seq-len")
         progress = Progress(self.out, self.total_steps, self.step, self.info.is_main)
         result = TrainResult(self.out, self.step)
-        rng_at_step_start = checkpoints.rng_states()
-        previous_handler = _sigterm_as_interrupt()
+        stop = StopRequest()
         try:
-            while self.step < self.total_steps:
-                record = self._train_step()
-                self.step += 1
-                rng_at_step_start = checkpoints.rng_states()  # what the next step starts from
-                progress.log(record)
-                result.train_losses.append(record["loss"])
-                if self.config.eval_every and self.step % self.config.eval_every == 0 and self.val_rows:
-                    progress.log({"step": self.step, "val_loss": self.evaluate()})
-                if self.config.save_every and self.step % self.config.save_every == 0:
-                    self._save_checkpoint(rng_at_step_start)
-        except KeyboardInterrupt:
-            self._save_checkpoint(rng_at_step_start)
+            with stop.installed():
+                while self.step < self.total_steps:
+                    record = self._train_step()
+                    self.step += 1
+                    rng_at_step_start = checkpoints.rng_states()  # what the next step starts from
+                    progress.log(record)
+                    result.train_losses.append(record["loss"])
+                    if self.config.eval_every and self.step % self.config.eval_every == 0 and self.val_rows:
+                        progress.log({"step": self.step, "val_loss": self.evaluate()})
+                    if self.config.save_every and self.step % self.config.save_every == 0:
+                        self._save_checkpoint(rng_at_step_start)
+                    # Every rank stops at the same step, or the checkpoint's collectives would hang.
+                    if self.step < self.total_steps and distributed.all_sum(float(stop.requested), self.info):
+                        return self._stop(result, progress, rng_at_step_start)
+        except KeyboardInterrupt:  # a second Ctrl-C: out now, mid-step, without saving
             progress.close()
+            last = checkpoints.latest(self.out)
             if self.info.is_main:
-                print(f"\ninterrupted after step {self.step}; checkpoint saved in "
-                      f"{checkpoints.checkpoint_dir(self.out, self.step)}; continue with the same command and --resume")
+                print("\nstopped in the middle of a step, without saving"
+                      + (f"; the last checkpoint is {last}" if last else ""))
             result.steps, result.interrupted = self.step, True
             return result
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
         result.steps = self.step
         if self.val_rows:
             result.val_loss = self.evaluate()
@@ -140,6 +142,16 @@ class Trainer:
                 progress.log({"step": self.step, "val_loss": result.val_loss})
         progress.close()
         self._write_outputs(result)
+        return result
+
+    def _stop(self, result: TrainResult, progress: Progress, rng_at_step_start) -> TrainResult:
+        """Save a checkpoint at the step just finished and report how to go on."""
+        self._save_checkpoint(rng_at_step_start)
+        progress.close()
+        if self.info.is_main:
+            print(f"\ninterrupted after step {self.step}; checkpoint saved in "
+                  f"{checkpoints.checkpoint_dir(self.out, self.step)}; continue with the same command and --resume")
+        result.steps, result.interrupted = self.step, True
         return result
 
     def _step_rows(self, step: int) -> list[Row]:
@@ -438,13 +450,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (a scheduler stopping the job) like Ctrl-C: save a checkpoint, then exit."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler stopping the job) asks the loop to stop once the current step
+    is done, so the checkpoint it saves is exactly that step; a second signal stops at once, unsaved."""
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        return signal.getsignal(signal.SIGTERM)
+    def __init__(self) -> None:
+        self.requested = False
 
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        try:
+            previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
