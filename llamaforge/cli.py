@@ -8,6 +8,7 @@ one line naming the problem and exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -42,7 +43,9 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, help=f"at most this many new tokens (default: {max_new_tokens}, "
+                        "or what the context has room for after the prompt, whichever is less)")
+    parser.set_defaults(default_max_new_tokens=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: Meta's 0.6)")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -56,7 +59,8 @@ def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> Non
 def _sampling(args: argparse.Namespace, **extra: object):
     from llamaforge.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else args.default_max_new_tokens
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                           stop=tuple(args.stop), **extra)
 
@@ -79,6 +83,15 @@ def _prompt_ids(text: str) -> list[int]:
         raise LlamaforgeError(f"--prompt-ids takes comma-separated token ids like 1,450,22, not {text!r}") from None
 
 
+def _fit_default(params, args: argparse.Namespace, llm, prompt_ids: list[int]):
+    """The default --max-new-tokens shrinks to the room the context leaves after the prompt (as vLLM does);
+    a number the user gave is kept, so asking for more than fits is still an error."""
+    room = llm.config.context_length - len(prompt_ids)
+    if args.max_new_tokens is None and 1 <= room < params.max_new_tokens:
+        return dataclasses.replace(params, max_new_tokens=room)
+    return params
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt; streams text, or prints text, token ids and timings with --json."""
     prompt = _prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt_text or args.prompt
@@ -86,6 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise LlamaforgeError('give a prompt: `llamaforge generate "Once upon a time"`, --prompt TEXT or --prompt-ids')
     params = _sampling(args, logprobs=args.logprobs)
     llm = _load(args)
+    params = _fit_default(params, args, llm, llm.encode_prompt(prompt))
     if args.json:
         out = llm.generate(prompt, params=params, truncate=args.truncate)
         timings = {**out.timings, **_rates(out.timings)}
@@ -153,6 +167,7 @@ def _stream_answer(llm, messages: list[dict], params, args: argparse.Namespace) 
     parts: list[str] = []
     started = time.perf_counter()
     try:
+        params = _fit_default(params, args, llm, llm.chat_tokens(messages))
         for delta in llm.stream_chat(messages, params=params, truncate=args.truncate):
             parts.append(delta)
             if not args.json:

@@ -136,3 +136,18 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path: Path, tiny_tokenizer_pat
     out = first + out
     assert chat.returncode == 0, err
     assert "(stopped)" in out and out.rstrip().endswith("(conversation cleared)")
+
+
+def test_the_default_max_new_tokens_shrinks_to_the_room_left(tiny_model_dir: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """A 128-token context and a 120-token prompt: the default 128 new tokens become 8; an explicit 128 is refused."""
+    llm = llamaforge.load(tiny_model_dir)
+    ids = [1] + [5 + i % 300 for i in range(119)]
+    prompt = ",".join(map(str, ids))
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-ids", prompt, "--temperature", "0",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == llm.generate(ids, max_new_tokens=8, temperature=0.0).token_ids
+    assert len(out["token_ids"]) == 8 and out["finish_reason"] == "length"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-ids", prompt, "--max-new-tokens", "128"]) == 2
+    assert "exceed the model's context of 128" in capsys.readouterr().err
