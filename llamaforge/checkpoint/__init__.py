@@ -86,7 +86,7 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
         config = meta.read_config(path, shards)
         tensors = meta.iter_tensors(config, shards)
     elif kind == "gguf":
-        reader = gguf.open_reader(path)
+        reader = gguf.open_reader(path)  # opened once: the tokenizer is read from it too
         config = gguf.read_config(reader, path)
         dtype = dtype or gguf.stored_dtype(reader)
         tensors = gguf.iter_tensors(reader, config)
@@ -94,7 +94,10 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
         config, shared = llama2c.read_header(path)
         tensors = llama2c.iter_tensors(path, config, shared)
     model = build_model(config, tensors, dtype, device)
-    loaded_tokenizer = Tokenizer(tokenizer) if tokenizer else read_tokenizer(path, kind)
+    if tokenizer:
+        loaded_tokenizer = Tokenizer(tokenizer)
+    else:
+        loaded_tokenizer = gguf.read_tokenizer(reader, path) if kind == "gguf" else read_tokenizer(path, kind)
     if loaded_tokenizer is not None:
         check_vocab(loaded_tokenizer, config)
     return Checkpoint(config, model, loaded_tokenizer, kind, path)

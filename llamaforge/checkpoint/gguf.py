@@ -85,9 +85,10 @@ def read_config(reader, path: Path) -> ModelArgs:
     if rope_dims != dim // n_heads:
         raise CheckpointError(f"{path} rotates {rope_dims} of each head's {dim // n_heads} dimensions; Llama 2 "
                               "rotates all of them")
-    tokens = value(reader, "tokenizer.ggml.tokens")
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab_size = int(embedding.shape[1]) if embedding is not None else len(tokens or [])
+    # The vocabulary list is read only when the embedding is missing (the load then reports that).
+    vocab_size = (int(embedding.shape[1]) if embedding is not None
+                  else len(value(reader, "tokenizer.ggml.tokens") or []))
     scaling = value(reader, f"{ARCH}.rope.scaling.type")
     rope_scaling = None
     if scaling not in (None, "none"):
@@ -131,8 +132,7 @@ def iter_tensors(reader, config: ModelArgs) -> Iterator[tuple[str, torch.Tensor]
         if meta_name is None:
             yield tensor.name, torch.empty(0)  # the model's key check names it
             continue
-        weight = torch.from_numpy(np.ascontiguousarray(tensor_array(tensor)))
-        yield meta_to_hf(meta_name, weight, config.n_heads, config.n_kv_heads)
+        yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 
 
 def read_tokenizer(reader, path: Path) -> Tokenizer | None:
