@@ -156,9 +156,7 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
     want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
 
     started = time.perf_counter()
-    tokens = torch.zeros(batch, max(lengths), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    tokens = pad_rows(prompts, device)  # (B, T)
     kv_cache = model.new_kv_cache(batch, max(n + p.max_new_tokens for n, p in zip(lengths, params, strict=True)))
     positions = torch.tensor(lengths, device=device)
     input_pos = torch.arange(tokens.shape[1], device=device).expand(batch, -1)
@@ -191,6 +189,14 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
         produced = [s.produced for s in sequences]
         timings.update(prefill_s=first_token_at - started, decode_s=time.perf_counter() - first_token_at,
                        prompt_tokens=sum(lengths), new_tokens=sum(produced), decode_steps=max(produced) - 1)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Rows of ids right-padded with 0 into one (B, T) tensor, built on the host and copied once."""
+    tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return tokens.to(device)
 
 
 def collect(events: Iterator[TokenEvent], prompts: Sequence[list[int]],

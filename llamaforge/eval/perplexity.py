@@ -21,6 +21,7 @@ from tqdm import tqdm
 from llamaforge.api import LLM
 from llamaforge.errors import LlamaforgeError
 from llamaforge.eval.scoring import batch_size_named_on_oom
+from llamaforge.generate import pad_rows
 
 
 @dataclass
@@ -87,13 +88,11 @@ def perplexity(llm: LLM, text: str, context: int | None = None, stride: int | No
 def _window_nll(llm: LLM, ids: list[int], spans: list[tuple[int, int, int]]) -> float:
     """Summed negative log-likelihood of the tokens these windows score, in one forward pass."""
     device = llm.device
-    width = max(end - begin for begin, end, _ in spans)
-    tokens = torch.zeros(len(spans), width, dtype=torch.long, device=device)
+    tokens = pad_rows([ids[begin:end] for begin, end, _ in spans], device)  # (B, T)
     # scored[b, t]: the logits at t predict token t + 1, which this window scores.
-    scored = torch.zeros(len(spans), width, dtype=torch.bool, device=device)
+    scored = torch.zeros(tokens.shape, dtype=torch.bool, device=device)
     targets = []
     for row, (begin, end, first) in enumerate(spans):
-        tokens[row, :end - begin] = torch.tensor(ids[begin:end], device=device)
         scored[row, first - 1 - begin:end - 1 - begin] = True
         targets.extend(ids[first:end])
     return llm.model(tokens, logits_at=scored, targets=torch.tensor(targets, device=device)).item()

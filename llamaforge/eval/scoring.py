@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from llamaforge.api import LLM
 from llamaforge.errors import LlamaforgeError
+from llamaforge.generate import pad_rows
 from llamaforge.model import KVCache, Llama
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
@@ -166,14 +167,6 @@ def loglikelihoods(model: Llama, groups: Sequence[Sequence[Scored]], batch_size:
     return results
 
 
-def _pad(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Rows of ids right-padded into one (B, T) tensor, built on the host and copied once."""
-    tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return tokens.to(device)
-
-
 class _Rest(NamedTuple):
     """A request with tokens after its unit's prefix: where its prefix sits in the batch, and where it belongs."""
 
@@ -196,7 +189,7 @@ def _score_batch(model: Llama, units: list[_Unit], batch_size: int, results: lis
     root = root if root >= MIN_SHARED else 0
     if root:
         _run_root(model, prefixes[0][:root], cache)
-    tokens = _pad([p[root:] for p in prefixes], device)  # (G, P - root)
+    tokens = pad_rows([p[root:] for p in prefixes], device)  # (G, P - root)
     input_pos = root + torch.arange(tokens.shape[1], device=device).expand_as(tokens)
     last = torch.tensor([u.prefix - 1 - root for u in units], device=device)
     prefix_logprobs = F.log_softmax(model(tokens, input_pos, cache, logits_at=last).float(), dim=-1)  # (G, V)
@@ -232,7 +225,7 @@ def _score_rest(model: Llama, cache: list[KVCache], rests: list[_Rest], results:
     device = model.lm_head.weight.device
     rows = torch.tensor([r.row for r in rests], device=device)
     copies = [KVCache(layer.k.index_select(0, rows), layer.v.index_select(0, rows)) for layer in cache]
-    tokens = _pad([r.request.tokens[r.unit.prefix:] for r in rests], device)  # (N, S)
+    tokens = pad_rows([r.request.tokens[r.unit.prefix:] for r in rests], device)  # (N, S)
     starts = torch.tensor([r.unit.prefix for r in rests], device=device)
     input_pos = starts[:, None] + torch.arange(tokens.shape[1], device=device)  # (N, S)
     # Positions from each request's first scored one (or the prefix's end) to its last token predict targets.
