@@ -7,10 +7,18 @@ every running sequence in one batched forward over a view of the slots that hold
 is a fixed pool of `max_batch_size` rows, each `max_context` long; a row's positions are its own (see
 model.py), so a sequence's tokens do not depend on what else shares the batch. Token events go back
 through each request's `emit` callback, called on the worker thread.
+
+A request's failure ends that request only. Per-request work (admission, prefill, event emission) is
+guarded one request at a time; batched work (the decode forward, sampling) that raises is run again
+one request at a time, so only the requests that fail alone are failed, each with its own error. Re-running
+a forward is safe: it writes the same keys and values at the same positions. Whatever escapes that is
+a fault of the engine itself: the running requests get the error and the worker keeps serving.
+`health()` reports a worker that died or is stuck in one step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -29,6 +37,10 @@ Emit = Callable[["TokenEvent | BaseException"], None]
 
 class QueueFullError(LlamaforgeError):
     """The engine's waiting queue is full; the client should retry later."""
+
+
+class EngineStoppedError(LlamaforgeError):
+    """The engine's worker thread is not running: it was stopped, or it died."""
 
 
 @dataclass(eq=False)
@@ -68,7 +80,7 @@ class Engine:
     """Serve many requests from one model with continuous batching; start() runs the worker thread."""
 
     def __init__(self, llm: LLM, max_batch_size: int = 8, max_context: int | None = None, max_queue: int = 256,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, stall_timeout: float = 120.0) -> None:
         if max_batch_size < 1:
             raise LlamaforgeError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.llm = llm
@@ -78,6 +90,7 @@ class Engine:
         self.max_context = min(max_context or llm.config.context_length, llm.config.context_length)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.stall_timeout = stall_timeout  # a step longer than this makes health() report the engine stuck
         self.eos_id = llm.tokenizer.eos_id if llm.tokenizer is not None else llm.config.eos_token_id
         self.kv_cache_bytes = kv_cache_bytes(llm, max_batch_size, self.max_context)
         _check_memory(self.kv_cache_bytes, self.device, max_batch_size, self.max_context)
@@ -90,6 +103,7 @@ class Engine:
         self.wakeup = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
+        self.step_started: float | None = None  # time.monotonic() when the current step began; None between steps
         self.peak_running = 0
         self.steps = 0
         self.batched_steps = 0
@@ -99,9 +113,17 @@ class Engine:
     # --- the client side (any thread) ---------------------------------------------------------------
 
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request; GenerationError if it cannot fit a slot, QueueFullError when the queue is full."""
+        """Queue a request; GenerationError if it cannot fit a slot, QueueFullError when the queue is full.
+
+        The request's sequence state (random generator, detokenizer, stop-string matcher) is built here, on
+        the caller's thread: its cost and its errors belong to the caller, not to the step of every request.
+        """
         fit_prompt(request.prompt_ids, request.params.max_new_tokens, self.max_context, truncate=False)
+        request.state = SequenceState(request.prompt_ids, request.params, self.llm.tokenizer, self.eos_id,
+                                      self.device, request.prompt_as_context)
         with self.wakeup:
+            if self.stopping or (self.thread is not None and not self.thread.is_alive()):
+                raise EngineStoppedError("the engine is not running (the server is stopping or has failed)")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the server's queue is full ({self.max_queue} waiting requests); retry shortly")
             self.waiting.append(request)
@@ -119,38 +141,62 @@ class Engine:
                                len(self.waiting), self.peak_running, self.steps, self.batched_steps,
                                self.prompt_tokens, self.generated_tokens)
 
+    def health(self) -> str | None:
+        """None while the engine serves; otherwise why it does not (its worker died or is stuck in one step)."""
+        if self.thread is not None and not self.thread.is_alive():
+            return "the engine's worker thread has stopped; restart the server"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > self.stall_timeout:
+            return f"the engine has been in one step for {time.monotonic() - started:.0f} s"
+        return None
+
     def start(self) -> Engine:
         self.thread = threading.Thread(target=self._loop, name="llamaforge-engine", daemon=True)
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the worker after its current step; waiting and running requests get an error."""
         with self.wakeup:
             self.stopping = True
             self.wakeup.notify()
         if self.thread is not None:
-            self.thread.join()
+            self.thread.join(timeout)
 
     # --- the worker thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while self._serve_one_step():
+                pass
+        finally:
             with self.wakeup:
-                while not self.stopping and not self.waiting and not self.running:
-                    self.wakeup.wait()
-                if self.stopping:
-                    break
+                self.stopping = True
+                leftovers = list(self.running) + list(self.waiting)
+                self.waiting.clear()
+            for request in leftovers:
+                self._fail(request, LlamaforgeError("the server is shutting down"))
+
+    def _serve_one_step(self) -> bool:
+        """Wait for work, then run one step; False once stopping. Nothing a step raises ends the worker."""
+        with self.wakeup:
+            while not self.stopping and not self.waiting and not self.running:
+                self.wakeup.wait()
+            if self.stopping:
+                return False
+        self.step_started = time.monotonic()
+        try:
+            with self.wakeup:
                 self._drop_cancelled()
                 self._admit()
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception as exc:  # a bug must not leave clients waiting forever: fail what was running
-                for request in list(self.running):
-                    request.emit(exc)
-                    self._release(request)
-        for request in list(self.running) + list(self.waiting):
-            request.emit(LlamaforgeError("the server is shutting down"))
+            with torch.inference_mode():
+                self._step()
+        except Exception as exc:  # a fault of the engine, not of one request: fail what was running, keep serving
+            for request in list(self.running):
+                self._fail(request, exc)
+        finally:
+            self.step_started = None
+        return True
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
@@ -161,13 +207,44 @@ class Engine:
         while self.free_slots and self.waiting:
             request = self.waiting.popleft()
             request.slot = self.free_slots.pop(0)
-            request.state = SequenceState(request.prompt_ids, request.params, self.llm.tokenizer, self.eos_id,
-                                          self.device, request.prompt_as_context)
-            self.seen[request.slot] = False
-            if request.params.repetition_penalty != 1.0:
-                self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
             self.running.append(request)
+            self._guarded(request, self._admit_one, request)
         self.peak_running = max(self.peak_running, len(self.running))
+
+    def _admit_one(self, request: EngineRequest) -> None:
+        """Make a new slot's repetition-penalty memory the request's prompt."""
+        self.seen[request.slot] = False
+        if request.params.repetition_penalty != 1.0:
+            self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+
+    def _guarded(self, request: EngineRequest, work: Callable, *args) -> None:
+        """Run one request's work; an exception ends that request (with the error), not the step."""
+        try:
+            work(*args)
+        except Exception as exc:
+            self._fail(request, exc)
+
+    def _isolated(self, requests: list[EngineRequest], work: Callable[[list[EngineRequest]], dict]) -> dict:
+        """work(requests) -> {request: result}; if it raises, each request runs alone and only failures fail."""
+        try:
+            return work(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                self._fail(requests[0], exc)
+                return {}
+        results = {}
+        for request in requests:
+            try:
+                results.update(work([request]))
+            except Exception as exc:
+                self._fail(request, exc)
+        return results
+
+    def _fail(self, request: EngineRequest, error: BaseException) -> None:
+        """End a request with an error: tell its client (if it still listens) and free its slot."""
+        with contextlib.suppress(Exception):  # the consumer is gone; the slot is freed all the same
+            request.emit(error)
+        self._release(request)
 
     def _release(self, request: EngineRequest) -> None:
         with self.wakeup:
@@ -180,13 +257,12 @@ class Engine:
         self.steps += 1
         prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
         if prefilling:
-            self._prefill(prefilling[0])
+            self._guarded(prefilling[0], self._prefill, prefilling[0])
         decoding = [r for r in self.running if r.last_token is not None and not r.state.finished]
         if decoding:
             self.batched_steps += len(decoding) > 1
-            inputs = {r.slot: ([r.last_token], self._next_position(r)) for r in decoding}
-            logits = self._run_slots(inputs)
-            self._sample_and_emit(decoding, torch.stack([logits[r.slot] for r in decoding]))
+            logits = self._isolated(decoding, self._decode)
+            self._sample_and_emit(logits)
 
     def _prefill(self, request: EngineRequest) -> None:
         """Feed the next chunk (`prefill_chunk` tokens at most) of one waiting prompt.
@@ -201,7 +277,12 @@ class Engine:
         request.prefilled += len(chunk)
         self.prompt_tokens += len(chunk)
         if request.prefilled == len(request.prompt_ids):
-            self._sample_and_emit([request], logits[request.slot][None])
+            self._sample_and_emit({request: logits[request.slot]})
+
+    def _decode(self, requests: list[EngineRequest]) -> dict[EngineRequest, torch.Tensor]:
+        """One batched forward of each request's last token; each request's logits (V,)."""
+        logits = self._run_slots({r.slot: ([r.last_token], self._next_position(r)) for r in requests})
+        return {r: logits[r.slot] for r in requests}
 
     def _next_position(self, request: EngineRequest) -> int:
         """Where the request writes next: its prompt's next chunk, or its last sampled token."""
@@ -238,25 +319,37 @@ class Engine:
                             logits_at=last_index.to(self.device))  # (rows, V)
         return {slot: logits[slot - first] for slot in inputs}
 
-    def _sample_and_emit(self, requests: list[EngineRequest], logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, logits: dict[EngineRequest, torch.Tensor]) -> None:
+        """Pick each request's next token (isolated per request on failure), then hand it to its client."""
+        picks = self._isolated(list(logits), lambda requests: self._sample(requests, logits))
+        for request, pick in picks.items():
+            self._guarded(request, self._emit_token, request, *pick)
+
+    def _sample(self, requests: list[EngineRequest], logits: dict[EngineRequest, torch.Tensor]) -> dict:
+        """{request: (token id, its log-prob, top log-probs, their ids)}; log-probs None when nobody asked."""
         rows = torch.tensor([r.slot for r in requests], device=self.device)
+        batch_logits = torch.stack([logits[r] for r in requests])  # (B, V)
         params = [r.params for r in requests]
-        seen = self.seen[rows]
-        next_ids = sample(logits, params, [r.state.generator for r in requests], seen)  # (B,)
+        next_ids = sample(batch_logits, params, [r.state.generator for r in requests], self.seen[rows])  # (B,)
         self.seen[rows, next_ids] = True
-        top_n = max(p.top_logprobs for p in params)
-        want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
-        if want_logprobs:
-            chosen, top_values, top_ids = token_logprobs(logits, next_ids, top_n)
-        for index, (request, token_id) in enumerate(zip(requests, next_ids.tolist(), strict=True)):
-            event = request.state.accept(0, token_id)
-            if want_logprobs:
-                request.state.attach_logprobs(event, chosen[index], top_values[index], top_ids[index])
-            request.last_token = token_id
-            self.generated_tokens += 1
-            request.emit(event)
-            if event.finish_reason is not None:
-                self._release(request)
+        picks = {request: (token_id, None, None, None) for request, token_id in zip(requests, next_ids.tolist(),
+                                                                                      strict=True)}
+        if any(p.logprobs or p.top_logprobs for p in params):
+            chosen, top_values, top_ids = token_logprobs(batch_logits, next_ids, max(p.top_logprobs for p in params))
+            for index, request in enumerate(requests):
+                picks[request] = (picks[request][0], chosen[index], top_values[index], top_ids[index])
+        return picks
+
+    def _emit_token(self, request: EngineRequest, token_id: int, chosen: torch.Tensor | None,
+                    top_values: torch.Tensor | None, top_ids: torch.Tensor | None) -> None:
+        event = request.state.accept(0, token_id)
+        if chosen is not None:
+            request.state.attach_logprobs(event, chosen, top_values, top_ids)
+        request.last_token = token_id
+        self.generated_tokens += 1
+        request.emit(event)
+        if event.finish_reason is not None:
+            self._release(request)
 
 
 def kv_cache_bytes(llm: LLM, batch_size: int, max_context: int) -> int:

@@ -46,10 +46,18 @@ class Generation:
 
 
 class StopStringMatcher:
-    """Hold back text that might be the start of a stop string; cut the text at the first stop string."""
+    """Hold back text that might be the start of a stop string; cut the text at the first stop string.
+
+    Each stop string keeps a Knuth-Morris-Pratt state: the length of its longest prefix that the text so
+    far ends with. A new character moves each state in amortised constant time, so the work per token
+    does not grow with the stop strings' lengths, and the text held back is exactly the longest such
+    prefix (it can still become a stop string; anything before it cannot).
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
+        self.fallbacks = [_prefix_function(stop) for stop in self.stops]
+        self.matched = [0] * len(self.stops)
         self.pending = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
@@ -58,18 +66,45 @@ class StopStringMatcher:
         if not self.stops:
             text, self.pending = self.pending, ""
             return text, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            text, self.pending = self.pending[:min(hits)], ""
+        first_stop = None  # where in `pending` the earliest stop string found in this delta starts
+        offset = len(self.pending) - len(delta)
+        for index, char in enumerate(delta, start=offset):
+            for k, stop in enumerate(self.stops):
+                matched = self._advance(k, char)
+                if matched == len(stop):
+                    start = index + 1 - len(stop)
+                    first_stop = start if first_stop is None else min(first_stop, start)
+                    matched = self.fallbacks[k][matched - 1]
+                self.matched[k] = matched
+        if first_stop is not None:
+            text, self.pending, self.matched = self.pending[:first_stop], "", [0] * len(self.stops)
             return text, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - hold
+        cut = len(self.pending) - max(self.matched)
         text, self.pending = self.pending[:cut], self.pending[cut:]
         return text, False
+
+    def _advance(self, k: int, char: str) -> int:
+        """Stop string k's matched length after one more character."""
+        stop, fallback, matched = self.stops[k], self.fallbacks[k], self.matched[k]
+        while matched and stop[matched] != char:
+            matched = fallback[matched - 1]
+        return matched + (stop[matched] == char)
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""
         return text
+
+
+def _prefix_function(text: str) -> list[int]:
+    """KMP's table: entry i is the length of the longest proper prefix of text[:i + 1] that also ends it."""
+    table = [0] * len(text)
+    length = 0
+    for i in range(1, len(text)):
+        while length and text[i] != text[length]:
+            length = table[length - 1]
+        length += text[i] == text[length]
+        table[i] = length
+    return table
 
 
 def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context_length: int, truncate: bool) -> list[int]:

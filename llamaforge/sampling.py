@@ -14,6 +14,9 @@ import torch
 
 from llamaforge.errors import GenerationError
 
+# What torch.Generator.manual_seed takes: a signed or unsigned 64-bit integer.
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,6 +54,8 @@ class SamplingParams:
             (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20,
              f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,7 +115,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     logits = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
+        # A top-k past the vocabulary cuts nothing; clamped, it also fits the int64 tensor.
+        top_k = torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         logits = filter_top_k_top_p(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from llamaforge.api import LLM
-from llamaforge.engine import Engine, EngineRequest, QueueFullError
+from llamaforge.engine import Emit, Engine, EngineRequest, QueueFullError
 from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
@@ -81,3 +82,171 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(tiny_llm: LLM, 
                                               r"is free on cpu; lower --max-batch-size or --max-context"):
         Engine(tiny_llm, max_batch_size=4)
     assert Engine(tiny_llm, max_batch_size=1, max_context=64).kv_cache_bytes == 64 * 512
+
+
+# --- one request's failure ends that request only --------------------------------------------------------
+
+class Collector:
+    """Events of one request, and its error if it got one; `done` once it finished or failed."""
+
+    def __init__(self) -> None:
+        self.events: list[TokenEvent] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def __call__(self, item: TokenEvent | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+            self.done.set()
+            return
+        self.events.append(item)
+        if item.finish_reason:
+            self.done.set()
+
+
+VICTIM_SEED = 666  # the injected faults below strike the request with this seed only
+
+
+def _strikes_victim(requests) -> bool:
+    return any(r.params.seed == VICTIM_SEED for r in requests)
+
+
+def inject_admission(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+    original = engine._admit_one
+
+    def admit_one(request):
+        if request.params.seed == VICTIM_SEED:
+            raise RuntimeError("injected")
+        original(request)
+    monkeypatch.setattr(engine, "_admit_one", admit_one)
+    return victim
+
+
+def _victim_in(engine: Engine, inputs: dict) -> EngineRequest | None:
+    return next((r for r in engine.running if r.slot in inputs and r.params.seed == VICTIM_SEED), None)
+
+
+def inject_prefill(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+    original = engine._run_slots
+
+    def run_slots(inputs):
+        if _victim_in(engine, inputs) and any(len(tokens) > 1 for tokens, _ in inputs.values()):
+            raise RuntimeError("injected")
+        return original(inputs)
+    monkeypatch.setattr(engine, "_run_slots", run_slots)
+    return victim
+
+
+def inject_decode(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+    """The batched decode forward fails from the victim's fourth token on, with the victim in the batch."""
+    original = engine._run_slots
+
+    def run_slots(inputs):
+        request = _victim_in(engine, inputs)
+        if request and request.state.produced >= 3 and all(len(tokens) == 1 for tokens, _ in inputs.values()):
+            raise RuntimeError("injected")
+        return original(inputs)
+    monkeypatch.setattr(engine, "_run_slots", run_slots)
+    return victim
+
+
+def inject_sampling(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+    import llamaforge.engine as engine_module
+
+    original = engine_module.sample
+
+    def sample(logits, params, generators, seen=None):
+        if any(p.seed == VICTIM_SEED for p in params):
+            raise RuntimeError("injected")
+        return original(logits, params, generators, seen)
+    monkeypatch.setattr(engine_module, "sample", sample)
+    return victim
+
+
+def inject_emit(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+    """The victim's consumer raises on its third token (as a closed event loop would)."""
+    def emit(item):
+        if not isinstance(item, BaseException) and len(victim.events) == 2:
+            raise RuntimeError("injected")
+        victim(item)
+    return emit
+
+
+@pytest.mark.parametrize("stage", ["admission", "prefill", "decode", "sampling", "emit"])
+def test_a_fault_in_one_request_ends_that_request_only(tiny_llm: LLM, monkeypatch, stage: str) -> None:
+    engine = Engine(tiny_llm, max_batch_size=4, prefill_chunk=8)
+    prompts = [tiny_llm.tokenizer.encode(f"Request {i}: llamas hum", bos=True) for i in range(6)]
+    params = [SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True,
+                             seed=VICTIM_SEED if i == 2 else i) for i in range(6)]
+    collectors = [Collector() for _ in prompts]
+    emits = list(collectors)
+    emits[2] = globals()[f"inject_{stage}"](monkeypatch, engine, collectors[2])
+    engine.start()
+    try:
+        for prompt, p, emit in zip(prompts, params, emits, strict=True):
+            engine.submit(EngineRequest(prompt, p, emit))
+        assert all(c.done.wait(60) for c in collectors), "a request was left without an answer"
+        # The engine is still serving: a new request after the fault runs normally.
+        after = Collector()
+        engine.submit(EngineRequest(prompts[0], params[0], after))
+        assert after.done.wait(60) and after.error is None
+    finally:
+        engine.stop()
+    assert isinstance(collectors[2].error, RuntimeError) and "injected" in str(collectors[2].error)
+    for index, collector in enumerate(collectors):
+        if index != 2:
+            expected = tiny_llm.generate(prompts[index], params=params[index]).token_ids
+            assert collector.error is None and [e.token_id for e in collector.events] == expected
+    stats = engine.stats()
+    assert stats.free_slots == 4 and stats.running == 0 and stats.waiting == 0
+
+
+def test_the_worker_survives_a_fault_of_the_engine_itself(tiny_llm: LLM, monkeypatch) -> None:
+    """A bug outside any one request's work fails what was running, and the worker keeps serving."""
+    engine = Engine(tiny_llm, max_batch_size=2)
+    original, calls = engine._step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected engine bug")
+        original()
+    monkeypatch.setattr(engine, "_step", step)
+    engine.start()
+    try:
+        first = Collector()
+        engine.submit(EngineRequest([1, 5, 6], SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True),
+                                    first))
+        assert first.done.wait(60) and "injected engine bug" in str(first.error)
+        second = Collector()
+        engine.submit(EngineRequest([1, 5, 6], SamplingParams(max_new_tokens=5, temperature=0.0), second))
+        assert second.done.wait(60) and second.error is None and second.events
+        assert engine.health() is None
+    finally:
+        engine.stop()
+    assert engine.stats().free_slots == 2
+
+
+def test_health_reports_a_dead_or_stuck_worker(tiny_llm: LLM, monkeypatch) -> None:
+    from llamaforge.engine import EngineStoppedError
+
+    engine = Engine(tiny_llm, max_batch_size=1, stall_timeout=0.2)
+    release = threading.Event()
+    original = engine._step
+    monkeypatch.setattr(engine, "_step", lambda: (release.wait(30), original()))
+    engine.start()
+    stuck = Collector()
+    engine.submit(EngineRequest([1, 5], SamplingParams(max_new_tokens=2, temperature=0.0), stuck))
+    time.sleep(0.5)
+    assert "in one step for" in (engine.health() or "")
+    release.set()
+    assert stuck.done.wait(30) and stuck.error is None
+    deadline = time.monotonic() + 10  # the step that emitted the last token is still ending
+    while engine.health() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.health() is None
+    engine.stop()
+    assert "worker thread has stopped" in engine.health()
+    with pytest.raises(EngineStoppedError, match="not running"):
+        engine.submit(EngineRequest([1, 5], SamplingParams(max_new_tokens=2), lambda item: None))
+

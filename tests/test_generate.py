@@ -74,6 +74,11 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm: LLM) -> None:
     assert llm.generate("Llamas", max_new_tokens=15, temperature=1.5, top_p=1e-6, seed=1).token_ids == greedy
 
 
+def test_a_top_k_past_the_vocabulary_cuts_nothing(llm: LLM) -> None:
+    huge = llm.generate("Once", max_new_tokens=8, temperature=1.0, top_k=1 << 64, seed=5)
+    assert huge.token_ids == llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=5).token_ids
+
+
 def test_top_k_top_p_filter_keeps_the_right_tokens() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
     kept = filter_top_k_top_p(logits, top_k=torch.tensor([0, 3]), top_p=torch.tensor([0.7, 1.0])).isfinite()
@@ -137,6 +142,50 @@ def test_stop_matcher_holds_back_possible_starts() -> None:
     assert StopStringMatcher(["ab"]).feed("xxabyyab") == ("xx", True)
 
 
+class NaiveStopMatcher:
+    """The obvious matcher (quadratic in the stop strings' lengths): the reference for StopStringMatcher."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.pending = stops, ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[:min(hits)], ""
+            return text, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+
+def test_stop_matcher_equals_the_naive_matcher_on_random_text() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        ours, naive = StopStringMatcher(stops), NaiveStopMatcher(stops)
+        for _ in range(rng.randint(1, 12)):
+            delta = "".join(rng.choices("abc", k=rng.randint(0, 4)))
+            expected = naive.feed(delta)
+            assert ours.feed(delta) == expected, (stops, delta)
+            if expected[1]:
+                break
+
+
+def test_stop_matcher_work_does_not_grow_with_the_stop_length() -> None:
+    # 4 stop strings of 250k characters (1 MB, what a request body may hold), each a near-miss of the text:
+    # the naive matcher compares every prefix on every token (about 10^11 character steps for this feed).
+    long_stops = ["a" * 249_999 + tail for tail in "bcde"]
+    matcher = StopStringMatcher(long_stops)
+    for _ in range(300):
+        assert matcher.feed("aaa") == ("", False)  # 900 a's: each may still become a stop string
+    assert matcher.feed("x") == ("a" * 900 + "x", False)
+    assert matcher.feed("a" * 249_999 + "d") == ("", True)
+
+
 def test_prompt_too_long_names_both_numbers(llm: LLM) -> None:
     prompt = list(range(3, 100))  # 97 tokens, context is 128
     with pytest.raises(GenerationError, match=r"prompt has 97 tokens and max_new_tokens is 40: 137 .* context of 128"):
@@ -155,6 +204,8 @@ def test_prompt_too_long_names_both_numbers(llm: LLM) -> None:
     ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
     ({"temperature": float("nan")}, "temperature must be >= 0"),
     ({"stop": [""]}, "stop strings must be non-empty"),
+    ({"seed": 1 << 64}, r"seed must be an integer in \[-9223372036854775808, 18446744073709551615\]"),
+    ({"seed": -(1 << 63) - 1}, "seed must be an integer in"),
     ({"bogus": 1}, "unknown generation option"),
 ])
 def test_invalid_sampling_values_are_named(llm: LLM, options: dict, message: str) -> None:
