@@ -244,15 +244,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise LlamaforgeError(f"the server needs its extra ({exc.name} is missing): pip install 'llamaforge[serve]'") \
             from None
+    api_key = args.api_key or _read_api_key_file(args.api_key_file) or os.environ.get("LLAMAFORGE_API_KEY")
     llm = _load(args)
-    api_key = args.api_key or os.environ.get("LLAMAFORGE_API_KEY")
     url = f"http://{args.host}:{args.port}/"
     if args.json:
         _print_json({"url": url, "model": llm.source, "auth": bool(api_key)})
     else:
         print(f"llamaforge: serving {llm.source} at {url} (playground at {url}, OpenAI API at {url}v1)", flush=True)
+    allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_context=args.max_context,
-          api_key=api_key, max_queue=args.max_queue)
+          api_key=api_key, max_queue=args.max_queue, allowed_hosts=allowed_hosts,
+          shutdown_timeout=args.shutdown_timeout)
+
+
+def _read_api_key_file(path: str | None) -> str | None:
+    """The key in --api-key-file (its first line), or None without the flag."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LlamaforgeError(f"cannot read the API key file {path}: {exc}") from None
+    if not key:
+        raise LlamaforgeError(f"the API key file {path} is empty; put the key on its first line")
+    return key
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -507,7 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--max-context", type=int, help="tokens per slot (default: the model's context)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in `ps`: prefer "
+                                         "--api-key-file or $LLAMAFORGE_API_KEY)")
+    serve.add_argument("--api-key-file", help="read the API key from this file")
+    serve.add_argument("--allowed-hosts", help="comma-separated Host names to answer, '*' for any (default: "
+                                               "loopback names when bound to loopback, else any)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running answers get to finish on Ctrl-C / SIGTERM (default 30)")
 
     _finetune_flags(add("finetune", cmd_finetune))
 

@@ -17,6 +17,16 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 LLAMA2_VOCAB_SIZE, LLAMA2_DOUBLE_SPACE_ID = 32000, 259  # how Llama 2's vocabulary is recognised
 
 
+def check_text(text: str) -> None:
+    """Refuse text that is not Unicode a tokenizer can take: a lone UTF-16 surrogate (JSON's "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(f"the text holds a lone surrogate {text[exc.start]!r} at character {exc.start}, "
+                             "which is not valid Unicode; send the character's full surrogate pair, or "
+                             "the character itself") from None
+
+
 class Tokenizer:
     """Encode text to ids and back, Meta-style: `encode(text, bos=True)` and `decode(ids)`."""
 
@@ -46,6 +56,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS/EOS ids added on request."""
+        check_text(text)
         ids = self._sp.encode(text) if self._sp is not None else self._hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -58,6 +69,7 @@ class Tokenizer:
 
     def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
         """(id, start, stop) of each token of `text`, as character offsets into it."""
+        check_text(text)
         if self._hf is not None:
             encoding = self._hf.encode(text, add_special_tokens=False)
             return [(i, start, stop) for i, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True)]

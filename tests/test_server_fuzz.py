@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -34,3 +36,73 @@ def test_no_server_errors(api_schema, operation: str) -> None:
 
 def test_every_route_is_fuzzed(api_schema) -> None:
     assert sorted(result.ok().label for result in api_schema.get_all_operations()) == sorted(OPERATIONS)
+
+
+# --- every field of every body, set to what a careless or hostile client sends ------------------------------
+
+HOSTILE_VALUES = [1 << 64, -(1 << 64), 1 << 1000, 1e308, -0.0, 0, -1, "\ud800", "a\udfffb", "", "yes", True, False,
+                  None, [], {}, [1, "a", None], [True, False], {"a": {"b": [1 << 64]}}, "x" * 10_000]
+VALID_BODIES = {
+    "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                             "temperature": 0.5, "top_p": 0.9, "n": 1, "stop": ["zz"], "seed": 1, "stream": False,
+                             "stream_options": {"include_usage": True}, "max_completion_tokens": 4,
+                             "logprobs": True, "top_logprobs": 2, "presence_penalty": 0, "frequency_penalty": 0},
+    "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9,
+                        "stop": "zz", "seed": 1, "stream": True, "logprobs": 2, "echo": True},
+    "/generate": {"inputs": "hi", "stream": False, "parameters": {
+        "max_new_tokens": 4, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.1,
+        "stop": ["zz"], "seed": 1, "do_sample": True, "details": True, "return_full_text": True, "truncate": 8}},
+    "/generate_stream": {"inputs": "hi", "parameters": {"max_new_tokens": 4, "best_of": 1, "watermark": False,
+                                                         "decoder_input_details": False, "top_n_tokens": None}},
+    "/": {"inputs": "hi", "stream": True, "parameters": {"max_new_tokens": 4, "grammar": None, "adapter_id": None}},
+    "/tokenize": {"inputs": "hi", "add_special_tokens": True},
+}
+
+
+def _field_paths(body, prefix=()) -> list[tuple]:
+    """Every place in a body a value sits: ("messages", 0, "content"), ("parameters", "seed"), ..."""
+    paths = []
+    items = body.items() if isinstance(body, dict) else enumerate(body) if isinstance(body, list) else []
+    for key, value in items:
+        paths.append((*prefix, key))
+        paths.extend(_field_paths(value, (*prefix, key)))
+    return paths
+
+
+def _with(body, path: tuple, value):
+    import copy
+
+    changed = copy.deepcopy(body)
+    target = changed
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return changed
+
+
+@pytest.mark.parametrize("route", list(VALID_BODIES))
+def test_every_field_set_to_hostile_values_never_errs_on_the_server(live_server, route: str) -> None:
+    import json
+
+    import httpx
+
+    valid = VALID_BODIES[route]
+    cases = [_with(valid, path, value) for path in _field_paths(valid) for value in HOSTILE_VALUES]
+    raw = [json.dumps(case).encode() for case in cases]  # lone surrogates travel as JSON's "\ud800" escapes
+    raw += [b'{"inputs": "hi", "parameters": {"temperature": 1e999}, "prompt": "hi", "messages": 1e999}',
+            b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe not utf-8", b"", b"null", b'"\\ud800"']
+    with httpx.Client(timeout=60) as http:
+        assert http.post(f"{live_server.url}{route}", json=valid).status_code == 200
+        for body in raw:
+            response = http.post(f"{live_server.url}{route}", content=body,
+                                 headers={"content-type": "application/json"})
+            assert response.status_code < 500, f"{body[:200]!r} -> {response.status_code}: {response.text[:200]}"
+            if response.status_code >= 400:
+                assert "Traceback" not in response.text and response.json()["error"]
+        assert http.post(f"{live_server.url}{route}", json=valid).status_code == 200
+    engine = live_server.engine
+    assert engine.health() is None
+    deadline = time.monotonic() + 10  # the last answer's slot is freed just after its last token went out
+    while engine.stats().free_slots != engine.max_batch_size and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.stats().free_slots == engine.max_batch_size

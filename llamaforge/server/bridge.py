@@ -6,14 +6,21 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
 from llamaforge.engine import Engine, EngineRequest
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.metrics import Metrics
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was complete."""
+
+
 class RequestStream:
-    """Submit a request on creation; iterate its TokenEvents; cancel it if the consumer stops early."""
+    """One request in the engine: iterate its TokenEvents; it is cancelled if the consumer stops early."""
 
     def __init__(self, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
                  prompt_as_context: bool) -> None:
@@ -24,7 +31,17 @@ class RequestStream:
         self.request = EngineRequest(prompt_ids, params, self._emit, prompt_as_context)
         self.finished = False
         self.generated = 0
-        engine.submit(self.request)  # QueueFullError propagates to the route: 503
+
+    @classmethod
+    async def open(cls, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
+                   prompt_as_context: bool) -> RequestStream:
+        """Submit a request (off the event loop: building its state costs as much as its stop strings are long).
+
+        QueueFullError and the request's own errors propagate to the route (503, 400/422).
+        """
+        stream = cls(engine, metrics, prompt_ids, params, prompt_as_context)
+        await run_in_threadpool(engine.submit, stream.request)
+        return stream
 
     def _emit(self, item: TokenEvent | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -50,3 +67,19 @@ class RequestStream:
         finally:
             if not self.finished:  # the client went away or the consumer stopped: free the slot
                 self.engine.cancel(self.request)
+
+    async def collect(self, client: Request) -> list[TokenEvent]:
+        """Every event of a whole (non-streaming) answer; ClientGone, and the request cancelled, if the client
+        hangs up first. A stream notices a hang-up when it writes; a client waiting for one answer must be watched."""
+        watcher = asyncio.create_task(_disconnected(client))
+        watcher.add_done_callback(lambda task: task.cancelled() or self.queue.put_nowait(ClientGone()))
+        try:
+            return [event async for event in self.events()]
+        finally:
+            watcher.cancel()
+
+
+async def _disconnected(client: Request) -> None:
+    """Return once the client has closed its connection (the body was read already: nothing else arrives)."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
@@ -71,10 +72,10 @@ async def list_models(request: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
     server: ServerState = request.app.state.server
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = server.llm.chat_tokens(messages)
+    prompt_ids = await run_in_threadpool(server.llm.chat_tokens, messages)
     params = _params(server, body, prompt_ids, body.max_completion_tokens or body.max_tokens, body.logprobs,
                      body.top_logprobs or 0)
-    stream = RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=False)
+    stream = await RequestStream.open(server.engine, server.metrics, prompt_ids, params, prompt_as_context=False)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -100,12 +101,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
                        "choices": [], "usage": _usage(len(prompt_ids), stream.generated)}
         return sse(chunks())
 
-    text, finish_reason, logprobs = "", None, []
-    async for event in stream.events():
-        text += event.text
-        finish_reason = event.finish_reason
-        if body.logprobs:
-            logprobs.append(_chat_logprobs(server, event))
+    events = await stream.collect(request)
+    text = "".join(e.text for e in events)
+    logprobs = [_chat_logprobs(server, e) for e in events] if body.logprobs else []
+    finish_reason = events[-1].finish_reason
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -117,9 +116,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
     server: ServerState = request.app.state.server
-    prompt_ids = server.llm.encode_prompt(body.prompt)
+    prompt_ids = await run_in_threadpool(server.llm.encode_prompt, body.prompt)
     params = _params(server, body, prompt_ids, body.max_tokens, body.logprobs is not None, body.logprobs or 0)
-    stream = RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
+    stream = await RequestStream.open(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name
     prefix = (body.prompt if isinstance(body.prompt, str) else server.llm.tokenizer.decode(prompt_ids)) \
@@ -155,7 +154,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
                        "choices": [], "usage": _usage(len(prompt_ids), stream.generated)}
         return sse(chunks())
 
-    events = [event async for event in stream.events()]
+    events = await stream.collect(request)
     text = prefix + "".join(e.text for e in events)
     logprobs = logprobs_of(events, len(prefix)) if body.logprobs is not None else None
     return {"id": completion_id, "object": "text_completion", "created": created, "model": model,

@@ -1,12 +1,41 @@
-"""Request bodies of the OpenAI and TGI routes, validated by pydantic (field names as the protocols say)."""
+"""Request bodies of the OpenAI and TGI routes, validated by pydantic (field names as the protocols say).
+
+Every body is strict: JSON types are not coerced ("stream": "yes" and `prompt: [true]` are refused),
+numbers must be finite and within the range the engine can hold, and text must be valid Unicode
+(no lone surrogates), so whatever a client sends fails at the edge with the field named, never inside
+the engine.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from llamaforge.errors import TokenizerError
+from llamaforge.tokenizer import check_text
 
 MAX_STOP_SEQUENCES = 4
+INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
+
+
+def _valid_unicode(value: str) -> str:
+    try:
+        check_text(value)
+    except TokenizerError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+# Counts of tokens: anything past int64 could not be a real budget, and must not reach a tensor.
+TokenCount = Annotated[int, Field(ge=1, le=INT64_MAX)]
+
+
+class Body(BaseModel):
+    """Strict, finite, unknown fields ignored (as OpenAI-compatible servers do)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
 
 def _stop_list(value: str | list[str] | None) -> list[str]:
@@ -20,34 +49,32 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
 
 # --- OpenAI ------------------------------------------------------------------------------------------
 
-class TextPart(BaseModel):
+class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class OpenAIRequest(BaseModel):
-    """What chat and completions requests share; unknown fields are ignored, as OpenAI-compatible servers do."""
+class OpenAIRequest(Body):
+    """What chat and completions requests share."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
+    model: Text | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = 1
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -75,15 +102,15 @@ class OpenAIRequest(BaseModel):
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[int] | list[str] = Field(description="one prompt: text, or token ids used as given")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[int] | list[Text] = Field(description="one prompt: text, or token ids used as given")
+    max_tokens: TokenCount | None = 16
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -107,26 +134,24 @@ TGI_UNSUPPORTED = ("best_of", "typical_p", "watermark", "top_n_tokens", "grammar
                    "frequency_penalty", "decoder_input_details")
 
 
-class TGIParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    max_new_tokens: int | None = Field(None, ge=1)
+class TGIParameters(Body):
+    max_new_tokens: TokenCount | None = None
     temperature: float | None = Field(None, gt=0.0)
-    top_k: int | None = Field(None, gt=0)
+    top_k: int | None = Field(None, gt=0, le=INT64_MAX)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0)
+    stop: list[Text] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)  # TGI's seed is a u64
     do_sample: bool = False
     details: bool = False
     return_full_text: bool | None = False
-    truncate: int | None = Field(None, ge=1)
+    truncate: TokenCount | None = None
     best_of: int | None = None
     typical_p: float | None = None
     watermark: bool = False
     top_n_tokens: int | None = None
     grammar: dict | None = None
-    adapter_id: str | None = None
+    adapter_id: Text | None = None
     frequency_penalty: float | None = None
     decoder_input_details: bool = False
 
@@ -153,14 +178,12 @@ class TGIParameters(BaseModel):
         }
 
 
-class TGIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    inputs: str = Field(min_length=1)
+class TGIRequest(Body):
+    inputs: Text = Field(min_length=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
 
 
-class TokenizeRequest(BaseModel):
-    inputs: str
+class TokenizeRequest(Body):
+    inputs: Text
     add_special_tokens: bool = True

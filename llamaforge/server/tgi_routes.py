@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 import llamaforge
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import TGIRequest, TokenizeRequest
-from llamaforge.server.state import ServerState, event_stream
+from llamaforge.server.state import ServerState, event_stream, tgi_error_body
 
 router = APIRouter()
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the request gives none
@@ -29,23 +30,23 @@ def _token(server: ServerState, event: TokenEvent) -> dict:
             "special": event.token_id in (server.llm.tokenizer.bos_id, server.llm.tokenizer.eos_id)}
 
 
-def _start(server: ServerState, body: TGIRequest) -> RequestStream:
+async def _start(server: ServerState, body: TGIRequest) -> RequestStream:
     parameters = body.parameters
     unsupported = parameters.unsupported()
     if unsupported:
         # transformers' wording with a 400, which huggingface_hub's InferenceClient recognises and retries without.
         raise HTTPException(400, f"The following `model_kwargs` are not used by the model: {unsupported}")
-    prompt_ids = server.llm.encode_prompt(body.inputs)
+    prompt_ids = await run_in_threadpool(server.llm.encode_prompt, body.inputs)
     if parameters.truncate is not None and len(prompt_ids) > parameters.truncate:
         prompt_ids = prompt_ids[-parameters.truncate:]
     params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
                             **parameters.sampling())
-    return RequestStream(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
+    return await RequestStream.open(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
 
 
-async def _generate(server: ServerState, body: TGIRequest) -> dict:
-    stream = _start(server, body)
-    events = [event async for event in stream.events()]
+async def _generate(server: ServerState, body: TGIRequest, client: Request) -> dict:
+    stream = await _start(server, body)
+    events = await stream.collect(client)
     text = "".join(e.text for e in events)
     result = {"generated_text": body.inputs + text if body.parameters.return_full_text else text}
     if body.parameters.details:
@@ -56,8 +57,8 @@ async def _generate(server: ServerState, body: TGIRequest) -> dict:
     return result
 
 
-def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse:
-    stream = _start(server, body)
+async def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse:
+    stream = await _start(server, body)
 
     async def lines() -> AsyncIterator[str]:
         text = ""
@@ -79,12 +80,12 @@ def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse
 
 @router.post("/generate")
 async def generate(body: TGIRequest, request: Request) -> dict:
-    return await _generate(request.app.state.server, body)
+    return await _generate(request.app.state.server, body, request)
 
 
 @router.post("/generate_stream")
 async def generate_stream(body: TGIRequest, request: Request) -> StreamingResponse:
-    return _generate_stream(request.app.state.server, body)
+    return await _generate_stream(request.app.state.server, body)
 
 
 @router.post("/", response_model=None)
@@ -92,8 +93,8 @@ async def compat_generate(body: TGIRequest, request: Request) -> JSONResponse | 
     """TGI's compat route: what `InferenceClient(url).text_generation()` posts to; `stream` picks the form."""
     server: ServerState = request.app.state.server
     if body.stream:
-        return _generate_stream(server, body)
-    return JSONResponse([await _generate(server, body)])
+        return await _generate_stream(server, body)
+    return JSONResponse([await _generate(server, body, request)])
 
 
 @router.get("/info")
@@ -110,8 +111,12 @@ async def info(request: Request) -> dict:
     }
 
 
-@router.get("/health")
-async def health() -> dict:
+@router.get("/health", response_model=None)
+async def health(request: Request) -> dict | JSONResponse:
+    """200 while the engine serves; 503 naming why when its worker died or is stuck (TGI's /health is 200 or 503)."""
+    problem = request.app.state.server.engine.health()
+    if problem is not None:
+        return JSONResponse(tgi_error_body(problem, "unhealthy"), status_code=503)
     return {}
 
 
@@ -119,6 +124,6 @@ async def health() -> dict:
 async def tokenize(body: TokenizeRequest, request: Request) -> list[dict]:
     tokenizer = request.app.state.server.llm.tokenizer
     tokens = [{"id": tokenizer.bos_id, "text": "<s>", "start": 0, "stop": 0}] if body.add_special_tokens else []
-    for token_id, start, stop in tokenizer.encode_with_offsets(body.inputs):
+    for token_id, start, stop in await run_in_threadpool(tokenizer.encode_with_offsets, body.inputs):
         tokens.append({"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop})
     return tokens
