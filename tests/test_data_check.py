@@ -164,3 +164,11 @@ def test_empty_file_raises(tokenizer: Tokenizer, tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records"):
         check_data(str(tmp_path / "empty.jsonl"), tokenizer)
+
+
+def test_invalid_utf8_is_named_not_a_crash(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(DOLLY[0]).encode() + b"\n" + json.dumps(DOLLY[1]).encode() + b"\n"
+                     + b'{"instruction": "caf\xe9", "context": "", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 3 is not valid UTF-8: byte 0xe9 at offset \d+"):
+        check_data(str(path), tokenizer)

@@ -199,3 +199,54 @@ def test_split_is_deterministic_and_disjoint() -> None:
     assert split_examples(items, 0.1, seed=3) == (train, val)
     assert split_examples(items, 0.1, seed=4)[1] != val
     assert split_examples(items[:3], 0.01, seed=0)[1]  # a small file still gets one validation example
+
+
+GOOD_LINES = [json.dumps({"instruction": "a", "response": "b"}).encode(), json.dumps({"text": "é"}).encode()]
+BAD_LINE = b'{"instruction": "caf\xe9", "response": "b"}'  # Latin-1 "é": not UTF-8
+
+
+def invalid_utf8_jsonl(path: Path) -> tuple[Path, int]:
+    """A JSONL file whose line 3 holds a Latin-1 byte, and that byte's offset in the file."""
+    path.write_bytes(b"\n".join([*GOOD_LINES, BAD_LINE, GOOD_LINES[0]]) + b"\n")
+    return path, sum(len(line) + 1 for line in GOOD_LINES) + BAD_LINE.index(b"\xe9")
+
+
+def test_invalid_utf8_names_its_line_and_offset(tmp_path: Path) -> None:
+    path, offset = invalid_utf8_jsonl(tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match=rf"bad.jsonl line 3 is not valid UTF-8: byte 0xe9 at offset {offset}\b"):
+        read_records(path)
+    documents = {"bad.json": (b'[\n  {"text": "ok"},\n  {"text": "caf\xe9"}\n]\n', 3),
+                 "bad.csv": (b'instruction,response\na,b\n"multi\nline",b\ncaf\xe9,b\n', 5)}
+    for name, (content, line) in documents.items():
+        (tmp_path / name).write_bytes(content)
+        offset = content.index(b"\xe9")
+        with pytest.raises(DataError, match=rf"{name} line {line} is not valid UTF-8: byte 0xe9 at offset {offset}\b"):
+            read_records(tmp_path / name)
+
+
+def test_lines_split_only_at_line_breaks(tmp_path: Path) -> None:
+    """U+2028 inside a JSON string is text, not a line break (str.splitlines would split there)."""
+    rows = [{"text": "one\u2028two"}, {"text": "three\r"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                                      encoding="utf-8", newline="")
+    assert [(record.where, record.data) for record in read_records(tmp_path / "d.jsonl")] == [
+        ("line 1", rows[0]), ("line 2", rows[1])]
+
+
+@pytest.mark.parametrize("command", [["data", "check"], ["finetune", "--out", "run", "--data"]])
+def test_cli_names_the_line_of_an_invalid_byte(command: list[str], tmp_path: Path) -> None:
+    path, offset = invalid_utf8_jsonl(tmp_path / "bad.jsonl")
+    result = subprocess.run([sys.executable, "-m", "llamaforge", *command, str(path)], capture_output=True,
+                            text=True, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path} line 3 is not valid UTF-8: byte 0xe9 at offset {offset}; save the file as UTF-8"]
+
+
+def test_eval_rows_name_an_invalid_byte(tmp_path: Path) -> None:
+    """The evaluator's task reader (llamaforge.eval.data) is byte-safe the same way."""
+    from llamaforge.eval.data import EvalDataError, read_rows
+
+    path, offset = invalid_utf8_jsonl(tmp_path / "test.jsonl")
+    with pytest.raises(EvalDataError, match=rf"test.jsonl:3: not valid UTF-8 \(byte 0xe9 at offset {offset}\)"):
+        read_rows(path)

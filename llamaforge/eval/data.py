@@ -98,15 +98,25 @@ def read_rows(path: Path) -> list[dict]:
             return parquet.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise EvalDataError(f"{path} is not a readable Parquet file ({exc})") from None
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+    return _jsonl_rows(path)
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL file; each line is decoded on its own, so an invalid byte is named by its line."""
+    rows, offset = [], 0
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvalDataError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                                f"{offset + exc.start})") from None
+        offset += len(raw)
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EvalDataError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
     return rows
 
 

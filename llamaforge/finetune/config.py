@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llamaforge.checkpoint import DEMO
 from llamaforge.errors import LlamaforgeError
@@ -90,8 +91,18 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def same_run(self, saved: dict) -> list[str]:
-        """Settings that differ from a saved run's and would change its results (for --resume)."""
-        ignored = {"resume", "max_steps", "save_every", "keep_checkpoints", "eval_every", "device"}
-        return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in self.to_dict().items()
-                if key not in ignored and saved.get(key) != value]
+    def same_run(self, saved: dict, data_sha256: str | None, saved_data_sha256: str | None) -> list[str]:
+        """Settings that differ from a saved run's and would change its results (for --resume).
+
+        Where the run's folder is does not matter, so a moved run resumes; nor where its data file is when
+        the SHA-256 of both files is known: then what is compared is the data itself.
+        """
+        ignored = {"out", "resume", "max_steps", "save_every", "keep_checkpoints", "eval_every", "device"}
+        changed = []
+        if data_sha256 and saved_data_sha256:
+            ignored.add("data")
+            if data_sha256 != saved_data_sha256:
+                changed.append(f"data: the contents of {Path(self.data).name} changed "
+                               f"(sha256 {saved_data_sha256[:12]}... -> {data_sha256[:12]}...)")
+        return changed + [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in self.to_dict().items()
+                          if key not in ignored and saved.get(key) != value]

@@ -64,7 +64,7 @@ def read_records(path: str | Path) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_lines(path), start=1):
             if line.strip():
                 try:
                     records.append(Record(f"line {number}", json.loads(line)))
@@ -73,17 +73,16 @@ def read_records(path: str | Path) -> list[Record]:
         return _nonempty(records, path)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads("".join(read_lines(path)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(data, list):
             raise DataError(f"{path} must hold a list of records")
         return _nonempty([Record(f"record {i}", item) for i, item in enumerate(data, start=1)], path)
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            # Line 1 is the header; this counts rows, which equals lines unless a field spans several.
-            return _nonempty([Record(f"line {i}", row) for i, row in enumerate(csv.DictReader(handle), start=2)],
-                             path)
+        # Line 1 is the header; this counts rows, which equals lines unless a field spans several.
+        rows = csv.DictReader(read_lines(path))
+        return _nonempty([Record(f"line {i}", row) for i, row in enumerate(rows, start=2)], path)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as parquet
@@ -92,6 +91,20 @@ def read_records(path: str | Path) -> list[Record]:
         rows = parquet.read_table(path).to_pylist()
         return _nonempty([Record(f"row {i}", row) for i, row in enumerate(rows, start=1)], path)
     raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 file with their line ends; DataError names the line and offset of an invalid byte."""
+    # Bytes split at \n, \r\n and \r only; str.splitlines would also split inside a JSON string holding U+2028.
+    lines, offset = [], 0
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} line {number} is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset "
+                            f"{offset + exc.start}; save the file as UTF-8") from None
+        offset += len(raw)
+    return lines
 
 
 def _nonempty(records: list[Record], path: Path) -> list[Record]:

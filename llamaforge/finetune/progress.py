@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from llamaforge.finetune.config import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -22,7 +25,9 @@ class Progress:
         self.tensorboard = None
         if not enabled:
             return
-        keep_until(self.path, start_step)  # a resumed run rewrites the steps after its checkpoint
+        torn = keep_until(self.path, start_step)  # a resumed run rewrites the steps after its checkpoint
+        if torn:
+            print(f"warning: {torn}")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=None, file=sys.stderr)
         try:
@@ -58,17 +63,50 @@ class Progress:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl."""
+    """The records of a metrics.jsonl, less a last line cut off mid-write."""
+    return load_metrics(path)[0]
+
+
+def load_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """The records of a metrics.jsonl, and a note if its last line was cut off mid-write and left out.
+
+    A run killed while appending a record leaves half a line at the end; a line that is not a record
+    anywhere else is damage that no kill explains, and an error naming the line.
+    """
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [], None
+    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        record = _parse_record(line)
+        if record is not None:
+            records.append(record)
+        elif index == len(lines) - 1:
+            return records, f"{path} line {number} was cut off mid-write (the run stopped while writing it); dropped it"
+        else:
+            raise TrainingError(f"{path} line {number} is not valid JSON with a step; fix or delete that line")
+    return records, None
 
 
-def keep_until(path: Path, step: int) -> None:
-    """Drop the records after `step` (those a killed run logged past its last checkpoint)."""
-    kept = [record for record in read_metrics(path) if record["step"] <= step]
-    if path.is_file() or kept:
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+def _parse_record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def keep_until(path: Path, step: int) -> str | None:
+    """Drop the records after `step` (those a killed run logged past its last checkpoint), atomically.
+
+    Returns the note of load_metrics on a torn last line, which is dropped too.
+    """
+    records, torn = load_metrics(path)
+    if path.is_file():
+        staging = path.with_name(f".{path.name}.partial")
+        staging.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step), encoding="utf-8")
+        os.replace(staging, path)
+    return torn
 
 
 def plot_losses(metrics: Path, out: Path) -> Path | None:

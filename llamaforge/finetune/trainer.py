@@ -74,7 +74,13 @@ class Trainer:
         self.info = info
         self.out = Path(config.out)
         self.precision = resolve_precision(config.precision, info.device)
-        self._check_out_dir()
+        data_path = Path(config.data).expanduser()
+        self.data_sha256 = _sha256(data_path) if data_path.is_file() else None
+        if config.resume:
+            self.resume_from = self._checkpoint_to_resume()
+        else:
+            self.resume_from = None
+            self._check_out_is_new()
         torch.manual_seed(config.seed)
         self.model, self.tokenizer, self.base_name = build_model(config, info.device, self.precision)
         self.train_rows, self.val_rows, self.data_notes = build_rows(config, self.tokenizer)
@@ -89,20 +95,36 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(step, warmup, self.total_steps, config.schedule))
         self.step = 0
 
-    def _check_out_dir(self) -> None:
-        if self.config.resume:
-            if checkpoints.latest(self.out) is None:
-                raise TrainingError(f"--resume: {self.out} has no checkpoint to resume from "
-                                    f"(looked for {self.out / checkpoints.CHECKPOINTS}/step-*)")
-        elif self.out.exists() and any(self.out.iterdir()):
+    def _check_out_is_new(self) -> None:
+        if self.out.exists() and any(self.out.iterdir()):
             raise TrainingError(f"{self.out} already holds files; pass --resume to continue that run, "
                                 "or choose a new --out directory")
+
+    def _checkpoint_to_resume(self) -> checkpoints.Checkpoint:
+        """The newest intact checkpoint, read whole once and checked against these settings before the model loads."""
+        found, damaged = checkpoints.newest_intact(self.out)
+        folder = self.out / checkpoints.CHECKPOINTS
+        if found is None and not damaged:
+            raise TrainingError(f"--resume: {self.out} has no checkpoint to resume from "
+                                f"(looked for {folder}/{checkpoints.PREFIX}*)")
+        if found is None:
+            raise TrainingError(f"--resume: no intact checkpoint in {folder}: {'; '.join(map(str, damaged))}; "
+                                "start the run again in a new --out")
+        if damaged and self.info.is_main:
+            print(f"warning: damaged checkpoint{'s' if len(damaged) > 1 else ''} skipped: "
+                  f"{'; '.join(map(str, damaged))}; resuming from {found.path}")
+        changed = self.config.same_run(found.settings, self.data_sha256, found.data_sha256)
+        if changed:
+            raise TrainingError(f"--resume: these settings differ from the run in {self.out}: {'; '.join(changed)}. "
+                                "Resume with the original settings (max-steps and save-every may change)")
+        return found
 
     # -- the loop --------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        if self.config.resume:
-            self._restore(checkpoints.latest(self.out))
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+            self.resume_from = None  # its tensors are in the model and optimizer now; free the copies
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for note in self.data_notes[:5]:
@@ -243,16 +265,13 @@ class Trainer:
     def _save_checkpoint(self, rng: dict) -> None:
         weights, optimizer = self._trainable_state(), self._optimizer_state()
         if self.info.is_main:
-            checkpoints.save(self.out, self.step, weights, optimizer, self.scheduler.state_dict(), rng,
-                             self.config.to_dict(), self.config.keep_checkpoints)
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng}
+            checkpoints.save(self.out, self.step, weights, state, self.config.to_dict(), self.data_sha256,
+                             self.config.keep_checkpoints)
         distributed.barrier(self.info)
 
-    def _restore(self, path: Path) -> None:
-        step, weights, state, settings = checkpoints.load(path)
-        changed = self.config.same_run(settings)
-        if changed:
-            raise TrainingError(f"--resume: these settings differ from the run in {self.out}: {'; '.join(changed)}. "
-                                "Resume with the original settings (max-steps and save-every may change)")
+    def _restore(self, checkpoint: checkpoints.Checkpoint) -> None:
+        weights, state, path = checkpoint.weights, checkpoint.state, checkpoint.path
         if self.info.enabled:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -271,9 +290,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoints.set_rng_states(state["rng"])
-        self.step = step
+        self.step = checkpoint.step
         if self.info.is_main:
-            print(f"resumed from {path} at step {step}")
+            print(f"resumed from {path} at step {self.step}")
 
     def _write_outputs(self, result: TrainResult) -> None:
         method = self.config.method
@@ -427,11 +446,10 @@ def write_manifest(trainer: Trainer, result: TrainResult) -> None:
         version = metadata.version("llamaforge")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    data_path = Path(config.data)
     manifest = {
         "llamaforge_version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": trainer.base_name, "method": config.method,
-        "data": {"source": config.data, "sha256": _sha256(data_path) if data_path.is_file() else None,
+        "data": {"source": config.data, "sha256": trainer.data_sha256,
                  "train_rows": len(trainer.train_rows), "validation_rows": len(trainer.val_rows)},
         "hyperparameters": config.to_dict(), "steps": result.steps, "world_size": trainer.info.world_size,
         "final_train_loss": result.train_losses[-1] if result.train_losses else None,
