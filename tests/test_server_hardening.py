@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import socket
 import threading
 import time
@@ -347,3 +348,27 @@ def test_an_empty_key_file_is_a_one_line_error(tmp_path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"the API key file {empty} is empty" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_within_its_shutdown_timeout(tmp_path, tiny_tokenizer_path) -> None:
+    """A long answer in flight does not keep the server up: after --shutdown-timeout it is cut, and it exits."""
+    from factories import ServeCommand, random_model, write_hf_dir
+
+    from llamaforge.config import ModelArgs
+
+    config = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=400, hidden_dim=1024, max_seq_len=4096)
+    model_dir = write_hf_dir(tmp_path / "slow", random_model(config, std=0.02), tiny_tokenizer_path)
+    body = {"model": "m", "messages": USER, "max_tokens": 4000, "stream": True, "temperature": 0}
+    with ServeCommand("--model", str(model_dir), "--shutdown-timeout", "1", "--max-batch-size", "1") as served:
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            served.process.terminate()
+            started = time.monotonic()
+            served.process.wait(timeout=30)  # 4000 tokens at ~10 ms would take 40 s
+            stopped_after = time.monotonic() - started
+        log = served.process.stderr.read()
+    # uvicorn ends by re-raising the signal it handled, as a process killed by SIGTERM would end.
+    assert served.process.returncode == -signal.SIGTERM and "Application shutdown complete" in log, log
+    assert "timeout graceful shutdown exceeded" in log and stopped_after < 20
