@@ -105,12 +105,12 @@ class Gate:
         if not length.isdigit() or int(length) > self.max_bytes:
             return _error(request, 413, f"the request body is larger than {self.max_bytes} bytes")
         chunks, size, more = [], 0, True
-        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         while more:
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                 return _error(request, 408, f"the request body did not arrive within {self.body_timeout:g} s")
             if message["type"] != "http.request":
                 raise ClientDisconnect
