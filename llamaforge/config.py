@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,48 @@ from typing import Any
 from llamaforge.errors import CheckpointError
 
 ROPE_SCALING_TYPES = ("linear", "dynamic")
+ROPE_SCALING_EXAMPLE = '{"type": "linear", "factor": 2.0}'
+# ModelArgs field -> the config.json key it is read from, so errors speak the file's own words.
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "max_seq_len": "max_position_embeddings"}
+SIZES = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+
+
+class FieldError(CheckpointError):
+    """A config value out of range; a reader rewords it in its file's own key names (`describe`)."""
+
+    def __init__(self, field: str, value: Any, rule: str, related: str | None = None) -> None:
+        self.field, self.value, self.rule, self.related = field, value, rule, related
+        super().__init__(self.describe({}))
+
+    def describe(self, keys: Mapping[str, str]) -> str:
+        """The problem with fields named as `keys` maps them (ModelArgs' own names where it does not)."""
+        rule = self.rule.format(keys.get(self.related, self.related)) if self.related else self.rule
+        return f"{keys.get(self.field, self.field)}={self.value!r} but it must be {rule}"
+
+
+@contextmanager
+def reading(source: str | Path, keys: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Name the config file, and its own key for a bad value (`keys`: ModelArgs field -> key), in its errors."""
+    try:
+        yield
+    except FieldError as exc:
+        raise CheckpointError(f"{source} says {exc.describe(keys or {})}; correct the file or download it "
+                              "again") from None
+    except KeyError as missing:
+        raise CheckpointError(f"{source} lacks the key {missing}; is this a Llama checkpoint?") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
 
 
 @dataclass
@@ -35,12 +81,28 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads:
-            raise CheckpointError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise CheckpointError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        self._check()
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+
+    def _check(self) -> None:
+        """Refuse a shape no network has, before anything is sized from it (a 0 would reach torch as a warning)."""
+        for name in SIZES:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise FieldError(name, getattr(self, name), "a positive integer")
+        if self.dim % (2 * self.n_heads):
+            raise FieldError("dim", self.dim, f"an even multiple of {{}} ({self.n_heads}): RoPE rotates pairs of "
+                             "each head's dimensions", related="n_heads")
+        if self.n_heads % self.n_kv_heads:
+            raise FieldError("n_kv_heads", self.n_kv_heads, f"a divisor of {{}} ({self.n_heads})", related="n_heads")
+        for name in ("norm_eps", "rope_theta"):
+            if not _is_positive_number(getattr(self, name)):
+                raise FieldError(name, getattr(self, name), "a positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise FieldError("tie_word_embeddings", self.tie_word_embeddings, "true or false")
+        for name in ("bos_token_id", "eos_token_id"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise FieldError(name, getattr(self, name), "a non-negative integer")
 
     @property
     def head_dim(self) -> int:
@@ -91,6 +153,8 @@ class ModelArgs:
 
 
 def _normalise_rope_scaling(scaling: dict[str, Any]) -> dict[str, Any] | None:
+    if not isinstance(scaling, dict):
+        raise FieldError("rope_scaling", scaling, f"an object like {ROPE_SCALING_EXAMPLE}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
@@ -98,10 +162,10 @@ def _normalise_rope_scaling(scaling: dict[str, Any]) -> dict[str, Any] | None:
         raise CheckpointError(
             f"rope_scaling type {kind!r} is not supported; Llama 2 uses one of {ROPE_SCALING_TYPES}"
         )
-    factor = float(scaling.get("factor", 0))
-    if factor < 1.0:
-        raise CheckpointError(f"rope_scaling factor must be >= 1.0, got {scaling.get('factor')!r}")
-    return {"type": kind, "factor": factor}
+    factor = scaling.get("factor", 0)
+    if not _is_positive_number(factor) or factor < 1.0:
+        raise CheckpointError(f"rope_scaling factor must be a number >= 1.0, got {factor!r}")
+    return {"type": kind, "factor": float(factor)}
 
 
 PRESETS: dict[str, ModelArgs] = {
@@ -117,13 +181,15 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
-def from_hf_config(config: dict[str, Any]) -> ModelArgs:
+def from_hf_config(config: dict[str, Any], source: str | Path = "config.json") -> ModelArgs:
     """Read a `transformers` `config.json` dict (both the 4.x `rope_scaling` and 5.x `rope_parameters`)."""
     model_type = config.get("model_type", "llama")
     if model_type != "llama":
-        raise CheckpointError(f"config.json has model_type {model_type!r}; llamaforge loads Llama models only")
-    try:
+        raise CheckpointError(f"{source} has model_type {model_type!r}; llamaforge loads Llama models only")
+    with reading(source, HF_KEYS):
         rope = config.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise FieldError("rope_parameters", rope, f"an object like {ROPE_SCALING_EXAMPLE}")
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
         eos = config.get("eos_token_id", 2)
         return ModelArgs(
@@ -139,11 +205,9 @@ def from_hf_config(config: dict[str, Any]) -> ModelArgs:
             rope_scaling=scaling,
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             bos_token_id=config.get("bos_token_id", 1) or 1,
-            eos_token_id=(eos[0] if isinstance(eos, list) else eos) or 2,
+            eos_token_id=(eos[0] if isinstance(eos, list) and eos else eos) or 2,
             extra={k: v for k, v in config.items() if k in ("torch_dtype", "dtype")},
         )
-    except KeyError as missing:
-        raise CheckpointError(f"config.json lacks the key {missing}; is this a Llama checkpoint?") from None
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -154,28 +218,42 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def from_meta_params(params: dict[str, Any], vocab_size: int) -> ModelArgs:
+def from_meta_params(params: dict[str, Any], vocab_size: int, source: str | Path = "params.json") -> ModelArgs:
     """Read Meta's `params.json`; its vocab_size is -1, so the caller passes the embedding rows."""
-    try:
+    with reading(source):
+        dim, multiple_of = params["dim"], params.get("multiple_of", 256)
+        multiplier = params.get("ffn_dim_multiplier")
+        # The SwiGLU size is computed from these, so they are checked before ModelArgs sees the result.
+        for name, value in (("dim", dim), ("multiple_of", multiple_of)):
+            if not _is_int(value) or value <= 0:
+                raise FieldError(name, value, "a positive integer")
+        if multiplier is not None and not _is_positive_number(multiplier):
+            raise FieldError("ffn_dim_multiplier", multiplier, "a positive number or null")
         return ModelArgs(
-            dim=params["dim"],
+            dim=dim,
             n_layers=params["n_layers"],
             n_heads=params["n_heads"],
             n_kv_heads=params.get("n_kv_heads"),
             vocab_size=vocab_size,
-            hidden_dim=meta_hidden_dim(params["dim"], params.get("multiple_of", 256),
-                                       params.get("ffn_dim_multiplier")),
+            hidden_dim=meta_hidden_dim(dim, multiple_of, multiplier),
             norm_eps=params.get("norm_eps", 1e-5),
             max_seq_len=params.get("max_seq_len", 4096),
             rope_theta=params.get("rope_theta", 10000.0),
         )
-    except KeyError as missing:
-        raise CheckpointError(f"params.json lacks the key {missing}; is this a Meta Llama download?") from None
+
+
+JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON config file with an error that names the file."""
+    """Parse a JSON object file (a config, an index) with an error that names the file."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-download it") from None
+        data = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON, bytes that are no text, nesting past the parser's depth
+        raise CheckpointError(f"{path} is not valid JSON ({type(exc).__name__}: {exc}); re-download it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {JSON_KINDS[type(data)]} where a JSON object belongs; "
+                              "re-download it")
+    return data

@@ -3,8 +3,9 @@
 Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`, a
 GGUF file (llama.cpp's; quantized weights are dequantized);
 the name `demo` is the small chat model shipped inside the package (built by recipes/demo/run.py).
-Tensors stream one at a time into a model built on the meta device, each cast to the target dtype as
-it arrives, so loading never holds the checkpoint and the model in memory at once.
+The config is checked against the tensors the checkpoint's headers list (inventory.py) before a model is
+built from it. Tensors then stream one at a time into a model built on the meta device, each cast to the
+target dtype as it arrives, so loading never holds the checkpoint and the model in memory at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llamaforge.checkpoint import gguf, hf, hub, llama2c, meta
+from llamaforge.checkpoint import gguf, hf, hub, inventory, llama2c, meta
 from llamaforge.checkpoint.keymaps import IGNORED_KEYS
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, TokenizerError
@@ -79,18 +80,21 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if kind == "hf":
         config = hf.read_config(path)
+        inventory.check(config, hf.read_inventory(path))
         dtype = dtype or hf.stored_dtype(path)
         tensors = hf.iter_tensors(path, dtype, device)
     elif kind == "meta":
         shards = meta.open_shards(path)
         config = meta.read_config(path, shards)
+        inventory.check(config, meta.read_inventory(path, shards))
         tensors = meta.iter_tensors(config, shards)
     elif kind == "gguf":
         reader = gguf.open_reader(path)  # opened once: the tokenizer is read from it too
         config = gguf.read_config(reader, path)
+        inventory.check(config, gguf.read_inventory(reader, path))
         dtype = dtype or gguf.stored_dtype(reader)
         tensors = gguf.iter_tensors(reader, config)
-    else:
+    else:  # the header is the config, and read_header has checked the file's size against it
         config, shared = llama2c.read_header(path)
         tensors = llama2c.iter_tensors(path, config, shared)
     model = build_model(config, tensors, dtype, device)
@@ -137,35 +141,24 @@ def check_vocab(tokenizer: Tokenizer, config: ModelArgs) -> None:
 
 def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
                 device: torch.device) -> Llama:
-    """Fill a meta-device model with streamed tensors, each checked against the config and cast on arrival."""
+    """Fill a meta-device model with streamed tensors, each cast on arrival.
+
+    The tensors' names and shapes are those `inventory.check` has compared with the config; their dtype is
+    known only now.
+    """
     with torch.device("meta"):
         model = Llama(config)
-    expected = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
-    unexpected = []
     for name, tensor in tensors:
         if IGNORED_KEYS.search(name):
             continue
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"tensor {name} has shape {tuple(tensor.shape)} but the config asks for "
-                f"{tuple(expected[name].shape)}; the config does not belong to these weights"
-            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {name} is stored as {tensor.dtype}, not as floats; a Llama checkpoint "
+                                  "stores float weights (for a quantized model, load its GGUF)")
         dtype = dtype or tensor.dtype
         loaded[name] = tensor.to(device=device, dtype=dtype)
-    if unexpected:
-        raise CheckpointError(f"the checkpoint has tensors a Llama model does not: {', '.join(unexpected[:5])}")
     if config.tie_word_embeddings:
-        loaded.setdefault("lm_head.weight", loaded.get("model.embed_tokens.weight"))
-    missing = [name for name in expected if name not in loaded or loaded[name] is None]
-    if missing:
-        raise CheckpointError(
-            f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:3])}; "
-            "it is incomplete or not a Llama checkpoint"
-        )
+        loaded.setdefault("lm_head.weight", loaded["model.embed_tokens.weight"])
     model.load_state_dict(loaded, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

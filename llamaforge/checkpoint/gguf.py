@@ -10,6 +10,7 @@ piece types, from which the tokenizer is rebuilt on load.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamaforge.checkpoint.keymaps import GGUF_TO_META, HF_TO_META, META_TO_GGUF, meta_to_hf, permute_hf_to_meta, rename
-from llamaforge.config import ModelArgs
+from llamaforge.checkpoint.inventory import Inventory
+from llamaforge.checkpoint.keymaps import (
+    GGUF_TO_META,
+    HF_TO_META,
+    META_TO_GGUF,
+    META_TO_HF,
+    meta_to_hf,
+    permute_hf_to_meta,
+    rename,
+)
+from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
@@ -28,6 +38,12 @@ ARCH = "llama"
 # What `llamaforge export --type` writes for the 2-D weights (norms stay float32, as llama.cpp keeps them):
 # the types llama.cpp's convert_hf_to_gguf.py writes (--outtype).
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0")
+# ModelArgs field -> the metadata key it is read from, so errors speak the file's own words.
+KEYS = {"dim": f"{ARCH}.embedding_length", "n_layers": f"{ARCH}.block_count", "n_heads": f"{ARCH}.attention.head_count",
+        "n_kv_heads": f"{ARCH}.attention.head_count_kv", "hidden_dim": f"{ARCH}.feed_forward_length",
+        "norm_eps": f"{ARCH}.attention.layer_norm_rms_epsilon", "max_seq_len": f"{ARCH}.context_length",
+        "rope_theta": f"{ARCH}.rope.freq_base", "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id"}
 
 
 def _gguf():
@@ -61,10 +77,16 @@ def value(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def float_value(reader, key: str, default: float) -> float:
-    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+def decimal(found: Any) -> Any:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06); a value
+    that is no number as it is, for ModelArgs to refuse by its key."""
+    return float(str(np.float32(found))) if isinstance(found, numbers.Real) else found
+
+
+def float_value(reader, key: str, default: float) -> Any:
+    """A float metadata value through `decimal`; `default` when the file lacks the key."""
     found = value(reader, key)
-    return default if found is None else float(str(np.float32(found)))
+    return default if found is None else decimal(found)
 
 
 def read_config(reader, path: Path) -> ModelArgs:
@@ -79,30 +101,41 @@ def read_config(reader, path: Path) -> ModelArgs:
             raise CheckpointError(f"{path} lacks the metadata key {ARCH}.{key}; it is not a complete Llama GGUF")
         return found
 
-    n_heads = required("attention.head_count")
-    dim = required("embedding_length")
-    rope_dims = value(reader, f"{ARCH}.rope.dimension_count", dim // n_heads)
-    if rope_dims != dim // n_heads:
-        raise CheckpointError(f"{path} rotates {rope_dims} of each head's {dim // n_heads} dimensions; Llama 2 "
-                              "rotates all of them")
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     # The vocabulary list is read only when the embedding is missing (the load then reports that).
-    vocab_size = (int(embedding.shape[1]) if embedding is not None
+    vocab_size = (int(embedding.shape[1]) if embedding is not None and len(embedding.shape) == 2
                   else len(value(reader, "tokenizer.ggml.tokens") or []))
     scaling = value(reader, f"{ARCH}.rope.scaling.type")
     rope_scaling = None
     if scaling not in (None, "none"):
         rope_scaling = {"type": scaling, "factor": float_value(reader, f"{ARCH}.rope.scaling.factor", 1.0)}
-    return ModelArgs(
-        dim=dim, n_layers=required("block_count"), n_heads=n_heads,
-        n_kv_heads=value(reader, f"{ARCH}.attention.head_count_kv", n_heads), vocab_size=vocab_size,
-        hidden_dim=required("feed_forward_length"),
-        norm_eps=float(str(np.float32(required("attention.layer_norm_rms_epsilon")))),
-        max_seq_len=required("context_length"), rope_theta=float_value(reader, f"{ARCH}.rope.freq_base", 10000.0),
-        rope_scaling=rope_scaling, tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
-        bos_token_id=value(reader, "tokenizer.ggml.bos_token_id", 1),
-        eos_token_id=value(reader, "tokenizer.ggml.eos_token_id", 2),
-    )
+    n_heads = required("attention.head_count")
+    shape = {"dim": required("embedding_length"), "n_layers": required("block_count"),
+             "hidden_dim": required("feed_forward_length"), "max_seq_len": required("context_length"),
+             "norm_eps": decimal(required("attention.layer_norm_rms_epsilon"))}
+    with reading(path, KEYS):
+        config = ModelArgs(
+            **shape, n_heads=n_heads, n_kv_heads=value(reader, f"{ARCH}.attention.head_count_kv", n_heads),
+            vocab_size=vocab_size, rope_theta=float_value(reader, f"{ARCH}.rope.freq_base", 10000.0),
+            rope_scaling=rope_scaling, tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+            bos_token_id=value(reader, "tokenizer.ggml.bos_token_id", 1),
+            eos_token_id=value(reader, "tokenizer.ggml.eos_token_id", 2),
+        )
+    rope_dims = value(reader, f"{ARCH}.rope.dimension_count", config.head_dim)
+    if rope_dims != config.head_dim:
+        raise CheckpointError(f"{path} rotates {rope_dims} of each head's {config.head_dim} dimensions; Llama 2 "
+                              "rotates all of them")
+    return config
+
+
+def read_inventory(reader, path: Path) -> Inventory:
+    """Every tensor's HF name and shape (rows first, as HF's layout has them), from the GGUF header alone."""
+    inventory = Inventory(path, [path], KEYS)
+    for tensor in reader.tensors:
+        meta_name = rename(tensor.name, GGUF_TO_META)
+        name = rename(meta_name, META_TO_HF) if meta_name is not None else tensor.name
+        inventory.add(name, reversed([int(n) for n in tensor.shape]), path)  # GGUF lists the innermost dim first
+    return inventory
 
 
 def stored_dtype(reader) -> torch.dtype:
@@ -129,8 +162,7 @@ def iter_tensors(reader, config: ModelArgs) -> Iterator[tuple[str, torch.Tensor]
     """HF-named tensors in HF's row layout, one at a time."""
     for tensor in reader.tensors:
         meta_name = rename(tensor.name, GGUF_TO_META)
-        if meta_name is None:
-            yield tensor.name, torch.empty(0)  # the model's key check names it
+        if meta_name is None:  # read_inventory has named it, and the load refused it
             continue
         yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 

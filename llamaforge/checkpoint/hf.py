@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from llamaforge.config import ModelArgs, from_hf_config, read_json
+from llamaforge.checkpoint.inventory import Inventory
+from llamaforge.config import HF_KEYS, ModelArgs, from_hf_config, read_json
 from llamaforge.errors import CheckpointError
 from llamaforge.tokenizer import Tokenizer
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -20,14 +24,36 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def read_config(path: Path) -> ModelArgs:
-    return from_hf_config(read_json(path / "config.json"))
+    return from_hf_config(read_json(path / "config.json"), path / "config.json")
 
 
 def stored_dtype(path: Path) -> torch.dtype | None:
-    """The dtype config.json says the weights are stored in, if it says."""
+    """The float dtype config.json says the weights are stored in, if it says one."""
     config = read_json(path / "config.json")
     name = config.get("torch_dtype") or config.get("dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if dtype in FLOAT_DTYPES else None
+
+
+def read_inventory(path: Path) -> Inventory:
+    """Every tensor's name and shape, from the safetensors headers or the pickles, without reading the data."""
+    files = weight_files(path)
+    inventory = Inventory(path / "config.json", files, HF_KEYS)
+    for file in files:
+        for name, shape in tensor_shapes(file).items():
+            inventory.add(name, shape, file)
+    return inventory
+
+
+def tensor_shapes(file: Path) -> dict[str, Sequence[int]]:
+    """The shapes of one weight file's tensors: a safetensors header's list (which safetensors has checked
+    against the file's size), or a torch.save'd file's pickle, memory-mapped so no tensor data is read."""
+    if file.suffix != ".safetensors":
+        return {name: tensor.shape for name, tensor in load_torch_file(file).items()}
+    from safetensors import safe_open
+
+    with damaged_safetensors(file), safe_open(str(file), framework="pt") as handle:
+        return {name: handle.get_slice(name).get_shape() for name in handle.keys()}  # noqa: SIM118
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -36,7 +62,7 @@ def weight_files(path: Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            shards = sorted(set(shard_names(index)))
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise CheckpointError(
@@ -52,6 +78,15 @@ def weight_files(path: Path) -> list[Path]:
             "or pytorch_model.bin); download the weight files into it"
         )
     return found
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard file names an index's weight_map lists; each must be a plain name in the index's folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map from tensor names to shard files beside it; re-download it")
+    return list(weight_map.values())
 
 
 def iter_tensors(path: Path, dtype: torch.dtype | None = None,
@@ -73,31 +108,42 @@ def iter_safetensors(file: Path, dtype: torch.dtype | None = None,
     to cast or move is read through a handle of its own, closed right after, so loading never holds the
     checkpoint in memory beside the converted model (measured in benchmarks/load_memory.py).
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     def converts(tensor: torch.Tensor) -> bool:
         return (dtype is not None and tensor.dtype != dtype) or (device is not None and device.type != "cpu")
 
+    with damaged_safetensors(file), safe_open(str(file), framework="pt") as shared:
+        for name in shared.keys():  # noqa: SIM118 - safe_open is not a mapping
+            tensor = shared.get_tensor(name)  # a view of the mapping: nothing is read yet
+            if converts(tensor):
+                with safe_open(str(file), framework="pt") as own:
+                    tensor = own.get_tensor(name).to(device=device, dtype=dtype)
+            yield name, tensor
+
+
+@contextmanager
+def damaged_safetensors(file: Path) -> Iterator[None]:
+    """Turn what safetensors raises for a damaged file into one error that names it."""
+    from safetensors import SafetensorError
+
     try:
-        with safe_open(str(file), framework="pt") as shared:
-            for name in shared.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensor = shared.get_tensor(name)  # a view of the mapping: nothing is read yet
-                if converts(tensor):
-                    with safe_open(str(file), framework="pt") as own:
-                        tensor = own.get_tensor(name).to(device=device, dtype=dtype)
-                yield name, tensor
+        yield
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{file} is truncated or corrupt ({exc}); delete it and download it again"
-        ) from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({exc}); delete it and download it again") from None
 
 
 def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict, memory-mapped, tensors only (no pickled code runs)."""
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # torch.load raises many types for damaged files
         raise CheckpointError(f"{file} could not be read as a PyTorch checkpoint ({exc}); re-download it") from None
+    if not isinstance(state, dict) or not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
+                                              for name, tensor in state.items()):
+        raise CheckpointError(f"{file} does not hold a state dict (tensor names to tensors); it is not a model "
+                              "checkpoint")
+    return state
 
 
 def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: str | Path,

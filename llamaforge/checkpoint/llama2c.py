@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,14 +11,16 @@ import numpy as np
 import torch
 
 from llamaforge.checkpoint.keymaps import meta_to_hf
-from llamaforge.config import ModelArgs
+from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError
 
 HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+KEYS = {"max_seq_len": "seq_len"}  # the header's names where they are not ModelArgs'
 
 
 def read_header(path: Path) -> tuple[ModelArgs, bool]:
-    """The config and whether the classifier is shared with the embedding (positive vocab_size)."""
+    """The config and whether the classifier is shared with the embedding (positive vocab_size), checked against
+    the file's size: the header fixes the size of every array after it."""
     with open(path, "rb") as handle:
         raw = handle.read(HEADER.size)
     if len(raw) < HEADER.size:
@@ -26,8 +29,16 @@ def read_header(path: Path) -> tuple[ModelArgs, bool]:
     if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or vocab_size == 0:
         raise CheckpointError(f"{path} does not start with a llama2.c header (read {HEADER.unpack(raw)})")
     shared = vocab_size > 0
-    config = ModelArgs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                       vocab_size=abs(vocab_size), max_seq_len=seq_len, norm_eps=1e-5, tie_word_embeddings=shared)
+    with reading(f"the header of {path}", KEYS):
+        config = ModelArgs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           vocab_size=abs(vocab_size), max_seq_len=seq_len, norm_eps=1e-5, tie_word_embeddings=shared)
+    expected = HEADER.size + 4 * sum(math.prod(shape) for _, shape in _layout(config, shared))
+    actual = path.stat().st_size
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} has {actual} bytes but its header describes {expected}; the file is truncated or not "
+            "a llama2.c version-0 checkpoint"
+        )
     return config, shared
 
 
@@ -50,19 +61,11 @@ _PER_LAYER = {"attention_norm": "attention_norm", "ffn_norm": "ffn_norm", "wq": 
 
 
 def iter_tensors(path: Path, config: ModelArgs, shared: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors read from the memory-mapped file."""
-    layout = _layout(config, shared)
-    expected = HEADER.size + 4 * sum(int(np.prod(shape)) for _, shape in layout)
-    actual = path.stat().st_size
-    if actual != expected:
-        raise CheckpointError(
-            f"{path} has {actual} bytes but its header describes {expected}; the file is truncated or not "
-            "a llama2.c version-0 checkpoint"
-        )
+    """HF-named tensors read from the memory-mapped file (whose size `read_header` has checked)."""
     data = np.memmap(path, dtype=np.float32, mode="r", offset=HEADER.size)
     offset = 0
-    for name, shape in layout:
-        count = int(np.prod(shape))
+    for name, shape in _layout(config, shared):
+        count = math.prod(shape)
         array = torch.from_numpy(np.array(data[offset:offset + count]).reshape(shape))  # owned copy
         offset += count
         if name in _PER_LAYER:
