@@ -68,3 +68,17 @@ def test_eval_benchmark_scores_as_lm_eval_does() -> None:
     assert tasks["arc_challenge"]["requests"] >= 2 * 3  # 3 to 5 choices per question
     assert all(t[side]["requests_cpu_s"] > 0 for t in tasks.values() for side in ("llamaforge", "lm_eval"))
     assert report["leaderboard_mix"]["speedup"]["requests_cpu"] > 0
+
+
+@pytest.mark.slow
+def test_soak_smoke() -> None:
+    """Mixed valid, invalid and disconnecting traffic: no 5xx, hang, leaked slot or unexpected answer."""
+    pytest.importorskip("uvicorn")
+    report = run_json("soak.py", "--requests", "120", "--concurrency", "16")
+    totals = report["totals"]
+    assert (totals["5xx"], totals["hang"], totals["unexpected"], report["server"]["leaked_slots"]) == (0, 0, 0, 0)
+    groups = report["groups"]
+    assert all(groups[group]["requests"] >= 1 for group in ("valid", "invalid", "disconnecting"))
+    invalid = groups["invalid"]
+    assert invalid["4xx"] == invalid["requests"] - invalid["busy"] >= 1
+    assert report["server"]["health_status"] == 200 and report["ok"]
