@@ -73,6 +73,18 @@ def write_hf_dir(directory: Path, model: Llama, tokenizer: Path | None = None, s
     return directory
 
 
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on right now."""
     import socket

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from factories import wait_for
 
 from llamaforge.api import LLM
 from llamaforge.engine import Emit, Engine, EngineRequest, QueueFullError
@@ -122,31 +123,27 @@ def inject_admission(monkeypatch, engine: Engine, victim: Collector) -> Emit:
     return victim
 
 
-def _victim_in(engine: Engine, inputs: dict) -> EngineRequest | None:
-    return next((r for r in engine.running if r.slot in inputs and r.params.seed == VICTIM_SEED), None)
-
-
-def inject_prefill(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+def _fail_forwards(monkeypatch, engine: Engine, strikes) -> None:
+    """Make a forward over slots `inputs` raise where strikes(victim request, inputs) says, the victim in it."""
     original = engine._run_slots
 
     def run_slots(inputs):
-        if _victim_in(engine, inputs) and any(len(tokens) > 1 for tokens, _ in inputs.values()):
+        victim = next((r for r in engine.running if r.slot in inputs and r.params.seed == VICTIM_SEED), None)
+        if victim is not None and strikes(victim, inputs):
             raise RuntimeError("injected")
         return original(inputs)
     monkeypatch.setattr(engine, "_run_slots", run_slots)
+
+
+def inject_prefill(monkeypatch, engine: Engine, victim: Collector) -> Emit:
+    _fail_forwards(monkeypatch, engine, lambda request, inputs: any(len(t) > 1 for t, _ in inputs.values()))
     return victim
 
 
 def inject_decode(monkeypatch, engine: Engine, victim: Collector) -> Emit:
     """The batched decode forward fails from the victim's fourth token on, with the victim in the batch."""
-    original = engine._run_slots
-
-    def run_slots(inputs):
-        request = _victim_in(engine, inputs)
-        if request and request.state.produced >= 3 and all(len(tokens) == 1 for tokens, _ in inputs.values()):
-            raise RuntimeError("injected")
-        return original(inputs)
-    monkeypatch.setattr(engine, "_run_slots", run_slots)
+    _fail_forwards(monkeypatch, engine, lambda request, inputs: request.state.produced >= 3 and all(
+        len(t) == 1 for t, _ in inputs.values()))
     return victim
 
 
@@ -241,10 +238,7 @@ def test_health_reports_a_dead_or_stuck_worker(tiny_llm: LLM, monkeypatch) -> No
     assert "in one step for" in (engine.health() or "")
     release.set()
     assert stuck.done.wait(30) and stuck.error is None
-    deadline = time.monotonic() + 10  # the step that emitted the last token is still ending
-    while engine.health() is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.health() is None
+    assert wait_for(lambda: engine.health() is None)  # the step that emitted the last token is still ending
     engine.stop()
     assert "worker thread has stopped" in engine.health()
     with pytest.raises(EngineStoppedError, match="not running"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -176,17 +175,8 @@ def test_32_concurrent_streams_equal_their_solo_runs(live_server) -> None:
     assert "llamaforge_peak_batch_size 4.0" in metrics
 
 
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_disconnect_frees_the_slot(tiny_tokenizer_path) -> None:
-    from factories import LiveServer, random_model
+    from factories import LiveServer, random_model, wait_for
 
     from llamaforge.api import LLM
     from llamaforge.config import ModelArgs

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from factories import wait_for
 
 httpx = pytest.importorskip("httpx")
 
@@ -49,18 +50,9 @@ def alongside_innocents(server, hostile) -> list[httpx.Response]:
     expected = [server.llm.generate(p, max_new_tokens=24, temperature=0).text for p in INNOCENT_PROMPTS]
     assert texts == expected
     engine = server.engine
-    assert _wait_for(lambda: engine.stats().free_slots == engine.max_batch_size and not engine.stats().waiting)
+    assert wait_for(lambda: engine.stats().free_slots == engine.max_batch_size and not engine.stats().waiting)
     assert httpx.get(f"{server.url}/health").status_code == 200
     return responses
-
-
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +164,7 @@ def test_a_client_that_hangs_up_on_a_whole_answer_frees_its_slot(slow_server, pa
     before = engine.stats().generated_tokens
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{slow_server.url}{path}", json=body, timeout=httpx.Timeout(60, read=0.5))
-    assert _wait_for(lambda: engine.stats().free_slots == 2, timeout=5)
+    assert wait_for(lambda: engine.stats().free_slots == 2, timeout=5)
     assert engine.stats().generated_tokens - before < 600
     metrics = httpx.get(f"{slow_server.url}/metrics").text
     assert f'llamaforge_requests_total{{route="{path}",status="499"}}' in metrics
