@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from llamaforge.tokenizer import Tokenizer
 
 EXIT_USER_ERROR = 2
+CHAT_COMMANDS = "/system TEXT sets the system prompt, /reset clears, /exit quits"
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -94,12 +95,19 @@ def _fit_default(params, args: argparse.Namespace, llm, prompt_ids: list[int]):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt; streams text, or prints text, token ids and timings with --json."""
+    from llamaforge.generate import fit_prompt
+
     prompt = _prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt_text or args.prompt
     if prompt is None:
-        raise LlamaforgeError('give a prompt: `llamaforge generate "Once upon a time"`, --prompt TEXT or --prompt-ids')
+        raise LlamaforgeError('give a prompt: `llamaforge generate "Once upon a time"`, --prompt TEXT, --prompt-ids, '
+                              'or - to read it from stdin')
+    if prompt == "-":
+        prompt = sys.stdin.read().removesuffix("\n")
     params = _sampling(args, logprobs=args.logprobs)
     llm = _load(args)
-    params = _fit_default(params, args, llm, llm.encode_prompt(prompt))
+    prompt_ids = llm.encode_prompt(prompt)
+    params = _fit_default(params, args, llm, prompt_ids)
+    fit_prompt(prompt_ids, params.max_new_tokens, llm.config.context_length, args.truncate)  # before any echo
     if args.json:
         out = llm.generate(prompt, params=params, truncate=args.truncate)
         timings = {**out.timings, **_rates(out.timings)}
@@ -131,8 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     if interactive and not args.json:
-        print("llamaforge chat: /system TEXT sets the system prompt, /reset clears, /exit quits; "
-              "Ctrl-C stops an answer.")
+        print(f"llamaforge chat: {CHAT_COMMANDS}; Ctrl-C stops an answer.")
     while True:
         try:
             line = input("> " if interactive else "")
@@ -148,10 +155,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
             history = []
             print("(conversation cleared)")
             continue
-        if line.startswith("/system"):
+        if line == "/system" or line.startswith("/system "):
             system = line[len("/system"):].strip() or None
             history = []
             print(f"(system prompt {'set' if system else 'removed'}; conversation cleared)")
+            continue
+        if line.startswith("//"):
+            line = line[1:]  # a message that itself starts with /
+        elif line.startswith("/"):
+            print(f"(unknown command {line.split()[0]}; {CHAT_COMMANDS}; start a message with // to send one "
+                  "that begins with /)")
             continue
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": line})
@@ -245,6 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise LlamaforgeError(f"the server needs its extra ({exc.name} is missing): pip install 'llamaforge[serve]'") \
             from None
     api_key = args.api_key or _read_api_key_file(args.api_key_file) or os.environ.get("LLAMAFORGE_API_KEY")
+    _check_port_free(args.host, args.port)  # before minutes of loading, and before saying it serves
     llm = _load(args)
     url = f"http://{args.host}:{args.port}/"
     if args.json:
@@ -255,6 +269,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_context=args.max_context,
           api_key=api_key, max_queue=args.max_queue, allowed_hosts=allowed_hosts,
           shutdown_timeout=args.shutdown_timeout)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, an address another server holds (uvicorn would say "[Errno 98]" after the load)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no reason
+            probe.bind((host, port))
+    except OSError as exc:
+        raise LlamaforgeError(f"cannot listen on {host}:{port} ({exc.strerror}); another server may hold it: "
+                              "stop it or pass --port N") from None
 
 
 def _read_api_key_file(path: str | None) -> str | None:
@@ -493,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     generate = add("generate", cmd_generate)
-    generate.add_argument("prompt", nargs="?", help="text to continue (BOS is added)")
+    generate.add_argument("prompt", nargs="?", help="text to continue (BOS is added); - reads it from stdin")
     generate.add_argument("--prompt", dest="prompt_text", help="the same, as a flag")
     generate.add_argument("--prompt-ids", help="comma-separated token ids, used exactly as given")
     generate.add_argument("--logprobs", action="store_true", help="report each token's log-probability (--json)")

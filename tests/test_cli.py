@@ -98,11 +98,65 @@ def test_chat_session(tiny_model_dir: Path) -> None:
     (["generate", "--prompt-ids", "1,x"], "--prompt-ids takes comma-separated token ids"),
     (["info", "--model", "/definitely/not/here"], "does not exist"),
     (["template", "--dialog", "/no/dialog.json", "--tokenizer", "x"], "dialog file /no/dialog.json does not exist"),
+    (["generate", "--device", "tpu", "hi"], "device 'tpu' is not one torch knows; use cpu, cuda, cuda:N or mps"),
+    (["chat", "--device", "meta"], "device 'meta': llamaforge runs on cpu, cuda or mps"),
+    (["finetune", "--data", "x.jsonl", "--out", "/tmp/never", "--device", "tpu"], "device 'tpu' is not one"),
+    (["generate", "--max-new-tokens", "100000", "Hi"], "max_new_tokens is 100000: 100002 tokens exceed"),
 ])
 def test_user_errors_are_one_line(args: list[str], message: str) -> None:
     result = run(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""  # no echoed prompt before it
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line() -> None:
+    result = run("info", "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "this machine has no CUDA GPU that torch can use" in result.stderr and "--device cpu" in result.stderr
+
+
+def test_an_adapter_given_as_the_model_points_at_adapter(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "demo"}))
+    result = run("generate", "--model", str(adapter), "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"is a LoRA adapter, not a model: pass it as --adapter {adapter}" in result.stderr
+    assert "its adapter_config.json says demo" in result.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin(tiny_model_dir: Path) -> None:
+    piped = run("generate", "--model", str(tiny_model_dir), "-", "--temperature", "0", "--max-new-tokens", "8",
+                "--json", stdin="Llamas hum\n")
+    assert piped.returncode == 0, piped.stderr
+    expected = llamaforge.load(tiny_model_dir).generate("Llamas hum", max_new_tokens=8, temperature=0.0)
+    assert json.loads(piped.stdout)["token_ids"] == expected.token_ids
+
+
+def test_chat_refuses_unknown_commands_and_sends_double_slash(tiny_model_dir: Path) -> None:
+    result = run("chat", "--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "6", "--json",
+                 stdin="/foo bar\n//etc\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "(unknown command /foo;" in result.stdout and "start a message with //" in result.stdout
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    expected = llamaforge.load(tiny_model_dir).chat([{"role": "user", "content": "/etc"}], max_new_tokens=6,
+                                                    temperature=0.0).text
+    assert [a["text"] for a in answers] == [expected]
+
+
+def test_serve_refuses_a_port_in_use_before_loading() -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run("serve", "--port", str(port), "--model", "/definitely/not/here")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in result.stderr
+    assert "serving" not in result.stdout
 
 
 def test_bad_sampling_value_from_cli(tiny_model_dir: Path) -> None:

@@ -75,6 +75,11 @@ def test_chat_logprobs(client) -> None:
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy takes the top token
+    if response.choices[0].finish_reason == "length":  # (an EOS token would be in the list, not in the text)
+        assert "".join(entry.token for entry in content) == response.choices[0].message.content
+    streamed = [c.choices[0].logprobs.content[0] for c in chat(client, "Hi", max_tokens=4, logprobs=True, stream=True,
+                                                               **GREEDY) if c.choices and c.choices[0].logprobs]
+    assert [e.token for e in streamed] == [e.token for e in content]
 
 
 def test_stop_string(client) -> None:
@@ -252,6 +257,14 @@ USER = [{"role": "user", "content": "hi"}]
     ("/generate", "[1, 2]", 422, "^the request body must be a JSON object$"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400,
      "^messages.0.content: Input should be a valid string$"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "^tools: tools is not supported by this server; leave it out$"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "^tool_choice: .*asks for tool calls"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400,
+     r"^response_format: only \{'type': 'text'\} is supported"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"5": 10}}, 400, "^logit_bias: .*not supported"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "^suffix: .*fill-in-the-middle"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "^best_of: only best_of=1"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "token-id prompt must hold ints"),

@@ -10,6 +10,7 @@ target dtype as it arrives, so loading never holds the checkpoint and the model 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from llamaforge.checkpoint import gguf, hf, hub, inventory, llama2c, meta
 from llamaforge.checkpoint.keymaps import IGNORED_KEYS
 from llamaforge.config import ModelArgs
-from llamaforge.errors import CheckpointError, TokenizerError
+from llamaforge.errors import CheckpointError, LlamaforgeError, TokenizerError
 from llamaforge.model import Llama
 from llamaforge.tokenizer import Tokenizer, find_tokenizer
 
@@ -69,7 +70,40 @@ def detect_format(path: Path) -> str:
         return "llama2c"
     if gguf.is_gguf(path):
         return "gguf"
+    if (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is a LoRA adapter, not a model: pass it as --adapter {path}, with --model "
+                              f"the base it was trained on ({_adapter_base(path)})")
     raise CheckpointError(f"{path} is not a checkpoint llamaforge recognises; {HELP}")
+
+
+def _adapter_base(path: Path) -> str:
+    """What an adapter's config names as its base model, for the message that points there."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return f"its adapter_config.json says {base}" if base else "its adapter_config.json does not say which"
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """The device named (checked to be one this machine has), else CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LlamaforgeError(f"device {str(device)!r} is not one torch knows; use cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise LlamaforgeError(f"device {str(device)!r}: this machine has no CUDA GPU that torch can use (or torch is "
+                              "a CPU build); use --device cpu")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise LlamaforgeError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise LlamaforgeError(f"device {str(device)!r}: Apple's MPS is not available here; use --device cpu")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise LlamaforgeError(f"device {str(device)!r}: llamaforge runs on cpu, cuda or mps")
+    return chosen
 
 
 def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
@@ -77,7 +111,7 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
     """Load model and tokenizer; dtype None keeps the stored dtype, device None picks CUDA when present."""
     path = resolve(source)
     kind = detect_format(path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     if kind == "hf":
         config = hf.read_config(path)
         inventory.check(config, hf.read_inventory(path))

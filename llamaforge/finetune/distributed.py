@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llamaforge.checkpoint import pick_device
+
 
 @dataclass
 class Dist:
@@ -33,9 +35,10 @@ class Dist:
 def setup(device: str | None = None) -> Dist:
     """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    chosen = pick_device(device)
+    use_cuda = chosen.type == "cuda"
     if world_size == 1:
-        return Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
+        return Dist(device=chosen)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)

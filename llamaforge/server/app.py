@@ -204,9 +204,10 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
     if error.get("type") == "json_invalid":  # its location is a character offset, not a field
         reason = (error.get("ctx") or {}).get("error", "JSON decode error")
         return f"the request body is not valid JSON ({reason} at character {error['loc'][-1]})", None
-    if tuple(error.get("loc", ())) == ("body",):
-        return ("the request body is empty; send a JSON object" if error.get("type") == "missing"
-                else "the request body must be a JSON object"), None
+    if tuple(error.get("loc", ())) == ("body",) and error.get("type") == "missing":
+        return "the request body is empty; send a JSON object", None
+    if tuple(error.get("loc", ())) == ("body",) and error.get("type") in ("model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object", None
     location = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
     field = ".".join(location) or None
     message = error.get("msg", "invalid value").removeprefix("Value error, ")

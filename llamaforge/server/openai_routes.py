@@ -52,8 +52,12 @@ def _token_text(server: ServerState, token_id: int) -> tuple[str, list[int]]:
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
-def _chat_logprobs(server: ServerState, event: TokenEvent) -> dict:
+def _chat_logprobs(server: ServerState, event: TokenEvent, first: bool) -> dict:
+    """One content token's log-probs; the first token loses its word-start space, as the answer's text does
+    (Meta's decode drops it), so the tokens add up to the content."""
     text, raw = _token_text(server, event.token_id)
+    if first and text.startswith(" "):
+        text, raw = text[1:], raw[1:]
     top = []
     for token_id, logprob in (event.top_logprobs or {}).items():
         top_text, top_raw = _token_text(server, token_id)
@@ -91,7 +95,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
         async def chunks() -> AsyncIterator[dict]:
             yield chunk({"role": "assistant", "content": ""})
             async for event in stream.events():
-                logprobs = {"content": [_chat_logprobs(server, event)]} if body.logprobs else None
+                logprobs = {"content": [_chat_logprobs(server, event, stream.generated == 1)]} if body.logprobs \
+                    else None
                 if event.text or logprobs:
                     yield chunk({"content": event.text}, logprobs=logprobs)
                 if event.finish_reason:
@@ -103,7 +108,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
 
     events = await stream.collect(request)
     text = "".join(e.text for e in events)
-    logprobs = [_chat_logprobs(server, e) for e in events] if body.logprobs else []
+    logprobs = [_chat_logprobs(server, e, i == 0) for i, e in enumerate(events)] if body.logprobs else []
     finish_reason = events[-1].finish_reason
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,

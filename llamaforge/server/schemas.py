@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from llamaforge.errors import TokenizerError
 from llamaforge.tokenizer import check_text
@@ -79,6 +79,35 @@ class OpenAIRequest(Body):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI features llamaforge does not have: refused when used, rather than silently ignored.
+    logit_bias: dict | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator("logit_bias", "tools", "functions")
+    @classmethod
+    def _not_used(cls, value: dict | list | None, info: ValidationInfo) -> None:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
+        return None
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_call(cls, value: str | dict | None, info: ValidationInfo) -> None:
+        if value not in (None, "none", "auto"):
+            raise ValueError(f"{info.field_name} {value!r} asks for tool calls, which this server does not make; "
+                             "leave it out")
+        return None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> None:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError(f"only {{'type': 'text'}} is supported (no JSON mode or schemas yet), got {value!r}")
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -113,6 +142,22 @@ class CompletionRequest(OpenAIRequest):
     max_tokens: TokenCount | None = 16
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    suffix: Text | None = None
+    best_of: int | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> None:
+        if value:
+            raise ValueError("suffix (insertion) is not supported: Llama 2 has no fill-in-the-middle; leave it out")
+        return None
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only best_of=1 is supported; send separate requests and pick")
+        return value
 
     @field_validator("prompt")
     @classmethod
