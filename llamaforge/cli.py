@@ -1,6 +1,6 @@
 """`llamaforge <command>`: each command is a thin function over one library call.
 
-Every command takes `--model` (an HF directory, hub repo id, Meta directory or llama2.c .bin; left out,
+Every command takes `--model` (an HF directory, hub repo id, Meta directory, llama2.c .bin or GGUF; left out,
 the small demo model built into the package) and `--json` for machine-readable output. User errors print
 one line naming the problem and exit 2.
 """
@@ -26,7 +26,7 @@ CHAT_COMMANDS = "/system TEXT sets the system prompt, /reset clears, /exit quits
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF directory, hub repo id, Meta directory or llama2.c .bin "
+    parser.add_argument("--model", help="HF directory, hub repo id, Meta directory, llama2.c .bin or .gguf file "
                         "(default: demo, the small built-in chat model)")
     parser.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json to use instead of the one found")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
@@ -241,11 +241,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(info)
         return
+    width = max(len(key) for key in [*info, *info["config"]]) + 1
     for key, value in info.items():
         if key != "config":
-            print(f"{key:16} {value}")
+            print(f"{key:{width}} {value}")
+    print("config:")
     for key, value in info["config"].items():
-        print(f"  {key:16} {value}")
+        print(f"  {key:{width - 2}} {value}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -437,8 +439,13 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         _print_json({"file": str(path), **result.to_dict()})
         return
     print(f"perplexity {result.perplexity:.4f}  bits per byte {result.bits_per_byte:.4f}  ({result.tokens} tokens, "
-          f"{result.bytes} bytes, {result.windows} windows of {result.context} tokens every {result.stride}, "
+          f"{result.bytes} bytes, {_count(result.windows, 'window')} of {result.context} tokens every {result.stride}, "
           f"{result.seconds:.1f} s)")
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 window', '3 windows'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _tokenizer(args: argparse.Namespace) -> Tokenizer:

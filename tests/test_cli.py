@@ -78,6 +78,8 @@ def test_info_json(tiny_model_dir: Path) -> None:
     assert payload["parameters"] == llamaforge.load(tiny_model_dir).config.num_parameters()
     assert payload["bytes"] == 4 * payload["parameters"]
     assert payload["context_length"] == 128 and payload["config"]["n_kv_heads"] == 2
+    lines = run("info", "--model", str(tiny_model_dir)).stdout.splitlines()
+    assert lines[lines.index("config:") + 1].split() == ["dim", "64"]  # the config block under its heading
 
 
 def test_chat_session(tiny_model_dir: Path) -> None:

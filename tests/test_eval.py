@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -358,6 +359,9 @@ def test_perplexity_matches_transformers(tiny_model_dir: Path, tmp_path: Path, c
                              "--context", "64", "--stride", "24", "--json")
     assert code == 0, err
     assert json.loads(out)["perplexity"] == pytest.approx(ours.perplexity, rel=1e-6)
+    (tmp_path / "short.txt").write_text("Llamas hum.")
+    code, out, err = run_cli(capsys, "perplexity", "--model", str(tiny_model_dir), str(tmp_path / "short.txt"))
+    assert code == 0 and re.search(r"\(\d+ tokens, 11 bytes, 1 window of 128 tokens every 64, ", out), out
 
 
 def test_demo_task_asks_in_the_chat_format_and_reads_the_shipped_problems(tmp_path: Path) -> None:
@@ -421,3 +425,22 @@ def test_running_out_of_memory_names_the_batch_size(model_dir: Path, data: Path,
         assert code == 2 and out == "" and err.count("\n") == 1, err
         assert err.startswith(f"error: out of cpu memory with --batch-size 16 ({unit} per forward pass); lower "
                               "--batch-size")
+
+
+def test_the_comparison_chart_legend_covers_no_bar(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from llamaforge.eval.report import Delta, plot_comparison
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    deltas = [Delta(f"task_{i}", "acc", 0.9 + i / 100, 0.95) for i in range(5)]  # long bars reach the right edge
+    plot_comparison(deltas, "base", "tuned", tmp_path / "chart.png")
+    figure = figures[0]
+    renderer = figure.canvas.get_renderer()
+    legend = figure.legends[0].get_window_extent(renderer)
+    bars = [patch.get_window_extent(renderer) for patch in figure.axes[0].patches]
+    assert len(bars) == 10 and not any(legend.overlaps(bar) for bar in bars)
+    assert not legend.overlaps(figure.axes[0].get_window_extent(renderer))
+    close(figure)

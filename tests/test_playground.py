@@ -221,6 +221,18 @@ def test_system_prompt_and_new_chat(page, live_server) -> None:
     ]
 
 
+def test_the_sampling_defaults_are_those_of_llamaforge_chat(page, live_server) -> None:
+    """Meta's chat defaults, as `llamaforge chat` has them, not /v1's temperature 1.0."""
+    from llamaforge.cli import build_parser
+
+    chat = Chat(page, live_server.url)
+    chat.settings(max_tokens="4")
+    chat.say("Hello")
+    chat.finished_answer(0)
+    defaults = build_parser().parse_args(["chat"])
+    assert (chat.requests[0]["temperature"], chat.requests[0]["top_p"]) == (defaults.temperature, defaults.top_p)
+
+
 def test_server_error_is_shown_and_the_turn_left_out(page, live_server) -> None:
     chat = Chat(page, live_server.url)
     chat.settings(temperature="0", max_tokens="6")

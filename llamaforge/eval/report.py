@@ -110,15 +110,14 @@ def plot_comparison(deltas: list[Delta], name_a: str, name_b: str, path: str | P
     labels = [f"{d.label.strip()} {d.metric}" for d in deltas]
     positions = range(len(deltas))
     height = 0.4
-    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.45 * len(deltas)))
+    figure, axes = plt.subplots(figsize=(8, 1.5 + 0.45 * len(deltas)), layout="constrained")
     axes.barh([p - height / 2 for p in positions], [100 * d.a for d in deltas], height, label=name_a)
     axes.barh([p + height / 2 for p in positions], [100 * d.b for d in deltas], height, label=name_b)
     axes.set_yticks(list(positions), labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("score (%)")
     axes.set_title(f"{name_b} vs {name_a}")
-    axes.legend(loc="lower right")
-    figure.tight_layout()
+    figure.legend(loc="outside lower center", ncols=2)  # below the axes: inside, it covered the longest bars
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
