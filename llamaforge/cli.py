@@ -317,13 +317,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     """Fold a LoRA adapter into its base model and write a full HF-format model."""
     from llamaforge.api import load
+    from llamaforge.chat import JINJA_TEMPLATE
     from llamaforge.checkpoint.hf import save_hf_dir
 
     if not args.adapter:
         raise LlamaforgeError("merge needs --adapter DIR (the adapter to fold into --model)")
     llm = load(args.model, dtype=args.dtype, device=args.device or "cpu", tokenizer=args.tokenizer,
                adapter=args.adapter)
-    out = save_hf_dir(llm.model.state_dict(), llm.config, args.out, llm.tokenizer)
+    out = save_hf_dir(llm.model.state_dict(), llm.config, args.out, llm.tokenizer, chat_template=JINJA_TEMPLATE)
     if args.json:
         _print_json({"out": str(out)})
     else:

@@ -125,3 +125,24 @@ def test_the_jinja_template_renders_the_same_prompt(name: str) -> None:
     rendered = template.render(messages=DIALOGS[name], bos_token="<s>", eos_token="</s>",
                                raise_exception=raise_exception)
     assert rendered == render_dialog(DIALOGS[name])
+
+
+def test_a_saved_model_folder_formats_chats_in_transformers(llama_tokenizer_path: Path, tmp_path: Path) -> None:
+    """What `merge` and full fine-tuning write: transformers' apply_chat_template gives llamaforge's ids."""
+    transformers = pytest.importorskip("transformers")
+    from factories import random_model
+
+    from llamaforge.chat import JINJA_TEMPLATE
+    from llamaforge.checkpoint.hf import save_hf_dir
+    from llamaforge.config import ModelArgs
+
+    tokenizer = Tokenizer(llama_tokenizer_path)
+    model = random_model(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000, hidden_dim=64, max_seq_len=64))
+    folder = save_hf_dir(model.state_dict(), model.config, tmp_path / "model", tokenizer, chat_template=JINJA_TEMPLATE)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    for name, dialog in DIALOGS.items():
+        assert theirs.apply_chat_template(dialog, tokenize=False) == render_dialog(dialog)
+        if name == "whitespace":  # transformers' tokenizer splits "\n  padded" as "▁▁" "p", SentencePiece "▁" "▁p"
+            continue
+        ids = theirs.apply_chat_template(dialog, tokenize=True)
+        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == encode_dialog(tokenizer, dialog)

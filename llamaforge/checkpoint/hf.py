@@ -148,8 +148,11 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
 
 def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: str | Path,
                 tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None,
-                max_shard_bytes: int = 5 * 2**30) -> Path:
+                max_shard_bytes: int = 5 * 2**30, chat_template: str | None = None) -> Path:
     """Write an HF checkpoint (config.json, safetensors shards + index, tokenizer) atomically.
+
+    With a tokenizer, tokenizer_config.json says how transformers should load it, and `chat_template` (a
+    Jinja template, as chat.JINJA_TEMPLATE) lets its `apply_chat_template` format dialogs as llamaforge does.
 
     Files go to a sibling temporary folder that is renamed into place at the end, so a crash never
     leaves a directory that looks complete but is not.
@@ -190,7 +193,15 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
     hf_config = config.to_hf_config() | {"torch_dtype": str(stored).removeprefix("torch.")}
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save(staging)
+        saved = tokenizer.save(staging)
+        tokenizer_config = {
+            "tokenizer_class": "LlamaTokenizer" if saved.name == "tokenizer.model" else "PreTrainedTokenizerFast",
+            "bos_token": tokenizer.id_to_piece(tokenizer.bos_id), "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
+            "add_bos_token": True, "add_eos_token": False, "model_max_length": config.context_length,
+            # Meta's encoding: text right after <s> still gets SentencePiece's word-start "▁" ([INST] is "▁[").
+            "legacy": True,
+        } | ({"chat_template": chat_template} if chat_template else {})
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     # safetensors creates its files owner-only (0600); a model folder is meant to be shared like any other.
     umask = os.umask(0)
     os.umask(umask)
