@@ -7,7 +7,12 @@ picks which files to fetch and turns its exceptions into messages that say what 
 from __future__ import annotations
 
 import re
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from llamaforge.errors import CheckpointError
 
@@ -64,3 +69,36 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 def _has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(
         path.glob("consolidated.*.pth"))
+
+
+@contextmanager
+def offline_when_unreachable(timeout: float = 3.0) -> Iterator[bool]:
+    """Inside, huggingface_hub and datasets read only their caches when the hub cannot be reached now.
+
+    Without it, `datasets.load_dataset` on a machine with no network retries for ~25 s (5 tries, backing
+    off to 8 s) before it says so; one connection attempt tells the same in `timeout` seconds, and a
+    cached dataset then loads at once. Yields whether the hub was reachable.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        yield False
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        yield True
+        return
+    except OSError:
+        pass
+    datasets_config = sys.modules.get("datasets.config")
+    saved = constants.HF_HUB_OFFLINE, getattr(datasets_config, "HF_HUB_OFFLINE", None)
+    constants.HF_HUB_OFFLINE = True
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+    try:
+        yield False
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if datasets_config is not None:
+            datasets_config.HF_HUB_OFFLINE = saved[1]

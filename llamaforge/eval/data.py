@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamaforge.checkpoint.hub import offline_when_unreachable
 from llamaforge.errors import LlamaforgeError
 
 SPLIT_FILES = ("{split}.jsonl", "{split}.parquet", "{split}-*.parquet")
@@ -138,8 +139,10 @@ def _hub_rows(dataset: Dataset, split: str) -> list[dict]:
     except ImportError:
         raise EvalDataError("loading tasks from the hub needs `datasets`: pip install 'llamaforge[eval]', "
                             "or pass --data-dir with local files") from None
-    try:
-        return [dict(row) for row in datasets.load_dataset(dataset.hub, dataset.config, split=split)]
-    except Exception as exc:  # datasets raises many types: offline, not found, gated, bad split
-        raise EvalDataError(f"could not load {dataset.describe()} split {split} from the hub ({exc}); "
-                            "offline, pass --data-dir with local files (see docs/eval.md)") from None
+    with offline_when_unreachable() as online:
+        try:
+            return [dict(row) for row in datasets.load_dataset(dataset.hub, dataset.config, split=split)]
+        except Exception as exc:  # datasets raises many types: offline, not found, gated, bad split
+            where = "from the hub" if online else "from the datasets cache (offline, or the hub cannot be reached)"
+            raise EvalDataError(f"could not load {dataset.describe()} split {split} {where} ({exc}); "
+                                "offline, pass --data-dir with local files (see docs/eval.md)") from None
