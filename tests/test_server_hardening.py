@@ -178,6 +178,18 @@ def _send_partial_body(url: str, declared: int, sent: bytes, path: str = "/v1/co
     return connection
 
 
+def _read_response(connection: socket.socket) -> str:
+    """One whole HTTP response off a raw socket: its headers, then Content-Length bytes of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_a_client_that_hangs_up_mid_body_logs_no_error(server, caplog) -> None:
     uvicorn_logger = logging.getLogger("uvicorn")
     uvicorn_logger.addHandler(caplog.handler)
@@ -200,7 +212,7 @@ def test_a_body_shorter_than_its_length_times_out_with_408(tiny_llm) -> None:
     with LiveServer(create_app(tiny_llm, Engine(tiny_llm, max_batch_size=1), body_timeout=0.5)) as live:
         connection = _send_partial_body(live.url, 200, b'{"prompt": "x"')
         connection.settimeout(10)
-        answer = connection.recv(65536).decode()
+        answer = _read_response(connection)
         connection.close()
     assert answer.startswith("HTTP/1.1 408"), answer[:200]
     assert "did not arrive within 0.5 s" in answer
