@@ -396,7 +396,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
              "device": str(llm.device)}
     report = {"tasks": names, "model": model,
               "config": run_config(source, args.num_fewshot, args.limit, args.batch_size),
-              **evaluate(llm, runs, args.batch_size, progress=sys.stderr.isatty())}
+              **evaluate(llm, runs, args.batch_size)}  # a bar on a terminal, else plain lines
     if args.out:
         write_report(report, args.out)
     if args.json:
@@ -482,18 +482,23 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (adapter, or model/ for --method full)")
     parser.add_argument("--method", choices=METHODS, default=default("method"))
     parser.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per training row")
-    parser.add_argument("--no-pack", dest="pack", action="store_false",
-                        help="one example per row (default: pack short examples into --seq-len rows)")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                        help="pack short examples into --seq-len rows, or one per row (default: pack when the packed "
+                        "rows still make 20 optimizer steps an epoch)")
     parser.add_argument("--on-long", choices=ON_LONG, default=default("on_long"),
                         help="examples longer than --seq-len: truncate, drop, or stop with an error")
-    parser.add_argument("--val-fraction", type=float, default=default("val_fraction"))
-    parser.add_argument("--epochs", type=float, default=default("epochs"))
+    parser.add_argument("--val-fraction", type=float, help="records held out for validation (default: 0.05 when "
+                        "that is 10 records or more, else none)")
+    parser.add_argument("--epochs", type=float, help="passes over the data (default: 1; for small data enough to show "
+                        "the model 4,000 examples, at most 150 epochs)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="rows per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=default("grad_accum"), help="micro-batches per step")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 for LoRA/QLoRA, 2e-5 full)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 for LoRA/QLoRA, 2e-5 full, "
+                        "times 4096/width, at most 10x, for models narrower than Llama 2 7B)")
     parser.add_argument("--weight-decay", type=float, default=default("weight_decay"))
-    parser.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
+    parser.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"),
+                        help="warm-up steps as a fraction of the run's, rounded down")
     parser.add_argument("--schedule", choices=SCHEDULES, default=default("schedule"))
     parser.add_argument("--clip", type=float, default=default("clip"), help="max gradient norm (0 = off)")
     parser.add_argument("--seed", type=int, default=default("seed"))

@@ -26,7 +26,7 @@ ANIMALS = ["llama", "fox", "dog", "cat", "owl", "bee", "cow", "hen", "yak", "elk
 QA = [{"instruction": f"What color is the {a} number {i}?",
        "response": f"The {a} {i} is {COLORS[(i * 3 + len(a)) % 5]}."} for a in ANIMALS for i in range(5)]
 CONFIG = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=128, max_seq_len=128)
-FAST = {"seq_len": 128, "batch_size": 8, "val_fraction": 0.0, "warmup_ratio": 0.05, "save_every": 0,
+FAST = {"seq_len": 128, "pack": True, "batch_size": 8, "val_fraction": 0.0, "warmup_ratio": 0.05, "save_every": 0,
         "lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.0}
 
 
@@ -142,7 +142,7 @@ def test_pretrain_from_scratch_with_init(tmp_path: Path, tiny_tokenizer_path: Pa
     data.write_text("\n".join(json.dumps({"text": line}) for line in CORPUS[:6]))
     result = finetune(TrainConfig(data=str(data), out=str(tmp_path / "out"), init="tiny",
                                   tokenizer=str(tiny_tokenizer_path), method="full", lr=3e-3, max_steps=60,
-                                  seq_len=256, batch_size=2, val_fraction=0.0, save_every=0))
+                                  seq_len=256, pack=True, batch_size=2, val_fraction=0.0, save_every=0))
     assert result.train_losses[-1] < result.train_losses[0] / 5
     llm = llamaforge.load(tmp_path / "out" / "model")
     assert llm.config.dim == 64 and llm.config.vocab_size == 400  # the preset's shape, the tokenizer's vocabulary
@@ -265,7 +265,7 @@ def test_run_settings_are_checked(qa_file: Path, base_dir: Path, tmp_path: Path)
     finetune(TrainConfig(data=str(qa_file), out=str(out), model=str(base_dir), max_steps=2, **every_step))
     with pytest.raises(TrainingError, match="already holds files; pass --resume"):
         finetune(TrainConfig(data=str(qa_file), out=str(out), model=str(base_dir), max_steps=2, **FAST))
-    with pytest.raises(TrainingError, match=r"settings differ .* lr: 0.0002 -> 0.001"):
+    with pytest.raises(TrainingError, match=r"settings differ .* lr: auto -> 0.001"):
         finetune(TrainConfig(data=str(qa_file), out=str(out), model=str(base_dir), max_steps=4, lr=1e-3, resume=True,
                              **(FAST | {"save_every": 1})))
 

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llamaforge"
 # Lower numbers are lower layers; a module may import only from strictly lower layers (or its own package).
 LAYERS = {
     "errors": 0,
-    "config": 1,
+    "config": 1, "progress": 1,
     "model": 2, "tokenizer": 2, "sampling": 2,
     "chat": 3, "generate": 3, "lora": 3, "quantize": 3, "checkpoint": 3,
     "api": 4,

@@ -27,7 +27,7 @@ class TaskRun:
     num_fewshot: int
     docs: list[dict]
     requests: list[list[tuple[str, str]]] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str | list[dict]] = field(default_factory=list)  # text, or a dialog's messages
 
 
 def prepare(names: list[str], source: DataSource, num_fewshot: int | None = None,

@@ -25,12 +25,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from llamaforge.api import LLM
 from llamaforge.errors import LlamaforgeError
 from llamaforge.generate import pad_rows
 from llamaforge.model import KVCache, Llama
+from llamaforge.progress import ProgressBar
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
 
@@ -159,8 +159,7 @@ def loglikelihoods(model: Llama, groups: Sequence[Sequence[Scored]], batch_size:
     A group is the requests of one document; whatever prefix its requests share runs once.
     """
     results = [[0.0] * len(requests) for requests in groups]
-    with tqdm(total=sum(len(g) for g in groups), desc="loglikelihood", unit="req", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with ProgressBar(sum(len(g) for g in groups), "loglikelihood", "req", enabled=progress) as bar:
         for batch in _batches(_units(groups), batch_size):
             _score_batch(model, batch, batch_size, results)
             bar.update(sum(len(unit.requests) for unit in batch))
@@ -250,10 +249,11 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text
 
 
-def generate_until(llm: LLM, prompts: Sequence[str], stops: Sequence[str], max_new_tokens: int, batch_size: int,
-                   progress: bool = True) -> list[str]:
+def generate_until(llm: LLM, prompts: Sequence[str | list[dict]], stops: Sequence[str], max_new_tokens: int,
+                   batch_size: int, progress: bool = True) -> list[str]:
     """Greedy continuations of the prompts, cut at the first stop sequence, as lm-eval's generate_until.
 
+    A prompt is text (encoded with BOS) or a dialog, messages encoded in the chat format as `LLM.chat` does.
     A prompt longer than the context minus `max_new_tokens` loses its oldest tokens (BOS first), as in lm-eval.
     The text is `decode(new tokens)`, so it has no leading space, like lm-eval's.
     """
@@ -262,11 +262,12 @@ def generate_until(llm: LLM, prompts: Sequence[str], stops: Sequence[str], max_n
     if room < 1:
         raise LlamaforgeError(f"the task generates up to {max_new_tokens} tokens, which leaves no room for a prompt "
                               f"in the model's context of {llm.config.context_length}")
-    encoded = [tokenizer.encode(prompt, bos=True)[-room:] for prompt in prompts]
+    encoded = [(tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else llm.chat_tokens(prompt))[-room:]
+               for prompt in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(stops))
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), str(prompts[i])))
     texts = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc="generate", unit="req", disable=not progress, dynamic_ncols=True) as bar:
+    with ProgressBar(len(prompts), "generate", "req", enabled=progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             for index, result in zip(chunk, llm.generate([encoded[i] for i in chunk], params=params), strict=True):

@@ -14,6 +14,7 @@ from llamaforge.lora import DEFAULT_TARGETS
 METHODS = ("lora", "qlora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_VAL_FRACTION = 0.05
 
 
 class TrainingError(LlamaforgeError):
@@ -22,7 +23,10 @@ class TrainingError(LlamaforgeError):
 
 @dataclass
 class TrainConfig:
-    """A fine-tuning run: what to train, on what, how, and where to write it."""
+    """A fine-tuning run: what to train, on what, how, and where to write it.
+
+    None for pack, val_fraction, epochs or lr: chosen from the data and the model (`finetune.plan`).
+    """
 
     data: str
     out: str
@@ -31,14 +35,14 @@ class TrainConfig:
     tokenizer: str | None = None
     method: str = "lora"
     seq_len: int = 2048
-    pack: bool = True
+    pack: bool | None = None  # None: when packed rows still make enough steps an epoch
     on_long: str = "truncate"
-    val_fraction: float = 0.05
-    epochs: float = 1.0
+    val_fraction: float | None = None  # None: DEFAULT_VAL_FRACTION when it holds out enough records
+    epochs: float | None = None  # None: 1, more for small data
     max_steps: int | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float | None = None  # default depends on the method
+    lr: float | None = None  # None: by method (2e-4 adapters, 2e-5 full) and model width
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     schedule: str = "cosine"
@@ -58,8 +62,6 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if self.lr is None:
-            self.lr = 2e-5 if self.method == "full" else 2e-4
         if self.model is None and self.init is None:
             self.model = DEMO
         self.validate()
@@ -82,10 +84,10 @@ class TrainConfig:
         for name in ("save_every", "eval_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 (off) or more")
         need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
-        need(self.epochs > 0, "--epochs must be positive")
-        need(self.lr > 0, "--lr must be positive")
+        need(self.epochs is None or self.epochs > 0, "--epochs must be positive")
+        need(self.lr is None or self.lr > 0, "--lr must be positive")
         need(0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
-        need(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
+        need(self.val_fraction is None or 0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
         need(self.clip >= 0, "--clip must be 0 (off) or positive")
 
     def to_dict(self) -> dict:
@@ -104,5 +106,10 @@ class TrainConfig:
             if data_sha256 != saved_data_sha256:
                 changed.append(f"data: the contents of {Path(self.data).name} changed "
                                f"(sha256 {saved_data_sha256[:12]}... -> {data_sha256[:12]}...)")
-        return changed + [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in self.to_dict().items()
+        return changed + [f"{key}: {_shown(saved.get(key))} -> {_shown(value)}" for key, value in self.to_dict().items()
                           if key not in ignored and saved.get(key) != value]
+
+
+def _shown(value: object) -> str:
+    """A setting as --resume's message shows it: None is a default chosen from the data ("auto")."""
+    return "auto" if value is None else repr(value)

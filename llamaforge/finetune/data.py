@@ -261,13 +261,17 @@ def split_examples(items: list, val_fraction: float, seed: int) -> tuple[list, l
     """A deterministic (train, validation) split: the same seed and data give the same split."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"the validation fraction must be in [0, 1), got {val_fraction}")
-    n_val = round(len(items) * val_fraction)
-    if val_fraction > 0 and len(items) >= 2:
-        n_val = max(n_val, 1)
+    n_val = validation_size(len(items), val_fraction)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     val = sorted(order[:n_val])
     chosen = set(val)
     return [item for i, item in enumerate(items) if i not in chosen], [items[i] for i in val]
+
+
+def validation_size(n_items: int, val_fraction: float) -> int:
+    """How many of n items split_examples holds out: the fraction, rounded, and at least one when there are two."""
+    n_val = round(n_items * val_fraction)
+    return max(n_val, 1) if val_fraction > 0 and n_items >= 2 else n_val
 
 
 @dataclass

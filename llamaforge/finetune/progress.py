@@ -1,22 +1,21 @@
-"""What a run reports: a progress bar, metrics.jsonl, TensorBoard when installed, a loss plot at the end."""
+"""What a run reports: a progress bar (or lines, in a log), metrics.jsonl, TensorBoard when installed, a loss
+plot at the end."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from llamaforge.finetune.config import TrainingError
+from llamaforge.progress import ProgressBar
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
 class Progress:
-    """Writes one JSON line per logged step (and per validation), mirrors it to TensorBoard, draws the bar."""
+    """Writes one JSON line per logged step (and per validation), mirrors it to TensorBoard, shows progress."""
 
     def __init__(self, out: Path, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -28,8 +27,7 @@ class Progress:
         torn = keep_until(self.path, start_step)  # a resumed run rewrites the steps after its checkpoint
         if torn:
             print(f"warning: {torn}")
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=None, file=sys.stderr)
+        self.bar = ProgressBar(total_steps, "step", "step", initial=start_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -49,11 +47,10 @@ class Progress:
                     self.tensorboard.add_scalar(key, value, record["step"])
         if self.bar is not None:
             if "loss" in record:
-                self.bar.update(record["step"] - self.bar.n)
-                self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                self.bar.update(record["step"] - self.bar.n, loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}",
+                                **{"tok/s": f"{record['tokens_per_s']:,.0f}"})
             else:
-                self.bar.write(f"step {record['step']}: validation loss {record['val_loss']:.4f}")
+                self.bar.write(f"step {record['step']}: validation loss {record['val_loss']:.4g}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -31,16 +31,8 @@ from llamaforge.checkpoint.hf import read_config, save_hf_dir
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.finetune import checkpoints, distributed
 from llamaforge.finetune.config import TrainConfig, TrainingError
-from llamaforge.finetune.data import (
-    IGNORE_INDEX,
-    Row,
-    collate,
-    encode_records,
-    load_records,
-    pack_examples,
-    split_examples,
-    unpacked_rows,
-)
+from llamaforge.finetune.data import IGNORE_INDEX, Example, Row, collate, encode_records, load_records
+from llamaforge.finetune.plan import plan_run
 from llamaforge.finetune.progress import METRICS_FILE, PLOT_FILE, Progress, plot_losses, read_metrics
 from llamaforge.lora import LoraConfig, add_lora, save_adapter
 from llamaforge.model import Llama, init_weights
@@ -83,14 +75,15 @@ class Trainer:
             self._check_out_is_new()
         torch.manual_seed(config.seed)
         self.model, self.tokenizer, self.base_name = build_model(config, info.device, self.precision)
-        self.train_rows, self.val_rows, self.data_notes = build_rows(config, self.tokenizer)
+        examples, self.data_notes = encode_data(config, self.tokenizer)
         self.global_batch = config.batch_size * config.grad_accum * info.world_size
-        self.steps_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
-        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.plan = plan_run(config, examples, self.global_batch, self.model.config.dim)
+        self.train_rows, self.val_rows = self.plan.train_rows, self.plan.val_rows
+        self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         if info.enabled:
             distributed.shard(self.model)
-        self.optimizer = make_optimizer(self.model, config)
-        warmup = math.ceil(config.warmup_ratio * self.total_steps)
+        self.optimizer = make_optimizer(self.model, config.weight_decay, self.plan.lr)
+        warmup = warmup_steps(config.warmup_ratio, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, self.total_steps, config.schedule))
         self.step = 0
@@ -131,6 +124,10 @@ class Trainer:
                 print(f"warning: {note}")
             if len(self.data_notes) > 5:
                 print(f"warning: {len(self.data_notes) - 5} more rows longer than --seq-len")
+            # Flushed: when stdout is a log file, what the run will do is there before it starts.
+            print(self.plan.summary(), flush=True)
+            if self.plan.warning:
+                print(self.plan.warning, flush=True)
         progress = Progress(self.out, self.total_steps, self.step, self.info.is_main)
         result = TrainResult(self.out, self.step)
         stop = StopRequest()
@@ -211,7 +208,7 @@ class Trainer:
             last = checkpoints.latest(self.out)
             raise TrainingError(
                 f"the loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; training stopped "
-                f"before the weights were touched. Lower --lr (now {self.config.lr:g}), keep --clip at 1.0, or use "
+                f"before the weights were touched. Lower --lr (now {self.plan.lr:g}), keep --clip at 1.0, or use "
                 "--precision fp32; then --resume from the last checkpoint" + (f" ({last})" if last else ""))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -310,9 +307,9 @@ class Trainer:
             save_adapter(self.model, self.out, base_model=self.base_name, weights=weights)
         plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)
         write_manifest(self, result)
-        print(f"wrote {self.out / 'model' if method == 'full' else self.out} "
-              f"(steps {result.steps}, final train loss {result.train_losses[-1] if result.train_losses else 'n/a'}"
-              + (f", validation loss {result.val_loss:.4f})" if result.val_loss is not None else ")"))
+        final = f"{result.train_losses[-1]:.4g}" if result.train_losses else "n/a"
+        print(f"wrote {self.out / 'model' if method == 'full' else self.out} (steps {result.steps}, final train loss "
+              + final + (f", validation loss {result.val_loss:.4g})" if result.val_loss is not None else ")"))
         distributed.barrier(self.info)
 
     def _full_state(self) -> dict[str, torch.Tensor]:
@@ -403,34 +400,39 @@ def init_config(init: str, tokenizer: Tokenizer) -> ModelArgs:
     return args
 
 
-def build_rows(config: TrainConfig, tokenizer: Tokenizer) -> tuple[list[Row], list[Row], list[str]]:
-    """Train and validation rows (packed when asked), and notes on truncated or dropped records."""
+def encode_data(config: TrainConfig, tokenizer: Tokenizer) -> tuple[list[Example], list[str]]:
+    """The usable examples of the data, and notes on truncated or dropped records."""
     records = load_records(config.data)
     examples, notes = encode_records(tokenizer, records, config.seq_len, config.on_long)
     if not examples:
         raise TrainingError(f"no usable examples in {config.data} (all longer than --seq-len {config.seq_len}?)")
-    train, val = split_examples(examples, config.val_fraction, config.seed)
-    if config.pack:
-        # Shuffle before packing so a row mixes examples from across the file, the same way every run.
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        return pack_examples([train[i] for i in order], config.seq_len), unpacked_rows(val), notes
-    return unpacked_rows(train), unpacked_rows(val), notes
+    return examples, notes
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, weight_decay: float, lr: float) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on norms (1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8,
                              fused=fused or None)
 
 
+def warmup_steps(warmup_ratio: float, total: int) -> int:
+    """Warm-up length: the fraction of the planned steps, rounded down, so a run of a few steps has none."""
+    return int(warmup_ratio * total)
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """transformers' schedules: linear warm-up from 0, then cosine or linear decay to 0 (or constant)."""
+    """transformers' schedules, less their step at lr 0: a linear warm-up, then cosine or linear decay (or constant).
+
+    `step` counts from 0 for the first optimizer step. transformers' warm-up gives that step `0 / warmup`,
+    a step that trains nothing; here warm-up step s has (s + 1) / (warmup + 1), so the first trains and the
+    peak comes right after the last. The decay reaches 0 only at `total`, one step after the last.
+    """
     if step < warmup:
-        return step / max(1, warmup)
+        return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
@@ -441,7 +443,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def write_manifest(trainer: Trainer, result: TrainResult) -> None:
     """A small JSON record of what produced this output."""
-    config = trainer.config
+    config, plan = trainer.config, trainer.plan
     try:
         version = metadata.version("llamaforge")
     except metadata.PackageNotFoundError:
@@ -451,7 +453,10 @@ def write_manifest(trainer: Trainer, result: TrainResult) -> None:
         "base_model": trainer.base_name, "method": config.method,
         "data": {"source": config.data, "sha256": trainer.data_sha256,
                  "train_rows": len(trainer.train_rows), "validation_rows": len(trainer.val_rows)},
-        "hyperparameters": config.to_dict(), "steps": result.steps, "world_size": trainer.info.world_size,
+        # As they ran: the values chosen for settings left to the data (None in the settings a resume compares).
+        "hyperparameters": config.to_dict() | {"val_fraction": plan.val_fraction, "pack": plan.pack,
+                                               "epochs": plan.epochs, "lr": plan.lr},
+        "plan": plan.summary(), "steps": result.steps, "world_size": trainer.info.world_size,
         "final_train_loss": result.train_losses[-1] if result.train_losses else None,
         "final_validation_loss": result.val_loss,
         "torch": torch.__version__, "python": platform.python_version(),
