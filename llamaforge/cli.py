@@ -464,9 +464,8 @@ def _tokenizer(args: argparse.Namespace) -> Tokenizer:
 
 
 def _finetune_flags(parser: argparse.ArgumentParser) -> None:
-    from llamaforge.finetune.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
-    from llamaforge.finetune.data import ON_LONG
-    from llamaforge.lora import DEFAULT_TARGETS
+    from llamaforge.config import LINEAR_LAYERS
+    from llamaforge.finetune.config import METHODS, ON_LONG, PRECISIONS, SCHEDULES, TrainConfig
 
     defaults = TrainConfig.__dataclass_fields__
 
@@ -511,7 +510,7 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=default("lora_r"))
     parser.add_argument("--lora-alpha", type=float, default=default("lora_alpha"))
     parser.add_argument("--lora-dropout", type=float, default=default("lora_dropout"))
-    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+    parser.add_argument("--lora-targets", default=",".join(LINEAR_LAYERS),
                         help="comma-separated module names (or all-linear)")
     parser.add_argument("--save-every", type=int, default=default("save_every"), help="checkpoint every N steps")
     parser.add_argument("--keep-checkpoints", type=int, default=default("keep_checkpoints"))

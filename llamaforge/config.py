@@ -15,6 +15,9 @@ from typing import Any
 from llamaforge.errors import CheckpointError
 
 ROPE_SCALING_TYPES = ("linear", "dynamic")
+DEMO = "demo"  # the built-in model's name (llamaforge/data/demo); a local directory called demo is ./demo
+# A decoder layer's linear layers, by their HF names: what LoRA adapts unless told otherwise.
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_SCALING_EXAMPLE = '{"type": "linear", "factor": 2.0}'
 # ModelArgs field -> the config.json key it is read from, so errors speak the file's own words.
 HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",

@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llamaforge.config import LINEAR_LAYERS
 from llamaforge.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = LINEAR_LAYERS  # every linear layer of a decoder layer, as the QLoRA paper found best
 # peft adapter_config.json fields whose non-default values change the maths; refused, not ignored.
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,

@@ -207,3 +207,13 @@ def test_the_default_max_new_tokens_shrinks_to_the_room_left(tiny_model_dir: Pat
     assert len(out["token_ids"]) == 8 and out["finish_reason"] == "length"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt-ids", prompt, "--max-new-tokens", "128"]) == 2
     assert "exceed the model's context of 128" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch() -> None:
+    """`llamaforge --help` and every command's --help stay instant: torch (2-4 s to import) loads only to work."""
+    probe = ("import sys\nfrom llamaforge.cli import build_parser, main\nbuild_parser()\n"
+             "try:\n    main(['finetune', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"

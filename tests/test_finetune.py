@@ -108,6 +108,9 @@ def test_full_finetune_writes_a_model_transformers_loads(qa_file: Path, base_dir
     assert sum(a == (row["response"], "stop") for a, row in zip(answers(tuned, train_rows), train_rows,
                                                                   strict=True)) >= len(train_rows) - 1
     hf = transformers.LlamaForCausalLM.from_pretrained(out / "model").eval()
+    from llamaforge.chat import JINJA_TEMPLATE  # transformers' apply_chat_template formats chats for the model
+
+    assert json.loads((out / "model" / "tokenizer_config.json").read_text())["chat_template"] == JINJA_TEMPLATE
     probe = torch.randint(0, CONFIG.vocab_size, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(probe).logits, tuned.model(probe), atol=1e-5, rtol=0)

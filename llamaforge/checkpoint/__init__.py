@@ -19,13 +19,12 @@ import torch
 
 from llamaforge.checkpoint import gguf, hf, hub, inventory, llama2c, meta
 from llamaforge.checkpoint.keymaps import IGNORED_KEYS
-from llamaforge.config import ModelArgs
+from llamaforge.config import DEMO, ModelArgs
 from llamaforge.errors import CheckpointError, LlamaforgeError, TokenizerError
 from llamaforge.model import Llama
 from llamaforge.tokenizer import Tokenizer, find_tokenizer
 
 FORMATS = ("hf", "meta", "llama2c", "gguf")
-DEMO = "demo"  # the built-in model's name; a local directory called demo is ./demo
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / DEMO
 HELP = (
     "pass an HF directory (config.json + *.safetensors), a hub repo id like meta-llama/Llama-2-7b-chat-hf, "

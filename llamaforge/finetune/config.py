@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamaforge.checkpoint import DEMO
+from llamaforge.config import DEMO, LINEAR_LAYERS
 from llamaforge.errors import LlamaforgeError
-from llamaforge.finetune.data import ON_LONG
-from llamaforge.lora import DEFAULT_TARGETS
+
+# Light on purpose (no torch): the CLI builds its --help from these settings.
+ON_LONG = ("truncate", "drop", "error")  # what to do with an example longer than seq_len
 
 METHODS = ("lora", "qlora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -54,7 +55,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lora_targets: list[str] = field(default_factory=lambda: list(LINEAR_LAYERS))
     save_every: int = 200
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only at the end

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from llamaforge.chat import dialog_segments, validate_dialog
+from llamaforge.checkpoint.hub import offline_when_unreachable
 from llamaforge.errors import ChatFormatError, LlamaforgeError
+from llamaforge.finetune.config import ON_LONG
 from llamaforge.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch's cross_entropy default ignore_index)
@@ -37,7 +39,6 @@ class DataError(LlamaforgeError):
     """A training file or record that cannot be used, named with its line."""
 
 
-ON_LONG = ("truncate", "drop", "error")  # what to do with an example longer than seq_len
 
 
 @dataclass
@@ -125,12 +126,12 @@ def load_records(source: str | Path, split: str = "train") -> list[Record]:
     except ImportError:
         raise DataError(f"{source} is not a file; reading a hub dataset needs the datasets library: "
                         "pip install 'llamaforge[train]'") from None
-    try:
-        dataset = datasets.load_dataset(str(source), split=split)
-    except Exception as exc:  # datasets raises many types: not found, offline, gated, bad split
-        offline = " (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and it is not cached)" if (
-            datasets.config.HF_HUB_OFFLINE) else ""
-        raise DataError(f"cannot load dataset {source} split {split!r}{offline}: {exc}") from None
+    with offline_when_unreachable() as online:
+        try:
+            dataset = datasets.load_dataset(str(source), split=split)
+        except Exception as exc:  # datasets raises many types: not found, offline, gated, bad split
+            offline = "" if online else " (offline, or the hub cannot be reached, and it is not in the datasets cache)"
+            raise DataError(f"cannot load dataset {source} split {split!r}{offline}: {exc}") from None
     return _nonempty([Record(f"row {i}", row) for i, row in enumerate(dataset, start=1)], Path(str(source)))
 
 

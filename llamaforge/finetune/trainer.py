@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.api import MANIFEST, load
+from llamaforge.chat import JINJA_TEMPLATE
 from llamaforge.checkpoint.hf import read_config, save_hf_dir
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.finetune import checkpoints, distributed
@@ -302,7 +303,8 @@ class Trainer:
             return
         if method == "full":
             save_dtype = torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32
-            save_hf_dir(state, self.model.config, self.out / "model", self.tokenizer, save_dtype)
+            save_hf_dir(state, self.model.config, self.out / "model", self.tokenizer, save_dtype,
+                        chat_template=JINJA_TEMPLATE)
         else:
             save_adapter(self.model, self.out, base_model=self.base_name, weights=weights)
         plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)
