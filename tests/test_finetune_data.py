@@ -137,8 +137,13 @@ def test_dataset_directory_through_datasets(tmp_path: Path, monkeypatch: pytest.
 
 def test_bad_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line is not valid JSON \(line 2: Expecting value\)$"):
         read_records(tmp_path / "bad.jsonl")
+    lines = ['{"text": "ok"}', "not json", '{"text": "ok"}', "{", *["x"] * 12]  # 14 bad lines, all named
+    (tmp_path / "many.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"many.jsonl: 14 lines are not valid JSON \(line 2: Expecting value; "
+                                        r"line 4: Expecting property name .*; line 5: .*; and 4 more\)$"):
+        read_records(tmp_path / "many.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         read_records(tmp_path / "missing.jsonl")
     (tmp_path / "d.txt").write_text("x")

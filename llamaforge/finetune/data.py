@@ -64,13 +64,18 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        records = []
+        records, bad = [], []
         for number, line in enumerate(read_lines(path), start=1):
             if line.strip():
                 try:
                     records.append(Record(f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+                    bad.append((number, exc.msg))
+        if bad:  # all of them at once: a file is fixed in one pass, not one error at a time
+            listed = "; ".join(f"line {number}: {message}" for number, message in bad[:MAX_LISTED])
+            more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            lines = "line is" if len(bad) == 1 else f"{len(bad)} lines are"
+            raise DataError(f"{path}: {lines} not valid JSON ({listed}{more})")
         return _nonempty(records, path)
     if suffix == ".json":
         try:
@@ -92,6 +97,9 @@ def read_records(path: str | Path) -> list[Record]:
         rows = parquet.read_table(path).to_pylist()
         return _nonempty([Record(f"row {i}", row) for i, row in enumerate(rows, start=1)], path)
     raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+MAX_LISTED = 10  # bad lines named in one error
 
 
 def read_lines(path: Path) -> list[str]:
