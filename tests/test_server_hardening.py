@@ -376,3 +376,31 @@ def test_sigterm_stops_the_server_within_its_shutdown_timeout(tmp_path, tiny_tok
     # uvicorn ends by re-raising the signal it handled, as a process killed by SIGTERM would end.
     assert served.process.returncode == -signal.SIGTERM and "Application shutdown complete" in log, log
     assert "timeout graceful shutdown exceeded" in log and stopped_after < 20
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": USER, "stream": True, "max_tokens": 8}),
+    ("/v1/completions", {"prompt": "x", "stream": True, "max_tokens": 8}),
+    ("/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 8}}),
+])
+def test_a_stream_whose_client_left_before_it_started_is_cancelled(tiny_llm, path: str, body: dict) -> None:
+    """The client is gone before the first byte: the event generator never runs, the request is cancelled anyway."""
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    engine = Engine(tiny_llm, max_batch_size=1)  # not started: the request stays in the queue, where we look
+    app = create_app(tiny_llm, engine)
+    messages = iter([{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}])
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        await asyncio.sleep(0)  # a real server's send yields to the loop: the disconnect cancels the response here
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    assert len(engine.waiting) == 1 and engine.waiting[0].cancelled

@@ -65,8 +65,12 @@ class RequestStream:
                     self.metrics.generated_tokens.inc(self.generated)
                     return
         finally:
-            if not self.finished:  # the client went away or the consumer stopped: free the slot
-                self.engine.cancel(self.request)
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the request unless it finished: the client went away or the consumer stopped."""
+        if not self.finished:
+            self.engine.cancel(self.request)
 
     async def collect(self, client: Request) -> list[TokenEvent]:
         """Every event of a whole (non-streaming) answer; ClientGone, and the request cancelled, if the client

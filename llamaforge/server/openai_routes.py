@@ -15,12 +15,12 @@ from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from llamaforge.server.state import ServerState, event_stream, openai_error_body
+from llamaforge.server.state import EventStream, ServerState, openai_error_body
 
 router = APIRouter()
 
 
-def sse(payloads: AsyncIterator[dict]) -> StreamingResponse:
+def sse(payloads: AsyncIterator[dict], stream: RequestStream) -> StreamingResponse:
     """Server-sent events, one JSON object each, closed by OpenAI's `data: [DONE]`."""
 
     async def lines() -> AsyncIterator[str]:
@@ -31,7 +31,7 @@ def sse(payloads: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(openai_error_body(exc))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return event_stream(lines())
+    return EventStream(lines(), on_close=stream.close)
 
 
 def _params(server: ServerState, body: OpenAIRequest, prompt_ids: list[int], max_tokens: int | None,
@@ -104,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
             if include_usage:
                 yield {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": [], "usage": _usage(len(prompt_ids), stream.generated)}
-        return sse(chunks())
+        return sse(chunks(), stream)
 
     events = await stream.collect(request)
     text = "".join(e.text for e in events)
@@ -157,7 +157,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
             if include_usage:
                 yield {"id": completion_id, "object": "text_completion", "created": created, "model": model,
                        "choices": [], "usage": _usage(len(prompt_ids), stream.generated)}
-        return sse(chunks())
+        return sse(chunks(), stream)
 
     events = await stream.collect(request)
     text = prefix + "".join(e.text for e in events)

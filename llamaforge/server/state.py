@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
@@ -23,9 +23,19 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events, already formatted as `data: ...` lines, uncached."""
-    return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+class EventStream(StreamingResponse):
+    """Server-sent events, already formatted as `data: ...` lines, uncached; `on_close` runs however the
+    response ends, also when the client left before it started (then the lines are never iterated)."""
+
+    def __init__(self, lines: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def openai_error_body(error: BaseException | str, kind: str = "invalid_request_error",

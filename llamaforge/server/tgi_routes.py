@@ -14,7 +14,7 @@ from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import TGIRequest, TokenizeRequest
-from llamaforge.server.state import ServerState, event_stream, tgi_error_body
+from llamaforge.server.state import EventStream, ServerState, tgi_error_body
 
 router = APIRouter()
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the request gives none
@@ -75,7 +75,7 @@ async def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingRe
         except Exception as exc:  # after the 200 went out: TGI reports errors in-band
             yield f"data:{json.dumps({'error': str(exc), 'error_type': 'generation'})}\n\n"
 
-    return event_stream(lines())
+    return EventStream(lines(), on_close=stream.close)
 
 
 @router.post("/generate")
