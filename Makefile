@@ -31,7 +31,7 @@ serve: setup
 chat: setup
 	$(BIN)/llamaforge chat --model $(MODEL)
 
-# Rebuild the built-in demo model with its recipe (about 25 minutes on 2 CPU cores) and install it.
+# Rebuild the built-in demo model with its recipe (about 28 minutes on 2 CPU cores) and install it.
 demo-model: setup
 	$(BIN)/python recipes/demo/run.py --out build/demo --install
 

@@ -384,9 +384,11 @@ def test_demo_task_asks_in_the_chat_format_and_reads_the_shipped_problems(tmp_pa
         [row for row in shipped if row["skill"] == "addition" and min(row["key"]) >= 10][:3],
         [row for row in shipped if row["skill"] == "count"][:3]]
     doc = runs[0].docs[0]
-    # The prompt is the chat format's: encoding it with BOS gives the ids LLM.chat sends.
-    assert demo.tokenizer.encode(runs[0].prompts[0], bos=True) == demo.chat_tokens(
-        [{"role": "user", "content": doc["question"]}])
+    # The prompt is the dialog LLM.chat would send: the held-out exchanges, if any, then the question.
+    assert runs[0].prompts[0] == [{"role": "user", "content": doc["question"]}]
+    dialog = next(row for row in shipped if row["variant"] == "multiturn")
+    assert prepare([f"demo_{dialog['skill']}_multiturn"], DataSource(None), limit=1)[0].prompts[0] == [
+        *dialog["history"], {"role": "user", "content": dialog["question"]}]
 
     # A --data-dir with a demo/ folder replaces the shipped problems; one without it does not.
     (tmp_path / "demo").mkdir()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 
-from llamaforge.chat import dialog_segments
 from llamaforge.checkpoint import DEMO_DIR
 from llamaforge.errors import LlamaforgeError
 from llamaforge.eval.data import Dataset
@@ -71,8 +70,8 @@ class GenerateTask(Task):
     until: tuple[str, ...] = ()
     max_new_tokens = 256  # lm-eval's HF backend default
 
-    def prompt(self, doc: dict, prefix: str) -> str:
-        """The text the model continues."""
+    def prompt(self, doc: dict, prefix: str) -> str | list[dict]:
+        """The text the model continues, or a dialog's messages for it to answer in the chat format."""
         raise NotImplementedError
 
 
@@ -287,58 +286,74 @@ class GSM8K(GenerateTask):
 
 
 # The demo model's skills, each scored on the held-out problems recipes/demo/run.py wrote beside the model.
-DEMO_SKILLS = ("addition", "subtraction", "compare", "convert", "reverse", "spell", "count")
-TWO_DIGIT_SKILLS = ("addition", "subtraction")  # also scored on the problems whose operands both have two digits
+DEMO_SKILLS = ("addition", "subtraction", "compare", "convert", "reverse", "spell", "count", "out_of_scope")
+# How a problem is asked: as the only question; as the last question of a dialog whose earlier exchanges
+# (of any skill) are answered correctly; rephrased as people type ("47+38", lower case, no "?").
+DEMO_VARIANTS = ("single", "multiturn", "phrasing")
+DIGIT_SKILLS = ("addition", "subtraction")  # also scored by the digits of their operands
 
 
 class DemoSkill(GenerateTask):
     """One skill of the built-in demo model: its held-out problems asked in the chat format, answered greedily.
 
     A problem counts when the answer, stripped, is exactly the expected text; the model must also stop
-    (EOS), since anything it adds makes the text differ.
+    (EOS), since anything it adds makes the text differ. `digits` keeps the problems whose operands both
+    have two digits (2), or those with a one-digit operand (1).
     """
 
-    dataset = Dataset("demo", None, None, ("skill", "question", "answer", "key"), bundled=DEMO_DIR / "heldout.jsonl")
+    dataset = Dataset("demo", None, None, ("skill", "variant", "question", "answer", "key", "history"),
+                      bundled=DEMO_DIR / "heldout.jsonl")
     eval_split, fewshot_split, num_fewshot = "test", None, 0
     metrics = ("exact_match",)
     primary = "exact_match"
     max_new_tokens = 96  # the longest answer (counting out a long word) is about 60 tokens
 
-    def __init__(self, skill: str, two_digit: bool = False) -> None:
+    def __init__(self, skill: str, variant: str = "single", digits: int | None = None) -> None:
         self.skill = skill
-        self.two_digit = two_digit
-        self.name = f"demo_{skill}" + ("_2digit" if two_digit else "")
+        self.variant = variant
+        self.digits = digits
+        self.name = f"demo_{skill}" + ("" if variant == "single" else f"_{variant}") + (
+            f"_{digits}digit" if digits else "")
 
     def keep(self, row: dict) -> bool:
-        return row["skill"] == self.skill and (not self.two_digit or min(row["key"]) >= 10)
+        if row["skill"] != self.skill or row["variant"] != self.variant:
+            return False
+        return self.digits is None or (min(row["key"]) >= 10) == (self.digits == 2)
 
     def example(self, doc: dict) -> tuple[str, str]:
         return doc["question"], doc["answer"]
 
-    def prompt(self, doc: dict, prefix: str) -> str:
-        # The chat format's text for one user turn; encoding it with BOS gives the ids `LLM.chat` sends.
-        return prefix + dialog_segments([{"role": "user", "content": doc["question"]}])[-1].text
+    def prompt(self, doc: dict, prefix: str) -> list[dict]:
+        # The dialog itself, encoded as `LLM.chat` encodes it: earlier exchanges end in EOS and the next starts
+        # with BOS, ids that no text prompt can carry. The task is zero-shot, so there is no prefix.
+        return [*doc["history"], {"role": "user", "content": doc["question"]}]
 
     def score(self, doc: dict, results: list[str]) -> dict[str, float]:
         return {"exact_match": float(results[0].strip() == doc["answer"])}
 
 
-DEMO_TASKS = {f"demo_{skill}": (skill, False) for skill in DEMO_SKILLS} | {
-    f"demo_{skill}_2digit": (skill, True) for skill in TWO_DIGIT_SKILLS}
+DEMO_TASKS = {DemoSkill(skill, variant).name: (skill, variant, None) for variant in DEMO_VARIANTS
+              for skill in DEMO_SKILLS} | {
+    DemoSkill(skill, "single", digits).name: (skill, "single", digits) for skill in DIGIT_SKILLS for digits in (2, 1)}
 SINGLE_TASKS: dict[str, type[Task]] = {task.name: task for task in (ArcChallenge, HellaSwag, TruthfulQAMC2,
                                                                       Winogrande, GSM8K)}
 # Groups report the size-weighted mean of their members (lm-eval's weight_by_size).
 GROUPS: dict[str, list[str]] = {
     "mmlu": [f"mmlu_{category}" for category in MMLU_SUBJECTS],
     **{f"mmlu_{category}": [f"mmlu_{s}" for s in names.split()] for category, names in MMLU_SUBJECTS.items()},
+    # `llamaforge eval` with no flags: the demo model's single questions (a few seconds); the other variants
+    # are groups of their own.
     "demo": [f"demo_{skill}" for skill in DEMO_SKILLS],
+    "demo_multiturn": [f"demo_{skill}_multiturn" for skill in DEMO_SKILLS],
+    "demo_phrasing": [f"demo_{skill}_phrasing" for skill in DEMO_SKILLS],
 }
 PRESETS = {"leaderboard": ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k"]}
 
 
 def known_tasks() -> str:
-    return ", ".join([*SINGLE_TASKS, "mmlu", "mmlu_<category>", "mmlu_<subject>", "demo", "demo_<skill>",
-                      "demo_<skill>_2digit"])
+    return ", ".join([*SINGLE_TASKS, "mmlu", "mmlu_<category>", "mmlu_<subject>", "demo", "demo_multiturn",
+                      "demo_phrasing", "demo_<skill>", "demo_<skill>_multiturn", "demo_<skill>_phrasing",
+                      "demo_<skill>_2digit", "demo_<skill>_1digit"])
 
 
 def make_task(name: str) -> Task:
