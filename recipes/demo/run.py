@@ -107,13 +107,13 @@ def fill_rows(sizes: list[int], row_len: int) -> list[list[int]]:
 def write_dialogs(out: Path, problems: list[dict], tokenizer_path: Path) -> Path:
     """The training dialogs: the problems one a turn, in rows of CHAT_LEN tokens (fill_rows), a few with a system
     prompt, so that one typed in the playground does not throw the model off."""
-    from llamaforge.chat import dialog_segments
+    from llamaforge.finetune.data import encode_chat
     from llamaforge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_path)
-    turns = [sum(len(tokenizer.encode(segment.text)) + 2 for segment in dialog_segments(  # BOS and EOS
-        [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}], answered=True))
-        for p in problems]
+    # Each exchange's length as the trainer encodes it (BOS, the turn, the answer, EOS).
+    turns = [len(encode_chat(tokenizer, [{"role": "user", "content": p["question"]},
+                                         {"role": "assistant", "content": p["answer"]}]).input_ids) for p in problems]
     rng = random.Random(TRAIN_SEED)
     dialogs = []
     for group in fill_rows(turns, CHAT_LEN):
