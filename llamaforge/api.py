@@ -17,7 +17,7 @@ from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
 from llamaforge.generate import Generation, collect, fit_prompt, generate_events
 from llamaforge.lora import AdapterError, load_adapter, merge_lora
 from llamaforge.model import Llama
-from llamaforge.quantize import quantize_linears_nf4
+from llamaforge.quantize import MODES, parse_mode, quantize_linears_nf4, quantize_model
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
 
@@ -50,11 +50,11 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.dtype
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -142,20 +142,33 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
-         adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto") -> LLM:
+         adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto",
+         group_size: int | None = None) -> LLM:
     """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin; with no source
     (or "demo"), the small demo chat model built into the package, which needs no download.
 
     `adapter` (a peft LoRA directory or hub id) is put on the model and, unless `merge_adapter` is
     False, folded into its weights so generation costs what the base model costs.
-    `quantize="nf4"` stores the linear layers in 4 bits; "auto" does so only for an adapter that
-    llamaforge trained with QLoRA, whose base was 4-bit in training (merging then dequantizes first,
-    so the merged weights are exactly the ones the adapter was trained against).
+    `quantize="int8"` or `"int4"` stores the linear layers as integer codes for fast inference (int4 in groups
+    of `group_size` weights, default 32; int8 per output row unless `group_size` is given), after any adapter
+    is merged. `quantize="nf4"` stores them in QLoRA's 4-bit NormalFloat; "auto" does so only for an adapter
+    that llamaforge trained with QLoRA, whose base was 4-bit in training (merging then dequantizes first, so
+    the merged weights are exactly the ones the adapter was trained against).
     """
     source = DEMO if source is None else source
     # Settings and the adapter are checked first: a mistake there should not cost loading the weights.
-    if quantize not in ("auto", None, "none", "nf4"):
-        raise CheckpointError(f"quantize={quantize!r}: use 'nf4' (4-bit NormalFloat), 'auto' or None")
+    if quantize not in ("auto", None, "none", "nf4", *MODES):
+        raise CheckpointError(f"quantize={quantize!r}: use 'int8', 'int4', 'nf4' (QLoRA's 4-bit NormalFloat), "
+                              "'auto' or None")
+    if group_size is not None and quantize not in MODES:
+        raise CheckpointError(f"group_size={group_size} applies to quantize='int8' or 'int4', not {quantize!r}")
+    if quantize in MODES:
+        try:
+            parse_mode(quantize, group_size)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        if adapter is not None and not merge_adapter:
+            raise CheckpointError(f"quantize={quantize!r} stores the merged weights; drop merge_adapter=False")
     adapter_path = None
     if adapter is not None:
         if not Path(adapter).expanduser().exists() and not looks_like_repo_id(str(adapter)):
@@ -172,6 +185,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         if merge_adapter:
             merge_lora(checkpoint.model)
         checkpoint.model.eval()
+    if quantize in MODES:
+        quantize_model(checkpoint.model, quantize, group_size)
     return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format)
 
 

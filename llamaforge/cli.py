@@ -40,7 +40,11 @@ def _adapter_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantize", choices=["nf4"], help="store the linear layers in 4 bits (NF4) after loading")
+    parser.add_argument("--quantize", choices=["int8", "int4", "nf4"],
+                        help="store the linear layers quantized after loading: int8 or int4 for fast CPU inference "
+                        "(docs/benchmarks.md), nf4 as QLoRA trains")
+    parser.add_argument("--group-size", type=int, help="weights per scale for int4 (32 default, 64, 128) or int8 "
+                        "(default: one scale per row)")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -70,7 +74,8 @@ def _load(args: argparse.Namespace):
     from llamaforge.api import load
 
     return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-                adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None) or "auto")
+                adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None) or "auto",
+                group_size=getattr(args, "group_size", None))
 
 
 def _print_json(payload: dict) -> None:
@@ -538,12 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--logprobs", action="store_true", help="report each token's log-probability (--json)")
     _model_flags(generate)
     _adapter_flag(generate)
+    _quantize_flag(generate)
     _sampling_flags(generate, max_new_tokens=128)
 
     chat = add("chat", cmd_chat)
     chat.add_argument("--system", help="system prompt")
     _model_flags(chat)
     _adapter_flag(chat)
+    _quantize_flag(chat)
     _sampling_flags(chat, max_new_tokens=512)
 
     template = add("template", cmd_template)
@@ -556,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve)
     _model_flags(serve)
     _adapter_flag(serve)
+    _quantize_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")

@@ -181,7 +181,7 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
     With `prompt_as_context`, each row's text is what follows its prompt's text (a leading space kept);
     without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it.
     """
-    device = model.lm_head.weight.device
+    device = model.device
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     sequences = [SequenceState(prompt, p, tokenizer, eos_id, device, prompt_as_context)
                  for prompt, p in zip(prompts, params, strict=True)]

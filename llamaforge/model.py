@@ -200,6 +200,16 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the embedding's device: every layer shares it)."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the embedding's: linear layers may be stored quantized)."""
+        return self.model.embed_tokens.weight.dtype
+
     def compile_layers(self, **options) -> Llama:
         """torch.compile each decoder layer in place (one graph reused by all layers: they share code and shapes).
 
@@ -212,10 +222,9 @@ class Llama(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
         """Allocate one cache per layer on the model's device and dtype."""
-        weight = self.lm_head.weight
         return [
-            KVCache.allocate(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim, weight.dtype,
-                             weight.device)
+            KVCache.allocate(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim, self.dtype,
+                             self.device)
             for _ in self.model.layers
         ]
 

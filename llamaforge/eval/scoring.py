@@ -177,7 +177,7 @@ class _Rest(NamedTuple):
 
 @torch.inference_mode()
 def _score_batch(model: Llama, units: list[_Unit], batch_size: int, results: list[list[float]]) -> None:
-    device = model.lm_head.weight.device
+    device = model.device
     # Each unit's requests continue after its prefix; the cache holds the longest prefix plus the longest rest.
     rest = max(len(r.tokens) - u.prefix for u in units for r in u.requests)
     cache = model.new_kv_cache(len(units), max(u.prefix for u in units) + rest)
@@ -210,7 +210,7 @@ def _score_batch(model: Llama, units: list[_Unit], batch_size: int, results: lis
 
 def _run_root(model: Llama, root: list[int], cache: list[KVCache]) -> None:
     """Run the tokens every row starts with in row 0 of the cache, then copy their keys and values to every row."""
-    device = model.lm_head.weight.device
+    device = model.device
     tokens = torch.tensor([root], device=device)  # (1, R)
     input_pos = torch.arange(len(root), device=device)[None]  # (1, R)
     model(tokens, input_pos, [layer.rows(0, 1) for layer in cache], logits_at=torch.tensor([0], device=device))
@@ -221,7 +221,7 @@ def _run_root(model: Llama, root: list[int], cache: list[KVCache]) -> None:
 
 def _score_rest(model: Llama, cache: list[KVCache], rests: list[_Rest], results: list[list[float]]) -> None:
     """Run each request's tokens after its prefix on a copy of the prefix's cache; add its scored log-probs."""
-    device = model.lm_head.weight.device
+    device = model.device
     rows = torch.tensor([r.row for r in rests], device=device)
     copies = [KVCache(layer.k.index_select(0, rows), layer.v.index_select(0, rows)) for layer in cache]
     tokens = pad_rows([r.request.tokens[r.unit.prefix:] for r in rests], device)  # (N, S)

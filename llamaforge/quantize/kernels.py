@@ -1,0 +1,161 @@
+"""The int8 / int4 linear kernels: `qlinear.c` built for this CPU on first use, or plain torch where it cannot be.
+
+The C kernel needs x86-64 with AVX-512 (F, BW, VL, VNNI) and a C compiler; it is compiled once per source
+and compiler into llamaforge's cache folder (`$XDG_CACHE_HOME/llamaforge/kernels`, else `~/.cache/...`) and
+loaded with ctypes, which releases the GIL while it runs. Anywhere else, and with LLAMAFORGE_KERNELS=0, the
+weight is dequantized and multiplied in torch: the same weights, slower, with unquantized activations.
+
+`qlinear_reference` is the kernel's arithmetic written in torch (activations quantized to int8 in blocks
+of 32, integer dot products, then the scales), which the tests hold the compiled kernel to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llamaforge.quantize.formats import QuantizedWeight, dequantize_weight, padded_width, unpack_codes
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qlinear.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                 "-mf16c", "-mfma")
+ACTIVATION_BLOCK = 32
+_INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamaforge" / "kernels"
+
+
+def missing_cpu_flags() -> list[str]:
+    """The instruction sets the kernel needs that this CPU lacks (all of them off x86-64 Linux)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return list(CPU_FLAGS)
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return list(CPU_FLAGS)
+    present = set(flags.split(":", 1)[1].split())
+    return [flag for flag in CPU_FLAGS if flag not in present]
+
+
+def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
+    """Compile `source` into a shared library (once: the name hashes the source, flags and compiler); its path.
+
+    Raises RuntimeError with the compiler's message when there is no compiler or it fails.
+    """
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(source.read_bytes() + " ".join(COMPILE_FLAGS).encode() + version.encode()).hexdigest()
+    directory = directory or cache_dir()
+    library = directory / f"{source.stem}-{digest[:16]}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: processes that build at once never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        partial = Path(scratch) / library.name
+        result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(partial), str(source)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} could not build {source.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, library)
+    return library
+
+
+@cache
+def native() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (the reason logged once) where it cannot run."""
+    if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0":
+        return None
+    missing = missing_cpu_flags()
+    if missing:
+        log.info("int8/int4 layers use the torch fallback: this CPU lacks %s", ", ".join(missing))
+        return None
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as exc:
+        log.warning("int8/int4 layers use the slower torch fallback: %s", exc)
+        return None
+    library.qlinear.argtypes = [_PTR, _PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int,
+                                ctypes.c_int]
+    library.qlinear.restype = ctypes.c_int
+    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
+    library.dequantize.restype = None
+    return library
+
+
+def kernel_runs(x: torch.Tensor) -> bool:
+    """Whether the compiled kernel takes this activation (on the CPU, float32 or bfloat16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and native() is not None
+
+
+def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+    """x (M, K) @ W.T with the compiled kernel: (M, N) in x's dtype. Call only where `kernel_runs(x)`."""
+    x = x.contiguous()
+    M, K = x.shape
+    y = torch.empty(M, q.out_features, dtype=x.dtype)
+    status = native().qlinear(x.data_ptr(), q.codes.data_ptr(), q.scales.data_ptr(), y.data_ptr(), M,
+                              q.out_features, K, q.bits, q.group_size, x.dtype == torch.bfloat16,
+                              torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"the int{q.bits} kernel could not allocate room for {M} x {K} activations")
+    return y
+
+
+def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight in `dtype`: the compiled kernel's threaded loop where it runs, else torch."""
+    library = native()
+    if library is None or dtype not in (torch.float32, torch.bfloat16) or q.codes.device.type != "cpu":
+        return dequantize_weight(q, dtype)
+    out = torch.empty(q.out_features, q.in_features, dtype=dtype)
+    library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
+                       q.bits, q.group_size, dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+def fallback_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+    """x @ W.T with W dequantized to x's dtype: any device, any row count."""
+    return F.linear(x, dequantize(q, x.dtype).to(x.device))
+
+
+def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) as the kernel quantizes it: int8 values (M, Kp) and float32 scales (M, Kp / 32)."""
+    M, K = x.shape
+    blocks = F.pad(x.float(), (0, padded_width(K) - K)).view(M, -1, ACTIVATION_BLOCK)
+    scales = blocks.abs().amax(dim=-1) / 127
+    inverse = torch.where(scales != 0, 1 / scales, torch.zeros_like(scales))
+    values = (blocks * inverse[..., None]).round()  # round half to even, as the kernel's conversion does
+    return values.view(M, -1), scales
+
+
+def qlinear_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+    """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32."""
+    values, x_scales = quantize_activations_reference(x)  # (M, Kp), (M, Kp / 32)
+    K = q.in_features
+    weights = unpack_codes(q).double()  # (N, K)
+    blocks = padded_width(K) // ACTIVATION_BLOCK
+    w_blocks = F.pad(weights, (0, padded_width(K) - K)).view(q.out_features, blocks, ACTIVATION_BLOCK)
+    x_blocks = values.double().view(x.shape[0], blocks, ACTIVATION_BLOCK)
+    dots = torch.einsum("mbk,nbk->mnb", x_blocks, w_blocks)  # (M, N, blocks): exact integers
+    group_of_block = (torch.arange(blocks) * ACTIVATION_BLOCK // q.group_size).clamp(max=q.scales.shape[1] - 1)
+    w_scales = q.scales.double()[:, group_of_block]  # (N, blocks)
+    return (dots * x_scales.double()[:, None, :] * w_scales[None]).sum(-1).float()
+

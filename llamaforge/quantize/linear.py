@@ -1,0 +1,110 @@
+"""`QuantizedLinear`, an int8 / int4 linear layer, and `quantize_model`, which puts them into a Llama in place.
+
+A few tokens per sequence (decoding: one) go through the compiled kernel, which reads each weight byte once.
+Many (a prompt's prefill) are compute-bound, not memory-bound: there the weight is dequantized to the
+activations' dtype, one layer at a time, and multiplied by torch's own GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from llamaforge.quantize import kernels
+from llamaforge.quantize.formats import QuantizedWeight, check_scheme, quantize_weight
+
+# Up to this many tokens per sequence the kernel runs (decoding, short prompts); above, dequantize + GEMM, which
+# a 5632 x 2048 layer measured faster from 16 rows on (docs/benchmarks.md). The choice looks at each sequence's
+# own token count, not at the batch, so a sequence's numbers never depend on what it is batched with.
+KERNEL_MAX_TOKENS = 16
+MODES = {"int8": 8, "int4": 4}
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen, bias-free linear layer whose weight is stored as int8 or int4 codes with float16 scales."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.bits, self.group_size = weight.bits, weight.group_size
+        # Buffers: `.to(device)` moves them, `state_dict` saves them, optimizers skip them.
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantizedLinear:
+        """Quantize a bias-free `nn.Linear`'s weight."""
+        if linear.bias is not None:
+            raise ValueError(f"QuantizedLinear has no bias; cannot quantize {linear} (Llama's linears have none)")
+        return cls(quantize_weight(linear.weight, bits, group_size))
+
+    @property
+    def weight_q(self) -> QuantizedWeight:
+        """The quantized weight, viewing this module's buffers."""
+        return QuantizedWeight(self.codes, self.scales, self.bits, self.group_size, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out_features, in_features) weight."""
+        return kernels.dequantize(self.weight_q, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[-2] if x.dim() > 2 else 1  # x is (..., T, K) in the model, (M, K) for a bare call
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if tokens <= KERNEL_MAX_TOKENS and kernels.kernel_runs(rows):
+            out = kernels.qlinear(rows, self.weight_q)
+        else:
+            out = kernels.fallback_linear(rows, self.weight_q)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
+        # `Module.to(dtype)` would cast the float16 scales along with the model; keep them (device moves only).
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}")
+
+
+def parse_mode(mode: str, group_size: int | None = None) -> int:
+    """The bit width of "int8" / "int4", after checking the group size suits it; ValueError naming the fix."""
+    if mode not in MODES:
+        raise ValueError(f"quantize mode {mode!r} is not one of {', '.join(MODES)}")
+    check_scheme(MODES[mode], group_size)
+    return MODES[mode]
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int | None = None) -> nn.Module:
+    """Replace, in place, every nn.Linear of `model` by a QuantizedLinear ("int8" or "int4").
+
+    int8 uses one scale per output row unless `group_size` is given; int4 groups of `group_size` (default 32,
+    llama.cpp's Q4_0). In int4 the output projection `lm_head` is stored in int8, as llama.cpp keeps its
+    output tensor at 6 bits or more: it decides every token, and is a small part of a 7B model's bytes.
+    """
+    bits = parse_mode(mode, group_size)
+    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in targets:
+        linear = model.get_submodule(name)
+        head = name == "lm_head" or name.endswith(".lm_head")
+        # One layer at a time: each dense weight is freed once its codes exist, so the peak stays one layer.
+        quantized = (QuantizedLinear.from_linear(linear, 8, None) if head and bits == 4
+                     else QuantizedLinear.from_linear(linear, bits, group_size))
+        model.set_submodule(name, quantized)
+    return model
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of every linear layer's weight, quantized or dense (what one decode step reads)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.codes.nbytes + module.scales.nbytes
+        elif isinstance(module, nn.Linear):
+            total += module.weight.nbytes
+    return total
+
