@@ -1,32 +1,49 @@
-"""Batch-1 greedy prefill and decode throughput: llamaforge against HF transformers on the same weights.
+"""Batch-1 greedy prefill and decode throughput: llamaforge against llama.cpp and HF transformers, same weights.
 
-Both models hold the same random weights (HF's parameters are llamaforge's tensors, assigned, so memory
-is not doubled) and decode the same fixed random prompt greedily for exactly `--new-tokens` tokens.
+One random-weight model (TinyLlama-1.1B's shape by default) runs in each mode side by side with what a user
+would run instead:
 
-- prefill: time to first token (prompt forward + first greedy pick), reported as prompt tokens/s.
-- decode: seconds per further token, from the first new token to the last; llamaforge's from
-  `generate_events` timings, HF's from when its `generate` hands each token to a streamer.
-- decode GB/s: model bytes x decode tokens/s, the weight bandwidth a memory-bound decode needs (as gpt-fast
-  reports it).
+| mode | llamaforge | llama.cpp (llama-cpp-python) | HF transformers |
+| --- | --- | --- | --- |
+| fp32 | float32 | F32 GGUF | float32 |
+| bf16 | bfloat16 | F16 GGUF | bfloat16 |
+| int8 | `load(quantize="int8")` | Q8_0 GGUF | - |
+| int4 | `load(quantize="int4")` | Q4_0 GGUF | - |
 
-Each case gets a warm-up run, then `--repeats` measured runs, llamaforge and HF alternating; medians are
-reported. Greedy tokens of the two implementations are compared for every dtype (fp32 must match; bf16
-may drift on near-ties).
+The GGUF files are written by llamaforge's exporter (F32, F16) and quantized from the F16 file by llama.cpp's
+own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K).
+llama-cpp-python lives in its own venv (`../shared/tools/llamacpp-venv.sh DIR` builds one); pass its Python with
+`--llamacpp-python`, or it is looked for in $LLAMACPP_PYTHON and .venv-llamacpp/. Without it, the llama.cpp
+column is skipped and says so. HF runs in this process on llamaforge's own tensors (assigned, not copied).
 
-    python benchmarks/decode.py                                   # TinyLlama-1.1B shape, fp32 and bf16
-    python benchmarks/decode.py --preset tiny --repeats 1 --json  # smoke test, a few seconds
+- prefill tok/s: prompt tokens / time to the first new token.
+- decode tok/s: 1 / seconds per later token, from the first new token to the last.
+- decode GB/s: bytes of the linear layers' weights x decode tok/s, the weight bandwidth decoding implies.
+- tokens agree: how many leading greedy tokens equal llamaforge's (random weights have near-ties, so lower-bit
+  modes drift apart sooner; fp32 against HF must agree throughout).
+
+Each case gets a warm-up run per implementation, then `--repeats` rounds that alternate the implementations so
+drift on the machine hits all alike; medians are reported with every run in the JSON.
+
+    python benchmarks/decode.py --llamacpp-python .venv-llamacpp/bin/python         # all four modes
+    python benchmarks/decode.py --preset tiny --repeats 1 --modes fp32,int4 --json  # smoke test, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -34,50 +51,63 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.generate import generate_events
 from llamaforge.model import Llama, init_weights
+from llamaforge.quantize import linear_bytes, quantize_model
 from llamaforge.sampling import SamplingParams
+from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 Run = Callable[[], tuple[float, float, list[int]]]  # () -> (prefill s, decode s per token, generated ids)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "f16"),
+         "int8": (torch.bfloat16, "int8", "q8_0"), "int4": (torch.bfloat16, "int4", "q4_0")}
+WORKER = Path(__file__).with_name("llamacpp_worker.py")
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class Measurement:
-    """Medians over the repeats for one implementation in one dtype."""
+    """Medians over the repeats for one implementation in one mode."""
 
     prefill_s: float
     decode_s_per_token: float
     tokens: list[int]
     runs: list[tuple[float, float]]  # (prefill s, decode s per token) of every measured run
 
-    def prefill_tok_s(self, prompt_len: int) -> float:
-        return prompt_len / self.prefill_s
-
-    def decode_tok_s(self) -> float:
-        return 1.0 / self.decode_s_per_token
+    def row(self, prompt_len: int, weight_bytes: int) -> dict:
+        tok_s = 1.0 / self.decode_s_per_token
+        return {"prefill_s": self.prefill_s, "prefill_tok_s": prompt_len / self.prefill_s,
+                "decode_ms_per_token": self.decode_s_per_token * 1e3, "decode_tok_s": tok_s,
+                "decode_gb_s": weight_bytes * tok_s / 1e9, "tokens": self.tokens,
+                "runs": [{"prefill_s": p, "decode_s_per_token": d} for p, d in self.runs]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS), help="model shape")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, from " + ", ".join(DTYPES))
+    parser.add_argument("--modes", default="fp32,bf16,int8,int4", help="comma-separated, from " + ", ".join(MODES))
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (>= 2)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (>= 2)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per case; the median is reported")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every implementation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    parser.add_argument("--llamacpp-python", help="Python of a venv with llama-cpp-python (default: "
+                        "$LLAMACPP_PYTHON, else .venv-llamacpp/bin/python if it exists)")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers (fp32 and bf16 only anyway)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = [d for d in args.dtypes if d not in DTYPES]
-    if unknown or not args.dtypes:
-        parser.error(f"--dtypes takes names from {', '.join(DTYPES)}, got {unknown or 'none'}")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes takes names from {', '.join(MODES)}, got {unknown or 'none'}")
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
         parser.error("--new-tokens must be >= 2, --prompt-len and --repeats >= 1")
     if args.prompt_len + args.new_tokens > PRESETS[args.preset].max_seq_len:
         parser.error(f"--prompt-len + --new-tokens exceeds {args.preset}'s {PRESETS[args.preset].max_seq_len} tokens")
+    if args.llamacpp_python is None:
+        default = os.environ.get("LLAMACPP_PYTHON") or REPOSITORY / ".venv-llamacpp" / "bin" / "python"
+        args.llamacpp_python = str(default) if Path(default).exists() else None
     return args
 
 
@@ -132,15 +162,15 @@ def run_hf(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int) ->
     return first - started, (last - first) / (new_tokens - 1), output[0, input_ids.shape[1]:].tolist()
 
 
-def measure_pair(ours: Run, theirs: Run, repeats: int) -> tuple[Measurement, Measurement]:
-    """Warm both up, then alternate them `repeats` times (so drift in the machine hits both alike); medians."""
-    ours()
-    theirs()
-    ours_results, their_results = [], []
+def measure(runs: dict[str, Run], repeats: int) -> dict[str, Measurement]:
+    """Warm every implementation up, then alternate them `repeats` times; medians per implementation."""
+    for run in runs.values():
+        run()
+    results: dict[str, list] = {name: [] for name in runs}
     for _ in range(repeats):
-        ours_results.append(ours())
-        their_results.append(theirs())
-    return median(ours_results), median(their_results)
+        for name, run in runs.items():
+            results[name].append(run())
+    return {name: median(r) for name, r in results.items()}
 
 
 def median(results: list[tuple[float, float, list[int]]]) -> Measurement:
@@ -149,80 +179,168 @@ def median(results: list[tuple[float, float, list[int]]]) -> Measurement:
                        results[0][2], [(r[0], r[1]) for r in results])
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many tokens the two greedy sequences share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def compare(ours: Llama, prompt_ids: torch.Tensor, args: argparse.Namespace, name: str) -> dict:
-    """Measure llamaforge and its HF twin in ours' current dtype; a JSON-ready row."""
-    hf_model = hf_twin(ours)
-    prompt = prompt_ids[0].tolist()
-    log(f"{name}: llamaforge and HF transformers, a warm-up and {args.repeats} alternating runs each")
-    mine, theirs = measure_pair(lambda: run_ours(ours, prompt, args.new_tokens),
-                                lambda: run_hf(hf_model, prompt_ids, args.new_tokens), args.repeats)
-    size = model_bytes(ours)
-    row = {"dtype": name, "model_bytes": size, "tokens_match": mine.tokens == theirs.tokens,
-           "hf_attn_implementation": hf_model.config._attn_implementation}
-    for label, m in (("llamaforge", mine), ("hf", theirs)):
-        row[label] = {
-            "prefill_s": m.prefill_s,
-            "prefill_tok_s": m.prefill_tok_s(args.prompt_len),
-            "decode_ms_per_token": m.decode_s_per_token * 1e3,
-            "decode_tok_s": m.decode_tok_s(),
-            "decode_gb_s": size * m.decode_tok_s() / 1e9,
-            "tokens": m.tokens,
-            "runs": [{"prefill_s": p, "decode_s_per_token": d} for p, d in m.runs],
-        }
-    row["ratio"] = {key: row["llamaforge"][key] / row["hf"][key] for key in ("prefill_tok_s", "decode_tok_s")}
+class LlamaCpp:
+    """llama.cpp in a worker process of the llama-cpp-python venv (benchmarks/llamacpp_worker.py)."""
+
+    def __init__(self, python: str) -> None:
+        # llama.cpp logs every tensor it quantizes to stderr; errors come back in the answers instead.
+        self.process = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)
+        self.version = None
+
+    def ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the llama.cpp worker exited; run it by hand to see why: "
+                               f"{self.process.args[0]} {WORKER}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"llama.cpp: {answer['error']}")
+        return answer
+
+    def load(self, path: Path, threads: int, context: int) -> None:
+        self.version = self.ask(op="load", path=str(path), threads=threads, context=context)["version"]
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+        answer = self.ask(op="run", prompt=prompt, new_tokens=new_tokens)
+        return answer["prefill_s"], answer["decode_s_per_token"], answer["tokens"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def synthetic_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    """A SentencePiece vocabulary of `vocab_size` pieces (the prompts are ids, so any vocabulary of the model's
+    size will do for the GGUF files): control pieces, the 256 byte pieces, then made-up words."""
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+    pieces += [(f"<0x{byte:02X}>", 0.0, 6) for byte in range(256)]
+    pieces += [(f"\u2581w{i}", -float(i), 1) for i in range(vocab_size - len(pieces))]
+    path.write_bytes(sentencepiece_proto(pieces))
+    return Tokenizer(path)
+
+
+def gguf_files(model: Llama, modes: list[str], workdir: Path, llamacpp: LlamaCpp) -> dict[str, Path]:
+    """The model as a GGUF per mode: F32 / F16 from llamaforge's exporter, Q8_0 / Q4_0 from llama.cpp's quantizer."""
+    tokenizer = synthetic_tokenizer(workdir / "tokenizer.model", model.config.vocab_size)
+    state = model.state_dict()
+    files = {}
+    f16 = None
+    for mode in modes:
+        kind = MODES[mode][2]
+        if kind in ("f32", "f16"):
+            files[mode] = write_gguf(state, model.config, tokenizer, workdir / f"model-{kind}.gguf", kind)
+    if any(MODES[m][2].startswith("q") for m in modes):
+        f16 = files.get("bf16") or write_gguf(state, model.config, tokenizer, workdir / "model-f16.gguf", "f16")
+    for mode in modes:
+        kind = MODES[mode][2]
+        if kind.startswith("q"):
+            log(f"llama.cpp quantizes the F16 file to {kind.upper()}")
+            files[mode] = Path(llamacpp.ask(op="quantize", source=str(f16), out=str(workdir / f"model-{kind}.gguf"),
+                                            kind=kind)["path"])
+    return files
+
+
+def model_in_mode(base: Llama, mode: str) -> Llama:
+    """The benchmark model in `mode`: cast, or a quantized copy of the bfloat16 weights."""
+    dtype, quantize, _ = MODES[mode]
+    if quantize is None:
+        return base.to(dtype)
+    return quantize_model(copy.deepcopy(base.to(dtype)), quantize)
+
+
+def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace, llamacpp: LlamaCpp | None,
+            gguf: dict[str, Path]) -> dict:
+    """Measure llamaforge, llama.cpp and (float modes) HF in one mode; a JSON-ready row."""
+    ours = model_in_mode(base, mode)
+    runs: dict[str, Run] = {"llamaforge": lambda: run_ours(ours, prompt, args.new_tokens)}
+    if llamacpp is not None:
+        llamacpp.load(gguf[mode], args.threads, args.prompt_len + args.new_tokens + 8)
+        runs["llama.cpp"] = lambda: llamacpp.run(prompt, args.new_tokens)
+    if MODES[mode][1] is None and not args.no_hf:
+        hf_model = hf_twin(ours)
+        prompt_ids = torch.tensor([prompt])
+        runs["hf"] = lambda: run_hf(hf_model, prompt_ids, args.new_tokens)
+    log(f"{mode}: {', '.join(runs)}: a warm-up and {args.repeats} alternating runs each")
+    measured = measure(runs, args.repeats)
+    weight_bytes = linear_bytes(ours)
+    row = {"mode": mode, "weight_bytes": weight_bytes,
+           "gguf_bytes": gguf[mode].stat().st_size if mode in gguf else None}
+    for name, m in measured.items():
+        row[name] = m.row(args.prompt_len, weight_bytes)
+        row[name]["tokens_agree"] = leading_agreement(m.tokens, measured["llamaforge"].tokens)
+    row["ratio"] = {other: {key: row["llamaforge"][key] / row[other][key] for key in ("prefill_tok_s", "decode_tok_s")}
+                    for other in measured if other != "llamaforge"}
     return row
 
 
 def benchmark(args: argparse.Namespace) -> dict:
-    """Measure every dtype; return a JSON-ready dict of the setup and the per-dtype results."""
+    """Measure every mode; return a JSON-ready dict of the setup and the per-mode results."""
     torch.set_num_threads(args.threads)
     config: ModelArgs = PRESETS[args.preset]
     log(f"building {args.preset} with random weights ({config.num_parameters() / 1e6:.1f}M parameters)")
-    ours = init_weights(Llama(config), seed=args.seed).eval()
-    prompt_ids = torch.randint(3, config.vocab_size, (1, args.prompt_len),
-                               generator=torch.Generator().manual_seed(args.seed))
+    base = init_weights(Llama(config), seed=args.seed).eval()
+    prompt = torch.randint(3, config.vocab_size, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(args.seed)).tolist()
+    llamacpp = LlamaCpp(args.llamacpp_python) if args.llamacpp_python else None
+    if llamacpp is None:
+        log("llama.cpp: skipped (no llama-cpp-python venv; ../shared/tools/llamacpp-venv.sh DIR makes one, then "
+            "pass --llamacpp-python DIR/bin/python)")
     results = []
-    for name in args.dtypes:
-        ours = ours.to(DTYPES[name])
-        results.append(compare(ours, prompt_ids, args, name))
-        gc.collect()  # drop the HF twin's references to the previous dtype's tensors
+    with tempfile.TemporaryDirectory(prefix="llamaforge-decode-") as workdir:
+        gguf = gguf_files(base, args.modes, Path(workdir), llamacpp) if llamacpp is not None else {}
+        # float32 first: the other modes cast the same weights down.
+        for mode in sorted(args.modes, key=lambda m: m != "fp32"):
+            results.append(compare(base, mode, prompt, args, llamacpp, gguf))
+            gc.collect()  # the mode's model and HF twin go before the next mode is built
+        if llamacpp is not None:
+            llamacpp.close()
     return {
         "setup": {
             "preset": args.preset, "config": {k: v for k, v in asdict(config).items() if k != "extra"},
             "parameters": config.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "llama_cpp_python": llamacpp.version if llamacpp else None,
+            "date": time.strftime("%Y-%m-%d"),
         },
         "results": results,
     }
 
 
 def format_table(report: dict) -> str:
-    """The results as a Markdown table: both implementations side by side, and ours / HF."""
+    """The results as a Markdown table: the implementations side by side, and llamaforge's ratio to each."""
     setup = report["setup"]
     lines = [
         f"preset {setup['preset']} ({setup['parameters'] / 1e6:.1f}M parameters), batch 1, prompt "
         f"{setup['prompt_len']} tokens, {setup['new_tokens']} new tokens, greedy, {setup['threads']} threads, "
-        f"median of {setup['repeats']}; torch {setup['torch']}, transformers {setup['transformers']}",
+        f"median of {setup['repeats']}; torch {setup['torch']}, llama-cpp-python {setup['llama_cpp_python']}, "
+        f"transformers {setup['transformers']}",
         "",
-        "| dtype | model MB | metric | llamaforge | HF transformers | ours / HF |",
-        "|---|---:|---|---:|---:|---:|",
+        "| mode | weights MB | metric | llamaforge | llama.cpp | HF | ours / llama.cpp | ours / HF |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(row: dict, name: str, key: str, digits: int) -> str:
+        return f"{row[name][key]:.{digits}f}" if name in row else "-"
+
+    def ratio(row: dict, name: str, key: str) -> str:
+        return f"{row['ratio'][name][key]:.2f}" if name in row["ratio"] else "-"
+
     for row in report["results"]:
-        ours, hf = row["llamaforge"], row["hf"]
-        mb = f"{row['model_bytes'] / 1e6:.1f}"
-        lines += [
-            f"| {row['dtype']} | {mb} | prefill tok/s | {ours['prefill_tok_s']:.1f} | {hf['prefill_tok_s']:.1f} "
-            f"| {row['ratio']['prefill_tok_s']:.2f} |",
-            f"| {row['dtype']} | {mb} | decode tok/s | {ours['decode_tok_s']:.2f} | {hf['decode_tok_s']:.2f} "
-            f"| {row['ratio']['decode_tok_s']:.2f} |",
-            f"| {row['dtype']} | {mb} | decode GB/s | {ours['decode_gb_s']:.2f} | {hf['decode_gb_s']:.2f} | |",
-            f"| {row['dtype']} | {mb} | greedy tokens match | {'yes' if row['tokens_match'] else 'NO'} | | |",
-        ]
+        head = f"| {row['mode']} | {row['weight_bytes'] / 1e6:.0f} |"
+        for key, label, digits in (("prefill_tok_s", "prefill tok/s", 1), ("decode_tok_s", "decode tok/s", 2)):
+            values = " | ".join(cell(row, name, key, digits) for name in ("llamaforge", "llama.cpp", "hf"))
+            lines.append(f"{head} {label} | {values} | {ratio(row, 'llama.cpp', key)} | {ratio(row, 'hf', key)} |")
+        lines.append(f"{head} decode GB/s | {cell(row, 'llamaforge', 'decode_gb_s', 1)} | | | | |")
+        agree = " / ".join(f"{name} {row[name]['tokens_agree']}" for name in ("llama.cpp", "hf") if name in row)
+        lines.append(f"{head} tokens agree (of {setup['new_tokens']}) | | {agree} | | | |")
     return "\n".join(lines)
 
 

@@ -151,9 +151,11 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     False, folded into its weights so generation costs what the base model costs.
     `quantize="int8"` or `"int4"` stores the linear layers as integer codes for fast inference (int4 in groups
     of `group_size` weights, default 32; int8 per output row unless `group_size` is given), after any adapter
-    is merged. `quantize="nf4"` stores them in QLoRA's 4-bit NormalFloat; "auto" does so only for an adapter
-    that llamaforge trained with QLoRA, whose base was 4-bit in training (merging then dequantizes first, so
-    the merged weights are exactly the ones the adapter was trained against).
+    is merged. Linear layers a GGUF stores as Q8_0 / Q4_0 stay as they are (also with "auto", the default),
+    so a llama.cpp file runs at its own size; `quantize=None` dequantizes them. `quantize="nf4"` stores the
+    linear layers in QLoRA's 4-bit NormalFloat; "auto" does so only for an adapter that llamaforge trained
+    with QLoRA, whose base was 4-bit in training (merging then dequantizes first, so the merged weights are
+    exactly the ones the adapter was trained against).
     """
     source = DEMO if source is None else source
     # Settings and the adapter are checked first: a mistake there should not cost loading the weights.
@@ -175,9 +177,11 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             raise AdapterError(f"adapter {adapter} does not exist; pass a directory holding adapter_config.json "
                                "and adapter_model.safetensors (from llamaforge finetune or peft), or a hub id")
         adapter_path = resolve(adapter)
+    # A GGUF's Q8_0 / Q4_0 weights stay as they are unless asked otherwise, or an adapter must merge into them.
+    keep_quantized = quantize in ("auto", *MODES) and adapter_path is None
     if quantize == "auto":
         quantize = "nf4" if adapter_path is not None and trained_on_nf4(adapter_path) else None
-    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer)
+    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer, keep_quantized)
     if quantize == "nf4":
         quantize_linears_nf4(checkpoint.model)
     if adapter_path is not None:

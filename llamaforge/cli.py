@@ -361,8 +361,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise LlamaforgeError(f"--out {out}: give a new file name ending in .gguf")
     if args.type not in WEIGHT_TYPES:
         raise LlamaforgeError(f"--type {args.type}: choose one of {', '.join(WEIGHT_TYPES)}")
+    # Dense weights (a quantized GGUF's dequantized), for the exporter to store in the type asked.
     llm = load(args.model, dtype=args.dtype, device=args.device or "cpu", tokenizer=args.tokenizer,
-               adapter=args.adapter)
+               adapter=args.adapter, quantize=None)
     if llm.tokenizer is None:
         raise LlamaforgeError(f"{llm.source} has no tokenizer, and a GGUF file carries one: pass --tokenizer "
                               "tokenizer.model")
@@ -588,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(export)
     _adapter_flag(export)
     export.add_argument("--out", required=True, help="the .gguf file to write")
-    export.add_argument("--type", default="f16", help="how the weights are stored: f32, f16 (default), bf16 or "
-                        "q8_0, the types llama.cpp's converter writes; norms stay f32")
+    export.add_argument("--type", default="f16", help="how the weights are stored: f32, f16 (default), bf16, q8_0 "
+                        "or q4_0 (output.weight then q8_0, as llamaforge's int4 keeps it); norms stay f32")
 
     evaluation = add("eval", cmd_eval)
     _model_flags(evaluation)

@@ -22,6 +22,7 @@ from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.cli import main
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, TokenizerError
+from llamaforge.quantize import QuantizedLinear
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'llamaforge[gguf]')")
 LLAMA_CPP_PYTHON = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
@@ -81,7 +82,7 @@ def test_q8_0_holds_llama_cpps_8_bit_weights(gqa_model_dir: Path, tmp_path: Path
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
     assert kinds["blk.0.ffn_down.weight"] == "F16"  # its rows of 80 do not split into Q8_0's blocks of 32
-    loaded = llamaforge.load(path, dtype=torch.float32)
+    loaded = llamaforge.load(path, dtype=torch.float32, quantize=None)  # None: dequantized to dense weights
     # What llama.cpp computes with: each weight quantized and dequantized by gguf-py's reference code.
     weight = base.model.model.layers[1].mlp.up_proj.weight.detach().numpy()
     expected = gguf.quants.dequantize(gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
@@ -89,6 +90,42 @@ def test_q8_0_holds_llama_cpps_8_bit_weights(gqa_model_dir: Path, tmp_path: Path
     torch.testing.assert_close(loaded.model.model.layers[1].mlp.up_proj.weight, torch.from_numpy(expected))
     ids = base.tokenizer.encode("The llama hums", bos=True)
     assert (logits(loaded, ids) - logits(base, ids)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize(("weight_type", "bits"), [("q8_0", 8), ("q4_0", 4)])
+def test_q8_0_and_q4_0_load_as_int8_and_int4_layers_without_rounding_again(gqa_model_dir: Path, tmp_path: Path,
+                                                                          weight_type: str, bits: int) -> None:
+    """By default a GGUF's Q8_0 / Q4_0 linears become int8 / int4 layers holding the file's own codes and scales."""
+    base = llamaforge.load(gqa_model_dir, dtype=torch.float32)
+    path = export(base, tmp_path / "model.gguf", weight_type)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.attn_q.weight"] == weight_type.upper() and kinds["output.weight"] == "Q8_0"
+    assert kinds["blk.0.ffn_down.weight"] == "F16"  # rows of 80 do not split into blocks of 32
+    dense = llamaforge.load(path, dtype=torch.float32, quantize=None)
+    kept = llamaforge.load(path)
+    assert kept.dtype == torch.bfloat16  # the int8/int4 kernel's activations
+    dense_layers = dict(dense.model.named_modules())
+    quantized = {name: m for name, m in kept.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantized) == 2 * 6 + 1  # every linear but the two 80-wide down projections
+    assert isinstance(kept.model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    for name, layer in quantized.items():
+        assert (layer.bits, layer.group_size) == ((8, 32) if name == "lm_head" else (bits, 32))
+        # The same numbers the dequantizing load computes, q and k rows in the same (HF) order.
+        assert torch.equal(layer.dequantize(), dense_layers[name].weight.detach()), name
+    # In float32, what is left between the two is the kernel rounding activations to int8 in blocks of 32.
+    kept32 = llamaforge.load(path, dtype=torch.float32)
+    ids = base.tokenizer.encode("The llama hums a quiet song", bos=True)
+    decoded, reference = [], []
+    for position in range(1, len(ids) + 1):  # one token at a time, as decoding runs, so the kernel does the work
+        decoded.append(kept32.generate(ids[:position], max_new_tokens=1, temperature=0.0, logprobs=True,
+                                       top_logprobs=5).top_logprobs[0])
+        reference.append(dense.generate(ids[:position], max_new_tokens=1, temperature=0.0, logprobs=True,
+                                        top_logprobs=5).top_logprobs[0])
+    for ours, theirs in zip(decoded, reference, strict=True):
+        assert all(abs(ours[t] - theirs[t]) < 0.05 for t in set(ours) & set(theirs))
+        first, second = sorted(theirs.values(), reverse=True)[:2]
+        if first - second > 0.1:  # a clear choice stays the choice (a near-tie may flip)
+            assert max(ours, key=ours.get) == max(theirs, key=theirs.get)
 
 
 def test_the_llama2_vocabulary_survives_the_trip(llama_tokenizer_path: Path, tmp_path: Path) -> None:
@@ -148,7 +185,7 @@ needs_llama_cpp = pytest.mark.skipif(
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("weight_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "q8_0", "q4_0"])
 def test_llama_cpp_tells_stories260k_story_from_our_gguf(weight_type: str, assets: Path, tmp_path: Path) -> None:
     llm = llamaforge.load(assets / "stories260K" / "stories260K.bin")
     path = export(llm, tmp_path / "stories260K.gguf", weight_type)

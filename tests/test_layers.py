@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llamaforge"
 LAYERS = {
     "errors": 0,
     "config": 1, "progress": 1,
-    "model": 2, "tokenizer": 2, "sampling": 2,
-    "chat": 3, "generate": 3, "lora": 3, "quantize": 3, "checkpoint": 3,
+    "model": 2, "tokenizer": 2, "sampling": 2, "quantize": 2,
+    "chat": 3, "generate": 3, "lora": 3, "checkpoint": 3,
     "api": 4,
     "engine": 5,
     "server": 6, "finetune": 6, "eval": 6,

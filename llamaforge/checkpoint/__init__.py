@@ -1,7 +1,7 @@
 """Find, read and convert a checkpoint into a `Llama` with HF names: `load_checkpoint(source)`.
 
 Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`, a
-GGUF file (llama.cpp's; quantized weights are dequantized);
+GGUF file (llama.cpp's; Q8_0 / Q4_0 linear weights can stay quantized, other quantized types are dequantized);
 the name `demo` is the small chat model shipped inside the package (built by recipes/demo/run.py).
 The config is checked against the tensors the checkpoint's headers list (inventory.py) before a model is
 built from it. Tensors then stream one at a time into a model built on the meta device, each cast to the
@@ -22,6 +22,7 @@ from llamaforge.checkpoint.keymaps import IGNORED_KEYS
 from llamaforge.config import DEMO, ModelArgs
 from llamaforge.errors import CheckpointError, LlamaforgeError, TokenizerError
 from llamaforge.model import Llama
+from llamaforge.quantize import QuantizedLinear, QuantizedWeight
 from llamaforge.tokenizer import Tokenizer, find_tokenizer
 
 FORMATS = ("hf", "meta", "llama2c", "gguf")
@@ -106,8 +107,12 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    tokenizer: str | Path | None = None) -> Checkpoint:
-    """Load model and tokenizer; dtype None keeps the stored dtype, device None picks CUDA when present."""
+                    tokenizer: str | Path | None = None, keep_quantized: bool = False) -> Checkpoint:
+    """Load model and tokenizer; dtype None keeps the stored dtype, device None picks CUDA when present.
+
+    `keep_quantized`: a GGUF's Q8_0 / Q4_0 linear weights become int8 / int4 layers (QuantizedLinear) as stored,
+    and the default dtype of everything else is then bfloat16, the int8/int4 kernel's activations.
+    """
     path = resolve(source)
     kind = detect_format(path)
     device = pick_device(device)
@@ -125,8 +130,9 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
         reader = gguf.open_reader(path)  # opened once: the tokenizer is read from it too
         config = gguf.read_config(reader, path)
         inventory.check(config, gguf.read_inventory(reader, path))
-        dtype = dtype or gguf.stored_dtype(reader)
-        tensors = gguf.iter_tensors(reader, config)
+        dtype = dtype or (torch.bfloat16 if keep_quantized and gguf.has_kept_types(reader)
+                          else gguf.stored_dtype(reader))
+        tensors = gguf.iter_tensors(reader, config, keep_quantized)
     else:  # the header is the config, and read_header has checked the file's size against it
         config, shared = llama2c.read_header(path)
         tensors = llama2c.iter_tensors(path, config, shared)
@@ -172,8 +178,8 @@ def check_vocab(tokenizer: Tokenizer, config: ModelArgs) -> None:
         )
 
 
-def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
-                device: torch.device) -> Llama:
+def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                dtype: torch.dtype | None, device: torch.device) -> Llama:
     """Fill a meta-device model with streamed tensors, each cast on arrival.
 
     The tensors' names and shapes are those `inventory.check` has compared with the config; their dtype is
@@ -184,6 +190,11 @@ def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], 
     loaded: dict[str, torch.Tensor] = {}
     for name, tensor in tensors:
         if IGNORED_KEYS.search(name):
+            continue
+        if isinstance(tensor, QuantizedWeight):  # a linear layer stored quantized: it becomes one as it is
+            layer = name.removesuffix(".weight")
+            model.set_submodule(layer, QuantizedLinear(tensor))
+            loaded[f"{layer}.codes"], loaded[f"{layer}.scales"] = tensor.codes.to(device), tensor.scales.to(device)
             continue
         if not tensor.is_floating_point():
             raise CheckpointError(f"tensor {name} is stored as {tensor.dtype}, not as floats; a Llama checkpoint "

@@ -31,13 +31,14 @@ from llamaforge.checkpoint.keymaps import (
 )
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
+from llamaforge.quantize import QuantizedWeight, from_gguf_blocks
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
 ARCH = "llama"
 # What `llamaforge export --type` writes for the 2-D weights (norms stay float32, as llama.cpp keeps them):
-# the types llama.cpp's convert_hf_to_gguf.py writes (--outtype).
-WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0")
+# the types llama.cpp's convert_hf_to_gguf.py writes (--outtype), and Q4_0, which llama-quantize writes.
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # ModelArgs field -> the metadata key it is read from, so errors speak the file's own words.
 KEYS = {"dim": f"{ARCH}.embedding_length", "n_layers": f"{ARCH}.block_count", "n_heads": f"{ARCH}.attention.head_count",
         "n_kv_heads": f"{ARCH}.attention.head_count_kv", "hidden_dim": f"{ARCH}.feed_forward_length",
@@ -147,6 +148,11 @@ def stored_dtype(reader) -> torch.dtype:
     return torch.bfloat16 if "BF16" in types else torch.float16
 
 
+def has_kept_types(reader) -> bool:
+    """Whether any linear weight is Q8_0 or Q4_0, the types that load as int8 / int4 layers."""
+    return any(t.tensor_type.name in ("Q8_0", "Q4_0") and t.name != "token_embd.weight" for t in reader.tensors)
+
+
 def tensor_array(tensor) -> np.ndarray:
     """One GGUF tensor as a float numpy array (rows, columns): float32 and float16 as stored, anything else
     (bfloat16, quantized) dequantized to float32."""
@@ -158,11 +164,31 @@ def tensor_array(tensor) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, kind).reshape(shape)
 
 
-def iter_tensors(reader, config: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors in HF's row layout, one at a time."""
+def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """HF-named tensors in HF's row layout, one at a time.
+
+    With `keep_quantized`, Q8_0 and Q4_0 linear weights come as QuantizedWeight (int8 / int4 in groups of 32,
+    the same codes and scales repacked, nothing rounded again) instead of dequantized floats; the embedding,
+    a table lookup rather than a product, is dequantized as before.
+    """
+    gguf = _gguf()
+    kept = {gguf.GGMLQuantizationType.Q8_0: 8, gguf.GGMLQuantizationType.Q4_0: 4}
     for tensor in reader.tensors:
         meta_name = rename(tensor.name, GGUF_TO_META)
         if meta_name is None:  # read_inventory has named it, and the load refused it
+            continue
+        if keep_quantized and tensor.tensor_type in kept and tensor.name != "token_embd.weight":
+            shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
+            blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
+            weight = from_gguf_blocks(blocks, kept[tensor.tensor_type], shape)
+            # The q / k row order (Meta's interleaved -> HF's rotate-half) moves whole rows: find it by
+            # permuting row numbers, then move the rows' codes and scales alike.
+            name, rows = meta_to_hf(meta_name, torch.arange(shape[0], dtype=torch.float64)[:, None],
+                                    config.n_heads, config.n_kv_heads)
+            order = rows[:, 0].long()
+            yield name, QuantizedWeight(weight.codes[order], weight.scales[order], weight.bits, weight.group_size,
+                                        weight.in_features)
             continue
         yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 
@@ -192,9 +218,10 @@ def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tok
     """Write a Llama GGUF that llama.cpp loads: metadata, the SentencePiece vocabulary (and `chat_template`,
     Jinja, for llama.cpp's chat endpoint), and the weights.
 
-    2-D weights are stored as `weight_type`; a weight whose rows do not split into Q8_0's 32-value blocks
-    stays float16, and norms stay float32 (both as llama.cpp's converter does). The file is written to a
-    temporary name and renamed into place, so a crash never leaves a half-written GGUF.
+    2-D weights are stored as `weight_type`; a weight whose rows do not split into 32-value blocks stays
+    float16, and norms stay float32 (both as llama.cpp's converter does). With q4_0 the output projection is
+    stored as Q8_0: it decides every token (llama-quantize keeps it at Q6_K for the same reason). The file is
+    written to a temporary name and renamed into place, so a crash never leaves a half-written GGUF.
     """
     gguf = _gguf()
     if weight_type not in WEIGHT_TYPES:
@@ -227,8 +254,10 @@ def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tok
             weight = permute_hf_to_meta(weight, config.n_heads)
         elif meta_name.endswith("attention.wk.weight"):
             weight = permute_hf_to_meta(weight, config.n_kv_heads)
-        array, kind = _encode(gguf, weight.numpy(), weight_type)
-        writer.add_tensor(rename(meta_name, META_TO_GGUF), array, raw_dtype=kind)
+        gguf_name = rename(meta_name, META_TO_GGUF)
+        stored_as = "q8_0" if weight_type == "q4_0" and gguf_name == "output.weight" else weight_type
+        array, kind = _encode(gguf, weight.numpy(), stored_as)
+        writer.add_tensor(gguf_name, array, raw_dtype=kind)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -258,9 +287,10 @@ def _write_metadata(writer, gguf, config: ModelArgs, vocabulary, weight_type: st
                                   "export a model with linear scaling or none")
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling["factor"])
-    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+                  "q4_0": "MOSTLY_Q4_0"}
     writer.add_file_type(gguf.LlamaFileType[file_types[weight_type]])
-    if weight_type == "q8_0":
+    if weight_type in ("q8_0", "q4_0"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     trainer, normalizer = vocabulary.trainer_spec, vocabulary.normalizer_spec
     writer.add_tokenizer_model("llama")
@@ -282,8 +312,9 @@ def _encode(gguf, array: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]
     kinds = gguf.GGMLQuantizationType
     if array.ndim == 1 or weight_type == "f32":
         return array.astype(np.float32), kinds.F32
-    if weight_type == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[kinds.Q8_0][0] == 0:
-        return gguf.quants.quantize(array, kinds.Q8_0), kinds.Q8_0
+    quantized = {"q8_0": kinds.Q8_0, "q4_0": kinds.Q4_0}.get(weight_type)
+    if quantized is not None and array.shape[-1] % gguf.GGML_QUANT_SIZES[quantized][0] == 0:
+        return gguf.quants.quantize(array, quantized), quantized
     if weight_type == "bf16":
         return gguf.quants.quantize(array, kinds.BF16), kinds.BF16
     return array.astype(np.float16), kinds.F16
