@@ -41,12 +41,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 class LLM:
     """A model with its tokenizer: generate, chat and stream, in Meta's chat format."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer | None, source: str = "", format: str = "") -> None:
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None, source: str = "", format: str = "",
+                 compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelArgs = model.config
         self.source = source
         self.format = format
+        self.compile = compile  # decode steps run torch.compile'd (generate.Decoder)
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +108,8 @@ class LLM:
         prompts = [self._fit(p, params, truncate) for p in prompts]
         batch_params = [params] * len(prompts)
         timings: dict[str, float] = {}
-        events = generate_events(self.model, self.tokenizer, prompts, batch_params, prompt_as_context, timings)
+        events = generate_events(self.model, self.tokenizer, prompts, batch_params, prompt_as_context, timings,
+                                 self.compile)
         results = collect(events, prompts, batch_params)
         for result in results:
             result.timings = timings
@@ -116,7 +119,7 @@ class LLM:
                 prompt_as_context: bool) -> Iterator[str]:
         prompt_ids = self._fit(prompt_ids, params, truncate)
         for event in generate_events(self.model, self._require_tokenizer(), [prompt_ids], [params],
-                                     prompt_as_context):
+                                     prompt_as_context, compile=self.compile):
             if event.text:
                 yield event.text
 
@@ -143,7 +146,7 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto",
-         group_size: int | None = None) -> LLM:
+         group_size: int | None = None, compile: bool = False) -> LLM:
     """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin; with no source
     (or "demo"), the small demo chat model built into the package, which needs no download.
 
@@ -156,6 +159,9 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     linear layers in QLoRA's 4-bit NormalFloat; "auto" does so only for an adapter that llamaforge trained
     with QLoRA, whose base was 4-bit in training (merging then dequantizes first, so the merged weights are
     exactly the ones the adapter was trained against).
+
+    `compile=True` runs decode steps torch.compile'd: the first generation pays for compiling (tens of seconds,
+    cached by torch across processes), later ones decode faster (docs/benchmarks.md).
     """
     source = DEMO if source is None else source
     # Settings and the adapter are checked first: a mistake there should not cost loading the weights.
@@ -191,7 +197,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         checkpoint.model.eval()
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
-    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format)
+    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile)
 
 
 def trained_on_nf4(adapter: Path) -> bool:

@@ -47,6 +47,11 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
                         "(default: one scale per row)")
 
 
+def _compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="run decode steps torch.compile'd: faster tokens after a one-time compile (default: off)")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, help=f"at most this many new tokens (default: {max_new_tokens}, "
                         "or what the context has room for after the prompt, whichever is less)")
@@ -75,7 +80,7 @@ def _load(args: argparse.Namespace):
 
     return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                 adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None) or "auto",
-                group_size=getattr(args, "group_size", None))
+                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False))
 
 
 def _print_json(payload: dict) -> None:
@@ -545,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(generate)
     _adapter_flag(generate)
     _quantize_flag(generate)
+    _compile_flag(generate)
     _sampling_flags(generate, max_new_tokens=128)
 
     chat = add("chat", cmd_chat)
@@ -552,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(chat)
     _adapter_flag(chat)
     _quantize_flag(chat)
+    _compile_flag(chat)
     _sampling_flags(chat, max_new_tokens=512)
 
     template = add("template", cmd_template)
@@ -565,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(serve)
     _adapter_flag(serve)
     _quantize_flag(serve)
+    _compile_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")

@@ -29,7 +29,7 @@ import torch
 
 from llamaforge.api import LLM
 from llamaforge.errors import LlamaforgeError
-from llamaforge.generate import SequenceState, TokenEvent, fit_prompt
+from llamaforge.generate import Decoder, SequenceState, TokenEvent, fit_prompt
 from llamaforge.sampling import SamplingParams, sample, token_logprobs
 
 Emit = Callable[["TokenEvent | BaseException"], None]
@@ -95,6 +95,7 @@ class Engine:
         self.kv_cache_bytes = kv_cache_bytes(llm, max_batch_size, self.max_context)
         _check_memory(self.kv_cache_bytes, self.device, max_batch_size, self.max_context)
         self.kv_cache = self.model.new_kv_cache(max_batch_size, self.max_context)
+        self.decoder = Decoder(self.model, llm.compile)  # decode steps, compiled when the LLM asks for it
         # Which tokens each slot has seen, for the repetition penalty.
         self.seen = torch.zeros(max_batch_size, llm.config.vocab_size, dtype=torch.bool, device=self.device)
         self.free_slots = list(range(max_batch_size))
@@ -281,7 +282,7 @@ class Engine:
 
     def _decode(self, requests: list[EngineRequest]) -> dict[EngineRequest, torch.Tensor]:
         """One batched forward of each request's last token; each request's logits (V,)."""
-        logits = self._run_slots({r.slot: ([r.last_token], self._next_position(r)) for r in requests})
+        logits = self._run_slots({r.slot: ([r.last_token], self._next_position(r)) for r in requests}, decode=True)
         return {r: logits[r.slot] for r in requests}
 
     def _next_position(self, request: EngineRequest) -> int:
@@ -290,7 +291,7 @@ class Engine:
             return request.prefilled
         return len(request.prompt_ids) + request.state.produced - 1
 
-    def _run_slots(self, inputs: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+    def _run_slots(self, inputs: dict[int, tuple[list[int], int]], decode: bool = False) -> dict[int, torch.Tensor]:
         """One forward over the run of slots holding `inputs` (slot -> tokens, first position).
 
         Returns each slot's logits (V,) after its last token. The cache rows are a view, not a copy.
@@ -315,8 +316,12 @@ class Engine:
                 start = idle.get(slot, 0)
             positions[row] = (start + torch.arange(width)).clamp(max=self.max_context - 1)
         cache = [layer.rows(first, last + 1) for layer in self.kv_cache]
-        logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
-                            logits_at=last_index.to(self.device))  # (rows, V)
+        kv_len = int(positions.max()) + 1  # on the host: no device sync
+        if decode:  # one token per row: the (maybe compiled) decode step
+            logits = self.decoder(tokens[:, 0].to(self.device), positions[:, 0].to(self.device), cache, kv_len)
+        else:
+            logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
+                                logits_at=last_index.to(self.device), kv_len=kv_len)  # (rows, V)
         return {slot: logits[slot - first] for slot in inputs}
 
     def _sample_and_emit(self, logits: dict[EngineRequest, torch.Tensor]) -> None:

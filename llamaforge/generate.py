@@ -175,11 +175,12 @@ class SequenceState:
 @torch.inference_mode()
 def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence[list[int]],
                     params: Sequence[SamplingParams], prompt_as_context: bool = True,
-                    timings: dict[str, float] | None = None) -> Iterator[TokenEvent]:
+                    timings: dict[str, float] | None = None, compile: bool = False) -> Iterator[TokenEvent]:
     """Run prompts as one batch; yield a TokenEvent per generated token until every row has finished.
 
     With `prompt_as_context`, each row's text is what follows its prompt's text (a leading space kept);
-    without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it.
+    without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it. With `compile`, decode
+    steps run torch.compile'd (see `Decoder`); time spent compiling is reported as `compile_s`.
     """
     device = model.device
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
@@ -192,7 +193,10 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
 
     started = time.perf_counter()
     tokens = pad_rows(prompts, device)  # (B, T)
-    kv_cache = model.new_kv_cache(batch, max(n + p.max_new_tokens for n, p in zip(lengths, params, strict=True)))
+    cache_len = max(n + p.max_new_tokens for n, p in zip(lengths, params, strict=True))
+    kv_cache = model.new_kv_cache(batch, cache_len)
+    decoder = Decoder(model, compile)
+    furthest = max(lengths)  # one past the largest position written so far, known here without a device sync
     positions = torch.tensor(lengths, device=device)
     input_pos = torch.arange(tokens.shape[1], device=device).expand(batch, -1)
     logits = model(tokens, input_pos, kv_cache, logits_at=positions - 1)  # (B, V)
@@ -217,13 +221,18 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
         active = [not s.finished for s in sequences]
         if not any(active):
             break
-        logits = decode_one_token(model, next_ids, positions, kv_cache)
+        logits = decoder(next_ids, positions, kv_cache, min(furthest + 1, cache_len))
+        furthest += 1
         # Finished rows stay in the batch but stop advancing, so they never write past their cache room.
         positions = torch.where(torch.tensor(active, device=device), positions + 1, positions)
     if timings is not None:
         produced = [s.produced for s in sequences]
-        timings.update(prefill_s=first_token_at - started, decode_s=time.perf_counter() - first_token_at,
-                       prompt_tokens=sum(lengths), new_tokens=sum(produced), decode_steps=max(produced) - 1)
+        timings.update(prefill_s=first_token_at - started,
+                       decode_s=time.perf_counter() - first_token_at - decoder.compile_s,
+                       prompt_tokens=sum(lengths), new_tokens=sum(produced),
+                       decode_steps=max(produced) - 1 - decoder.compiling_steps)
+        if compile:
+            timings["compile_s"] = decoder.compile_s
 
 
 def pad_rows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
@@ -255,7 +264,69 @@ def collect(events: Iterator[TokenEvent], prompts: Sequence[list[int]],
     return results
 
 
-def decode_one_token(model: Llama, token_ids: torch.Tensor, input_pos: torch.Tensor,
-                     kv_cache: list[KVCache]) -> torch.Tensor:
-    """Logits (B, V) for one new token per row (B,) written at positions (B,)."""
-    return model(token_ids[:, None], input_pos[:, None], kv_cache, logits_at=torch.zeros_like(input_pos))
+def decode_one_token(model: Llama, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache],
+                     kv_len: int | None = None) -> torch.Tensor:
+    """Logits (B, V) for one new token per row (B,) written at positions (B,); attention reads the cache's first
+    `kv_len` positions (default: up to the largest position)."""
+    return model(token_ids[:, None], input_pos[:, None], kv_cache, logits_at=torch.zeros_like(input_pos),
+                 kv_len=kv_len)
+
+
+# Attention lengths a compiled step is specialised for come in steps of this many positions, so a compiled graph
+# serves 256 decode steps, and the masked-out tail it reads costs less than a recompile.
+KV_BUCKET = 256
+
+
+class Decoder:
+    """Runs decode steps, eagerly or compiled, and accounts for compile time.
+
+    Compiled: `decode_one_token` under torch.compile, one compiled function per model, kept on the model so
+    every generate call and the engine reuse its graphs. On the CPU that fuses the work between matmuls into
+    generated C++ and calls the int8/int4 kernel as one operator; on CUDA, mode "reduce-overhead" replays the
+    step as a CUDA graph. Shapes change with the batch size and the attention length, bucketed by KV_BUCKET;
+    torch recompiles for a new shape once, then treats it as dynamic.
+    """
+
+    def __init__(self, model: Llama, compile: bool) -> None:
+        self.model = model
+        self.compiled = compiled_decode(model) if compile else None
+        self.compile_s = 0.0  # seconds spent in steps that compiled a graph
+        self.compiling_steps = 0
+
+    def __call__(self, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache],
+                 kv_len: int) -> torch.Tensor:
+        """Logits (B, V) of one step; `kv_len` is one past the largest position, counted on the host."""
+        if self.compiled is None:
+            return decode_one_token(self.model, token_ids, input_pos, kv_cache, kv_len)
+        bucket = min(-(-kv_len // KV_BUCKET) * KV_BUCKET, kv_cache[0].k.shape[2])
+        graphs = compiled_graph_count()
+        started = time.perf_counter()
+        logits = self.compiled(token_ids, input_pos, kv_cache, bucket)
+        if compiled_graph_count() != graphs:
+            self.compile_s += time.perf_counter() - started
+            self.compiling_steps += 1
+        return logits
+
+
+def compiled_decode(model: Llama):
+    """`decode_one_token` for `model` under torch.compile, made once per model."""
+    compiled = getattr(model, "compiled_decode", None)
+    if compiled is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+
+        def step(token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache],
+                 kv_len: int) -> torch.Tensor:
+            return decode_one_token(model, token_ids, input_pos, kv_cache, kv_len)
+
+        # emulate_precision_casts: round where eager rounds to bfloat16 between fused ops, so compiled tokens are
+        # eager's tokens, not a near-tie away from them.
+        compiled = torch.compile(step, mode=mode, options={"emulate_precision_casts": True})
+        model.compiled_decode = compiled
+    return compiled
+
+
+def compiled_graph_count() -> int:
+    """How many graphs torch.compile has built in this process (its own counter; 0 if torch stops keeping it)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"].get("unique_graphs", 0)

@@ -127,11 +127,11 @@ def _fail_forwards(monkeypatch, engine: Engine, strikes) -> None:
     """Make a forward over slots `inputs` raise where strikes(victim request, inputs) says, the victim in it."""
     original = engine._run_slots
 
-    def run_slots(inputs):
+    def run_slots(inputs, decode=False):
         victim = next((r for r in engine.running if r.slot in inputs and r.params.seed == VICTIM_SEED), None)
         if victim is not None and strikes(victim, inputs):
             raise RuntimeError("injected")
-        return original(inputs)
+        return original(inputs, decode)
     monkeypatch.setattr(engine, "_run_slots", run_slots)
 
 

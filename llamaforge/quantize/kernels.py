@@ -102,9 +102,15 @@ def native() -> ctypes.CDLL | None:
     return library
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the compiled kernel loaded (a constant to torch.compile, which then never traces ctypes)."""
+    return native() is not None
+
+
 def kernel_runs(x: torch.Tensor) -> bool:
     """Whether the compiled kernel takes this activation (on the CPU, float32 or bfloat16)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and native() is not None
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and available()
 
 
 def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
@@ -118,6 +124,19 @@ def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     if status != 0:
         raise MemoryError(f"the int{q.bits} kernel could not allocate room for {M} x {K} activations")
     return y
+
+
+@torch.library.custom_op("llamaforge::qlinear", mutates_args=())
+def qlinear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+               in_features: int) -> torch.Tensor:
+    """`qlinear` as a torch operator, so a torch.compile'd graph calls the kernel as one opaque node."""
+    return qlinear(x, QuantizedWeight(codes, scales, bits, group_size, in_features))
+
+
+@qlinear_op.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+      in_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], codes.shape[0]))
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""Compiled decode: the same tokens as eager decoding, in generate and in the engine, compile time reported."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import llamaforge
+from llamaforge.engine import Engine, EngineRequest
+from llamaforge.generate import Decoder
+from llamaforge.sampling import SamplingParams
+
+QUESTIONS = ["What is 37 + 45?", "Spell the word 'cat'.", "Reverse the word 'llama'."]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_compiled_decode_gives_eager_tokens(quantize: str | None) -> None:
+    eager = llamaforge.load(quantize=quantize)
+    compiled = llamaforge.load(quantize=quantize, compile=True)
+    prompts = [eager.chat_tokens([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)  # to EOS: past it a model is off its data
+    expected = eager.generate(prompts, params=params)
+    first = compiled.generate(prompts, params=params)  # a batch of 3: compiles
+    assert [r.token_ids for r in first] == [r.token_ids for r in expected]
+    assert first[0].timings["compile_s"] > 0
+    again = compiled.generate(prompts[0], params=params)  # batch 1, another shape: may compile again
+    assert again.token_ids == expected[0].token_ids
+    # Sampling draws from the same distribution with the same generator: the same tokens too.
+    sampled = SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+    assert compiled.generate(prompts[1], params=sampled).token_ids == eager.generate(prompts[1],
+                                                                                     params=sampled).token_ids
+    assert isinstance(compiled.model.compiled_decode, object) and Decoder(compiled.model, True).compiled is not None
+
+
+@pytest.mark.slow
+def test_the_engine_decodes_compiled_with_eager_tokens() -> None:
+    llm = llamaforge.load(quantize="int8", compile=True)
+    prompts = [llm.chat_tokens([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    expected = [r.token_ids for r in llamaforge.load(quantize="int8").generate(prompts, params=params)]
+    results: list[list[int]] = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+    engine = Engine(llm, max_batch_size=2, prefill_chunk=512).start()
+
+    def emitter(i: int):
+        def emit(event):
+            assert not isinstance(event, BaseException), event
+            results[i].append(event.token_id)
+            if event.finish_reason:
+                done.release()
+        return emit
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.submit(EngineRequest(prompt, params, emitter(i)))
+        for _ in prompts:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+    assert results == expected
