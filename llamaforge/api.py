@@ -17,7 +17,7 @@ from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
 from llamaforge.generate import Generation, collect, fit_prompt, generate_events
 from llamaforge.lora import AdapterError, load_adapter, merge_lora
 from llamaforge.model import Llama
-from llamaforge.quantize import MODES, parse_mode, quantize_linears_nf4, quantize_model
+from llamaforge.quantize import MODES, parse_mode, quantize_linears_nf4, quantize_model, use_bf16_kernel
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
 
@@ -197,6 +197,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         checkpoint.model.eval()
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
+    if checkpoint.model.dtype == torch.bfloat16 and checkpoint.model.device.type == "cpu":
+        use_bf16_kernel(checkpoint.model)  # dense bfloat16 layers decode through the AVX-512 BF16 kernel
     return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile)
 
 

@@ -19,6 +19,7 @@ from llamaforge.engine import Engine, EngineRequest
 from llamaforge.errors import CheckpointError
 from llamaforge.model import Llama, init_weights
 from llamaforge.quantize import (
+    Bf16Linear,
     QuantizedLinear,
     dequantize_weight,
     from_gguf_blocks,
@@ -26,6 +27,7 @@ from llamaforge.quantize import (
     linear_bytes,
     quantize_model,
     quantize_weight,
+    use_bf16_kernel,
 )
 from llamaforge.sampling import SamplingParams
 
@@ -228,3 +230,47 @@ def test_cli_quantize_flags() -> None:
                           "100"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == ["error: group size 100 is not supported; use one of 32, 64, 128"]
+
+
+needs_bf16_kernel = pytest.mark.skipif(kernels.native_bf16() is None,
+                                       reason="the bfloat16 kernel needs x86-64 AVX-512 BF16 and a C compiler")
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("width", [64, 172, 2048 + 32])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_bf16_kernel_is_the_float32_product_rounded_once(width: int, rows: int) -> None:
+    weight = torch.randn(40, width).bfloat16()
+    x = torch.randn(rows, width).bfloat16()
+    exact = x.float() @ weight.float().T  # products of bfloat16 values are exact in float32
+    out = kernels.bf16_linear(x, weight)
+    assert out.dtype == torch.bfloat16
+    # float32 sums in another order, then one rounding to bfloat16: within one bfloat16 step of the exact value.
+    assert bool(((out.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all())
+
+
+def test_bf16_linear_layer_paths(monkeypatch) -> None:
+    """Decode steps take the kernel; prompts and gradients take torch's linear; the state dict is untouched."""
+    model = init_weights(Llama(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=100, hidden_dim=172,
+                                         max_seq_len=32))).to(torch.bfloat16)
+    keys = set(model.state_dict())
+    changed = use_bf16_kernel(model)
+    assert changed == 7 + 1 and set(model.state_dict()) == keys
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Bf16Linear) and isinstance(layer, nn.Linear)
+    calls = []
+    monkeypatch.setattr(kernels, "bf16_linear", lambda x, w: calls.append(x.shape) or F.linear(x, w))
+    monkeypatch.setattr(kernels, "bf16_available", lambda: True)
+    with torch.no_grad():
+        layer(torch.randn(2, 1, 172).bfloat16())  # decoding two sequences
+        layer(torch.randn(1, 40, 172).bfloat16())  # a prompt
+    layer(torch.randn(2, 1, 172).bfloat16())  # gradients enabled: training
+    assert calls == [(2, 172)]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_load_uses_the_kernels_for_cpu_bfloat16(quantize: str | None) -> None:
+    llm = llamaforge.load(dtype="bfloat16", quantize=quantize)
+    kinds = {type(m).__name__ for m in llm.model.modules() if isinstance(m, nn.Linear | QuantizedLinear)}
+    assert kinds == ({"QuantizedLinear"} if quantize else {"Bf16Linear"})
+    assert llamaforge.load(dtype="float32").model.lm_head.__class__ is nn.Linear

@@ -1,7 +1,15 @@
 """Quantized weights: int8 / int4 for fast inference (llama.cpp's Q8_0 / Q4_0 rules), NF4 for QLoRA."""
 
 from llamaforge.quantize.formats import QuantizedWeight, dequantize_weight, from_gguf_blocks, quantize_weight
-from llamaforge.quantize.linear import MODES, QuantizedLinear, linear_bytes, parse_mode, quantize_model
+from llamaforge.quantize.linear import (
+    MODES,
+    Bf16Linear,
+    QuantizedLinear,
+    linear_bytes,
+    parse_mode,
+    quantize_model,
+    use_bf16_kernel,
+)
 from llamaforge.quantize.nf4 import (
     NF4_CODE,
     NF4Linear,
@@ -16,8 +24,8 @@ from llamaforge.quantize.nf4 import (
 )
 
 __all__ = [
-    "MODES", "NF4_CODE", "NF4Linear", "NF4Weight", "QuantizedLinear", "QuantizedWeight", "dequantize_nf4",
+    "MODES", "NF4_CODE", "Bf16Linear", "NF4Linear", "NF4Weight", "QuantizedLinear", "QuantizedWeight", "dequantize_nf4",
     "dequantize_nf4_blockwise", "dequantize_weight", "from_gguf_blocks", "linear_bytes", "pack_4bit", "parse_mode",
     "quantize_linears_nf4", "quantize_model", "quantize_nf4", "quantize_nf4_blockwise", "quantize_weight",
-    "unpack_4bit",
+    "unpack_4bit", "use_bf16_kernel",
 ]

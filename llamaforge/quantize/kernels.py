@@ -33,6 +33,10 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                  "-mf16c", "-mfma")
+# The bfloat16 kernel is its own library: built with AVX-512 BF16 enabled, it must never load on a CPU without it.
+BF16_SOURCE = Path(__file__).with_name("bf16linear.c")
+BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+BF16_COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 ACTIVATION_BLOCK = 32
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -42,19 +46,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamaforge" / "kernels"
 
 
-def missing_cpu_flags() -> list[str]:
-    """The instruction sets the kernel needs that this CPU lacks (all of them off x86-64 Linux)."""
+def missing_cpu_flags(needed: tuple[str, ...] = CPU_FLAGS) -> list[str]:
+    """The instruction sets of `needed` that this CPU lacks (all of them off x86-64 Linux)."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return list(CPU_FLAGS)
+        return list(needed)
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return list(CPU_FLAGS)
+        return list(needed)
     present = set(flags.split(":", 1)[1].split())
-    return [flag for flag in CPU_FLAGS if flag not in present]
+    return [flag for flag in needed if flag not in present]
 
 
-def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
+def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
     """Compile `source` into a shared library (once: the name hashes the source, flags and compiler); its path.
 
     Raises RuntimeError with the compiler's message when there is no compiler or it fails.
@@ -63,7 +67,7 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(source.read_bytes() + " ".join(COMPILE_FLAGS).encode() + version.encode()).hexdigest()
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()
     directory = directory or cache_dir()
     library = directory / f"{source.stem}-{digest[:16]}.so"
     if library.exists():
@@ -72,8 +76,7 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     # Build under a temporary name and rename: processes that build at once never load a half-written file.
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / library.name
-        result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(partial), str(source)], capture_output=True,
-                                text=True)
+        result = subprocess.run([compiler, *flags, "-o", str(partial), str(source)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} could not build {source.name}: {result.stderr.strip()[-2000:]}")
         os.replace(partial, library)
@@ -100,6 +103,49 @@ def native() -> ctypes.CDLL | None:
     library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
     library.dequantize.restype = None
     return library
+
+
+@cache
+def native_bf16() -> ctypes.CDLL | None:
+    """The compiled bfloat16 kernel library, or None (the reason logged once) where it cannot run."""
+    if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0" or missing_cpu_flags(BF16_CPU_FLAGS):
+        return None
+    try:
+        library = ctypes.CDLL(str(build(BF16_SOURCE, flags=BF16_COMPILE_FLAGS)))
+    except (RuntimeError, OSError) as exc:
+        log.warning("bfloat16 layers use torch's GEMM: %s", exc)
+        return None
+    library.bf16_linear.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int]
+    library.bf16_linear.restype = ctypes.c_int
+    return library
+
+
+@torch.compiler.assume_constant_result
+def bf16_available() -> bool:
+    """Whether the bfloat16 kernel loaded (a constant to torch.compile)."""
+    return native_bf16() is not None
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight.T for bfloat16 CPU tensors with the compiled kernel: (M, N) bfloat16."""
+    x, weight = x.contiguous(), weight.contiguous()
+    M, K = x.shape
+    y = torch.empty(M, weight.shape[0], dtype=torch.bfloat16)
+    if native_bf16().bf16_linear(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, weight.shape[0], K,
+                                 torch.get_num_threads()) != 0:
+        raise MemoryError(f"the bfloat16 kernel could not allocate room for {M} x {K} activations")
+    return y
+
+
+@torch.library.custom_op("llamaforge::bf16_linear", mutates_args=())
+def bf16_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`bf16_linear` as a torch operator, for torch.compile'd graphs."""
+    return bf16_linear(x, weight)
+
+
+@bf16_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.compiler.assume_constant_result

@@ -73,6 +73,29 @@ class QuantizedLinear(nn.Module):
                 f"group_size={self.group_size}")
 
 
+class Bf16Linear(nn.Linear):
+    """nn.Linear whose bfloat16 CPU decode steps run the AVX-512 BF16 kernel (same weight, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[-2] if x.dim() > 2 else 1
+        if (tokens > KERNEL_MAX_TOKENS or self.bias is not None or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or self.weight.dtype != torch.bfloat16 or torch.is_grad_enabled() or not kernels.bf16_available()):
+            return super().forward(x)
+        rows = x.reshape(-1, self.in_features)
+        linear = kernels.bf16_linear_op if torch.compiler.is_compiling() else kernels.bf16_linear
+        return linear(rows, self.weight).view(*x.shape[:-1], self.out_features)
+
+
+def use_bf16_kernel(model: nn.Module) -> int:
+    """Make every bias-free nn.Linear of `model` a Bf16Linear in place (sharing its weight); how many changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.bias is None:
+            module.__class__ = Bf16Linear  # a subclass adding only forward: no state to move or copy
+            changed += 1
+    return changed
+
+
 def parse_mode(mode: str, group_size: int | None = None) -> int:
     """The bit width of "int8" / "int4", after checking the group size suits it; ValueError naming the fix."""
     if mode not in MODES:
