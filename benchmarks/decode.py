@@ -55,7 +55,7 @@ from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.generate import generate_events
 from llamaforge.model import Llama, init_weights
-from llamaforge.quantize import linear_bytes, quantize_model
+from llamaforge.quantize import linear_bytes, quantize_model, use_bf16_kernel
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llamacpp-python", help="Python of a venv with llama-cpp-python (default: "
                         "$LLAMACPP_PYTHON, else .venv-llamacpp/bin/python if it exists)")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers (fp32 and bf16 only anyway)")
+    parser.add_argument("--compile", action="store_true", help="also measure llamaforge with compiled decode steps "
+                        "(its compile happens in the warm-up run)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -126,11 +128,14 @@ def hf_twin(model: Llama) -> LlamaForCausalLM:
     return hf_model.eval()
 
 
-def run_ours(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds per token, generated ids) of one greedy llamaforge run."""
+def run_ours(model: Llama, prompt: list[int], new_tokens: int,
+             compile: bool = False) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode seconds per token, generated ids) of one greedy llamaforge run (steps that
+    compiled a graph, in the warm-up, are not counted as decoding)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
     timings: dict[str, float] = {}
-    tokens = [event.token_id for event in generate_events(model, None, [prompt], [params], timings=timings)]
+    tokens = [event.token_id for event in generate_events(model, None, [prompt], [params], timings=timings,
+                                                          compile=compile)]
     return timings["prefill_s"], timings["decode_s"] / timings["decode_steps"], tokens
 
 
@@ -205,8 +210,9 @@ class LlamaCpp:
             raise RuntimeError(f"llama.cpp: {answer['error']}")
         return answer
 
-    def load(self, path: Path, threads: int, context: int) -> None:
-        self.version = self.ask(op="load", path=str(path), threads=threads, context=context)["version"]
+    def load(self, path: Path, threads: int, context: int, logits_all: bool = False) -> None:
+        self.version = self.ask(op="load", path=str(path), threads=threads, context=context,
+                                logits_all=logits_all)["version"]
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         answer = self.ask(op="run", prompt=prompt, new_tokens=new_tokens)
@@ -249,10 +255,14 @@ def gguf_files(model: Llama, modes: list[str], workdir: Path, llamacpp: LlamaCpp
 
 
 def model_in_mode(base: Llama, mode: str) -> Llama:
-    """The benchmark model in `mode`: cast, or a quantized copy of the bfloat16 weights."""
+    """The benchmark model in `mode` as `llamaforge.load` makes it: cast (bfloat16 linears decoding through the
+    AVX-512 BF16 kernel where the CPU has it), or a quantized copy of the bfloat16 weights."""
     dtype, quantize, _ = MODES[mode]
     if quantize is None:
-        return base.to(dtype)
+        model = base.to(dtype)
+        if dtype == torch.bfloat16:
+            use_bf16_kernel(model)
+        return model
     return quantize_model(copy.deepcopy(base.to(dtype)), quantize)
 
 
@@ -261,6 +271,8 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
     """Measure llamaforge, llama.cpp and (float modes) HF in one mode; a JSON-ready row."""
     ours = model_in_mode(base, mode)
     runs: dict[str, Run] = {"llamaforge": lambda: run_ours(ours, prompt, args.new_tokens)}
+    if args.compile:
+        runs["llamaforge --compile"] = lambda: run_ours(ours, prompt, args.new_tokens, compile=True)
     if llamacpp is not None:
         llamacpp.load(gguf[mode], args.threads, args.prompt_len + args.new_tokens + 8)
         runs["llama.cpp"] = lambda: llamacpp.run(prompt, args.new_tokens)
@@ -323,24 +335,32 @@ def format_table(report: dict) -> str:
         f"median of {setup['repeats']}; torch {setup['torch']}, llama-cpp-python {setup['llama_cpp_python']}, "
         f"transformers {setup['transformers']}",
         "",
-        "| mode | weights MB | metric | llamaforge | llama.cpp | HF | ours / llama.cpp | ours / HF |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| mode | weights MB | metric | llamaforge | llamaforge --compile | llama.cpp | HF | ours / llama.cpp | "
+        "compiled / llama.cpp | ours / HF |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(row: dict, name: str, key: str, digits: int) -> str:
         return f"{row[name][key]:.{digits}f}" if name in row else "-"
 
-    def ratio(row: dict, name: str, key: str) -> str:
-        return f"{row['ratio'][name][key]:.2f}" if name in row["ratio"] else "-"
+    def ratio(row: dict, name: str, key: str, baseline: str) -> str:
+        if name not in row or baseline not in row:
+            return "-"
+        return f"{row[name][key] / row[baseline][key]:.2f}"
 
+    compiled = "llamaforge --compile"
     for row in report["results"]:
         head = f"| {row['mode']} | {row['weight_bytes'] / 1e6:.0f} |"
         for key, label, digits in (("prefill_tok_s", "prefill tok/s", 1), ("decode_tok_s", "decode tok/s", 2)):
-            values = " | ".join(cell(row, name, key, digits) for name in ("llamaforge", "llama.cpp", "hf"))
-            lines.append(f"{head} {label} | {values} | {ratio(row, 'llama.cpp', key)} | {ratio(row, 'hf', key)} |")
-        lines.append(f"{head} decode GB/s | {cell(row, 'llamaforge', 'decode_gb_s', 1)} | | | | |")
-        agree = " / ".join(f"{name} {row[name]['tokens_agree']}" for name in ("llama.cpp", "hf") if name in row)
-        lines.append(f"{head} tokens agree (of {setup['new_tokens']}) | | {agree} | | | |")
+            values = " | ".join(cell(row, name, key, digits) for name in ("llamaforge", compiled, "llama.cpp", "hf"))
+            ratios = " | ".join(ratio(row, name, key, baseline) for name, baseline in (
+                ("llamaforge", "llama.cpp"), (compiled, "llama.cpp"), ("llamaforge", "hf")))
+            lines.append(f"{head} {label} | {values} | {ratios} |")
+        gb_s = " | ".join(cell(row, name, "decode_gb_s", 1) for name in ("llamaforge", compiled))
+        lines.append(f"{head} decode GB/s | {gb_s} | | | | | |")
+        agree = " / ".join(f"{name} {row[name]['tokens_agree']}" for name in (compiled, "llama.cpp", "hf")
+                           if name in row)
+        lines.append(f"{head} tokens agree (of {setup['new_tokens']}) | | {agree} | | | | | |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ this script there and talks to it in JSON lines on stdin / stdout, one request a
     {"op": "quantize", "source": "f16.gguf", "out": "q4_0.gguf", "kind": "q4_0"}   llama.cpp's own quantizer
     {"op": "load", "path": "model.gguf", "threads": 2, "context": 512}
     {"op": "run", "prompt": [1, 2, ...], "new_tokens": 32}  -> prefill_s, decode_s_per_token, tokens
+    {"op": "nll", "tokens": [1, 2, ...], "scored": [false, true, ...]}  -> summed negative log-likelihood of the
+        scored tokens (load with logits_all)
 
 A run is greedy, from an empty KV cache (no prefix reuse), timed like llamaforge's: prefill is the time to the
 first new token, decode the time from the first to the last new token per later token.
@@ -19,6 +21,7 @@ import sys
 import time
 
 import llama_cpp
+import numpy as np
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
 
@@ -40,10 +43,21 @@ class Runner:
     def __init__(self) -> None:
         self.llm = None
 
-    def load(self, path: str, threads: int, context: int) -> dict:
+    def load(self, path: str, threads: int, context: int, logits_all: bool = False) -> dict:
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=context, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+                                   n_threads_batch=threads, logits_all=logits_all, verbose=False)
         return {"version": llama_cpp.__version__}
+
+    def nll(self, tokens: list[int], scored: list[bool]) -> dict:
+        """Summed negative log-likelihood of the scored tokens given the tokens before each, from one evaluation."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        logits = np.asarray(self.llm.scores[: len(tokens) - 1], dtype=np.float64)  # (T - 1, V): row i predicts i + 1
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        positions = [i for i in range(1, len(tokens)) if scored[i]]
+        total = -sum(log_probs[i - 1, tokens[i]] for i in positions)
+        return {"nll": float(total), "count": len(positions)}
 
     def run(self, prompt: list[int], new_tokens: int) -> dict:
         self.llm.reset()  # n_tokens = 0: generate() then evaluates the whole prompt, nothing is reused
@@ -68,6 +82,8 @@ def main() -> None:
                 answer = quantize(**request)
             elif op == "load":
                 answer = runner.load(**request)
+            elif op == "nll":
+                answer = runner.nll(**request)
             else:
                 answer = runner.run(**request)
         except Exception as exc:  # reported to decode.py, which stops with it

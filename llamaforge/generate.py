@@ -7,8 +7,9 @@ position (see model.py), so no row waits on or sees another's padding. Text is r
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -280,8 +281,8 @@ KV_BUCKET = 256
 class Decoder:
     """Runs decode steps, eagerly or compiled, and accounts for compile time.
 
-    Compiled: `decode_one_token` under torch.compile, one compiled function per model, kept on the model so
-    every generate call and the engine reuse its graphs. On the CPU that fuses the work between matmuls into
+    Compiled: `decode_one_token` under torch.compile (`compiled_decode`), whose graphs every generate call and
+    the engine reuse. On the CPU that fuses the work between matmuls into
     generated C++ and calls the int8/int4 kernel as one operator; on CUDA, mode "reduce-overhead" replays the
     step as a CUDA graph. Shapes change with the batch size and the attention length, bucketed by KV_BUCKET;
     torch recompiles for a new shape once, then treats it as dynamic.
@@ -289,7 +290,7 @@ class Decoder:
 
     def __init__(self, model: Llama, compile: bool) -> None:
         self.model = model
-        self.compiled = compiled_decode(model) if compile else None
+        self.compiled = compiled_decode(model.device.type == "cuda") if compile else None
         self.compile_s = 0.0  # seconds spent in steps that compiled a graph
         self.compiling_steps = 0
 
@@ -301,28 +302,24 @@ class Decoder:
         bucket = min(-(-kv_len // KV_BUCKET) * KV_BUCKET, kv_cache[0].k.shape[2])
         graphs = compiled_graph_count()
         started = time.perf_counter()
-        logits = self.compiled(token_ids, input_pos, kv_cache, bucket)
+        logits = self.compiled(self.model, token_ids, input_pos, kv_cache, bucket)
         if compiled_graph_count() != graphs:
             self.compile_s += time.perf_counter() - started
             self.compiling_steps += 1
         return logits
 
 
-def compiled_decode(model: Llama):
-    """`decode_one_token` for `model` under torch.compile, made once per model."""
-    compiled = getattr(model, "compiled_decode", None)
-    if compiled is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
+@functools.cache
+def compiled_decode(cuda: bool) -> Callable[..., torch.Tensor]:
+    """`decode_one_token` under torch.compile, made once per process (and device kind).
 
-        def step(token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache],
-                 kv_len: int) -> torch.Tensor:
-            return decode_one_token(model, token_ids, input_pos, kv_cache, kv_len)
-
-        # emulate_precision_casts: round where eager rounds to bfloat16 between fused ops, so compiled tokens are
-        # eager's tokens, not a near-tie away from them.
-        compiled = torch.compile(step, mode=mode, options={"emulate_precision_casts": True})
-        model.compiled_decode = compiled
-    return compiled
+    The model is an argument, not a closure: torch treats its weights as inputs, so models of one shape and
+    dtype share the compiled graphs, and a copy of a model never calls into its original.
+    """
+    # emulate_precision_casts: round where eager rounds to bfloat16 between fused ops, so compiled tokens are
+    # eager's tokens, not a near-tie away from them.
+    return torch.compile(decode_one_token, mode="reduce-overhead" if cuda else None,
+                         options={"emulate_precision_casts": True})
 
 
 def compiled_graph_count() -> int:
