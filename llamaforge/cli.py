@@ -238,9 +238,14 @@ def _read_dialog(path: Path) -> list[dict]:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Show a checkpoint's format, config, parameter count, dtype, size in bytes and context length."""
+    from llamaforge.quantize import QuantizedLinear
+
     llm = _load(args)
-    params = sum(p.numel() for p in llm.model.parameters())
-    size = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    quantized = [m for m in llm.model.modules() if isinstance(m, QuantizedLinear)]
+    # Parameters as the network counts them, whether stored as floats or as int8 / int4 codes.
+    params = sum(p.numel() for p in llm.model.parameters()) + sum(m.in_features * m.out_features for m in quantized)
+    size = sum(p.numel() * p.element_size() for p in llm.model.parameters()) + sum(
+        m.codes.nbytes + m.scales.nbytes for m in quantized)
     config = llm.config
     info = {
         "source": llm.source, "format": llm.format, "parameters": params, "dtype": str(llm.dtype).replace("torch.", ""),
@@ -359,6 +364,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from llamaforge.api import load
     from llamaforge.chat import JINJA_TEMPLATE
     from llamaforge.checkpoint.gguf import WEIGHT_TYPES, write_gguf
+    from llamaforge.quantize import dense_state_dict
 
     out = Path(args.out)
     # Checked before the weights load: a typo should not cost a 7B load.
@@ -366,19 +372,40 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise LlamaforgeError(f"--out {out}: give a new file name ending in .gguf")
     if args.type not in WEIGHT_TYPES:
         raise LlamaforgeError(f"--type {args.type}: choose one of {', '.join(WEIGHT_TYPES)}")
-    # Dense weights (a quantized GGUF's dequantized), for the exporter to store in the type asked.
+    # Dense weights (a quantized GGUF's dequantized, a quantized folder's below), stored in the type asked.
     llm = load(args.model, dtype=args.dtype, device=args.device or "cpu", tokenizer=args.tokenizer,
                adapter=args.adapter, quantize=None)
     if llm.tokenizer is None:
         raise LlamaforgeError(f"{llm.source} has no tokenizer, and a GGUF file carries one: pass --tokenizer "
                               "tokenizer.model")
     # The Llama 2 chat format as a Jinja template, so llama.cpp's chat endpoint formats dialogs as llamaforge does.
-    write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, out, args.type, name=Path(str(llm.source)).name,
-               chat_template=JINJA_TEMPLATE)
+    write_gguf(dense_state_dict(llm.model), llm.config, llm.tokenizer, out, args.type,
+               name=Path(str(llm.source)).name, chat_template=JINJA_TEMPLATE)
     if args.json:
         _print_json({"out": str(out), "type": args.type, "bytes": out.stat().st_size})
     else:
         print(f"wrote {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Write an int8 / int4 copy of a model (an HF folder) that loads quantized, without quantizing again."""
+    from llamaforge.api import load
+    from llamaforge.chat import JINJA_TEMPLATE
+    from llamaforge.checkpoint.hf import save_hf_dir
+    from llamaforge.checkpoint.quantized import quantization_config
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # checked before a 7B load, not after
+        raise LlamaforgeError(f"--out {out} already exists; give a new directory")
+    llm = load(args.model, dtype=args.dtype, device="cpu", tokenizer=args.tokenizer, adapter=args.adapter,
+               quantize=args.type, group_size=args.group_size)
+    save_hf_dir(llm.model.state_dict(), llm.config, out, llm.tokenizer, chat_template=JINJA_TEMPLATE,
+                quantization=quantization_config(llm.model, args.type))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    if args.json:
+        _print_json({"out": str(out), "type": args.type, "group_size": args.group_size, "bytes": size})
+    else:
+        print(f"wrote {out} ({args.type}, {size / 2**20:.1f} MiB); load it with --model {out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -599,6 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .gguf file to write")
     export.add_argument("--type", default="f16", help="how the weights are stored: f32, f16 (default), bf16, q8_0 "
                         "or q4_0 (output.weight then q8_0, as llamaforge's int4 keeps it); norms stay f32")
+
+    quantize = add("quantize", cmd_quantize)
+    _model_flags(quantize)
+    _adapter_flag(quantize)
+    quantize.add_argument("--out", required=True, help="directory for the quantized model")
+    quantize.add_argument("--type", required=True, choices=["int8", "int4"], help="int8 (one scale per row unless "
+                          "--group-size) or int4 (groups of 32 unless --group-size)")
+    quantize.add_argument("--group-size", type=int, help="weights per scale: 32, 64 or 128")
 
     evaluation = add("eval", cmd_eval)
     _model_flags(evaluation)

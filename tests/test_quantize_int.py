@@ -3,6 +3,7 @@ torch fallback, quantized models (stories260K's greedy tokens, the engine), and 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from llamaforge.engine import Engine, EngineRequest
 from llamaforge.errors import CheckpointError
 from llamaforge.model import Llama, init_weights
 from llamaforge.quantize import (
+    MODES,
     Bf16Linear,
     QuantizedLinear,
     dequantize_weight,
@@ -274,3 +276,48 @@ def test_load_uses_the_kernels_for_cpu_bfloat16(quantize: str | None) -> None:
     kinds = {type(m).__name__ for m in llm.model.modules() if isinstance(m, nn.Linear | QuantizedLinear)}
     assert kinds == ({"QuantizedLinear"} if quantize else {"Bf16Linear"})
     assert llamaforge.load(dtype="float32").model.lm_head.__class__ is nn.Linear
+
+
+@pytest.mark.parametrize(("mode", "group"), [("int8", None), ("int4", 64)])
+def test_a_quantized_checkpoint_loads_back_as_saved(tmp_path, mode: str, group: int | None) -> None:
+    """`llamaforge quantize` writes an HF folder of codes and scales; loading it quantizes nothing again."""
+    from llamaforge.cli import main
+
+    out = tmp_path / "quantized"
+    args = ["quantize", "--out", str(out), "--type", mode] + (["--group-size", str(group)] if group else [])
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    layers = config["quantization_config"]["layers"]
+    assert layers["lm_head"]["bits"] == 8 and layers["model.layers.3.mlp.down_proj"] == {
+        "bits": MODES[mode], "group_size": group or 512}  # per row: the row's width, 512
+    direct = llamaforge.load(quantize=mode, group_size=group)
+    loaded = llamaforge.load(out)
+    for (name, a), (_, b) in zip(direct.model.named_modules(), loaded.model.named_modules(), strict=True):
+        if isinstance(a, QuantizedLinear):
+            assert isinstance(b, QuantizedLinear) and torch.equal(a.codes, b.codes), name
+            assert torch.equal(a.scales, b.scales) and (a.bits, a.group_size) == (b.bits, b.group_size), name
+    messages = [{"role": "user", "content": "What is 25 + 17?"}]
+    assert loaded.chat(messages, temperature=0.0).text == direct.chat(messages, temperature=0.0).text
+    assert main(args) == 2  # the folder exists now: refused before loading anything
+    # It exports to GGUF (dequantized, then stored as asked) and loads back from there with the same answer.
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "m.gguf"), "--type", "f32"]) == 0
+    assert llamaforge.load(tmp_path / "m.gguf").chat(messages, temperature=0.0).text == direct.chat(
+        messages, temperature=0.0).text
+
+
+def test_a_quantized_checkpoint_that_does_not_match_its_config_is_refused(tmp_path) -> None:
+    from llamaforge.cli import main
+
+    out = tmp_path / "quantized"
+    assert main(["quantize", "--out", str(out), "--type", "int4"]) == 0
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["layers"]["model.layers.1.mlp.up_proj"]["group_size"] = 128
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.scales with shape \(512, 6\), but "
+                                              r"model\.layers\.1\.mlp\.up_proj .* needs \(512, 2\)"):
+        llamaforge.load(out)
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantized with 'gptq', which llamaforge does not read"):
+        llamaforge.load(out)

@@ -2,6 +2,7 @@
 
 Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`, a
 GGUF file (llama.cpp's; Q8_0 / Q4_0 linear weights can stay quantized, other quantized types are dequantized);
+an HF folder written by `llamaforge quantize` (int8 / int4 layers, quantized.py);
 the name `demo` is the small chat model shipped inside the package (built by recipes/demo/run.py).
 The config is checked against the tensors the checkpoint's headers list (inventory.py) before a model is
 built from it. Tensors then stream one at a time into a model built on the meta device, each cast to the
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llamaforge.checkpoint import gguf, hf, hub, inventory, llama2c, meta
+from llamaforge.checkpoint import gguf, hf, hub, inventory, llama2c, meta, quantized
 from llamaforge.checkpoint.keymaps import IGNORED_KEYS
 from llamaforge.config import DEMO, ModelArgs
 from llamaforge.errors import CheckpointError, LlamaforgeError, TokenizerError
@@ -118,9 +119,15 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
     device = pick_device(device)
     if kind == "hf":
         config = hf.read_config(path)
-        inventory.check(config, hf.read_inventory(path))
+        found = hf.read_inventory(path)
+        layers = quantized.quantized_layers(path)  # a folder `llamaforge quantize` wrote: int8 / int4 layers
+        if layers is not None:
+            quantized.check_inventory(config, found, layers)
+        inventory.check(config, found)
         dtype = dtype or hf.stored_dtype(path)
-        tensors = hf.iter_tensors(path, dtype, device)
+        tensors = hf.iter_tensors(path, None if layers else dtype, device)
+        if layers is not None:
+            tensors = quantized.group_tensors(tensors, layers, quantized.in_features_of(config, layers))
     elif kind == "meta":
         shards = meta.open_shards(path)
         config = meta.read_config(path, shards)

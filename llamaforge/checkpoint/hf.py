@@ -146,13 +146,20 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+QUANTIZED_PARTS = (".codes", ".scales")  # an int8 / int4 layer's tensors (checkpoint/quantized.py)
+
+
 def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: str | Path,
                 tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None,
-                max_shard_bytes: int = 5 * 2**30, chat_template: str | None = None) -> Path:
+                max_shard_bytes: int = 5 * 2**30, chat_template: str | None = None,
+                quantization: dict | None = None) -> Path:
     """Write an HF checkpoint (config.json, safetensors shards + index, tokenizer) atomically.
 
     With a tokenizer, tokenizer_config.json says how transformers should load it, and `chat_template` (a
     Jinja template, as chat.JINJA_TEMPLATE) lets its `apply_chat_template` format dialogs as llamaforge does.
+
+    `quantization` (quantized.quantization_config) goes into config.json for a state holding int8 / int4 layers,
+    whose codes and scales `dtype` leaves as they are.
 
     Files go to a sibling temporary folder that is renamed into place at the end, so a crash never
     leaves a directory that looks complete but is not.
@@ -166,7 +173,11 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    tensors = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in state.items()}
+    def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        keep = dtype is None or name.endswith(QUANTIZED_PARTS)  # codes and their float16 scales stay as they are
+        return tensor.detach().to("cpu", tensor.dtype if keep else dtype).contiguous()
+
+    tensors = {name: stored(name, t) for name, t in state.items()}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -189,8 +200,10 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index_data = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2))
-    stored = next(iter(tensors.values())).dtype
-    hf_config = config.to_hf_config() | {"torch_dtype": str(stored).removeprefix("torch.")}
+    floats = next(t.dtype for name, t in tensors.items() if not name.endswith(QUANTIZED_PARTS))
+    hf_config = config.to_hf_config() | {"torch_dtype": str(floats).removeprefix("torch.")}
+    if quantization is not None:
+        hf_config["quantization_config"] = quantization
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         saved = tokenizer.save(staging)

@@ -133,3 +133,13 @@ def linear_bytes(model: nn.Module) -> int:
             total += module.weight.nbytes
     return total
 
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with each quantized layer's codes and scales replaced by its dequantized weight."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            del state[f"{name}.codes"], state[f"{name}.scales"]
+            state[f"{name}.weight"] = module.dequantize(torch.float32)
+    return state

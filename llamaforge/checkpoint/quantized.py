@@ -1,0 +1,103 @@
+"""Quantized checkpoints: an HF folder whose linear layers are stored as int8 / int4 codes, loaded as they are.
+
+`llamaforge quantize` writes one; `load` reads it back without quantizing anything again. The folder is an
+HF checkpoint (config.json, safetensors shards, tokenizer files) with two differences:
+
+- each quantized linear `X` stores `X.codes` (uint8) and `X.scales` (float16) instead of `X.weight`, in the
+  layout of llamaforge/quantize/formats.py (rows padded to 128 weights; int4 two codes per byte);
+- config.json has `"quantization_config": {"quant_method": "llamaforge", "format_version": 1, "mode": ...,
+  "layers": {"X": {"bits": 8 | 4, "group_size": G}, ...}}`, G being the weights per scale along a row.
+
+transformers does not read this format (its quant_method is not one it knows); llamaforge does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from llamaforge.checkpoint.inventory import Inventory, expected_shapes
+from llamaforge.config import ModelArgs
+from llamaforge.errors import CheckpointError
+from llamaforge.quantize import QuantizedLinear, QuantizedWeight
+from llamaforge.quantize.formats import padded_width
+
+METHOD = "llamaforge"
+FORMAT_VERSION = 1
+
+
+def quantization_config(model: torch.nn.Module, mode: str) -> dict:
+    """The config.json entry describing `model`'s quantized layers."""
+    layers = {name: {"bits": m.bits, "group_size": m.group_size} for name, m in model.named_modules()
+              if isinstance(m, QuantizedLinear)}
+    return {"quant_method": METHOD, "format_version": FORMAT_VERSION, "mode": mode, "layers": layers}
+
+
+def quantized_layers(path: Path) -> dict[str, dict] | None:
+    """The layers map of an HF folder quantized by llamaforge; None for an ordinary checkpoint."""
+    try:
+        quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_config reports what is wrong with config.json
+    if not isinstance(quantization, dict):
+        return None
+    if quantization.get("quant_method") != METHOD:
+        raise CheckpointError(f"{path} is quantized with {quantization.get('quant_method')!r}, which llamaforge "
+                              "does not read; load the unquantized weights (llamaforge can quantize them itself: "
+                              "--quantize int8|int4)")
+    if quantization.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is a llamaforge quantized checkpoint of format version "
+                              f"{quantization.get('format_version')}; this llamaforge reads version {FORMAT_VERSION}")
+    return quantization["layers"]
+
+
+def check_inventory(config: ModelArgs, inventory: Inventory, layers: dict[str, dict]) -> None:
+    """Check each quantized layer's codes and scales against the config, then stand them in for its weight,
+    so the ordinary check (inventory.check) sees the dense checkpoint's names and shapes."""
+    dense = expected_shapes(config)
+    for layer, scheme in layers.items():
+        weight = f"{layer}.weight"
+        if weight not in dense:
+            raise CheckpointError(f"{inventory.config_file} quantizes {layer}, which a Llama model does not have")
+        N, K = dense[weight]
+        bits, group = scheme.get("bits"), scheme.get("group_size")
+        if bits not in (8, 4) or not isinstance(group, int) or group < 1:
+            raise CheckpointError(f"{inventory.config_file}: layer {layer} has bits={bits}, group_size={group}; "
+                                  "expected bits 8 or 4 and a positive group size")
+        expected = {f"{layer}.codes": (N, padded_width(K) * bits // 8), f"{layer}.scales": (N, -(-K // group))}
+        for name, shape in expected.items():
+            found = inventory.shapes.pop(name, None)
+            if found != shape:
+                raise CheckpointError(f"{inventory.weights('holds')} {name} with shape {found}, but {layer} "
+                                      f"({N} x {K}, {bits} bits, groups of {group}) needs {shape}; the files "
+                                      "and config.json do not belong together")
+            inventory.files.pop(name, None)
+        inventory.shapes[weight] = (N, K)
+
+
+def group_tensors(tensors: Iterable[tuple[str, torch.Tensor]], layers: dict[str, dict],
+                  in_features: dict[str, int]) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Pass tensors through, but join each quantized layer's codes and scales into one QuantizedWeight (named
+    like the weight it stands for) as soon as both have arrived."""
+    waiting: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        layer, _, part = name.rpartition(".")
+        if layer not in layers or part not in ("codes", "scales"):
+            yield name, tensor
+            continue
+        parts = waiting.setdefault(layer, {})
+        parts[part] = tensor
+        if len(parts) == 2:
+            del waiting[layer]
+            scheme = layers[layer]
+            yield f"{layer}.weight", QuantizedWeight(parts["codes"].contiguous(), parts["scales"].contiguous(),
+                                                     scheme["bits"], scheme["group_size"], in_features[layer])
+
+
+def in_features_of(config: ModelArgs, layers: dict[str, dict]) -> dict[str, int]:
+    """Each quantized layer's input width, from the config."""
+    dense = expected_shapes(config)
+    return {layer: dense[f"{layer}.weight"][1] for layer in layers}
