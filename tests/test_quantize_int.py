@@ -143,12 +143,14 @@ def test_quantize_model_replaces_every_linear_and_keeps_scales_in_float16() -> N
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert len(layers) == 2 * 7 + 1
-    assert layers["lm_head"].bits == 8 and layers["model.layers.0.mlp.down_proj"].bits == 4
-    # Codes: rows padded to 128 weights, 4 bits (8 for lm_head); float16 scales per 32 weights (per row for lm_head).
-    shapes = ([(64, 64)] * 2 + [(32, 64)] * 2 + [(172, 64)] * 2 + [(64, 172)]) * 2  # q, o; k, v; gate, up; down
+    assert layers["model.layers.0.mlp.up_proj"].bits == 4
+    # lm_head, and the down projections whose width 172 no group of 32 divides, are int8 with a scale per row.
+    assert layers["lm_head"].bits == 8 and layers["model.layers.0.mlp.down_proj"].bits == 8
+    # Codes: rows padded to 128 weights, 4 bits; float16 scales per 32 weights.
+    shapes = ([(64, 64)] * 2 + [(32, 64)] * 2 + [(172, 64)] * 2) * 2  # q, o; k, v; gate, up
     expected = sum(n * (-(-k // 128) * 128) // 2 + n * -(-k // 32) * 2 for n, k in shapes)
-    assert linear_bytes(model) == expected + 300 * 128 + 300 * 2
-    assert dense_bytes == 4 * (sum(n * k for n, k in shapes) + 300 * 64)
+    assert linear_bytes(model) == expected + 2 * (64 * 256 + 64 * 2) + 300 * 128 + 300 * 2
+    assert dense_bytes == 4 * (sum(n * k for n, k in shapes) + 2 * 64 * 172 + 300 * 64)
     model.to(torch.bfloat16)
     assert layers["lm_head"].scales.dtype == torch.float16 and model.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 5, 9]]))

@@ -109,16 +109,21 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None) -
 
     int8 uses one scale per output row unless `group_size` is given; int4 groups of `group_size` (default 32,
     llama.cpp's Q4_0). In int4 the output projection `lm_head` is stored in int8, as llama.cpp keeps its
-    output tensor at 6 bits or more: it decides every token, and is a small part of a 7B model's bytes.
+    output tensor at 6 bits or more: it decides every token, and is a small part of a 7B model's bytes. So is
+    a layer whose width the group size does not divide (none in Llama 2's shapes; stories260K's 172-wide down
+    projections), where llama.cpp's quantizer falls back to a wider type too.
     """
     bits = parse_mode(mode, group_size)
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name in targets:
         linear = model.get_submodule(name)
         head = name == "lm_head" or name.endswith(".lm_head")
+        ragged = group_size is not None and linear.in_features % group_size != 0
+        if bits == 4 and (head or linear.in_features % (group_size or 32) != 0):
+            quantized = QuantizedLinear.from_linear(linear, 8, None)
+        else:
+            quantized = QuantizedLinear.from_linear(linear, bits, None if bits == 8 and ragged else group_size)
         # One layer at a time: each dense weight is freed once its codes exist, so the peak stays one layer.
-        quantized = (QuantizedLinear.from_linear(linear, 8, None) if head and bits == 4
-                     else QuantizedLinear.from_linear(linear, bits, group_size))
         model.set_submodule(name, quantized)
     return model
 
