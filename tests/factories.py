@@ -357,3 +357,32 @@ def write_eval_model(directory: Path, tokenizer: Path, max_seq_len: int = 2048, 
     """A tiny random GQA model with room for 25-shot prompts; weights mild enough that choices stay close."""
     return write_hf_dir(directory, random_model(EVAL_CONFIG.replace(max_seq_len=max_seq_len), seed=seed, std=0.08),
                         tokenizer)
+
+
+def engine_tokens(llm, prompts: list[list[int]], params, max_batch_size: int, prefill_chunk: int,
+                  timeout: float = 300.0) -> list[list[int]]:
+    """Every prompt's generated token ids from a running Engine (all submitted at once), in prompt order."""
+    import threading
+
+    from llamaforge.engine import Engine, EngineRequest
+
+    results: list[list[int]] = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+    engine = Engine(llm, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk).start()
+
+    def emitter(index: int):
+        def emit(event) -> None:
+            assert not isinstance(event, BaseException), event
+            results[index].append(event.token_id)
+            if event.finish_reason:
+                done.release()
+        return emit
+
+    try:
+        for index, prompt in enumerate(prompts):
+            engine.submit(EngineRequest(prompt, params, emitter(index)))
+        for _ in prompts:
+            assert done.acquire(timeout=timeout), "the engine did not finish every request"
+    finally:
+        engine.stop()
+    return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +23,18 @@ def run_json(script: str, *args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_decode_benchmark_generates_what_transformers_generates() -> None:
-    report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8")
-    by_dtype = {row["dtype"]: row for row in report["results"]}
-    assert by_dtype["fp32"]["tokens_match"]
-    assert len(by_dtype["fp32"]["llamaforge"]["tokens"]) == 8
-    assert all(row["llamaforge"]["decode_tok_s"] > 0 and row["hf"]["decode_tok_s"] > 0 for row in by_dtype.values())
+def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -> None:
+    """fp32 greedy tokens agree with HF's (and llama.cpp's, where LLAMAFORGE_LLAMA_CPP_PYTHON names its python)."""
+    llama_cpp = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
+    report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--modes",
+                      "fp32,bf16,int4", *(["--llamacpp-python", llama_cpp] if llama_cpp else []))
+    by_mode = {row["mode"]: row for row in report["results"]}
+    assert set(by_mode) == {"fp32", "bf16", "int4"}
+    assert by_mode["fp32"]["hf"]["tokens_agree"] == 8 and len(by_mode["fp32"]["llamaforge"]["tokens"]) == 8
+    assert "hf" not in by_mode["int4"] and by_mode["int4"]["weight_bytes"] < by_mode["bf16"]["weight_bytes"]
+    if llama_cpp:
+        assert by_mode["fp32"]["llama.cpp"]["tokens_agree"] == 8
+    assert all(row["llamaforge"]["decode_tok_s"] > 0 for row in by_mode.values())
 
 
 @pytest.mark.slow

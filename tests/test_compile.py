@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
+from factories import engine_tokens
 
 import llamaforge
-from llamaforge.engine import Engine, EngineRequest
 from llamaforge.generate import Decoder
 from llamaforge.sampling import SamplingParams
 
@@ -40,22 +38,5 @@ def test_the_engine_decodes_compiled_with_eager_tokens() -> None:
     prompts = [llm.chat_tokens([{"role": "user", "content": q}]) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
     expected = [r.token_ids for r in llamaforge.load(quantize="int8").generate(prompts, params=params)]
-    results: list[list[int]] = [[] for _ in prompts]
-    done = threading.Semaphore(0)
-    engine = Engine(llm, max_batch_size=2, prefill_chunk=512).start()
-
-    def emitter(i: int):
-        def emit(event):
-            assert not isinstance(event, BaseException), event
-            results[i].append(event.token_id)
-            if event.finish_reason:
-                done.release()
-        return emit
-    try:
-        for i, prompt in enumerate(prompts):
-            engine.submit(EngineRequest(prompt, params, emitter(i)))
-        for _ in prompts:
-            assert done.acquire(timeout=300)
-    finally:
-        engine.stop()
+    results = engine_tokens(llm, prompts, params, max_batch_size=2, prefill_chunk=512)
     assert results == expected

@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import engine_tokens
 from torch import nn
 
 import llamaforge
 from llamaforge.config import ModelArgs
-from llamaforge.engine import Engine, EngineRequest
 from llamaforge.errors import CheckpointError
 from llamaforge.model import Llama, init_weights
 from llamaforge.quantize import (
@@ -192,25 +191,7 @@ def test_engine_results_do_not_depend_on_batch_composition() -> None:
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 
     def run(batch: int) -> list[list[int]]:
-        results: list[list[int]] = [[] for _ in prompts]
-        done = threading.Semaphore(0)
-        engine = Engine(llm, max_batch_size=batch, prefill_chunk=6).start()
-
-        def emitter(i: int):
-            def emit(event):
-                assert not isinstance(event, BaseException), event
-                results[i].append(event.token_id)
-                if event.finish_reason:
-                    done.release()
-            return emit
-        try:
-            for i, prompt in enumerate(prompts):
-                engine.submit(EngineRequest(prompt, params, emitter(i)))
-            for _ in prompts:
-                assert done.acquire(timeout=60)
-        finally:
-            engine.stop()
-        return results
+        return engine_tokens(llm, prompts, params, max_batch_size=batch, prefill_chunk=6, timeout=60)
 
     assert run(1) == run(5) == run(3)
 

@@ -146,44 +146,29 @@ static inline __attribute__((always_inline)) void row_dot(
         const __m512 run_ws = run_scales(row_scales, run, shape->group, shape->K, shape->n_groups);
         const int64_t first = run * (RUN / CHUNK);
         const int64_t last = first + RUN / CHUNK < chunks ? first + RUN / CHUNK : chunks;
-        if (bits == 8) {
-            for (int64_t c = first; c < last; c += 2) {
-                __m512i w_lo = _mm512_loadu_si512((const void *)(row + c * CHUNK));
-                __m512i w_hi = _mm512_loadu_si512((const void *)(row + (c + 1) * CHUNK));
-                __m512 ws_lo = _mm512_permutexvar_ps(permutation[c - first], run_ws);
-                __m512 ws_hi = _mm512_permutexvar_ps(permutation[c + 1 - first], run_ws);
-                for (int t = 0; t < tile; t++) {
-                    const int64_t m = m0 + t;
-                    const int8_t *xq = act->codes + m * Kp + c * CHUNK;
-                    __m512i dot_lo = _mm512_dpbusd_epi32(act->negbias[m * chunks + c], w_lo,
-                                                         _mm512_load_si512((const void *)xq));
-                    __m512i dot_hi = _mm512_dpbusd_epi32(act->negbias[m * chunks + c + 1], w_hi,
-                                                         _mm512_load_si512((const void *)(xq + CHUNK)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_lo), ws_lo),
-                                             act->scales[m * chunks + c], acc[t]);
-                    acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_hi), ws_hi),
-                                              act->scales[m * chunks + c + 1], acc2[t]);
-                }
-            }
-        } else {
-            for (int64_t c = first; c < last; c += 2) {
+        for (int64_t c = first; c < last; c += 2) {  // two 64-weight chunks a step: one 4-bit load holds both
+            __m512i w_lo, w_hi;
+            if (bits == 8) {
+                w_lo = _mm512_loadu_si512((const void *)(row + c * CHUNK));
+                w_hi = _mm512_loadu_si512((const void *)(row + (c + 1) * CHUNK));
+            } else {
                 __m512i packed = _mm512_loadu_si512((const void *)(row + c * CHUNK / 2));
-                __m512i w_lo = _mm512_and_si512(packed, low_nibbles);
-                __m512i w_hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-                __m512 ws_lo = _mm512_permutexvar_ps(permutation[c - first], run_ws);
-                __m512 ws_hi = _mm512_permutexvar_ps(permutation[c + 1 - first], run_ws);
-                for (int t = 0; t < tile; t++) {
-                    const int64_t m = m0 + t;
-                    const int8_t *xq = act->codes + m * Kp + c * CHUNK;
-                    __m512i dot_lo = _mm512_dpbusd_epi32(act->negbias[m * chunks + c], w_lo,
-                                                         _mm512_load_si512((const void *)xq));
-                    __m512i dot_hi = _mm512_dpbusd_epi32(act->negbias[m * chunks + c + 1], w_hi,
-                                                         _mm512_load_si512((const void *)(xq + CHUNK)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_lo), ws_lo),
-                                             act->scales[m * chunks + c], acc[t]);
-                    acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_hi), ws_hi),
-                                              act->scales[m * chunks + c + 1], acc2[t]);
-                }
+                w_lo = _mm512_and_si512(packed, low_nibbles);
+                w_hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+            }
+            __m512 ws_lo = _mm512_permutexvar_ps(permutation[c - first], run_ws);
+            __m512 ws_hi = _mm512_permutexvar_ps(permutation[c + 1 - first], run_ws);
+            for (int t = 0; t < tile; t++) {
+                const int64_t m = m0 + t;
+                const int8_t *xq = act->codes + m * Kp + c * CHUNK;
+                __m512i dot_lo = _mm512_dpbusd_epi32(act->negbias[m * chunks + c], w_lo,
+                                                     _mm512_load_si512((const void *)xq));
+                __m512i dot_hi = _mm512_dpbusd_epi32(act->negbias[m * chunks + c + 1], w_hi,
+                                                     _mm512_load_si512((const void *)(xq + CHUNK)));
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_lo), ws_lo),
+                                         act->scales[m * chunks + c], acc[t]);
+                acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_hi), ws_hi),
+                                          act->scales[m * chunks + c + 1], acc2[t]);
             }
         }
     }

@@ -5,7 +5,7 @@ FFN projection), each candidate multiplies one bfloat16 activation row by the we
 the candidate reads divided by its median time. Decoding reads every weight once a token, so this is the figure
 that bounds decode speed.
 
-    python benchmarks/kernels.py            # as root, `chrt -f 10` first keeps other load off the cores
+    python benchmarks/linear_kernels.py            # as root, `chrt -f 10` first keeps other load off the cores
 """
 
 from __future__ import annotations
