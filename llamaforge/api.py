@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 MANIFEST = "llamaforge_manifest.json"  # what finetune writes beside its outputs
+SPECULATE_MAX = 15  # a verify step's drafts plus one token stay within the int8/int4 kernel's 16 tokens
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -42,13 +43,14 @@ class LLM:
     """A model with its tokenizer: generate, chat and stream, in Meta's chat format."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, source: str = "", format: str = "",
-                 compile: bool = False) -> None:
+                 compile: bool = False, speculate: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelArgs = model.config
         self.source = source
         self.format = format
         self.compile = compile  # decode steps run torch.compile'd (generate.Decoder)
+        self.speculate = speculate  # draft up to this many tokens by prompt lookup (generate.speculative_events)
 
     @property
     def device(self) -> torch.device:
@@ -109,7 +111,7 @@ class LLM:
         batch_params = [params] * len(prompts)
         timings: dict[str, float] = {}
         events = generate_events(self.model, self.tokenizer, prompts, batch_params, prompt_as_context, timings,
-                                 self.compile)
+                                 self.compile, self.speculate)
         results = collect(events, prompts, batch_params)
         for result in results:
             result.timings = timings
@@ -119,7 +121,7 @@ class LLM:
                 prompt_as_context: bool) -> Iterator[str]:
         prompt_ids = self._fit(prompt_ids, params, truncate)
         for event in generate_events(self.model, self._require_tokenizer(), [prompt_ids], [params],
-                                     prompt_as_context, compile=self.compile):
+                                     prompt_as_context, compile=self.compile, speculate=self.speculate):
             if event.text:
                 yield event.text
 
@@ -146,7 +148,7 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto",
-         group_size: int | None = None, compile: bool = False) -> LLM:
+         group_size: int | None = None, compile: bool = False, speculate: int = 0) -> LLM:
     """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin; with no source
     (or "demo"), the small demo chat model built into the package, which needs no download.
 
@@ -161,8 +163,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     exactly the ones the adapter was trained against).
 
     `compile=True` runs decode steps torch.compile'd: the first generation pays for compiling (tens of seconds,
-    cached by torch across processes), later ones decode faster (docs/benchmarks.md).
+    cached by torch across processes), later ones decode faster (docs/benchmarks.md). `speculate=K` drafts up
+    to K tokens a step by prompt lookup when one prompt is generated (greedy output unchanged, sampling's
+    distribution unchanged); the engine does not speculate yet.
     """
+    if not isinstance(speculate, int) or not 0 <= speculate <= SPECULATE_MAX:
+        raise GenerationError(f"speculate={speculate!r}: draft 0 (off) to {SPECULATE_MAX} tokens a step")
     source = DEMO if source is None else source
     # Settings and the adapter are checked first: a mistake there should not cost loading the weights.
     if quantize not in ("auto", None, "none", "nf4", *MODES):
@@ -199,7 +205,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         quantize_model(checkpoint.model, quantize, group_size)
     if checkpoint.model.dtype == torch.bfloat16 and checkpoint.model.device.type == "cpu":
         use_bf16_kernel(checkpoint.model)  # dense bfloat16 layers decode through the AVX-512 BF16 kernel
-    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile)
+    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile, speculate)
 
 
 def trained_on_nf4(adapter: Path) -> bool:

@@ -52,6 +52,11 @@ def _compile_flag(parser: argparse.ArgumentParser) -> None:
                         help="run decode steps torch.compile'd: faster tokens after a one-time compile (default: off)")
 
 
+def _speculate_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculate", type=int, default=0, metavar="K",
+                        help="draft up to K tokens a step by prompt lookup (0-15; default 0, off); same greedy output")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, help=f"at most this many new tokens (default: {max_new_tokens}, "
                         "or what the context has room for after the prompt, whichever is less)")
@@ -80,7 +85,8 @@ def _load(args: argparse.Namespace):
 
     return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                 adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None) or "auto",
-                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False))
+                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False),
+                speculate=getattr(args, "speculate", 0))
 
 
 def _print_json(payload: dict) -> None:
@@ -578,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_flag(generate)
     _quantize_flag(generate)
     _compile_flag(generate)
+    _speculate_flag(generate)
     _sampling_flags(generate, max_new_tokens=128)
 
     chat = add("chat", cmd_chat)
@@ -586,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_flag(chat)
     _quantize_flag(chat)
     _compile_flag(chat)
+    _speculate_flag(chat)
     _sampling_flags(chat, max_new_tokens=512)
 
     template = add("template", cmd_template)

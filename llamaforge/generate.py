@@ -16,7 +16,15 @@ import torch
 
 from llamaforge.errors import GenerationError
 from llamaforge.model import KVCache, Llama
-from llamaforge.sampling import SamplingParams, make_generator, sample, token_logprobs
+from llamaforge.sampling import (
+    SamplingParams,
+    distribution,
+    draw,
+    make_generator,
+    penalized,
+    sample,
+    token_logprobs,
+)
 from llamaforge.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -176,13 +184,19 @@ class SequenceState:
 @torch.inference_mode()
 def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence[list[int]],
                     params: Sequence[SamplingParams], prompt_as_context: bool = True,
-                    timings: dict[str, float] | None = None, compile: bool = False) -> Iterator[TokenEvent]:
+                    timings: dict[str, float] | None = None, compile: bool = False,
+                    speculate: int = 0) -> Iterator[TokenEvent]:
     """Run prompts as one batch; yield a TokenEvent per generated token until every row has finished.
 
     With `prompt_as_context`, each row's text is what follows its prompt's text (a leading space kept);
     without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it. With `compile`, decode
-    steps run torch.compile'd (see `Decoder`); time spent compiling is reported as `compile_s`.
+    steps run torch.compile'd (see `Decoder`); time spent compiling is reported as `compile_s`. With
+    `speculate` K > 0, one prompt without log-probabilities decodes by prompt lookup (`speculative_events`).
     """
+    if speculate > 0 and len(prompts) == 1 and not (params[0].logprobs or params[0].top_logprobs):
+        yield from speculative_events(model, tokenizer, list(prompts[0]), params[0], speculate, prompt_as_context,
+                                      timings)
+        return
     device = model.device
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     sequences = [SequenceState(prompt, p, tokenizer, eos_id, device, prompt_as_context)
@@ -234,6 +248,88 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
                        decode_steps=max(produced) - 1 - decoder.compiling_steps)
         if compile:
             timings["compile_s"] = decoder.compile_s
+
+
+def propose_ngram(context: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup drafting: the (up to k) tokens that followed the latest earlier occurrence of the context's
+    last n tokens, trying n = max_ngram first, down to 1; [] when the tail never occurred before."""
+    if k < 1:
+        return []
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        tail = list(context[-n:])
+        for start in range(len(context) - n - 1, -1, -1):
+            if list(context[start:start + n]) == tail:
+                return list(context[start + n:start + n + k])
+    return []
+
+
+def verify_draft(logits: torch.Tensor, draft: int, params: SamplingParams, generator: torch.Generator,
+                 seen: torch.Tensor) -> tuple[int, bool]:
+    """The token this position emits given a drafted one, and whether that is the draft.
+
+    Greedy: the argmax, which accepts the draft exactly when plain decoding would have picked it. Sampling, with
+    a deterministic draft (the standard rule with q = one-hot): accept with probability p(draft), else draw
+    from p with the draft removed; either way the token is distributed as p, as plain decoding draws it.
+    """
+    logits = penalized(logits[None], [params], seen[None])  # (1, V)
+    if params.greedy:
+        token = int(logits.argmax())
+        return token, token == draft
+    probs = distribution(logits, [params])  # (1, V)
+    if torch.rand((), generator=generator, device=probs.device) < probs[0, draft]:
+        return draft, True
+    probs[0, draft] = 0.0
+    return int(draw(probs, [generator])[0]), False
+
+
+@torch.inference_mode()
+def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[int], params: SamplingParams,
+                       speculate: int, prompt_as_context: bool = True,
+                       timings: dict[str, float] | None = None) -> Iterator[TokenEvent]:
+    """`generate_events` for one prompt with prompt-lookup speculative decoding: each step drafts up to
+    `speculate` tokens from the text so far (`propose_ngram`), checks them all in one forward and keeps the
+    longest run the model agrees with, plus the model's own next token. Greedy output equals plain greedy
+    decoding's; sampled output has the same distribution (`verify_draft`)."""
+    device = model.device
+    eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
+    state = SequenceState(prompt, params, tokenizer, eos_id, device, prompt_as_context)
+    started = time.perf_counter()
+    kv_cache = model.new_kv_cache(1, len(prompt) + params.max_new_tokens)
+    logits = model(pad_rows([prompt], device), torch.arange(len(prompt), device=device)[None], kv_cache,
+                   logits_at=torch.tensor([len(prompt) - 1], device=device))  # (1, V)
+    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+    if params.repetition_penalty != 1.0:
+        seen[torch.tensor(prompt, device=device)] = True
+    token = int(sample(logits, [params], [state.generator], seen[None])[0])
+    first_token_at = time.perf_counter()
+    generated, position, steps, proposed, accepted = [token], len(prompt), 0, 0, 0
+    seen[token] = True
+    yield state.accept(0, token)
+    while not state.finished:
+        # Drafts stop short of the token budget, so every position written stays inside the cache.
+        draft = propose_ngram(prompt + generated, min(speculate, params.max_new_tokens - state.produced - 1))
+        inputs = torch.tensor([[generated[-1], *draft]], device=device)  # (1, 1 + d) from `position` on
+        positions = torch.arange(position, position + len(inputs[0]), device=device)[None]
+        logits = model(inputs, positions, kv_cache, kv_len=position + len(inputs[0]))[0]  # (1 + d, V)
+        steps, proposed = steps + 1, proposed + len(draft)
+        for i in range(len(draft) + 1):
+            if i < len(draft):
+                token, agreed = verify_draft(logits[i], draft[i], params, state.generator, seen)
+            else:
+                token, agreed = int(sample(logits[i:i + 1], [params], [state.generator], seen[None])[0]), False
+            accepted += agreed
+            generated.append(token)
+            seen[token] = True
+            yield state.accept(0, token)
+            if state.finished or not agreed:
+                break
+        # The newest token's key and value are written by the next step, at the position after its context.
+        position = len(prompt) + len(generated) - 1
+    if timings is not None:
+        timings.update(prefill_s=first_token_at - started, decode_s=time.perf_counter() - first_token_at,
+                       prompt_tokens=len(prompt), new_tokens=state.produced, decode_steps=state.produced - 1,
+                       verify_steps=steps, draft_tokens=proposed, accepted_tokens=accepted,
+                       acceptance_rate=accepted / proposed if proposed else 0.0)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

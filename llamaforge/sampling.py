@@ -101,17 +101,18 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V), each row by its own params and generator."""
+def penalized(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits (B, V) after each row's repetition penalty (greedy picks the argmax of these)."""
     logits = logits.float()
-    device = logits.device
     if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device)
         logits = apply_repetition_penalty(logits, seen, penalty)
-    greedy_ids = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):
-        return greedy_ids
+    return logits
+
+
+def distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The probabilities (B, V) each row samples from: penalized logits after temperature, top-k and top-p."""
+    device = logits.device
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     logits = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
@@ -119,11 +120,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         top_k = torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         logits = filter_top_k_top_p(logits, top_k, top_p)
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token id per row (B,) drawn from probs (B, V) with the row's generator."""
     # Gumbel-style sampling without a multinomial sync: argmax(p / q) with q ~ Exp(1) draws from p.
     noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
-    sampled_ids = (probs / noise).argmax(dim=-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V), each row by its own params and generator."""
+    logits = penalized(logits, params, seen)
+    greedy_ids = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_ids
+    sampled_ids = draw(distribution(logits, params), generators)
+    is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     return torch.where(is_greedy, greedy_ids, sampled_ids)
 
 
