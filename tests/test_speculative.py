@@ -12,7 +12,6 @@ from llamaforge.api import LLM
 from llamaforge.config import ModelArgs
 from llamaforge.errors import GenerationError
 from llamaforge.generate import propose_ngram
-from llamaforge.sampling import SamplingParams
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
