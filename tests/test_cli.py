@@ -179,9 +179,12 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path: Path, tiny_tokenizer_pat
     # answer runs to the token limit (no EOS in the first 300 tokens), so the answer cannot end by itself.
     config = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=400, hidden_dim=1024, max_seq_len=4096)
     model_dir = write_hf_dir(tmp_path / "m", random_model(config, std=0.02), tiny_tokenizer_path)
+    # As a terminal starts it: a shell's background job (a CI runner's, say) ignores SIGINT, and Python keeps an
+    # ignored SIGINT ignored, so restore the default before the chat starts.
     chat = subprocess.Popen([sys.executable, "-m", "llamaforge", "chat", "--model", str(model_dir),
                              "--max-new-tokens", "3000", "--temperature", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chat.stdin.write("Hello\n")
     chat.stdin.flush()
     first = chat.stdout.read(1)  # the answer has started streaming (nothing else is printed before it)
