@@ -43,14 +43,15 @@ class LLM:
     """A model with its tokenizer: generate, chat and stream, in Meta's chat format."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, source: str = "", format: str = "",
-                 compile: bool = False, speculate: int = 0) -> None:
+                 compile: bool = False, speculate: int = 0, draft: Llama | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelArgs = model.config
         self.source = source
         self.format = format
         self.compile = compile  # decode steps run torch.compile'd (generate.Decoder)
-        self.speculate = speculate  # draft up to this many tokens by prompt lookup (generate.speculative_events)
+        self.speculate = speculate  # draft up to this many tokens a step (generate.speculative_events)
+        self.draft = draft  # the model that drafts them (None: prompt lookup)
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +112,7 @@ class LLM:
         batch_params = [params] * len(prompts)
         timings: dict[str, float] = {}
         events = generate_events(self.model, self.tokenizer, prompts, batch_params, prompt_as_context, timings,
-                                 self.compile, self.speculate)
+                                 self.compile, self.speculate, self.draft)
         results = collect(events, prompts, batch_params)
         for result in results:
             result.timings = timings
@@ -121,7 +122,8 @@ class LLM:
                 prompt_as_context: bool) -> Iterator[str]:
         prompt_ids = self._fit(prompt_ids, params, truncate)
         for event in generate_events(self.model, self._require_tokenizer(), [prompt_ids], [params],
-                                     prompt_as_context, compile=self.compile, speculate=self.speculate):
+                                     prompt_as_context, compile=self.compile, speculate=self.speculate,
+                                     draft_model=self.draft):
             if event.text:
                 yield event.text
 
@@ -148,7 +150,8 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto",
-         group_size: int | None = None, compile: bool = False, speculate: int = 0) -> LLM:
+         group_size: int | None = None, compile: bool = False, speculate: int = 0,
+         draft_model: str | Path | None = None) -> LLM:
     """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin; with no source
     (or "demo"), the small demo chat model built into the package, which needs no download.
 
@@ -164,9 +167,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
 
     `compile=True` runs decode steps torch.compile'd: the first generation pays for compiling (tens of seconds,
     cached by torch across processes), later ones decode faster (docs/benchmarks.md). `speculate=K` drafts up
-    to K tokens a step by prompt lookup when one prompt is generated (greedy output unchanged, sampling's
-    distribution unchanged); the engine does not speculate yet.
+    to K tokens a step when one prompt is generated (greedy output unchanged, sampling's distribution unchanged):
+    with `draft_model` (a smaller model of the same vocabulary, loaded like this one; K defaults to 4), else by
+    prompt lookup. The engine does not speculate yet.
     """
+    if draft_model is not None and not speculate:
+        speculate = 4
     if not isinstance(speculate, int) or not 0 <= speculate <= SPECULATE_MAX:
         raise GenerationError(f"speculate={speculate!r}: draft 0 (off) to {SPECULATE_MAX} tokens a step")
     source = DEMO if source is None else source
@@ -205,7 +211,23 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         quantize_model(checkpoint.model, quantize, group_size)
     if checkpoint.model.dtype == torch.bfloat16 and checkpoint.model.device.type == "cpu":
         use_bf16_kernel(checkpoint.model)  # dense bfloat16 layers decode through the AVX-512 BF16 kernel
-    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile, speculate)
+    draft = None
+    if draft_model is not None:
+        draft = load_checkpoint(draft_model, checkpoint.model.dtype, checkpoint.model.device).model
+        check_draft_vocabulary(checkpoint.model.config, draft.config, draft_model)
+        if draft.dtype == torch.bfloat16 and draft.device.type == "cpu":
+            use_bf16_kernel(draft)
+    return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile, speculate, draft)
+
+
+def check_draft_vocabulary(config: ModelArgs, draft: ModelArgs, source: str | Path) -> None:
+    """Refuse a draft model whose token ids do not mean the model's (its vocabulary differs in size or ids)."""
+    if (draft.vocab_size, draft.bos_token_id, draft.eos_token_id) != (config.vocab_size, config.bos_token_id,
+                                                                        config.eos_token_id):
+        raise GenerationError(f"the draft model {source} has a {draft.vocab_size}-token vocabulary (BOS "
+                              f"{draft.bos_token_id}, EOS {draft.eos_token_id}) but the model {config.vocab_size} "
+                              f"(BOS {config.bos_token_id}, EOS {config.eos_token_id}); a draft model must share "
+                              "the model's tokenizer")
 
 
 def trained_on_nf4(adapter: Path) -> bool:

@@ -54,7 +54,9 @@ def _compile_flag(parser: argparse.ArgumentParser) -> None:
 
 def _speculate_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculate", type=int, default=0, metavar="K",
-                        help="draft up to K tokens a step by prompt lookup (0-15; default 0, off); same greedy output")
+                        help="draft up to K tokens a step (0-15; default 0, off, or 4 with --draft-model), by prompt "
+                        "lookup unless --draft-model; same greedy output")
+    parser.add_argument("--draft-model", help="a smaller model with the same tokenizer that drafts the tokens")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -86,7 +88,7 @@ def _load(args: argparse.Namespace):
     return load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                 adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None) or "auto",
                 group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False),
-                speculate=getattr(args, "speculate", 0))
+                speculate=getattr(args, "speculate", 0), draft_model=getattr(args, "draft_model", None))
 
 
 def _print_json(payload: dict) -> None:

@@ -185,17 +185,18 @@ class SequenceState:
 def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence[list[int]],
                     params: Sequence[SamplingParams], prompt_as_context: bool = True,
                     timings: dict[str, float] | None = None, compile: bool = False,
-                    speculate: int = 0) -> Iterator[TokenEvent]:
+                    speculate: int = 0, draft_model: Llama | None = None) -> Iterator[TokenEvent]:
     """Run prompts as one batch; yield a TokenEvent per generated token until every row has finished.
 
     With `prompt_as_context`, each row's text is what follows its prompt's text (a leading space kept);
     without, it is `tokenizer.decode(new_ids)`, as Meta's chat_completion returns it. With `compile`, decode
     steps run torch.compile'd (see `Decoder`); time spent compiling is reported as `compile_s`. With
-    `speculate` K > 0, one prompt without log-probabilities decodes by prompt lookup (`speculative_events`).
+    `speculate` K > 0, one prompt without log-probabilities decodes speculatively (`speculative_events`), with
+    drafts from `draft_model` if given, else by prompt lookup.
     """
     if speculate > 0 and len(prompts) == 1 and not (params[0].logprobs or params[0].top_logprobs):
         yield from speculative_events(model, tokenizer, list(prompts[0]), params[0], speculate, prompt_as_context,
-                                      timings)
+                                      timings, draft_model)
         return
     device = model.device
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
@@ -264,32 +265,67 @@ def propose_ngram(context: Sequence[int], k: int, max_ngram: int = 3) -> list[in
 
 
 def verify_draft(logits: torch.Tensor, draft: int, params: SamplingParams, generator: torch.Generator,
-                 seen: torch.Tensor) -> tuple[int, bool]:
+                 seen: torch.Tensor, draft_probs: torch.Tensor | None = None) -> tuple[int, bool]:
     """The token this position emits given a drafted one, and whether that is the draft.
 
-    Greedy: the argmax, which accepts the draft exactly when plain decoding would have picked it. Sampling, with
-    a deterministic draft (the standard rule with q = one-hot): accept with probability p(draft), else draw
-    from p with the draft removed; either way the token is distributed as p, as plain decoding draws it.
+    Greedy: the argmax, which accepts the draft exactly when plain decoding would have picked it. Sampling: the
+    standard rule (Leviathan et al. 2023; Chen et al. 2023): accept with probability min(1, p(draft) / q(draft)),
+    else draw from max(p - q, 0) renormalised, where q (V,) is the distribution the draft was drawn from (None:
+    a deterministic draft, q one-hot). Either way the token is distributed as p, as plain decoding draws it.
     """
     logits = penalized(logits[None], [params], seen[None])  # (1, V)
     if params.greedy:
         token = int(logits.argmax())
         return token, token == draft
-    probs = distribution(logits, [params])  # (1, V)
-    if torch.rand((), generator=generator, device=probs.device) < probs[0, draft]:
+    probs = distribution(logits, [params])[0]  # (V,)
+    q = draft_probs if draft_probs is not None else torch.zeros_like(probs).index_fill_(0, torch.tensor(draft), 1.0)
+    if torch.rand((), generator=generator, device=probs.device) * q[draft] < probs[draft]:
         return draft, True
-    probs[0, draft] = 0.0
-    return int(draw(probs, [generator])[0]), False
+    residual = (probs - q).clamp_(min=0)
+    return int(draw(residual[None] / residual.sum(), [generator])[0]), False
+
+
+class DraftModel:
+    """Drafts with a smaller model of the same vocabulary, K tokens a step, keeping its own KV cache in step with
+    the text: the tokens it has not seen yet go in first, its rejected drafts are overwritten later."""
+
+    def __init__(self, model: Llama, max_len: int) -> None:
+        self.model = model
+        self.cache = model.new_kv_cache(1, max_len)
+        self.written = 0  # positions of the text whose keys and values the cache holds
+
+    def propose(self, context: list[int], k: int, params: SamplingParams,
+                generator: torch.Generator) -> tuple[list[int], torch.Tensor | None]:
+        """Up to k drafted tokens after `context`, and the distributions (k, V) they were drawn from."""
+        device = self.model.device
+        drafts, dists = [], []
+        feed = context[self.written:]
+        for _ in range(k):
+            inputs = torch.tensor([feed], device=device)
+            positions = torch.arange(self.written, self.written + len(feed), device=device)[None]
+            logits = self.model(inputs, positions, self.cache, logits_at=torch.tensor([len(feed) - 1], device=device),
+                                kv_len=self.written + len(feed))  # (1, V)
+            self.written += len(feed)
+            probs = distribution(logits.float(), [params])  # (1, V): the proposal q
+            token = int(logits.argmax()) if params.greedy else int(draw(probs, [generator])[0])
+            drafts.append(token)
+            dists.append(probs[0])
+            feed = [token]
+        return drafts, torch.stack(dists) if dists else None
+
+    def settle(self, context_before: int, accepted: int, proposed: int) -> None:
+        """After a verify step: the cache is right up to the context plus the accepted drafts it was fed."""
+        self.written = min(self.written, context_before + min(accepted, max(proposed - 1, 0)))
 
 
 @torch.inference_mode()
 def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[int], params: SamplingParams,
-                       speculate: int, prompt_as_context: bool = True,
-                       timings: dict[str, float] | None = None) -> Iterator[TokenEvent]:
-    """`generate_events` for one prompt with prompt-lookup speculative decoding: each step drafts up to
-    `speculate` tokens from the text so far (`propose_ngram`), checks them all in one forward and keeps the
-    longest run the model agrees with, plus the model's own next token. Greedy output equals plain greedy
-    decoding's; sampled output has the same distribution (`verify_draft`)."""
+                       speculate: int, prompt_as_context: bool = True, timings: dict[str, float] | None = None,
+                       draft_model: Llama | None = None) -> Iterator[TokenEvent]:
+    """`generate_events` for one prompt with speculative decoding: each step drafts up to `speculate` tokens, by
+    prompt lookup from the text so far (`propose_ngram`) or with `draft_model` (`DraftModel`), checks them all in
+    one forward and keeps the longest run the model agrees with, plus the model's own next token. Greedy output
+    equals plain greedy decoding's; sampled output has the same distribution (`verify_draft`)."""
     device = model.device
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     state = SequenceState(prompt, params, tokenizer, eos_id, device, prompt_as_context)
@@ -303,26 +339,36 @@ def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[i
     token = int(sample(logits, [params], [state.generator], seen[None])[0])
     first_token_at = time.perf_counter()
     generated, position, steps, proposed, accepted = [token], len(prompt), 0, 0, 0
+    drafter = DraftModel(draft_model, len(prompt) + params.max_new_tokens) if draft_model else None
     seen[token] = True
     yield state.accept(0, token)
     while not state.finished:
         # Drafts stop short of the token budget, so every position written stays inside the cache.
-        draft = propose_ngram(prompt + generated, min(speculate, params.max_new_tokens - state.produced - 1))
+        room = min(speculate, params.max_new_tokens - state.produced - 1)
+        if drafter is None:
+            draft, draft_probs = propose_ngram(prompt + generated, room), None
+        else:
+            draft, draft_probs = drafter.propose(prompt + generated, room, params, state.generator)
+        agreed_here = 0
         inputs = torch.tensor([[generated[-1], *draft]], device=device)  # (1, 1 + d) from `position` on
         positions = torch.arange(position, position + len(inputs[0]), device=device)[None]
         logits = model(inputs, positions, kv_cache, kv_len=position + len(inputs[0]))[0]  # (1 + d, V)
         steps, proposed = steps + 1, proposed + len(draft)
         for i in range(len(draft) + 1):
             if i < len(draft):
-                token, agreed = verify_draft(logits[i], draft[i], params, state.generator, seen)
+                token, agreed = verify_draft(logits[i], draft[i], params, state.generator, seen,
+                                             None if draft_probs is None else draft_probs[i])
             else:
                 token, agreed = int(sample(logits[i:i + 1], [params], [state.generator], seen[None])[0]), False
             accepted += agreed
+            agreed_here += agreed
             generated.append(token)
             seen[token] = True
             yield state.accept(0, token)
             if state.finished or not agreed:
                 break
+        if drafter is not None:
+            drafter.settle(position + 1, agreed_here, len(draft))
         # The newest token's key and value are written by the next step, at the position after its context.
         position = len(prompt) + len(generated) - 1
     if timings is not None:

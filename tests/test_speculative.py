@@ -78,3 +78,45 @@ def test_sampled_speculation_keeps_the_model_distribution() -> None:
 def test_speculate_must_be_in_range() -> None:
     with pytest.raises(GenerationError, match="speculate=16: draft 0 \\(off\\) to 15 tokens a step"):
         llamaforge.load(speculate=16)
+
+
+def test_a_draft_model_leaves_greedy_answers_unchanged() -> None:
+    """The demo model drafted for by its own int4 copy (and by itself: every draft accepted)."""
+    plain = llamaforge.load()
+    by_int4 = LLM(plain.model, plain.tokenizer, speculate=4, draft=llamaforge.load(quantize="int4").model)
+    by_itself = LLM(plain.model, plain.tokenizer, speculate=4, draft=plain.model)
+    for question in ("What is 37 + 45?", "Spell the word 'banana'.", "Which is larger, 512 or 215?"):
+        messages = [{"role": "user", "content": question}]
+        expected = plain.chat(messages, temperature=0.0)
+        drafted = by_int4.chat(messages, temperature=0.0)
+        assert drafted.token_ids == expected.token_ids and drafted.timings["acceptance_rate"] > 0.8
+        mirrored = by_itself.chat(messages, temperature=0.0)
+        # Every draft checked is accepted: after the first token, each step adds 4 drafts and 1 of its own, so the
+        # answer's other tokens and its EOS (len(token_ids) in all) take ceil(len / 5) steps.
+        assert mirrored.token_ids == expected.token_ids
+        assert mirrored.timings["verify_steps"] == -(-len(expected.token_ids) // 5)
+
+
+def test_sampled_speculation_with_a_draft_model_keeps_the_model_distribution() -> None:
+    """As the prompt-lookup test, with another random model (same vocabulary) drafting from its own distribution."""
+    config = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=20, hidden_dim=64, max_seq_len=64)
+    model, drafter = random_model(config, seed=0, std=0.5), random_model(config, seed=1, std=0.5)
+    llm = LLM(model, None, speculate=2, draft=drafter)
+    prompt = [1, 5, 9, 3]
+    with torch.inference_mode():
+        first = model(torch.tensor([prompt])).float()[0, -1].softmax(-1)
+        exact = sum(first[t1] * model(torch.tensor([prompt + [t1]])).float()[0, -1].softmax(-1)
+                    for t1 in range(config.vocab_size))
+    samples = 3000
+    counts = torch.zeros(config.vocab_size)
+    for seed in range(samples):
+        out = llm.generate(prompt, seed=seed, temperature=1.0, top_p=1.0, max_new_tokens=3, ignore_eos=True)
+        counts[out.token_ids[1]] += 1
+    expected = exact * samples
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 43.82, (chi2, counts.tolist(), expected.tolist())
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model_dir) -> None:
+    with pytest.raises(GenerationError, match="a draft model must share the model's tokenizer"):
+        llamaforge.load(draft_model=tiny_model_dir)
