@@ -209,14 +209,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         checkpoint.model.eval()
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
-    if checkpoint.model.dtype == torch.bfloat16 and checkpoint.model.device.type == "cpu":
-        use_bf16_kernel(checkpoint.model)  # dense bfloat16 layers decode through the AVX-512 BF16 kernel
+    use_bf16_kernel(checkpoint.model)  # dense bfloat16 CPU layers decode through the AVX-512 BF16 kernel
     draft = None
     if draft_model is not None:
         draft = load_checkpoint(draft_model, checkpoint.model.dtype, checkpoint.model.device).model
         check_draft_vocabulary(checkpoint.model.config, draft.config, draft_model)
-        if draft.dtype == torch.bfloat16 and draft.device.type == "cpu":
-            use_bf16_kernel(draft)
+        use_bf16_kernel(draft)
     return LLM(checkpoint.model, checkpoint.tokenizer, str(source), checkpoint.format, compile, speculate, draft)
 
 

@@ -258,8 +258,9 @@ class Llama(nn.Module):
 
         Without `input_pos` the rows are whole sequences starting at position 0 (training, scoring).
         With a cache, `input_pos` (B, T) says where each token sits in its row's timeline, and attention reads
-        the cache's first `kv_len` positions: by default up to the largest position (a host sync); a compiled
-        decode step passes the whole cache length, so shapes stay static. Without a cache, `input_pos` marks
+        the cache's first `kv_len` positions: by default up to the largest position (a host sync); callers that
+        know it pass it (generate and the engine count positions on the host; a compiled step rounds it up to a
+        bucket, so shapes change rarely). Without a cache, `input_pos` marks
         packed examples: positions restart at 0 where an example starts.
         """
         B, T = input_ids.shape

@@ -148,9 +148,19 @@ def stored_dtype(reader) -> torch.dtype:
     return torch.bfloat16 if "BF16" in types else torch.float16
 
 
+# Linear weights of these types load as int8 / int4 layers as stored (`iter_tensors(keep_quantized=True)`).
+KEPT_BITS = {"Q8_0": 8, "Q4_0": 4}
+
+
+def kept_bits(tensor) -> int | None:
+    """8 or 4 for a linear weight that can load quantized as stored; None for anything else (the embedding, a
+    table lookup rather than a product, included)."""
+    return None if tensor.name == "token_embd.weight" else KEPT_BITS.get(tensor.tensor_type.name)
+
+
 def has_kept_types(reader) -> bool:
-    """Whether any linear weight is Q8_0 or Q4_0, the types that load as int8 / int4 layers."""
-    return any(t.tensor_type.name in ("Q8_0", "Q4_0") and t.name != "token_embd.weight" for t in reader.tensors)
+    """Whether any linear weight loads as an int8 / int4 layer."""
+    return any(kept_bits(t) for t in reader.tensors)
 
 
 def tensor_array(tensor) -> np.ndarray:
@@ -172,16 +182,15 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
     the same codes and scales repacked, nothing rounded again) instead of dequantized floats; the embedding,
     a table lookup rather than a product, is dequantized as before.
     """
-    gguf = _gguf()
-    kept = {gguf.GGMLQuantizationType.Q8_0: 8, gguf.GGMLQuantizationType.Q4_0: 4}
     for tensor in reader.tensors:
         meta_name = rename(tensor.name, GGUF_TO_META)
         if meta_name is None:  # read_inventory has named it, and the load refused it
             continue
-        if keep_quantized and tensor.tensor_type in kept and tensor.name != "token_embd.weight":
+        bits = kept_bits(tensor) if keep_quantized else None
+        if bits is not None:
             shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
             blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
-            weight = from_gguf_blocks(blocks, kept[tensor.tensor_type], shape)
+            weight = from_gguf_blocks(blocks, bits, shape)
             # The q / k row order (Meta's interleaved -> HF's rotate-half) moves whole rows: find it by
             # permuting row numbers, then move the rows' codes and scales alike.
             name, rows = meta_to_hf(meta_name, torch.arange(shape[0], dtype=torch.float64)[:, None],

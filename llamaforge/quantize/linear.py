@@ -52,12 +52,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() > 2 else 1  # x is (..., T, K) in the model, (M, K) for a bare call
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        if tokens <= KERNEL_MAX_TOKENS and kernels.kernel_runs(rows) and torch.compiler.is_compiling():
-            out = kernels.qlinear_op(rows, self.codes, self.scales, self.bits, self.group_size, self.in_features)
-        elif tokens <= KERNEL_MAX_TOKENS and kernels.kernel_runs(rows):
-            out = kernels.qlinear(rows, self.weight_q)  # the operator's dispatch costs ~10 us a call in eager mode
-        else:
+        if tokens > KERNEL_MAX_TOKENS or not kernels.kernel_runs(rows):
             out = kernels.fallback_linear(rows, self.weight_q)
+        elif torch.compiler.is_compiling():
+            out = kernels.qlinear_op(rows, self.codes, self.scales, self.bits, self.group_size, self.in_features)
+        else:
+            out = kernels.qlinear(rows, self.weight_q)  # the operator's dispatch costs ~10 us a call in eager mode
         return out.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
@@ -87,10 +87,12 @@ class Bf16Linear(nn.Linear):
 
 
 def use_bf16_kernel(model: nn.Module) -> int:
-    """Make every bias-free nn.Linear of `model` a Bf16Linear in place (sharing its weight); how many changed."""
+    """Make every bias-free bfloat16 CPU nn.Linear of `model` a Bf16Linear in place (sharing its weight); how many
+    changed (none in a float32 or GPU model)."""
     changed = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.bias is None:
+        if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
+                and module.weight.device.type == "cpu"):
             module.__class__ = Bf16Linear  # a subclass adding only forward: no state to move or copy
             changed += 1
     return changed
