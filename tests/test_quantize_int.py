@@ -30,6 +30,7 @@ from llamaforge.quantize import (
     quantize_weight,
     use_bf16_kernel,
 )
+from llamaforge.quantize.formats import BIAS, from_stored, pack, stored_codes, unpack_codes
 from llamaforge.sampling import SamplingParams
 
 gguf = pytest.importorskip("gguf")
@@ -59,6 +60,43 @@ def test_groups_of_32_are_llama_cpp_codes_exactly(bits: int, kind: str) -> None:
     assert torch.equal(dequantize_weight(ours), torch.from_numpy(np.ascontiguousarray(reference)))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_layout_interleaves_16_rows_and_the_stored_layout_is_row_major(bits: int) -> None:
+    """Each byte sits where qlinear.c and formats.py say: the kernel's tiles of 16 rows x blocks of 32, and the
+    stored layout's rows of 128-weight runs; both rebuild the same weight."""
+    N, K = 20, 160  # a partial second tile; a partial second run of 128
+    values = torch.randint(-8 if bits == 4 else -127, 8 if bits == 4 else 128, (N, K), dtype=torch.int16)
+    scales = torch.rand(N, K // 32).half()
+    q = pack(values, scales, bits, 32)
+    code = values + BIAS[bits]  # (N, K)
+    assert q.codes.shape == (2, 5, 16 * 32 * bits // 8) and q.scales.shape == (2, 5, 16)
+    for n, k in [(0, 0), (3, 5), (15, 31), (16, 33), (19, 159), (7, 100)]:
+        tile, row, block, within = n // 16, n % 16, k // 32, k % 32
+        if bits == 8:
+            assert q.codes[tile, block, 64 * (within // 4) + 4 * row + within % 4] == code[n, k]
+        else:
+            byte = q.codes[tile, block, 64 * (within % 16 // 4) + 4 * row + within % 4]
+            assert (byte >> 4 if within >= 16 else byte & 0x0F) == code[n, k]
+        assert q.scales[tile, block, row] == scales[n, block]
+    padding = 0x88 if bits == 4 else BIAS[8]  # zero values: code = bias (in both nibbles)
+    assert (q.codes[1].view(5, -1, 16, 4)[:, :, 4:] == padding).all()  # rows 20-31 of the second tile
+    stored, stored_scales = stored_codes(q)
+    assert stored.shape == (N, 256 * bits // 8) and torch.equal(stored_scales, scales)
+    for n, k in [(0, 0), (4, 63), (4, 64), (9, 127), (19, 130), (19, 159)]:
+        if bits == 8:
+            assert stored[n, k] == code[n, k]
+        else:
+            byte = stored[n, k // 128 * 64 + k % 64]
+            assert (byte >> 4 if k % 128 >= 64 else byte & 0x0F) == code[n, k]
+    if bits == 8:
+        assert (stored[:, 160:] == padding).all()
+    else:  # bytes 64-127 hold weights 128-191 (low) and 192-255 (high): from byte 96 on both are padding
+        assert (stored[:, 96:] == padding).all() and (stored[:, 64:96] >> 4 == 8).all()
+    back = from_stored(stored, stored_scales, bits, 32, K)
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
+    assert torch.equal(unpack_codes(q), values)
+
+
 @pytest.mark.parametrize(("bits", "group"), SCHEMES)
 @pytest.mark.parametrize("width", WIDTHS)
 def test_quantization_error_is_within_a_step(bits: int, group: int | None, width: int) -> None:
@@ -66,7 +104,7 @@ def test_quantization_error_is_within_a_step(bits: int, group: int | None, width
     magnitude (which lands on -8 exactly) can clamp at 7, up to one step away."""
     weight = torch.randn(16, width)
     q = quantize_weight(weight, bits, group)
-    step = q.scales.float().repeat_interleave(q.group_size, dim=1)[:, :width].abs()
+    step = q.row_scales().float().repeat_interleave(q.group_size, dim=1)[:, :width].abs()
     error = (dequantize_weight(q) - weight).abs()
     # Plus float16 rounding of the scale (2**-11 relative) times the largest code.
     bound = step * ((0.5 if bits == 8 else 1.0) + 2**-11 * (127 if bits == 8 else 8)) + 1e-6
@@ -121,17 +159,21 @@ def test_compiled_dequantize_equals_torch(bits: int, group: int | None, dtype: t
 
 @pytest.mark.parametrize(("bits", "group"), SCHEMES)
 def test_linear_layer_paths(bits: int, group: int | None, monkeypatch) -> None:
-    """Decode-sized inputs take the kernel, long ones (and the fallback) the dequantized weight; all agree."""
+    """Every input takes the kernel where it runs (rows computed alone); the torch fallback multiplies by the
+    dequantized weight exactly."""
     linear = nn.Linear(192, 48, bias=False)
     layer = QuantizedLinear.from_linear(linear, bits, group)
     dense = dequantize_weight(layer.weight_q)
-    long = torch.randn(2, 40, 192)  # 40 tokens per sequence: dequantize + GEMM
-    torch.testing.assert_close(layer(long), F.linear(long, dense), rtol=1e-5, atol=1e-5)
-    short = torch.randn(3, 1, 192)  # decoding: the kernel where it runs
-    expected = F.linear(short, dense)
-    assert ((layer(short) - expected).norm() / expected.norm()).item() < 0.01
+    long, short = torch.randn(2, 40, 192), torch.randn(3, 1, 192)  # a prompt's rows; decoding
+    for x in (long, short):
+        expected = F.linear(x, dense)
+        out = layer(x)
+        assert out.shape == expected.shape and ((out - expected).norm() / expected.norm()).item() < 0.01
+        if kernels.native() is not None:  # the kernel: each row as if alone
+            torch.testing.assert_close(out[1:2], layer(x[1:2]), rtol=0, atol=0)
     monkeypatch.setattr(kernels, "native", lambda: None)  # no kernel: torch computes every input
-    torch.testing.assert_close(layer(short), expected, rtol=1e-5, atol=1e-5)
+    for x in (long, short):
+        torch.testing.assert_close(layer(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_model_replaces_every_linear_and_keeps_scales_in_float16() -> None:
@@ -145,11 +187,11 @@ def test_quantize_model_replaces_every_linear_and_keeps_scales_in_float16() -> N
     assert layers["model.layers.0.mlp.up_proj"].bits == 4
     # lm_head, and the down projections whose width 172 no group of 32 divides, are int8 with a scale per row.
     assert layers["lm_head"].bits == 8 and layers["model.layers.0.mlp.down_proj"].bits == 8
-    # Codes: rows padded to 128 weights, 4 bits; float16 scales per 32 weights.
-    shapes = ([(64, 64)] * 2 + [(32, 64)] * 2 + [(172, 64)] * 2) * 2  # q, o; k, v; gate, up
-    expected = sum(n * (-(-k // 128) * 128) // 2 + n * -(-k // 32) * 2 for n, k in shapes)
-    assert linear_bytes(model) == expected + 2 * (64 * 256 + 64 * 2) + 300 * 128 + 300 * 2
-    assert dense_bytes == 4 * (sum(n * k for n, k in shapes) + 2 * 64 * 172 + 300 * 64)
+    # Codes: rows padded to tiles of 16, weights to blocks of 32, 4 bits; float16 scales per 32 weights.
+    shapes = ([(64, 64)] * 2 + [(32, 64)] * 2 + [(176, 64)] * 2) * 2  # q, o; k, v; gate, up (172 rows -> 176)
+    expected = sum(n * k // 2 + n * k // 32 * 2 for n, k in shapes)
+    assert linear_bytes(model) == expected + 2 * (64 * 192 + 64 * 2) + 304 * 64 + 304 * 2  # down (172 -> 192), head
+    assert dense_bytes == 4 * (sum(n * k for n, k in shapes) - 4 * 4 * 64 + 2 * 64 * 172 + 300 * 64)
     model.to(torch.bfloat16)
     assert layers["lm_head"].scales.dtype == torch.float16 and model.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 5, 9]]))

@@ -195,13 +195,14 @@ def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor | Q
     with torch.device("meta"):
         model = Llama(config)
     loaded: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()  # state keys of the layers built whole from a QuantizedWeight
     for name, tensor in tensors:
         if IGNORED_KEYS.search(name):
             continue
         if isinstance(tensor, QuantizedWeight):  # a linear layer stored quantized: it becomes one as it is
             layer = name.removesuffix(".weight")
-            model.set_submodule(layer, QuantizedLinear(tensor))
-            loaded[f"{layer}.codes"], loaded[f"{layer}.scales"] = tensor.codes.to(device), tensor.scales.to(device)
+            model.set_submodule(layer, QuantizedLinear(tensor).to(device))
+            quantized |= {f"{layer}.codes", f"{layer}.scales"}
             continue
         if not tensor.is_floating_point():
             raise CheckpointError(f"tensor {name} is stored as {tensor.dtype}, not as floats; a Llama checkpoint "
@@ -210,7 +211,10 @@ def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor | Q
         loaded[name] = tensor.to(device=device, dtype=dtype)
     if config.tie_word_embeddings:
         loaded.setdefault("lm_head.weight", loaded["model.embed_tokens.weight"])
-    model.load_state_dict(loaded, assign=True)
+    missing, unexpected = model.load_state_dict(loaded, assign=True, strict=False)
+    if unexpected or set(missing) != quantized:
+        raise CheckpointError("the checkpoint's tensors do not fill the model: missing "
+                              f"{sorted(set(missing) - quantized)}, unexpected {sorted(unexpected)}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

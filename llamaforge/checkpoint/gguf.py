@@ -190,14 +190,11 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
         if bits is not None:
             shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
             blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
-            weight = from_gguf_blocks(blocks, bits, shape)
             # The q / k row order (Meta's interleaved -> HF's rotate-half) moves whole rows: find it by
             # permuting row numbers, then move the rows' codes and scales alike.
             name, rows = meta_to_hf(meta_name, torch.arange(shape[0], dtype=torch.float64)[:, None],
                                     config.n_heads, config.n_kv_heads)
-            order = rows[:, 0].long()
-            yield name, QuantizedWeight(weight.codes[order], weight.scales[order], weight.bits, weight.group_size,
-                                        weight.in_features)
+            yield name, from_gguf_blocks(blocks, bits, shape, row_order=rows[:, 0].long())
             continue
         yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 

@@ -4,7 +4,8 @@
 HF checkpoint (config.json, safetensors shards, tokenizer files) with two differences:
 
 - each quantized linear `X` stores `X.codes` (uint8) and `X.scales` (float16) instead of `X.weight`, in the
-  layout of llamaforge/quantize/formats.py (rows padded to 128 weights; int4 two codes per byte);
+  stored layout of llamaforge/quantize/formats.py (row-major, rows padded to 128 weights; int4 two codes per
+  byte), which loading repacks for the kernel;
 - config.json has `"quantization_config": {"quant_method": "llamaforge", "format_version": 1, "mode": ...,
   "layers": {"X": {"bits": 8 | 4, "group_size": G}, ...}}`, G being the weights per scale along a row.
 
@@ -23,7 +24,7 @@ from llamaforge.checkpoint.inventory import Inventory, expected_shapes
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
 from llamaforge.quantize import QuantizedLinear, QuantizedWeight
-from llamaforge.quantize.formats import padded_width
+from llamaforge.quantize.formats import from_stored, stored_width
 
 METHOD = "llamaforge"
 FORMAT_VERSION = 1
@@ -67,7 +68,7 @@ def check_inventory(config: ModelArgs, inventory: Inventory, layers: dict[str, d
         if bits not in (8, 4) or not isinstance(group, int) or group < 1:
             raise CheckpointError(f"{inventory.config_file}: layer {layer} has bits={bits}, group_size={group}; "
                                   "expected bits 8 or 4 and a positive group size")
-        expected = {f"{layer}.codes": (N, padded_width(K) * bits // 8), f"{layer}.scales": (N, -(-K // group))}
+        expected = {f"{layer}.codes": (N, stored_width(K) * bits // 8), f"{layer}.scales": (N, -(-K // group))}
         for name, shape in expected.items():
             found = inventory.shapes.pop(name, None)
             if found != shape:
@@ -93,8 +94,8 @@ def group_tensors(tensors: Iterable[tuple[str, torch.Tensor]], layers: dict[str,
         if len(parts) == 2:
             del waiting[layer]
             scheme = layers[layer]
-            yield f"{layer}.weight", QuantizedWeight(parts["codes"].contiguous(), parts["scales"].contiguous(),
-                                                     scheme["bits"], scheme["group_size"], in_features[layer])
+            yield f"{layer}.weight", from_stored(parts["codes"], parts["scales"], scheme["bits"], scheme["group_size"],
+                                                 in_features[layer])
 
 
 def in_features_of(config: ModelArgs, layers: dict[str, dict]) -> dict[str, int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llamaforge.quantize.formats import QuantizedWeight, dequantize_weight, padded_width, unpack_codes
+from llamaforge.quantize.formats import BLOCK, QuantizedWeight, dequantize_weight, unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw
 BF16_SOURCE = Path(__file__).with_name("bf16linear.c")
 BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 BF16_COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
-ACTIVATION_BLOCK = 32
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -174,15 +173,15 @@ def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 
 @torch.library.custom_op("llamaforge::qlinear", mutates_args=())
 def qlinear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-               in_features: int) -> torch.Tensor:
+               in_features: int, out_features: int) -> torch.Tensor:
     """`qlinear` as a torch operator, so a torch.compile'd graph calls the kernel as one opaque node."""
-    return qlinear(x, QuantizedWeight(codes, scales, bits, group_size, in_features))
+    return qlinear(x, QuantizedWeight(codes, scales, bits, group_size, in_features, out_features))
 
 
 @qlinear_op.register_fake
 def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-      in_features: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], codes.shape[0]))
+      in_features: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -202,9 +201,9 @@ def fallback_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 
 
 def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) as the kernel quantizes it: int8 values (M, Kp) and float32 scales (M, Kp / 32)."""
+    """x (M, K) as the kernel quantizes it: int8 values (M, blocks * 32) and float32 scales (M, blocks)."""
     M, K = x.shape
-    blocks = F.pad(x.float(), (0, padded_width(K) - K)).view(M, -1, ACTIVATION_BLOCK)
+    blocks = F.pad(x.float(), (0, -K % BLOCK)).view(M, -1, BLOCK)
     scales = blocks.abs().amax(dim=-1) / 127
     inverse = torch.where(scales != 0, 1 / scales, torch.zeros_like(scales))
     values = (blocks * inverse[..., None]).round()  # round half to even, as the kernel's conversion does
@@ -214,13 +213,10 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
 def qlinear_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32."""
     values, x_scales = quantize_activations_reference(x)  # (M, Kp), (M, Kp / 32)
-    K = q.in_features
-    weights = unpack_codes(q).double()  # (N, K)
-    blocks = padded_width(K) // ACTIVATION_BLOCK
-    w_blocks = F.pad(weights, (0, padded_width(K) - K)).view(q.out_features, blocks, ACTIVATION_BLOCK)
-    x_blocks = values.double().view(x.shape[0], blocks, ACTIVATION_BLOCK)
+    blocks = x_scales.shape[1]
+    w_blocks = F.pad(unpack_codes(q).double(), (0, -q.in_features % BLOCK)).view(q.out_features, blocks, BLOCK)
+    x_blocks = values.double().view(x.shape[0], blocks, BLOCK)
     dots = torch.einsum("mbk,nbk->mnb", x_blocks, w_blocks)  # (M, N, blocks): exact integers
-    group_of_block = (torch.arange(blocks) * ACTIVATION_BLOCK // q.group_size).clamp(max=q.scales.shape[1] - 1)
-    w_scales = q.scales.double()[:, group_of_block]  # (N, blocks)
+    w_scales = q.row_scales().double()[:, torch.arange(blocks) * BLOCK // q.group_size]  # (N, blocks)
     return (dots * x_scales.double()[:, None, :] * w_scales[None]).sum(-1).float()
 

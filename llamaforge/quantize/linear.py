@@ -1,8 +1,9 @@
 """`QuantizedLinear`, an int8 / int4 linear layer, and `quantize_model`, which puts them into a Llama in place.
 
-A few tokens per sequence (decoding: one) go through the compiled kernel, which reads each weight byte once.
-Many (a prompt's prefill) are compute-bound, not memory-bound: there the weight is dequantized to the
-activations' dtype, one layer at a time, and multiplied by torch's own GEMM.
+On CPUs with AVX-512 VNNI every input goes through the compiled kernel: decoding reads each weight byte once at
+memory speed, and a prompt's many rows run at integer dot-product speed, faster here than dequantizing the weight
+for torch's bfloat16 GEMM at every row count measured (docs/benchmarks.md). Elsewhere the weight is dequantized
+to the activations' dtype, one layer at a time, and multiplied by torch.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import torch
 from torch import nn
 
 from llamaforge.quantize import kernels
-from llamaforge.quantize.formats import QuantizedWeight, check_scheme, quantize_weight
+from llamaforge.quantize.formats import QuantizedWeight, check_scheme, from_stored, quantize_weight, stored_codes
 
-# Up to this many tokens per sequence the kernel runs (decoding, short prompts); above, dequantize + GEMM, which
-# a 5632 x 2048 layer measured faster from 16 rows on (docs/benchmarks.md). The choice looks at each sequence's
-# own token count, not at the batch, so a sequence's numbers never depend on what it is batched with.
+# Up to this many tokens per sequence the bfloat16 kernel runs (decoding, short prompts); above, torch's GEMM is
+# faster (docs/benchmarks.md). The choice looks at each sequence's own token count, not at the batch, so a
+# sequence's numbers never depend on what it is batched with.
 KERNEL_MAX_TOKENS = 16
 MODES = {"int8": 8, "int4": 4}
 
@@ -43,22 +44,35 @@ class QuantizedLinear(nn.Module):
     @property
     def weight_q(self) -> QuantizedWeight:
         """The quantized weight, viewing this module's buffers."""
-        return QuantizedWeight(self.codes, self.scales, self.bits, self.group_size, self.in_features)
+        return QuantizedWeight(self.codes, self.scales, self.bits, self.group_size, self.in_features,
+                               self.out_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out_features, in_features) weight."""
         return kernels.dequantize(self.weight_q, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.shape[-2] if x.dim() > 2 else 1  # x is (..., T, K) in the model, (M, K) for a bare call
-        rows = x.reshape(-1, self.in_features)  # (M, K)
-        if tokens > KERNEL_MAX_TOKENS or not kernels.kernel_runs(rows):
+        rows = x.reshape(-1, self.in_features)  # (M, K); each row's result depends on that row alone
+        if not kernels.kernel_runs(rows):
             out = kernels.fallback_linear(rows, self.weight_q)
         elif torch.compiler.is_compiling():
-            out = kernels.qlinear_op(rows, self.codes, self.scales, self.bits, self.group_size, self.in_features)
+            out = kernels.qlinear_op(rows, self.codes, self.scales, self.bits, self.group_size, self.in_features,
+                                      self.out_features)
         else:
             out = kernels.qlinear(rows, self.weight_q)  # the operator's dispatch costs ~10 us a call in eager mode
         return out.view(*x.shape[:-1], self.out_features)
+
+    # state_dict() holds the stored layout (formats.stored_codes), which does not depend on the kernel's tiling;
+    # the module keeps the kernel's.
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[f"{prefix}codes"], destination[f"{prefix}scales"] = stored_codes(self.weight_q)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        codes, scales = state_dict.get(f"{prefix}codes"), state_dict.get(f"{prefix}scales")
+        if codes is not None and scales is not None:
+            q = from_stored(codes, scales, self.bits, self.group_size, self.in_features)
+            state_dict[f"{prefix}codes"], state_dict[f"{prefix}scales"] = q.codes, q.scales
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
         # `Module.to(dtype)` would cast the float16 scales along with the model; keep them (device moves only).

@@ -1,21 +1,26 @@
-// Weight-only int8 / int4 linear layers for x86 CPUs with AVX-512 VNNI, the batch-1 decode path of llamaforge.
+// Weight-only int8 / int4 linear layers for x86 CPUs with AVX-512 VNNI, the decode path of llamaforge.
 //
 // The arithmetic is llama.cpp's Q8_0 / Q4_0 dot product: activations are quantized on the fly to int8 in
-// blocks of 32 (one float scale each), multiplied by the integer weight codes with VPDPBUSD (64 int8
-// multiply-adds per instruction), and each 32-wide partial sum is scaled by its activation and weight
-// scales in float. Decoding one token reads every weight once, so the loop is built to stream weight bytes
-// at memory speed; everything that depends on the activations alone is computed once per call.
+// blocks of 32 (one float scale each), multiplied by the integer weight codes with VPDPBUSD, and each
+// 32-wide partial sum is scaled by its activation and weight scales in float. Decoding one token reads every
+// weight once, so the loop is built to stream weight bytes at memory speed, with as few instructions per
+// byte as the arithmetic allows.
 //
-// Weights (see llamaforge/quantize/formats.py, which writes them):
-//   8 bits: codes (N, Kp) uint8, the signed value + 128.
-//   4 bits: codes (N, Kp / 2) uint8; each 64-byte chunk holds 128 consecutive weights, weight i of the chunk
-//           in the low nibble of byte i and weight 64 + i in the high nibble; a code is the value + 8.
-//   scales (N, n_groups) float16, one per `group` weights of a row (the last group may be partial).
-// Kp is K rounded up to a multiple of 128; codes past K are zero values and activations past K are zero.
+// Weights (llamaforge/quantize/formats.py writes them) are interleaved in tiles of 16 rows, so that one
+// 64-byte vector holds 4 consecutive codes of each of 16 rows: VPDPBUSD against 4 activation bytes broadcast
+// to every lane then leaves one row's partial sum per lane, and a 32-weight block of 16 rows needs a single
+// float multiply-add for its scales (a row-major layout needs one per row, and is compute-bound at int4).
+//   tile t = rows 16t .. 16t + 15 (rows past N are zero codes), block b = weights 32b .. 32b + 31:
+//   8 bits: 512 bytes, 8 vectors; vector v, byte 4r + i = code of row r, weight 32b + 4v + i.
+//   4 bits: 256 bytes, 4 vectors; vector v, byte 4r + i = code of row r, weight 32b + 4v + i in the low nibble
+//           and of weight 32b + 16 + 4v + i in the high nibble.
+//   codes: (tiles, blocks, 512 or 256 bytes) uint8, a code being the value + 128 (8 bits) or + 8 (4 bits);
+//   scales: (tiles, n_groups, 16) float16, one per `group` weights of a row (the last group may be partial).
+// Blocks cover K rounded up to 32; codes past K are zero values, as are activations past K.
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The weight codes are the unsigned side, offset by `bias`
 // (128 or 8), so sum(code * x) = sum(w * x) + bias * sum(x); the second term depends on x alone and starts
-// each accumulation negated, so the integer sums come out exact.
+// each block's sum negated, so the integer sums come out exact.
 //
 // Built by llamaforge/quantize/kernels.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mf16c -fopenmp;
 // loaded with ctypes. Threads come from the process' OpenMP runtime (the one torch loaded).
@@ -25,161 +30,124 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 32   // activation block: 32 values share one scale
-#define CHUNK 64   // weights per VPDPBUSD: 64 bytes of codes
-#define M_TILE 4   // activation rows that share each loaded weight chunk
+#define TILE 16    // weight rows interleaved together: one per 32-bit lane
+#define BLOCK 32   // weights (and activations) that share one scale
+#define M_TILE 4   // activation rows that share each unpacked weight block
 
 // The activations of one call, quantized: everything the inner loop needs that does not depend on weights.
 typedef struct {
-    int8_t *codes;     // (M, Kp) int8
-    __m512i *negbias;  // (M, Kp / 64): per 32-bit lane, -bias * (sum of the lane's 4 codes)
-    __m512 *scales;    // (M, Kp / 64): per lane, the scale of the 32-block the lane is in
+    int8_t *codes;     // (M, blocks * 32) int8
+    int32_t *negbias;  // (M, blocks): -bias * (sum of the block's codes)
+    float *scales;     // (M, blocks)
 } QuantizedActivations;
 
-static inline __m512 load16_as_float(const void *x, int is_bf16, int64_t index) {
+typedef struct {
+    int64_t K, blocks, n_groups, group, tile_bytes;
+    int bits;
+} Shape;
+
+static inline __m512 load16_as_float(const void *x, int is_bf16, int64_t index, __mmask16 keep) {
     if (is_bf16) {
-        __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + index));
+        __m256i half = _mm256_maskz_loadu_epi16(keep, (const void *)((const uint16_t *)x + index));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
     }
-    return _mm512_loadu_ps((const float *)x + index);
+    return _mm512_maskz_loadu_ps(keep, (const float *)x + index);
 }
 
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even, as torch's .to(torch.bfloat16)
-    return (uint16_t)(bits >> 16);
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+// 16 float32 values rounded to bfloat16 (nearest even, as torch's .to(torch.bfloat16)).
+static inline __m256i to_bf16(__m512 values) {
+    __m512i bits = _mm512_castps_si512(values);
+    __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                        _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16));
+}
+
+static inline void store16(void *out, int is_bf16, int64_t index, __m512 values, __mmask16 keep) {
+    if (is_bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)out + index, keep, to_bf16(values));
+    else
+        _mm512_mask_storeu_ps((float *)out + index, keep, values);
 }
 
 // Quantize rows of x (M, K), float32 or bfloat16, into int8 blocks of 32: scale = absmax / 127,
-// code = round-to-nearest-even(x * (1 / scale)). Blocks past K are zero.
-static void quantize_activations(const void *x, int is_bf16, int64_t M, int64_t K, int64_t Kp, int bias,
+// code = round-to-nearest-even(x * (1 / scale)). The last block is completed with zeros.
+static void quantize_activations(const void *x, int is_bf16, int64_t M, const Shape *s, int bias,
                                  QuantizedActivations *out) {
-    const int64_t blocks = Kp / BLOCK;
-    float *block_scales = (float *)malloc(sizeof(float) * (size_t)blocks);
-    const __m512i bias_bytes = _mm512_set1_epi8((char)bias);
     for (int64_t m = 0; m < M; m++) {
-        int8_t *codes = out->codes + m * Kp;
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t start = b * BLOCK;
-            if (start >= K) {
-                memset(codes + start, 0, BLOCK);
-                block_scales[b] = 0.0f;
-                continue;
-            }
-            float values[BLOCK];
-            int64_t n = K - start < BLOCK ? K - start : BLOCK;
-            if (n == BLOCK) {
-                _mm512_storeu_ps(values, load16_as_float(x, is_bf16, m * K + start));
-                _mm512_storeu_ps(values + 16, load16_as_float(x, is_bf16, m * K + start + 16));
-            } else {
-                for (int64_t i = 0; i < BLOCK; i++) {
-                    if (i >= n) { values[i] = 0.0f; continue; }
-                    if (is_bf16) {
-                        uint32_t bits = (uint32_t)((const uint16_t *)x)[m * K + start + i] << 16;
-                        memcpy(&values[i], &bits, 4);
-                    } else {
-                        values[i] = ((const float *)x)[m * K + start + i];
-                    }
-                }
-            }
-            __m512 lo = _mm512_loadu_ps(values), hi = _mm512_loadu_ps(values + 16);
+        for (int64_t b = 0; b < s->blocks; b++) {
+            int64_t start = b * BLOCK, index = m * s->K + start;
+            __m512 lo = load16_as_float(x, is_bf16, index, first_lanes(s->K - start));
+            __m512 hi = load16_as_float(x, is_bf16, index + 16, first_lanes(s->K - start - 16));
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
             float scale = amax / 127.0f;
-            float inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
-            __m512 inv = _mm512_set1_ps(inverse);
-            __m128i q_lo = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)));
-            __m128i q_hi = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)));
-            _mm_storeu_si128((__m128i *)(codes + start), q_lo);
-            _mm_storeu_si128((__m128i *)(codes + start + 16), q_hi);
-            block_scales[b] = scale;
-        }
-        for (int64_t c = 0; c < Kp / CHUNK; c++) {
-            __m512i chunk = _mm512_loadu_si512((const void *)(codes + c * CHUNK));
-            __m512i lane_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias_bytes, chunk);
-            out->negbias[m * (Kp / CHUNK) + c] = _mm512_sub_epi32(_mm512_setzero_si512(), lane_sums);
-            // Lanes 0-7 hold the first 32-block of the chunk, lanes 8-15 the second.
-            out->scales[m * (Kp / CHUNK) + c] = _mm512_mask_blend_ps(
-                0xFF00, _mm512_set1_ps(block_scales[2 * c]), _mm512_set1_ps(block_scales[2 * c + 1]));
+            __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+            // |x / scale| <= 127, so the conversions never saturate.
+            __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+            __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+            int8_t *codes = out->codes + m * s->blocks * BLOCK + start;
+            _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(q_lo));
+            _mm_storeu_si128((__m128i *)(codes + 16), _mm512_cvtepi32_epi8(q_hi));
+            out->negbias[m * s->blocks + b] = -bias * _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+            out->scales[m * s->blocks + b] = scale;
         }
     }
-    free(block_scales);
 }
 
-// Weight scales are read 16 at a time, for a run of 512 weights (8 chunks), and spread over each chunk's lanes
-// by one permutation: lane l of chunk j gets the scale of block 2j + l / 8 of the run.
-#define RUN 512
-
-// The permutation indices of the 8 chunks of a run, for `group` weights per scale (>= K: one per row).
-static void run_permutations(int64_t group, int64_t K, __m512i index[RUN / CHUNK]) {
-    for (int j = 0; j < RUN / CHUNK; j++) {
-        int32_t lanes[16];
-        for (int l = 0; l < 16; l++)
-            lanes[l] = group >= K ? 0 : (int32_t)((2 * j + l / 8) * BLOCK / group);
-        index[j] = _mm512_loadu_si512((const void *)lanes);
+// The 8 vectors of a block's weight codes, unsigned: vector v pairs with activation bytes 4v .. 4v + 3.
+static inline __attribute__((always_inline)) void load_block(const uint8_t *block, const int bits, __m512i w[8]) {
+    if (bits == 8) {
+        for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512((const void *)(block + 64 * v));
+        return;
     }
-}
-
-// The (up to 16) scales of a row that cover run r, as float32; groups past the row's last read as 0.
-static inline __m512 run_scales(const uint16_t *row_scales, int64_t run, int64_t group, int64_t K,
-                                int64_t n_groups) {
-    int64_t first = group >= K ? 0 : run * RUN / group;
-    int64_t count = n_groups - first < 16 ? n_groups - first : 16;
-    __mmask16 mask = (__mmask16)((1u << count) - 1);
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const void *)(row_scales + first)));
-}
-
-typedef struct {
-    int64_t K, Kp, chunks, n_groups, group;
-} Shape;
-
-// Dot products of one weight row with activation rows m0 .. m0 + tile - 1, into out[0 .. tile - 1].
-static inline __attribute__((always_inline)) void row_dot(
-        const uint8_t *row, const uint16_t *row_scales, const QuantizedActivations *act, int64_t m0, const int tile,
-        const int bits, const Shape *shape, const __m512i *permutation, float *out) {
-    const int64_t Kp = shape->Kp, chunks = shape->chunks;
     const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-    // Two accumulators per activation row, so consecutive multiply-adds do not wait on each other.
-    __m512 acc[M_TILE], acc2[M_TILE];
-    for (int t = 0; t < tile; t++) acc[t] = acc2[t] = _mm512_setzero_ps();
-    for (int64_t run = 0; run * RUN < Kp; run++) {
-        const __m512 run_ws = run_scales(row_scales, run, shape->group, shape->K, shape->n_groups);
-        const int64_t first = run * (RUN / CHUNK);
-        const int64_t last = first + RUN / CHUNK < chunks ? first + RUN / CHUNK : chunks;
-        for (int64_t c = first; c < last; c += 2) {  // two 64-weight chunks a step: one 4-bit load holds both
-            __m512i w_lo, w_hi;
-            if (bits == 8) {
-                w_lo = _mm512_loadu_si512((const void *)(row + c * CHUNK));
-                w_hi = _mm512_loadu_si512((const void *)(row + (c + 1) * CHUNK));
-            } else {
-                __m512i packed = _mm512_loadu_si512((const void *)(row + c * CHUNK / 2));
-                w_lo = _mm512_and_si512(packed, low_nibbles);
-                w_hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-            }
-            __m512 ws_lo = _mm512_permutexvar_ps(permutation[c - first], run_ws);
-            __m512 ws_hi = _mm512_permutexvar_ps(permutation[c + 1 - first], run_ws);
-            for (int t = 0; t < tile; t++) {
-                const int64_t m = m0 + t;
-                const int8_t *xq = act->codes + m * Kp + c * CHUNK;
-                __m512i dot_lo = _mm512_dpbusd_epi32(act->negbias[m * chunks + c], w_lo,
-                                                     _mm512_load_si512((const void *)xq));
-                __m512i dot_hi = _mm512_dpbusd_epi32(act->negbias[m * chunks + c + 1], w_hi,
-                                                     _mm512_load_si512((const void *)(xq + CHUNK)));
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_lo), ws_lo),
-                                         act->scales[m * chunks + c], acc[t]);
-                acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot_hi), ws_hi),
-                                          act->scales[m * chunks + c + 1], acc2[t]);
-            }
-        }
+    for (int v = 0; v < 4; v++) {
+        __m512i packed = _mm512_loadu_si512((const void *)(block + 64 * v));
+        w[v] = _mm512_and_si512(packed, low_nibbles);
+        w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
     }
-    for (int t = 0; t < tile; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t]));
 }
 
-static inline void store_output(void *y, int is_bf16, int64_t index, float value) {
-    if (is_bf16)
-        ((uint16_t *)y)[index] = float_to_bf16(value);
-    else
-        ((float *)y)[index] = value;
+// One tile's 16 rows dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for m0 + t.
+static inline __attribute__((always_inline)) void tile_dot(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int count, const int bits, const Shape *s, __m512 out[M_TILE]) {
+    __m512 acc[M_TILE];
+    for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
+    const int64_t block_bytes = s->tile_bytes / s->blocks;
+    for (int64_t b = 0; b < s->blocks; b++) {
+        __m512i w[8];
+        load_block(tile_codes + b * block_bytes, bits, w);
+        const int64_t group = s->group >= s->K ? 0 : b * BLOCK / s->group;
+        const __m512 w_scales = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + group * TILE)));
+        for (int t = 0; t < count; t++) {
+            const int64_t m = m0 + t;
+            const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
+            // Two chains of multiply-adds, so each waits on half as many predecessors.
+            __m512i even = _mm512_set1_epi32(act->negbias[m * s->blocks + b]), odd = _mm512_setzero_si512();
+            for (int v = 0; v < 8; v += 2) {
+                even = _mm512_dpbusd_epi32(even, w[v], _mm512_set1_epi32(x4[v]));
+                odd = _mm512_dpbusd_epi32(odd, w[v + 1], _mm512_set1_epi32(x4[v + 1]));
+            }
+            __m512 scales = _mm512_mul_ps(w_scales, _mm512_set1_ps(act->scales[m * s->blocks + b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), scales, acc[t]);
+        }
+    }
+    for (int t = 0; t < count; t++) out[t] = acc[t];
+}
+
+static Shape shape_of(int64_t K, int bits, int64_t group) {
+    Shape s;
+    s.K = K;
+    s.bits = bits;
+    s.blocks = (K + BLOCK - 1) / BLOCK;
+    s.group = group;
+    s.n_groups = (K + group - 1) / group;
+    s.tile_bytes = s.blocks * BLOCK * TILE * bits / 8;
+    return s;
 }
 
 // y (M, N) = x (M, K) @ W.T, W quantized as described at the top. x and y are float32, or bfloat16 when
@@ -187,79 +155,75 @@ static inline void store_output(void *y, int is_bf16, int64_t index, float value
 // Returns 0, or -1 when out of memory.
 int qlinear(const void *x, const uint8_t *codes, const uint16_t *scales, void *y, int64_t M, int64_t N,
             int64_t K, int bits, int64_t group, int io_bf16, int n_threads) {
-    const int64_t Kp = (K + 127) / 128 * 128;
-    const int64_t chunks = Kp / CHUNK;
-    const int64_t n_groups = (K + group - 1) / group;
-    const int64_t row_bytes = bits == 8 ? Kp : Kp / 2;
+    const Shape s = shape_of(K, bits, group);
     QuantizedActivations act;
-    act.codes = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
-    act.negbias = (__m512i *)aligned_alloc(64, sizeof(__m512i) * (size_t)(M * chunks));
-    act.scales = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(M * chunks));
+    act.codes = (int8_t *)malloc((size_t)(M * s.blocks * BLOCK));
+    act.negbias = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * s.blocks));
+    act.scales = (float *)malloc(sizeof(float) * (size_t)(M * s.blocks));
     if (!act.codes || !act.negbias || !act.scales) {
         free(act.codes); free(act.negbias); free(act.scales);
         return -1;
     }
-    __m512i permutation[RUN / CHUNK];
-    run_permutations(group, K, permutation);
-    quantize_activations(x, io_bf16, M, K, Kp, bits == 8 ? 128 : 8, &act);
-    Shape shape = {K, Kp, chunks, n_groups, group};
+    quantize_activations(x, io_bf16, M, &s, bits == 8 ? 128 : 8, &act);
+    const int64_t tiles = (N + TILE - 1) / TILE;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * row_bytes;
-        const uint16_t *row_scales = scales + n * n_groups;
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const uint8_t *tile_codes = codes + tile * s.tile_bytes;
+        const uint16_t *tile_scales = scales + tile * s.n_groups * TILE;
+        const __mmask16 keep = first_lanes(N - tile * TILE);
         for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-            float out[M_TILE];
-            // A constant tile size per call, so the accumulators live in registers.
-            switch (M - m0 < M_TILE ? (int)(M - m0) : M_TILE) {
-                case 1: row_dot(row, row_scales, &act, m0, 1, bits, &shape, permutation, out); break;
-                case 2: row_dot(row, row_scales, &act, m0, 2, bits, &shape, permutation, out); break;
-                case 3: row_dot(row, row_scales, &act, m0, 3, bits, &shape, permutation, out); break;
-                default: row_dot(row, row_scales, &act, m0, 4, bits, &shape, permutation, out); break;
+            __m512 out[M_TILE];
+            // A constant count per call, so the accumulators live in registers.
+            const int count = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
+            switch (count) {
+                case 1: tile_dot(tile_codes, tile_scales, &act, m0, 1, bits, &s, out); break;
+                case 2: tile_dot(tile_codes, tile_scales, &act, m0, 2, bits, &s, out); break;
+                case 3: tile_dot(tile_codes, tile_scales, &act, m0, 3, bits, &s, out); break;
+                default: tile_dot(tile_codes, tile_scales, &act, m0, 4, bits, &s, out); break;
             }
-            for (int t = 0; t < M_TILE && m0 + t < M; t++)
-                store_output(y, io_bf16, (m0 + t) * N + n, out[t]);
+            for (int t = 0; t < count; t++) store16(y, io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
         }
     }
     free(act.codes); free(act.negbias); free(act.scales);
     return 0;
 }
 
-// 16 weight codes of a row, from weight k on (k a multiple of 16), as signed int32 values.
-static inline __m512i load16_codes(const uint8_t *row, int64_t k, int bits) {
-    if (bits == 8)
-        return _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k))),
-                                _mm512_set1_epi32(128));
-    int64_t i = k % 128;
-    __m128i bytes = _mm_loadu_si128((const __m128i *)(row + k / 128 * 64 + i % 64));
-    __m128i nibbles = _mm_and_si128(i < 64 ? bytes : _mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-    return _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
-}
-
 // The dense weight (N, K), float32 or bfloat16 (out_bf16), for the many-row (prefill) path.
 void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t N, int64_t K, int bits,
                 int64_t group, int out_bf16, int n_threads) {
-    const int64_t Kp = (K + 127) / 128 * 128;
-    const int64_t n_groups = (K + group - 1) / group;
-    const int64_t row_bytes = bits == 8 ? Kp : Kp / 2;
+    const Shape s = shape_of(K, bits, group);
+    const int64_t tiles = (N + TILE - 1) / TILE;
+    const int64_t block_bytes = s.tile_bytes / s.blocks;
+    const __m512i bias = _mm512_set1_epi32(bits == 8 ? 128 : 8);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * row_bytes;
-        const uint16_t *row_scales = scales + n * n_groups;
-        // Codes past K are zero, so the last 16 may run into the padding: only K values are stored.
-        for (int64_t k = 0; k < K; k += 16) {
-            // A run of 16 never straddles two groups: a group is a multiple of 32 or the whole row.
-            __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(load16_codes(row, k, bits)),
-                                          _mm512_set1_ps(_cvtsh_ss(row_scales[k / group])));
-            __mmask16 keep = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            if (out_bf16) {
-                __m512i bits32 = _mm512_castps_si512(values);
-                __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                    _mm512_and_si512(_mm512_srli_epi32(bits32, 16),
-                                                                     _mm512_set1_epi32(1)));
-                __m256i halves = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits32, rounding), 16));
-                _mm256_mask_storeu_epi16((uint16_t *)out + n * K + k, keep, halves);
-            } else {
-                _mm512_mask_storeu_ps((float *)out + n * K + k, keep, values);
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        for (int64_t r = 0; r < TILE && tile * TILE + r < N; r++) {
+            const int64_t n = tile * TILE + r;
+            // Row r's 4-byte pieces lie 64 bytes apart: dword 16v + r of the block.
+            const __m256i pieces = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                                       _mm256_set1_epi32(TILE)),
+                                                    _mm256_set1_epi32((int)r));
+            for (int64_t b = 0; b < s.blocks; b++) {
+                const uint8_t *block = codes + tile * s.tile_bytes + b * block_bytes;
+                __m128i lo, hi;  // the row's codes for weights 32b .. 32b + 15 and 32b + 16 .. 32b + 31
+                if (bits == 8) {
+                    __m256i row = _mm256_i32gather_epi32((const int *)block, pieces, 4);
+                    lo = _mm256_castsi256_si128(row);
+                    hi = _mm256_extracti128_si256(row, 1);
+                } else {
+                    __m128i row = _mm_i32gather_epi32((const int *)block, _mm256_castsi256_si128(pieces), 4);
+                    lo = _mm_and_si128(row, _mm_set1_epi8(0x0F));
+                    hi = _mm_and_si128(_mm_srli_epi16(row, 4), _mm_set1_epi8(0x0F));
+                }
+                const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
+                const __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[(tile * s.n_groups + g) * TILE + r]));
+                const int64_t k = b * BLOCK;
+                __m512 values_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), bias)),
+                                                 scale);
+                __m512 values_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), bias)),
+                                                 scale);
+                store16(out, out_bf16, n * K + k, values_lo, first_lanes(K - k));
+                store16(out, out_bf16, n * K + k + 16, values_hi, first_lanes(K - k - 16));
             }
         }
     }
