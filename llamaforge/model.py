@@ -126,6 +126,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return (weights @ v).view(B, H, T, D)
 
 
+def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """Each of `linears` applied to x. Layers whose class has `forward_many(x, layers)` (the int8 / int4 layers)
+    may compute them together: one kernel call for q, k and v reads x once and keeps every core busy."""
+    forward_many = getattr(type(linears[0]), "forward_many", None)
+    return forward_many(x, linears) if forward_many is not None else [linear(x) for linear in linears]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
@@ -140,9 +147,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 input_pos: torch.Tensor, kv_cache: KVCache | None, kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
@@ -165,7 +173,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 import llamaforge
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
-from llamaforge.model import Llama, init_weights
+from llamaforge.model import Llama, init_weights, project
 from llamaforge.quantize import (
     MODES,
     Bf16Linear,
@@ -174,6 +174,28 @@ def test_linear_layer_paths(bits: int, group: int | None, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "native", lambda: None)  # no kernel: torch computes every input
     for x in (long, short):
         torch.testing.assert_close(layer(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_projections_of_one_input_share_a_kernel_call_with_the_same_results(monkeypatch) -> None:
+    """model.project: q, k and v (or gate and up) in one call equal three calls bit for bit; layers of other
+    schemes or types go one by one, and nothing is called together when the kernel does not run."""
+    torch.manual_seed(0)
+    q, k, v = (QuantizedLinear.from_linear(nn.Linear(160, n, bias=False), 4, 32) for n in (64, 24, 24))
+    x = torch.randn(2, 3, 160).bfloat16()
+    calls = []
+    real = kernels.qlinear_many
+    monkeypatch.setattr(kernels, "qlinear_many", lambda rows, ws: calls.append(len(ws)) or real(rows, ws))
+    together = project(x, q, k, v)
+    alone = [layer(x) for layer in (q, k, v)]
+    assert all(torch.equal(a, b) and a.shape == (2, 3, b.shape[-1]) for a, b in zip(together, alone, strict=True))
+    if kernels.native() is not None:
+        assert calls == [3, 1, 1, 1]
+    calls.clear()
+    mixed = [q, QuantizedLinear.from_linear(nn.Linear(160, 24, bias=False), 8, None), nn.Linear(160, 8, bias=False)]
+    outs = project(x.float(), *mixed)
+    assert all(torch.equal(a, layer(x.float())) for a, layer in zip(outs, mixed, strict=True))
+    if kernels.native() is not None:
+        assert calls == [1, 1, 1, 1]  # project's three one by one, then the check's own two quantized calls
 
 
 def test_quantize_model_replaces_every_linear_and_keeps_scales_in_float16() -> None:

@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -96,9 +97,9 @@ def native() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as exc:
         log.warning("int8/int4 layers use the slower torch fallback: %s", exc)
         return None
-    library.qlinear.argtypes = [_PTR, _PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int,
-                                ctypes.c_int]
-    library.qlinear.restype = ctypes.c_int
+    library.qlinear_many.argtypes = [_PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64,
+                                     ctypes.c_int, ctypes.c_int]
+    library.qlinear_many.restype = ctypes.c_int
     library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
     library.dequantize.restype = None
     return library
@@ -158,30 +159,47 @@ def kernel_runs(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and available()
 
 
-def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
-    """x (M, K) @ W.T with the compiled kernel: (M, N) in x's dtype. Call only where `kernel_runs(x)`."""
+MAX_MANY = 8  # weights one qlinear_many call takes
+
+
+def qlinear_many(x: torch.Tensor, weights: Sequence[QuantizedWeight]) -> list[torch.Tensor]:
+    """x (M, K) @ W.T for each of `weights` (one bit width and group size), in one kernel call that quantizes x
+    once and spreads all their rows over the threads: [(M, N_i)] in x's dtype. Call only where `kernel_runs(x)`."""
     x = x.contiguous()
     M, K = x.shape
-    y = torch.empty(M, q.out_features, dtype=x.dtype)
-    status = native().qlinear(x.data_ptr(), q.codes.data_ptr(), q.scales.data_ptr(), y.data_ptr(), M,
-                              q.out_features, K, q.bits, q.group_size, x.dtype == torch.bfloat16,
-                              torch.get_num_threads())
+    first, count = weights[0], len(weights)
+    if count > MAX_MANY or any((q.bits, q.group_size, q.in_features) != (first.bits, first.group_size, K)
+                               for q in weights):
+        raise ValueError(f"qlinear_many takes up to {MAX_MANY} weights of one scheme and input width {K}")
+    ys = [torch.empty(M, q.out_features, dtype=x.dtype) for q in weights]
+    pointers = ctypes.c_void_p * count
+    status = native().qlinear_many(
+        x.data_ptr(), count, pointers(*(q.codes.data_ptr() for q in weights)),
+        pointers(*(q.scales.data_ptr() for q in weights)), pointers(*(y.data_ptr() for y in ys)),
+        (ctypes.c_int64 * count)(*(q.out_features for q in weights)), M, K, first.bits, first.group_size,
+        x.dtype == torch.bfloat16, torch.get_num_threads())
     if status != 0:
-        raise MemoryError(f"the int{q.bits} kernel could not allocate room for {M} x {K} activations")
-    return y
+        raise MemoryError(f"the int{first.bits} kernel could not allocate room for {M} x {K} activations")
+    return ys
 
 
-@torch.library.custom_op("llamaforge::qlinear", mutates_args=())
-def qlinear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-               in_features: int, out_features: int) -> torch.Tensor:
-    """`qlinear` as a torch operator, so a torch.compile'd graph calls the kernel as one opaque node."""
-    return qlinear(x, QuantizedWeight(codes, scales, bits, group_size, in_features, out_features))
+def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+    """x (M, K) @ W.T with the compiled kernel: (M, N) in x's dtype. Call only where `kernel_runs(x)`."""
+    return qlinear_many(x, [q])[0]
 
 
-@qlinear_op.register_fake
-def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-      in_features: int, out_features: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], out_features))
+@torch.library.custom_op("llamaforge::qlinear_many", mutates_args=())
+def qlinear_many_op(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bits: int,
+                    group_size: int, in_features: int, out_features: list[int]) -> list[torch.Tensor]:
+    """`qlinear_many` as a torch operator, so a torch.compile'd graph calls the kernel as one opaque node."""
+    return qlinear_many(x, [QuantizedWeight(c, s, bits, group_size, in_features, n)
+                            for c, s, n in zip(codes, scales, out_features, strict=True)])
+
+
+@qlinear_many_op.register_fake
+def _(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bits: int, group_size: int,
+      in_features: int, out_features: list[int]) -> list[torch.Tensor]:
+    return [x.new_empty((x.shape[0], n)) for n in out_features]
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

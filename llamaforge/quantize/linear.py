@@ -8,7 +8,7 @@ to the activations' dtype, one layer at a time, and multiplied by torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -54,13 +54,31 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K); each row's result depends on that row alone
         if not kernels.kernel_runs(rows):
-            out = kernels.fallback_linear(rows, self.weight_q)
-        elif torch.compiler.is_compiling():
-            out = kernels.qlinear_op(rows, self.codes, self.scales, self.bits, self.group_size, self.in_features,
-                                      self.out_features)
-        else:
-            out = kernels.qlinear(rows, self.weight_q)  # the operator's dispatch costs ~10 us a call in eager mode
-        return out.view(*x.shape[:-1], self.out_features)
+            return kernels.fallback_linear(rows, self.weight_q).view(*x.shape[:-1], self.out_features)
+        return self._kernel(rows, [self])[0].view(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def forward_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+        """Each of `layers` applied to x (model.project's protocol): in one kernel call, which quantizes x once and
+        shares out all their rows, where they are QuantizedLinear layers of one scheme; else one by one."""
+        rows = x.reshape(-1, x.shape[-1])
+        together = (kernels.kernel_runs(rows) and len(layers) <= kernels.MAX_MANY
+                    and all(type(layer) is QuantizedLinear for layer in layers)
+                    and len({(layer.bits, layer.group_size, layer.in_features) for layer in layers}) == 1)
+        if not together:
+            return [layer(x) for layer in layers]
+        outs = QuantizedLinear._kernel(rows, layers)
+        return [out.view(*x.shape[:-1], layer.out_features) for out, layer in zip(outs, layers, strict=True)]
+
+    @staticmethod
+    def _kernel(rows: torch.Tensor, layers: Sequence[QuantizedLinear]) -> list[torch.Tensor]:
+        first = layers[0]
+        if torch.compiler.is_compiling():
+            return kernels.qlinear_many_op(rows, [layer.codes for layer in layers], [layer.scales for layer in layers],
+                                           first.bits, first.group_size, first.in_features,
+                                           [layer.out_features for layer in layers])
+        # Eager: the ctypes call directly (the operator's dispatch costs ~10 us a call).
+        return kernels.qlinear_many(rows, [layer.weight_q for layer in layers])
 
     # state_dict() holds the stored layout (formats.stored_codes), which does not depend on the kernel's tiling;
     # the module keeps the kernel's.

@@ -150,38 +150,45 @@ static Shape shape_of(int64_t K, int bits, int64_t group) {
     return s;
 }
 
-// y (M, N) = x (M, K) @ W.T, W quantized as described at the top. x and y are float32, or bfloat16 when
-// io_bf16. `group` is the weights per scale along a row (a multiple of 32, or >= K for one scale per row).
-// Returns 0, or -1 when out of memory.
-int qlinear(const void *x, const uint8_t *codes, const uint16_t *scales, void *y, int64_t M, int64_t N,
-            int64_t K, int bits, int64_t group, int io_bf16, int n_threads) {
+// y_i (M, N_i) = x (M, K) @ W_i.T for `count` weights of one scheme (the projections of one input: q, k, v), in
+// one parallel loop over all their tiles, with x quantized once. W as described at the top; x and the y_i are
+// float32, or bfloat16 when io_bf16. `group` is the weights per scale along a row (a multiple of 32, or >= K for
+// one scale per row); count at most 8. Returns 0, or -1 when out of memory (or count is out of range).
+int qlinear_many(const void *x, int count, const uint8_t *const *codes, const uint16_t *const *scales,
+                 void *const *ys, const int64_t *Ns, int64_t M, int64_t K, int bits, int64_t group, int io_bf16,
+                 int n_threads) {
     const Shape s = shape_of(K, bits, group);
     QuantizedActivations act;
     act.codes = (int8_t *)malloc((size_t)(M * s.blocks * BLOCK));
     act.negbias = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * s.blocks));
     act.scales = (float *)malloc(sizeof(float) * (size_t)(M * s.blocks));
-    if (!act.codes || !act.negbias || !act.scales) {
+    int64_t first_tile[9];  // weight i has tiles first_tile[i] .. first_tile[i + 1] - 1 of the joint loop
+    if (!act.codes || !act.negbias || !act.scales || count < 1 || count > 8) {
         free(act.codes); free(act.negbias); free(act.scales);
         return -1;
     }
+    first_tile[0] = 0;
+    for (int i = 0; i < count; i++) first_tile[i + 1] = first_tile[i] + (Ns[i] + TILE - 1) / TILE;
     quantize_activations(x, io_bf16, M, &s, bits == 8 ? 128 : 8, &act);
-    const int64_t tiles = (N + TILE - 1) / TILE;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t tile = 0; tile < tiles; tile++) {
-        const uint8_t *tile_codes = codes + tile * s.tile_bytes;
-        const uint16_t *tile_scales = scales + tile * s.n_groups * TILE;
+    for (int64_t joint = 0; joint < first_tile[count]; joint++) {
+        int i = 0;
+        while (joint >= first_tile[i + 1]) i++;
+        const int64_t tile = joint - first_tile[i], N = Ns[i];
+        const uint8_t *tile_codes = codes[i] + tile * s.tile_bytes;
+        const uint16_t *tile_scales = scales[i] + tile * s.n_groups * TILE;
         const __mmask16 keep = first_lanes(N - tile * TILE);
         for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
             __m512 out[M_TILE];
             // A constant count per call, so the accumulators live in registers.
-            const int count = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
-            switch (count) {
+            const int rows = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
+            switch (rows) {
                 case 1: tile_dot(tile_codes, tile_scales, &act, m0, 1, bits, &s, out); break;
                 case 2: tile_dot(tile_codes, tile_scales, &act, m0, 2, bits, &s, out); break;
                 case 3: tile_dot(tile_codes, tile_scales, &act, m0, 3, bits, &s, out); break;
                 default: tile_dot(tile_codes, tile_scales, &act, m0, 4, bits, &s, out); break;
             }
-            for (int t = 0; t < count; t++) store16(y, io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
+            for (int t = 0; t < rows; t++) store16(ys[i], io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
         }
     }
     free(act.codes); free(act.negbias); free(act.scales);
