@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 MANIFEST = "llamaforge_manifest.json"  # what finetune writes beside its outputs
-SPECULATE_MAX = 15  # a verify step's drafts plus one token stay within the int8/int4 kernel's 16 tokens
+SPECULATE_MAX = 15  # a verify step's drafts plus one token stay within the bf16 kernel's 16 tokens
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -169,7 +169,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     cached by torch across processes), later ones decode faster (docs/benchmarks.md). `speculate=K` drafts up
     to K tokens a step when one prompt is generated (greedy output unchanged, sampling's distribution unchanged):
     with `draft_model` (a smaller model of the same vocabulary, loaded like this one; K defaults to 4), else by
-    prompt lookup. The engine does not speculate yet.
+    prompt lookup. The server's engine speculates the same way for every request it runs.
     """
     if draft_model is not None and not speculate:
         speculate = 4

@@ -610,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_flag(serve)
     _quantize_flag(serve)
     _compile_flag(serve)
+    _speculate_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")

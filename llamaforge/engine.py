@@ -3,7 +3,10 @@
 One worker thread owns the model. Each step it (1) drops cancelled requests and frees their slots,
 (2) admits waiting requests into free slots, (3) prefills one chunk of at most `prefill_chunk` tokens
 of one prompt, so a long prompt never stalls running sequences for long, and (4) decodes one token for
-every running sequence in one batched forward over a view of the slots that hold them. The KV cache
+every running sequence in one batched forward over a view of the slots that hold them. With speculation
+(`LLM.speculate` K > 0) that forward checks each sequence's drafted tokens too: up to K per sequence, by prompt
+lookup or from the LLM's draft model, kept where the model agrees (`verify_draft`), so a step can emit several
+tokens a sequence with greedy output unchanged and sampled output of the same distribution. The KV cache
 is a fixed pool of `max_batch_size` rows, each `max_context` long; a row's positions are its own (see
 model.py), so a sequence's tokens do not depend on what else shares the batch. Token events go back
 through each request's `emit` callback, called on the worker thread.
@@ -29,7 +32,15 @@ import torch
 
 from llamaforge.api import LLM
 from llamaforge.errors import LlamaforgeError
-from llamaforge.generate import Decoder, SequenceState, TokenEvent, fit_prompt
+from llamaforge.generate import (
+    Decoder,
+    DraftModel,
+    SequenceState,
+    TokenEvent,
+    fit_prompt,
+    propose_ngram,
+    verify_draft,
+)
 from llamaforge.sampling import SamplingParams, sample, token_logprobs
 
 Emit = Callable[["TokenEvent | BaseException"], None]
@@ -58,6 +69,8 @@ class EngineRequest:
     prefilled: int = 0
     state: SequenceState | None = None
     last_token: int | None = None
+    generated: list[int] = field(default_factory=list)  # tokens emitted so far (the drafts' context)
+    drafter: DraftModel | None = None  # its draft model's cache, when the engine drafts with one
 
 
 @dataclass
@@ -74,6 +87,8 @@ class EngineStats:
     batched_steps: int  # decode steps that ran more than one sequence
     prompt_tokens: int
     generated_tokens: int
+    draft_tokens: int  # tokens drafted for speculative decoding and checked by the model
+    accepted_tokens: int  # of those, the ones kept
 
 
 class Engine:
@@ -110,6 +125,9 @@ class Engine:
         self.batched_steps = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.speculate = llm.speculate
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
 
     # --- the client side (any thread) ---------------------------------------------------------------
 
@@ -140,7 +158,7 @@ class Engine:
         with self.wakeup:
             return EngineStats(self.max_batch_size, self.max_context, len(self.free_slots), len(self.running),
                                len(self.waiting), self.peak_running, self.steps, self.batched_steps,
-                               self.prompt_tokens, self.generated_tokens)
+                               self.prompt_tokens, self.generated_tokens, self.draft_tokens, self.accepted_tokens)
 
     def health(self) -> str | None:
         """None while the engine serves; otherwise why it does not (its worker died or is stuck in one step)."""
@@ -262,8 +280,10 @@ class Engine:
         decoding = [r for r in self.running if r.last_token is not None and not r.state.finished]
         if decoding:
             self.batched_steps += len(decoding) > 1
-            logits = self._isolated(decoding, self._decode)
-            self._sample_and_emit(logits)
+            if self.speculate:
+                self._speculate(decoding)
+            else:
+                self._sample_and_emit(self._isolated(decoding, self._decode))
 
     def _prefill(self, request: EngineRequest) -> None:
         """Feed the next chunk (`prefill_chunk` tokens at most) of one waiting prompt.
@@ -285,16 +305,74 @@ class Engine:
         logits = self._run_slots({r.slot: ([r.last_token], self._next_position(r)) for r in requests}, decode=True)
         return {r: logits[r.slot] for r in requests}
 
+    def _speculate(self, requests: list[EngineRequest]) -> None:
+        """One decode step with drafts: draft for each request, check every draft in one batched forward, emit
+        the tokens each request keeps (its accepted drafts, then the model's own next token)."""
+        drafts = self._isolated(requests, lambda rs: {r: self._draft(r) for r in rs})
+        logits = self._isolated(list(drafts), lambda rs: self._check(rs, drafts))
+        for request, rows in logits.items():
+            self._guarded(request, self._accept, request, rows, *drafts[request])
+
+    def _draft(self, request: EngineRequest) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `speculate` tokens to check after the request's text, and the distributions (d, V) they were
+        drawn from (None for prompt lookup, whose drafts are certain). Drafts stop short of the token budget,
+        so every position a check writes stays inside the request's room."""
+        params = request.params
+        room = min(self.speculate, params.max_new_tokens - request.state.produced - 1)
+        context = request.prompt_ids + request.generated
+        if self.llm.draft is None:
+            return propose_ngram(context, room), None
+        if request.drafter is None:
+            request.drafter = DraftModel(self.llm.draft, len(request.prompt_ids) + params.max_new_tokens)
+        return request.drafter.propose(context, room, params, request.state.generator)
+
+    def _check(self, requests: list[EngineRequest],
+               drafts: dict[EngineRequest, tuple[list[int], torch.Tensor | None]]) -> dict[EngineRequest, torch.Tensor]:
+        """One batched forward of each request's last token and its drafts; each request's logits (1 + d, V)."""
+        inputs = {r.slot: ([r.last_token, *drafts[r][0]], self._next_position(r)) for r in requests}
+        logits = self._run_slots(inputs, every_position=True)
+        return {r: logits[r.slot] for r in requests}
+
+    def _accept(self, request: EngineRequest, logits: torch.Tensor, draft: list[int],
+                draft_probs: torch.Tensor | None) -> None:
+        """Emit the request's accepted drafts, then the model's own token after them (logits (1 + d, V))."""
+        params, slot = request.params, request.slot
+        context_before = len(request.prompt_ids) + len(request.generated)
+        accepted = 0
+        for i in range(len(draft) + 1):
+            if i < len(draft):
+                token, agreed = verify_draft(logits[i], draft[i], params, request.state.generator, self.seen[slot],
+                                             None if draft_probs is None else draft_probs[i])
+            else:
+                token = int(sample(logits[i:i + 1], [params], [request.state.generator], self.seen[slot][None])[0])
+                agreed = False
+            self.seen[slot, token] = True
+            accepted += agreed
+            pick = (None, None, None)
+            if params.logprobs or params.top_logprobs:
+                chosen, top_values, top_ids = token_logprobs(logits[i:i + 1], torch.tensor([token], device=self.device),
+                                                             params.top_logprobs)
+                pick = (chosen[0], top_values[0], top_ids[0])
+            self._emit_token(request, token, *pick)
+            if request.state.finished or not agreed:
+                break
+        self.draft_tokens += len(draft)
+        self.accepted_tokens += accepted
+        if request.drafter is not None:
+            request.drafter.settle(context_before, accepted, len(draft))
+
     def _next_position(self, request: EngineRequest) -> int:
         """Where the request writes next: its prompt's next chunk, or its last sampled token."""
         if request.prefilled < len(request.prompt_ids):
             return request.prefilled
         return len(request.prompt_ids) + request.state.produced - 1
 
-    def _run_slots(self, inputs: dict[int, tuple[list[int], int]], decode: bool = False) -> dict[int, torch.Tensor]:
+    def _run_slots(self, inputs: dict[int, tuple[list[int], int]], decode: bool = False,
+                   every_position: bool = False) -> dict[int, torch.Tensor]:
         """One forward over the run of slots holding `inputs` (slot -> tokens, first position).
 
-        Returns each slot's logits (V,) after its last token. The cache rows are a view, not a copy.
+        Returns each slot's logits (V,) after its last token, or with `every_position` after each of its
+        tokens (T, V). The cache rows are a view, not a copy.
         Rows are right-padded to one width, and slots of the run with no input ride along as padding.
         Every padding token is written at or after its row's next position, which that row overwrites
         before it ever attends there (or at the last position, clamped, which no prompt reaches and a
@@ -319,6 +397,9 @@ class Engine:
         kv_len = int(positions.max()) + 1  # on the host: no device sync
         if decode:  # one token per row: the (maybe compiled) decode step
             logits = self.decoder(tokens[:, 0].to(self.device), positions[:, 0].to(self.device), cache, kv_len)
+        elif every_position:
+            logits = self.model(tokens.to(self.device), positions.to(self.device), cache, kv_len=kv_len)  # (rows, T, V)
+            return {slot: logits[slot - first, :len(inputs[slot][0])] for slot in inputs}
         else:
             logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
                                 logits_at=last_index.to(self.device), kv_len=kv_len)  # (rows, V)
@@ -351,6 +432,7 @@ class Engine:
         if chosen is not None:
             request.state.attach_logprobs(event, chosen, top_values, top_ids)
         request.last_token = token_id
+        request.generated.append(token_id)
         self.generated_tokens += 1
         request.emit(event)
         if event.finish_reason is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from llamaforge.engine import Engine
+from llamaforge.engine import Engine, EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -34,9 +34,19 @@ class Metrics:
             "llamaforge_engine_steps": ("Engine steps run", lambda: engine.stats().steps),
             "llamaforge_batched_decode_steps": ("Decode steps that ran more than one sequence",
                                                 lambda: engine.stats().batched_steps),
+            "llamaforge_spec_draft_tokens": ("Tokens drafted for speculative decoding and checked",
+                                             lambda: engine.stats().draft_tokens),
+            "llamaforge_spec_accepted_tokens": ("Drafted tokens the model accepted",
+                                                lambda: engine.stats().accepted_tokens),
+            "llamaforge_spec_acceptance_rate": ("Accepted / drafted tokens so far (0 before any draft)",
+                                                lambda: _rate(engine.stats())),
         }
         for name, (description, read) in gauges.items():
             Gauge(name, description, registry=self.registry).set_function(read)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _rate(stats: EngineStats) -> float:
+    return stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0
