@@ -1,9 +1,12 @@
 """One linear layer at batch 1: llamaforge's int8 / int4 / bf16 kernels against torch's own CPU kernels.
 
-For two TinyLlama-1.1B weight shapes (32000 x 2048, its output projection, larger than any cache; 5632 x 2048, an
-FFN projection), each candidate multiplies one bfloat16 activation row by the weight; GB/s is the weight bytes
-the candidate reads divided by its median time. Decoding reads every weight once a token, so this is the figure
-that bounds decode speed.
+For two TinyLlama-1.1B weight shapes (32000 x 2048, its output projection; 5632 x 2048, an FFN projection), each
+candidate multiplies one bfloat16 activation row by the weight; GB/s is the weight bytes the candidate reads
+divided by its median time. Decoding reads every weight once a token, so this is the figure that bounds decode
+speed. One weight called again and again stays partly in the CPU's last-level cache (32 MB here, as large as the
+int4 output projection), so `--step` also times a whole decode step's linear layers: every weight of the 22
+layers and the output projection, each a separate tensor, called in model order (q, k and v in one call where the
+kernel takes several weights, gate and up likewise), which streams them from memory as decoding does.
 
     python benchmarks/linear_kernels.py            # as root, `chrt -f 10` first keeps other load off the cores
 """
@@ -58,14 +61,52 @@ def candidates(weight: torch.Tensor, x: torch.Tensor) -> list[tuple[str, Callabl
     return rows
 
 
+# One TinyLlama-1.1B layer's linear weights in model order, grouped as the model calls them.
+LAYER_GROUPS = (((2048, 2048), (256, 2048), (256, 2048)), ((2048, 2048),), ((5632, 2048), (5632, 2048)),
+                ((2048, 5632),))
+LAYERS = 22
+
+
+def step_candidates(layers: int) -> list[tuple[str, Callable[[], None], int]]:
+    """(name, one decode step's linear layers, bytes they read) for the kernels that run here."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [group for _ in range(layers) for group in LAYER_GROUPS] + [((32000, 2048),)]
+    dense, int8, int4 = [], [], []
+    for group in shapes:  # each float32 weight lives only until its copies exist
+        weights = [torch.randn(*shape, generator=generator) * 0.02 for shape in group]
+        dense.append([w.bfloat16() for w in weights])
+        if kernels.native() is not None:
+            int8.append([quantize_weight(w, 8) for w in weights])
+            # As quantize_model does: int4 keeps the output projection in int8.
+            int4.append([quantize_weight(w, 8) if w.shape[0] == 32000 else quantize_weight(w, 4, 32) for w in weights])
+    inputs = {2048: torch.randn(1, 2048).bfloat16(), 5632: torch.randn(1, 5632).bfloat16()}
+    dense_bytes = sum(w.nbytes for g in dense for w in g)
+    rows = [("torch F.linear bf16", lambda: [F.linear(inputs[w.shape[1]], w) for g in dense for w in g], dense_bytes)]
+    if kernels.native_bf16() is not None:
+        rows.append(("llamaforge bf16", lambda: [kernels.bf16_linear(inputs[w.shape[1]], w) for g in dense for w in g],
+                     dense_bytes))
+    for name, quantized in (("llamaforge int8 (per row)", int8), ("llamaforge int4 (g32, output int8)", int4)):
+        if quantized:
+            rows.append((name, lambda q=quantized: [kernels.qlinear_many(inputs[g[0].in_features], g) for g in q],
+                         sum(w.nbytes for g in quantized for w in g)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--step", action="store_true", help="also time a whole decode step's linear layers")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers in --step (TinyLlama: 22)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("| weight | kernel | ms (min-max) | GB/s |")
     print("| --- | --- | ---: | ---: |")
+    if args.step:
+        for name, run, nbytes in step_candidates(args.layers):
+            median, low, high = bench(run, max(args.repeats // 3, 3))
+            print(f"| decode step ({args.layers} layers + output) | {name} | {median * 1e3:.2f} "
+                  f"({low * 1e3:.2f}-{high * 1e3:.2f}) | {nbytes / median / 1e9:.1f} |")
     for shape in ((32000, 2048), (5632, 2048)):
         weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02
         x = torch.randn(1, shape[1]).bfloat16()

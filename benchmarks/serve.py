@@ -12,6 +12,11 @@ process, all up for the whole run:
   printed and recorded as skipped. llama-cpp-python does not ship it: build it from llama.cpp's source
   (`cmake -B build && cmake --build build --target llama-server`).
 
+With `--weights q8_0` or `q4_0` every server serves the same GGUF file of that type, written by `llamaforge export
+--type q8_0|q4_0` (block for block what llama.cpp's quantizer writes; output.weight Q8_0): llamaforge keeps its
+Q8_0 / Q4_0 linears quantized (int8 / int4 kernels, bfloat16 activations), llama.cpp runs them as it does. The
+default, f32, serves the float32 HF directory to (a) and (b) and a float32 GGUF to (c).
+
 For each concurrency level (1, 8 and 32 clients by default) an asyncio client opens that many streaming
 `/v1/completions` connections; each client sends its next request as soon as its previous one has ended,
 until the level's requests are used up. Both servers get exactly the same requests: token-id prompts of
@@ -160,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "preset's, 120 s; 0 for tiny)")
     parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMAFORGE_LLAMA_SERVER"),
                         help="llama.cpp's llama-server binary, for server (c)")
+    parser.add_argument("--weights", default="f32", choices=("f32", "q8_0", "q4_0"),
+                        help="what every server serves: float32 (default), or one Q8_0 / Q4_0 GGUF file for all")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     if args.llama_server is not None and not Path(args.llama_server).is_file():
@@ -451,10 +458,13 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     log(f"{model['parameters'] / 1e6:.1f}M parameters, vocab {model['vocab_size']} ({model['tokenizer']})")
     servers: list[ServerProcess] = []
     try:
+        ours = workdir / "model"
+        if args.weights != "f32" or args.llama_server:
+            gguf_file = export_gguf(workdir / "model", workdir / f"model-{args.weights}.gguf", args.weights)
+            ours = gguf_file if args.weights != "f32" else ours
         for name, batch in (("a", args.batch_size), ("b", 1)):
-            servers.append(ServerProcess(name, workdir / "model", batch, args.threads, workdir / f"server-{name}.log"))
+            servers.append(ServerProcess(name, ours, batch, args.threads, workdir / f"server-{name}.log"))
         if args.llama_server:
-            gguf_file = export_gguf(workdir / "model", workdir / "model.gguf")
             servers.append(ServerProcess("c", gguf_file, args.batch_size, args.threads, workdir / "server-c.log",
                                          args.llama_server, PRESETS[args.preset].config.max_seq_len))
         else:
@@ -483,10 +493,10 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     return report(args, model, results)
 
 
-def export_gguf(model_dir: Path, path: Path) -> Path:
-    """The benchmark's model as a float32 GGUF for llama.cpp, written by `llamaforge export`."""
+def export_gguf(model_dir: Path, path: Path, weights: str) -> Path:
+    """The benchmark's model as a GGUF of `weights` (f32, q8_0, q4_0), written by `llamaforge export`."""
     done = subprocess.run([sys.executable, "-m", "llamaforge", "export", "--model", str(model_dir), "--out", str(path),
-                           "--type", "f32"], capture_output=True, text=True)
+                           "--type", weights], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llamaforge export failed: {done.stderr}")
     return path
@@ -515,6 +525,7 @@ def report(args: argparse.Namespace, model: dict, results: list[LevelResult]) ->
         "setup": {"preset": args.preset, **model, "max_tokens": args.max_tokens, "prompt_lens": args.prompt_lens,
                   "rounds": args.rounds, "min_requests": args.min_requests, "threads": args.threads,
                   "batch_size": args.batch_size, "quiet_below": args.quiet_below, "quiet_wait": args.quiet_wait,
+                  "weights": args.weights,
                   "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "results": levels,
         "ratios": ratios,
@@ -529,7 +540,8 @@ def format_table(report: dict) -> str:
     config = setup["config"]
     lines = [
         f"preset {setup['preset']} ({setup['parameters'] / 1e6:.1f}M parameters: dim {config['dim']}, "
-        f"{config['n_layers']} layers, vocab {setup['vocab_size']}; float32), {setup['threads']} threads per "
+        f"{config['n_layers']} layers, vocab {setup['vocab_size']}; {setup.get('weights', 'f32')} weights), "
+        f"{setup['threads']} threads per "
         f"server; streaming /v1/completions, temperature 0, max_tokens {setup['max_tokens']}, prompts of "
         f"{'/'.join(map(str, setup['prompt_lens']))} tokens; torch {setup['torch']}",
         "",

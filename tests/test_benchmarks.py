@@ -45,9 +45,12 @@ def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
 
 
 @pytest.mark.slow
-def test_serve_benchmark_batching_gives_the_same_text() -> None:
-    """(a) batching and (b) one at a time answer alike; llama.cpp (c) runs too where its server is installed."""
-    report = run_json("serve.py", "--preset", "tiny")
+@pytest.mark.parametrize("weights", ["f32", "q4_0"])
+def test_serve_benchmark_batching_gives_the_same_text(weights: str) -> None:
+    """(a) batching and (b) one at a time answer alike, from float32 weights or one Q4_0 GGUF for every server;
+    llama.cpp (c) runs too where its server is installed."""
+    report = run_json("serve.py", "--preset", "tiny", "--weights", weights)
+    assert report["setup"]["weights"] == weights
     one_at_a_time = [r for r in report["ratios"] if r["versus"] == "b"]
     assert one_at_a_time and all(r["same_text"] == r["requests"] for r in one_at_a_time)
     llama_cpp = [r for r in report["ratios"] if r["versus"] == "c"]
