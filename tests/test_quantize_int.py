@@ -176,6 +176,21 @@ def test_linear_layer_paths(bits: int, group: int | None, monkeypatch) -> None:
         torch.testing.assert_close(layer(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
 
 
+def test_a_quantized_models_state_dict_holds_the_stored_layout_and_loads_back() -> None:
+    """state_dict() gives the row-major stored layout (what checkpoints hold); load_state_dict repacks it."""
+    config = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=172, max_seq_len=64)
+    model = quantize_model(init_weights(Llama(config)), "int4")
+    state = model.state_dict()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert state["model.layers.0.self_attn.q_proj.codes"].shape == (64, 128 // 2)  # 64 rows of 128 padded weights
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.scales"], q_proj.weight_q.row_scales())
+    other = quantize_model(init_weights(Llama(config), seed=1), "int4")
+    other.load_state_dict(state)
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(other.model.layers[0].self_attn.q_proj.codes, q_proj.codes)  # the kernel's layout again
+
+
 def test_projections_of_one_input_share_a_kernel_call_with_the_same_results(monkeypatch) -> None:
     """model.project: q, k and v (or gate and up) in one call equal three calls bit for bit; layers of other
     schemes or types go one by one, and nothing is called together when the kernel does not run."""
