@@ -11,6 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from factories import random_model, write_hf_dir
@@ -280,3 +281,53 @@ def test_a_gguf_loaded_model_saves_as_an_hf_folder_with_its_tokenizer(gqa_model_
     assert again.tokenizer.encode("The llama hums") == loaded.tokenizer.encode("The llama hums")
     ids = loaded.tokenizer.encode("The llama hums", bos=True)
     torch.testing.assert_close(logits(again, ids), logits(loaded, ids))
+
+
+def q6_k_blocks(rows: int, width: int, generator: torch.Generator) -> np.ndarray:
+    """Random Q6_K bytes for a (rows, width) weight: any bytes are valid codes and scales once each 256-weight
+    super-block's float16 factor d (its last 2 of 210 bytes) is a sane number."""
+    blocks = torch.randint(0, 256, (rows * width // 256, 210), dtype=torch.uint8, generator=generator)
+    blocks[:, 208:] = torch.tensor([1e-4], dtype=torch.float16).view(torch.uint8)
+    return blocks.reshape(rows, -1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_1"])
+def test_other_quantized_types_load_as_int8_close_to_their_values(tmp_path: Path, tiny_tokenizer_path: Path,
+                                                                  monkeypatch, kind: str) -> None:
+    """A k-quant (Q6_K, as llama.cpp writes output.weight and half of a Q4_K_M's layers) or Q4_1 linear loads as an
+    int8 layer in groups of 32, within half an int8 step of the values the file stores; it never becomes a
+    16-bit copy."""
+    import llamaforge.checkpoint.gguf as gguf_module
+
+    config = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=64)
+    model_dir = write_hf_dir(tmp_path / "model", random_model(config, std=0.05), tiny_tokenizer_path)
+    kinds, generator = gguf.GGMLQuantizationType, torch.Generator().manual_seed(0)
+    encode = gguf_module._encode
+
+    def encode_as_kind(gguf_, array, weight_type):
+        if array.ndim != 2:  # norms stay float32
+            return encode(gguf_, array, weight_type)
+        if kind == "Q6_K":
+            return q6_k_blocks(*array.shape, generator), kinds.Q6_K
+        return gguf.quants.quantize(array, kinds.Q4_1), kinds.Q4_1
+
+    monkeypatch.setattr(gguf_module, "_encode", encode_as_kind)
+    path = export(llamaforge.load(model_dir), tmp_path / "model.gguf")
+    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2} == {kind}
+    dense = llamaforge.load(path, dtype=torch.float32, quantize=None)
+    kept = llamaforge.load(path)
+    assert kept.dtype == torch.bfloat16
+    dense_layers = dict(dense.model.named_modules())
+    quantized = {name: m for name, m in kept.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantized) == 7 + 1  # every linear, the output projection included
+    for name, layer in quantized.items():
+        assert (layer.bits, layer.group_size) == (8, 32), name
+        stored = dense_layers[name].weight.detach()  # the file's values, q and k rows in HF's order
+        step = layer.weight_q.row_scales().float().repeat_interleave(32, dim=1)
+        # Half a step, plus up to 127 times the float16 rounding of the scale (relative 2**-11, but at least half
+        # float16's subnormal spacing, 2**-25, for the smallest scales).
+        bound = step * 0.5 + 127 * torch.clamp(step * 2**-11, min=2**-25) + 1e-9
+        assert bool(((layer.dequantize() - stored).abs() <= bound).all()), name
+    ids = kept.tokenizer.encode("The llama hums", bos=True)
+    ours, reference = logits(kept, ids), logits(dense, ids)  # bfloat16 and int8 activations against float32
+    assert (ours - reference).abs().max() < 0.05 * reference.abs().max()

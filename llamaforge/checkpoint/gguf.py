@@ -31,7 +31,7 @@ from llamaforge.checkpoint.keymaps import (
 )
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
-from llamaforge.quantize import QuantizedWeight, from_gguf_blocks
+from llamaforge.quantize import QuantizedWeight, from_gguf_blocks, quantize_weight
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -150,12 +150,19 @@ def stored_dtype(reader) -> torch.dtype:
 
 # Linear weights of these types load as int8 / int4 layers as stored (`iter_tensors(keep_quantized=True)`).
 KEPT_BITS = {"Q8_0": 8, "Q4_0": 4}
+# Types stored in floats: everything else is quantized in blocks.
+FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 def kept_bits(tensor) -> int | None:
-    """8 or 4 for a linear weight that can load quantized as stored; None for anything else (the embedding, a
-    table lookup rather than a product, included)."""
-    return None if tensor.name == "token_embd.weight" else KEPT_BITS.get(tensor.tensor_type.name)
+    """The bits of the layer a linear weight loads as (`iter_tensors(keep_quantized=True)`): Q8_0 / Q4_0 as stored;
+    llama.cpp's other block types (the k-quants Q4_K, Q6_K, ..., Q4_1, Q5_0, ...) as int8 in groups of 32, their
+    values quantized again, which keeps them at 8.5 bits a weight rather than 16 and adds at most half an int8
+    step to the file's own rounding. None for floats and for the embedding (a table lookup, not a product)."""
+    kind = tensor.tensor_type.name
+    if tensor.name == "token_embd.weight" or kind in FLOAT_TYPES or len(tensor.shape) != 2:
+        return None
+    return KEPT_BITS.get(kind, 8 if int(tensor.shape[0]) % 32 == 0 else None)  # shape[0]: the row width
 
 
 def has_kept_types(reader) -> bool:
@@ -179,8 +186,9 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
     """HF-named tensors in HF's row layout, one at a time.
 
     With `keep_quantized`, Q8_0 and Q4_0 linear weights come as QuantizedWeight (int8 / int4 in groups of 32,
-    the same codes and scales repacked, nothing rounded again) instead of dequantized floats; the embedding,
-    a table lookup rather than a product, is dequantized as before.
+    the same codes and scales repacked, nothing rounded again) instead of dequantized floats, and other
+    quantized linear weights as int8 in groups of 32 (see `kept_bits`); the embedding, a table lookup rather than
+    a product, is dequantized as before.
     """
     for tensor in reader.tensors:
         meta_name = rename(tensor.name, GGUF_TO_META)
@@ -189,12 +197,16 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
         bits = kept_bits(tensor) if keep_quantized else None
         if bits is not None:
             shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
-            blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
             # The q / k row order (Meta's interleaved -> HF's rotate-half) moves whole rows: find it by
             # permuting row numbers, then move the rows' codes and scales alike.
             name, rows = meta_to_hf(meta_name, torch.arange(shape[0], dtype=torch.float64)[:, None],
                                     config.n_heads, config.n_kv_heads)
-            yield name, from_gguf_blocks(blocks, bits, shape, row_order=rows[:, 0].long())
+            order = rows[:, 0].long()
+            if tensor.tensor_type.name in KEPT_BITS:
+                blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
+                yield name, from_gguf_blocks(blocks, bits, shape, row_order=order)
+            else:
+                yield name, quantize_weight(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
             continue
         yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 
