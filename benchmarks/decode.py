@@ -255,15 +255,12 @@ def gguf_files(model: Llama, modes: list[str], workdir: Path, llamacpp: LlamaCpp
 
 
 def model_in_mode(base: Llama, mode: str) -> Llama:
-    """The benchmark model in `mode` as `llamaforge.load` makes it: cast (bfloat16 linears decoding through the
-    AVX-512 BF16 kernel where the CPU has it), or a quantized copy of the bfloat16 weights."""
+    """The benchmark model in `mode` as `llamaforge.load` makes it: cast, or a quantized copy of the bfloat16 weights;
+    in bfloat16, linears and attention over the cache go through the AVX-512 BF16 kernels where the CPU has them."""
     dtype, quantize, _ = MODES[mode]
-    if quantize is None:
-        model = base.to(dtype)
-        if dtype == torch.bfloat16:
-            use_bf16_kernel(model)
-        return model
-    return quantize_model(copy.deepcopy(base.to(dtype)), quantize)
+    model = base.to(dtype) if quantize is None else quantize_model(copy.deepcopy(base.to(dtype)), quantize)
+    use_bf16_kernel(model)  # as load() does: bfloat16 linears and attention through the kernels (none in float32)
+    return model
 
 
 def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace, llamacpp: LlamaCpp | None,

@@ -134,6 +134,10 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
 
 
 class Attention(nn.Module):
+    # Attention of a few queries over the cache on the CPU (`decode_attention`); loading a bfloat16 model puts the
+    # compiled kernel here instead (quantize.use_bf16_kernel), per module.
+    cached_attention = staticmethod(decode_attention)
+
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
         self.n_heads = config.n_heads
@@ -155,7 +159,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
         if kv_cache is not None and T <= DECODE_QUERIES and x.device.type == "cpu":
-            y = decode_attention(q, k, v, mask)
+            y = self.cached_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads

@@ -3,6 +3,7 @@ torch fallback, quantized models (stories260K's greedy tokens, the engine), and 
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from factories import engine_tokens
 from torch import nn
 
 import llamaforge
+from llamaforge.api import LLM
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
 from llamaforge.model import Llama, init_weights, project
@@ -330,6 +332,46 @@ def test_bf16_linear_layer_paths(monkeypatch) -> None:
         layer(torch.randn(1, 40, 172).bfloat16())  # a prompt
     layer(torch.randn(2, 1, 172).bfloat16())  # gradients enabled: training
     assert calls == [(2, 172)]
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "queries", "length", "head_dim"),
+                         [(1, 32, 4, 1, 170, 64), (3, 8, 2, 4, 37, 48), (2, 4, 4, 16, 300, 128), (2, 8, 1, 3, 17, 16)])
+def test_attention_kernel_rounds_where_torch_does(batch: int, heads: int, kv_heads: int, queries: int, length: int,
+                                                  head_dim: int) -> None:
+    """The cache attention kernel against model.decode_attention (torch's two bfloat16 matmuls and float softmax):
+    equal in nearly every output, the rest one bfloat16 step apart; rows see only their unmasked positions, and
+    a row that sees nothing gets zeros."""
+    from llamaforge.model import decode_attention
+
+    generator = torch.Generator().manual_seed(batch * length)
+    cache = torch.randn(2, batch, kv_heads, length + 20, head_dim, generator=generator).bfloat16()
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # a cache's first positions: strided views
+    q = torch.randn(batch, heads, queries, head_dim, generator=generator).bfloat16()
+    last = torch.randint(queries - 1, length, (batch, 1), generator=generator) - torch.arange(queries).flip(0)
+    mask = (torch.arange(length)[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, L)
+    expected = decode_attention(q, k, v, mask)
+    out = kernels.bf16_decode_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert (out == expected).float().mean().item() > 0.99
+    assert bool(((out.float() - expected.float()).abs() <= expected.float().abs() * 2**-7 + 2**-16).all())
+    mask[0, 0, 0] = False  # the first query of the first row sees nothing
+    assert bool((kernels.bf16_decode_attention(q, k, v, mask)[0, :, 0] == 0).all())
+
+
+def test_a_bfloat16_model_decodes_alike_with_the_attention_kernel() -> None:
+    """load() puts the kernel into a bfloat16 CPU model's attention (not a float32 one's); answers stay the same."""
+    llm = llamaforge.load(dtype="bfloat16")
+    attention = llm.model.model.layers[0].self_attn
+    assert isinstance(attention.cached_attention, functools.partial)
+    assert "cached_attention" not in vars(llamaforge.load(dtype="float32").model.model.layers[0].self_attn)
+    plain = LLM(llm.model, llm.tokenizer)
+    for module in llm.model.modules():
+        vars(module).pop("cached_attention", None)  # back to the class's torch implementation
+    questions = ("What is 37 + 45?", "Spell the word 'banana'.", "Which is larger, 512 or 215?")
+    expected = [plain.chat([{"role": "user", "content": q}], temperature=0.0).token_ids for q in questions]
+    use_bf16_kernel(llm.model)
+    assert [llm.chat([{"role": "user", "content": q}], temperature=0.0).token_ids for q in questions] == expected
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])

@@ -1,4 +1,5 @@
-// bfloat16 linear layers for a few activation rows, on x86 CPUs with AVX-512 BF16: the batch-1 decode path.
+// bfloat16 linear layers for a few activation rows, and attention over a KV cache for a few queries, on x86 CPUs
+// with AVX-512 BF16: the batch-1 decode path.
 //
 // y (M, N) = x (M, K) @ W.T with x, W and y in bfloat16. VDPBF16PS multiplies 32 bfloat16 pairs (exact in
 // float32) and adds them into 16 float32 lanes, so one 64-byte weight load feeds one instruction per activation
@@ -11,6 +12,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #define LANES 32   // bfloat16 values per 64-byte register
@@ -74,5 +76,153 @@ int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
         }
     }
     free(padded);
+    return 0;
+}
+
+// e^x for 16 floats (x <= 0 here: softmax after subtracting the maximum), to about 2 ulp: x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, then scaled by 2^n. -inf gives exactly 0.
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // keeps 2^n normal; e^-87 is as good as 0 beside e^0
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split in two for accuracy
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));  // masked positions weigh exactly 0
+}
+
+static inline __m512 bf16x16_to_float(const uint16_t *values) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)values)),
+                                                 16));
+}
+
+// 16 floats rounded to bfloat16 and back (nearest even, as torch's .to(torch.bfloat16)).
+static inline __m512 round16_to_bf16(__m512 values) {
+    __m512i bits = _mm512_castps_si512(values);
+    __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                        _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(bits, rounding), _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
+// 16 floats as bfloat16 bits, rounded to nearest even.
+static inline __m256i to_bf16_bits(__m512 values) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round16_to_bf16(values)), 16));
+}
+
+// The lane sums of 16 vectors, lane j holding v[j]'s: each round adds the halves of pairs of vectors, so 16
+// horizontal sums cost 45 instructions instead of 16 reductions.
+static inline __m512 sum16(__m512 v[16]) {
+    static const int32_t halves[4][2][16] = {
+        {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+        {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
+    };
+    int count = 16;
+    for (int round = 0; round < 4; round++) {
+        const __m512i low = _mm512_loadu_si512((const void *)halves[round][0]);
+        const __m512i high = _mm512_loadu_si512((const void *)halves[round][1]);
+        for (int i = 0; i < count / 2; i++)
+            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], low, v[2 * i + 1]),
+                                 _mm512_permutex2var_ps(v[2 * i], high, v[2 * i + 1]));
+        count /= 2;
+    }
+    return v[0];
+}
+
+// Attention of a few new queries over a KV cache, for decoding: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with
+// q (B, H, T, D) contiguous, k and v (B, Hkv, L, D) with the given strides (a cache's first L positions), and
+// mask (B, T, L) bytes, nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv).
+// It rounds where torch's two bfloat16 matmuls and float softmax do (model.decode_attention): scores to bfloat16
+// before scaling, the weights to bfloat16, the output once; sums are float32. D a multiple of 16, at most 256.
+// Returns 0, or -1 when out of memory (or D is not one of those).
+int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                          uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t L,
+                          int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l, int n_threads) {
+    if (D > 256 || D % 16 != 0) return -1;
+    const int64_t Lp = (L + 15) / 16 * 16;
+    float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * H * T * Lp));
+    if (!scratch) return -1;
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t item = 0; item < B * H * T; item++) {
+        const int64_t b = item / (H * T), h = item / T % H, t = item % T;
+        const int64_t kv_head = h / (H / Hkv);
+        const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
+        const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
+        const uint8_t *visible = mask + (b * T + t) * L;
+        float *weights = scratch + item * Lp;
+        // The query as bfloat16 pairs for VDPBF16PS (32 values a register), and its last 16 values as floats when
+        // D is not a multiple of 32.
+        const int64_t paired = D / 32 * 32;
+        __m512i query[8];
+        for (int64_t d = 0; d < paired; d += 32) query[d / 32] = _mm512_loadu_si512((const void *)(q + item * D + d));
+        const __m512 query_tail = paired < D ? bf16x16_to_float(q + item * D + paired) : _mm512_setzero_ps();
+        // Scores, 16 positions at a time (lane j: position l0 + j).
+        __m512 top = minus_infinity;
+        for (int64_t l0 = 0; l0 < Lp; l0 += 16) {
+            __m512 dots[16];
+            for (int j = 0; j < 16; j++) {
+                dots[j] = _mm512_setzero_ps();
+                if (l0 + j >= L) continue;
+                const uint16_t *key = keys + (l0 + j) * kv_stride_l;
+                for (int64_t d = 0; d < paired; d += 32)  // products of bfloat16 values are exact in float32
+                    dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)query[d / 32],
+                                               (__m512bh)_mm512_loadu_si512((const void *)(key + d)));
+                if (paired < D) dots[j] = _mm512_fmadd_ps(query_tail, bf16x16_to_float(key + paired), dots[j]);
+            }
+            const __mmask16 in_range = (__mmask16)(L - l0 >= 16 ? 0xFFFF : (1u << (L - l0)) - 1);
+            const __mmask16 seen = _mm_mask_test_epi8_mask(in_range, _mm_maskz_loadu_epi8(in_range, visible + l0),
+                                                           _mm_set1_epi8((char)0xFF));
+            __m512 scores = _mm512_mask_blend_ps(seen, minus_infinity,
+                                                 _mm512_mul_ps(round16_to_bf16(sum16(dots)), scale));
+            _mm512_store_ps(weights + l0, scores);
+            top = _mm512_max_ps(top, scores);
+        }
+        float highest = _mm512_reduce_max_ps(top);
+        if (highest == -INFINITY) highest = 0.0f;  // nothing visible: torch gives NaN; every weight is 0 here
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t l = 0; l < Lp; l += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(weights + l), _mm512_set1_ps(highest)));
+            _mm512_store_ps(weights + l, e);
+            total = _mm512_add_ps(total, e);
+        }
+        const float sum = _mm512_reduce_add_ps(total);
+        const __m512 inverse = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+        for (int64_t l = 0; l < Lp; l += 16)
+            _mm512_store_ps(weights + l, round16_to_bf16(_mm512_mul_ps(_mm512_load_ps(weights + l), inverse)));
+        // Weighted values, two positions at a time: their values interleaved into bfloat16 pairs, times the pair of
+        // (bfloat16) weights, by VDPBF16PS; exact products, float32 sums. Weights past L are 0.
+        __m512 acc[16];
+        for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
+        uint16_t weight_bits[2];
+        for (int64_t l = 0; l < L; l += 2) {
+            const int pair = l + 1 < L;
+            if (weights[l] == 0.0f && (!pair || weights[l + 1] == 0.0f)) continue;
+            weight_bits[0] = float_to_bf16(weights[l]);  // exact: the weights are bfloat16 values already
+            weight_bits[1] = pair ? float_to_bf16(weights[l + 1]) : 0;
+            int32_t both;
+            memcpy(&both, weight_bits, 4);
+            const __m512bh w = (__m512bh)_mm512_set1_epi32(both);
+            const uint16_t *first = values + l * kv_stride_l, *second = pair ? first + kv_stride_l : first;
+            for (int64_t d = 0; d < D; d += 16) {
+                __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
+                __m512i b = pair ? _mm512_slli_epi32(
+                                       _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d))), 16)
+                                 : _mm512_setzero_si512();
+                acc[d / 16] = _mm512_dpbf16_ps(acc[d / 16], (__m512bh)_mm512_or_si512(a, b), w);
+            }
+        }
+        for (int64_t d = 0; d < D; d += 16)
+            _mm256_storeu_si256((__m256i *)(out + item * D + d), to_bf16_bits(acc[d / 16]));
+    }
+    free(scratch);
     return 0;
 }

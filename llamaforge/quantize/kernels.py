@@ -19,7 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -117,6 +117,8 @@ def native_bf16() -> ctypes.CDLL | None:
         return None
     library.bf16_linear.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int]
     library.bf16_linear.restype = ctypes.c_int
+    library.bf16_decode_attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, *[_INT64] * 9, ctypes.c_int]
+    library.bf16_decode_attention.restype = ctypes.c_int
     return library
 
 
@@ -146,6 +148,46 @@ def bf16_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @bf16_linear_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def bf16_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of a few queries (B, H, T, D) over cached keys and values (B, Hkv, L, D), bfloat16 CPU tensors,
+    with a boolean mask (B, 1, T, L), by the compiled kernel (bf16linear.c): (B, H, T, D) bfloat16. It rounds where
+    model.decode_attention's torch ops do. k and v are views of one cache layout (same strides, last one 1); the
+    head size is a multiple of 16, at most 256."""
+    B, H, T, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    q, mask = q.contiguous(), mask.reshape(B, T, L).contiguous()
+    out = torch.empty_like(q)
+    status = native_bf16().bf16_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(),
+                                                 out.data_ptr(), B, H, Hkv, T, D, L, k.stride(0), k.stride(1),
+                                                 k.stride(2), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"the attention kernel could not allocate room for {B * H * T} x {L} scores")
+    return out
+
+
+@torch.library.custom_op("llamaforge::bf16_decode_attention", mutates_args=())
+def bf16_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`bf16_decode_attention` as a torch operator, for torch.compile'd graphs."""
+    return bf16_decode_attention(q, k, v, mask)
+
+
+@bf16_decode_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`bf16_decode_attention` where it takes these tensors (bfloat16 on the CPU, no autograd, k and v alike in
+    layout, head size a multiple of 16 up to 256), else `fallback(q, k, v, mask)`: attention over a cache."""
+    if (q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or q.device.type != "cpu" or torch.is_grad_enabled()
+            or k.stride() != v.stride() or k.stride(-1) != 1 or q.shape[-1] > 256 or q.shape[-1] % 16
+            or not bf16_available()):
+        return fallback(q, k, v, mask)
+    attend = bf16_decode_attention_op if torch.compiler.is_compiling() else bf16_decode_attention
+    return attend(q, k, v, mask)
 
 
 @torch.compiler.assume_constant_result

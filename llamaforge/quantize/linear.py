@@ -8,6 +8,7 @@ to the activations' dtype, one layer at a time, and multiplied by torch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -119,14 +120,21 @@ class Bf16Linear(nn.Linear):
 
 
 def use_bf16_kernel(model: nn.Module) -> int:
-    """Make every bias-free bfloat16 CPU nn.Linear of `model` a Bf16Linear in place (sharing its weight); how many
-    changed (none in a float32 or GPU model)."""
+    """Make every bias-free bfloat16 CPU nn.Linear of `model` a Bf16Linear in place (sharing its weight), and, in a
+    bfloat16 CPU model, its attention over the KV cache the compiled kernel (`kernels.cached_attention`, per
+    module: any module with a `cached_attention`); how many linears changed (none in a float32 or GPU model)."""
     changed = 0
     for module in model.modules():
         if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
                 and module.weight.device.type == "cpu"):
             module.__class__ = Bf16Linear  # a subclass adding only forward: no state to move or copy
             changed += 1
+    dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
+    if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
+        for module in model.modules():
+            if hasattr(type(module), "cached_attention"):
+                module.cached_attention = functools.partial(kernels.cached_attention,
+                                                            fallback=type(module).cached_attention)
     return changed
 
 
