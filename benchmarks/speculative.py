@@ -3,9 +3,10 @@
 Two trained models, greedy, batch 1, alternating plain and speculative runs, medians: stories260K (../shared/assets;
 skipped without it) telling its 200-token story from BOS, and the demo model answering held-out questions (its
 answers repeat the numbers and words of the question, which prompt lookup finds). Decode tok/s counts the tokens
-after the first over the time after the first.
+after the first over the time after the first. With `--engine N`, the demo questions also go through the server's
+engine, N running at once (all submitted together); its tok/s is every generated token over the wall time.
 
-    python benchmarks/speculative.py --speculate 4,8
+    python benchmarks/speculative.py --speculate 4,8 --engine 8
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from factories import SHARED_ASSETS  # noqa: E402
 
 import llamaforge  # noqa: E402
 from llamaforge.api import LLM  # noqa: E402
+from llamaforge.engine import Engine, EngineRequest  # noqa: E402
+from llamaforge.sampling import SamplingParams  # noqa: E402
 
 
 def workloads(questions: int) -> list[tuple[str, LLM, list[list[int]], int]]:
@@ -53,24 +57,64 @@ def run(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> tuple[float,
     return tokens / decode_s, outputs, accepted / proposed if proposed else 0.0
 
 
+def run_engine(llm: LLM, prompts: list[list[int]], max_new_tokens: int,
+               batch: int) -> tuple[float, list[list[int]], float]:
+    """(tok/s of every generated token over the wall time, the token ids, the acceptance rate) of one engine pass."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+    engine = Engine(llm, max_batch_size=batch, max_queue=len(prompts)).start()
+
+    def emitter(index: int):
+        def emit(event) -> None:
+            if isinstance(event, BaseException):
+                raise event
+            if not event.eos:
+                outputs[index].append(event.token_id)
+            if event.finish_reason:
+                finished.release()
+        return emit
+
+    try:
+        started = time.perf_counter()
+        for index, prompt in enumerate(prompts):
+            engine.submit(EngineRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                                        emitter(index)))
+        for _ in prompts:
+            if not finished.acquire(timeout=600):
+                raise RuntimeError("the engine did not finish every request")
+        wall = time.perf_counter() - started
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    return (stats.generated_tokens / wall, outputs,
+            stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speculate", default="4,8", help="comma-separated draft lengths to compare with plain")
     parser.add_argument("--questions", type=int, default=40, help="held-out demo questions")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engine", type=int, default=0, metavar="N",
+                        help="also run the demo questions through the engine, N at once (0: not)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lengths = [int(k) for k in args.speculate.split(",")]
     print(f"{time.strftime('%Y-%m-%d')}, greedy, batch 1, {args.threads} threads, median of {args.repeats}")
     print("| workload | speculate | decode tok/s | vs plain | acceptance | output equal to plain |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
-    for name, llm, prompts, max_new in workloads(args.questions):
+    cases = [(name, llm, prompts, max_new, run) for name, llm, prompts, max_new in workloads(args.questions)]
+    if args.engine:
+        name, llm, prompts, max_new, _ = cases[-1]
+        cases.append((f"demo answers, engine, {args.engine} at once", llm, prompts, max_new,
+                      lambda model, p, n: run_engine(model, p, n, args.engine)))
+    for name, llm, prompts, max_new, run_pass in cases:
         variants = {0: llm} | {k: LLM(llm.model, llm.tokenizer, speculate=k) for k in lengths}
         results: dict[int, list] = {k: [] for k in variants}
         for _ in range(args.repeats + 1):  # the first pass warms up and is not counted
             for k, model in variants.items():
-                results[k].append(run(model, prompts, max_new))
+                results[k].append(run_pass(model, prompts, max_new))
         plain = statistics.median(r[0] for r in results[0][1:])
         for k, passes in results.items():
             speed = statistics.median(r[0] for r in passes[1:])

@@ -92,3 +92,15 @@ def test_soak_smoke() -> None:
     invalid = groups["invalid"]
     assert invalid["4xx"] == invalid["requests"] - invalid["busy"] >= 1
     assert report["server"]["health_status"] == 200 and report["ok"]
+
+
+@pytest.mark.slow
+def test_speculative_benchmark_speculates_in_the_engine_with_plain_output() -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "speculative.py"), "--questions", "4", "--repeats", "1",
+                             "--speculate", "4", "--engine", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| demo answers")]
+    engine = [row for row in rows if "engine, 2 at once" in row[0]]
+    assert len(rows) == 4 and [row[1].strip() for row in engine] == ["0", "4"]
+    assert all(row[-1].strip() == "yes" for row in rows)  # every pass's output equals plain decoding's
+    assert float(engine[1][4]) > 0  # the engine accepted drafts
