@@ -86,8 +86,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_new_tokens: int,
         stats = engine.stats()
     finally:
         engine.stop()
-    return (stats.generated_tokens / wall, outputs,
-            stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0)
+    return stats.generated_tokens / wall, outputs, stats.acceptance_rate
 
 
 def main(argv: list[str] | None = None) -> None:

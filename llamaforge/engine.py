@@ -37,9 +37,9 @@ from llamaforge.generate import (
     DraftModel,
     SequenceState,
     TokenEvent,
+    checked_tokens,
+    draft_tokens,
     fit_prompt,
-    propose_ngram,
-    verify_draft,
 )
 from llamaforge.sampling import SamplingParams, sample, token_logprobs
 
@@ -89,6 +89,11 @@ class EngineStats:
     generated_tokens: int
     draft_tokens: int  # tokens drafted for speculative decoding and checked by the model
     accepted_tokens: int  # of those, the ones kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens (0 before any draft)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 class Engine:
@@ -314,17 +319,11 @@ class Engine:
             self._guarded(request, self._accept, request, rows, *drafts[request])
 
     def _draft(self, request: EngineRequest) -> tuple[list[int], torch.Tensor | None]:
-        """Up to `speculate` tokens to check after the request's text, and the distributions (d, V) they were
-        drawn from (None for prompt lookup, whose drafts are certain). Drafts stop short of the token budget,
-        so every position a check writes stays inside the request's room."""
-        params = request.params
-        room = min(self.speculate, params.max_new_tokens - request.state.produced - 1)
-        context = request.prompt_ids + request.generated
-        if self.llm.draft is None:
-            return propose_ngram(context, room), None
-        if request.drafter is None:
-            request.drafter = DraftModel(self.llm.draft, len(request.prompt_ids) + params.max_new_tokens)
-        return request.drafter.propose(context, room, params, request.state.generator)
+        """The request's drafts (`draft_tokens`), from the LLM's draft model (its own cache for this request) if
+        it has one, else by prompt lookup."""
+        if self.llm.draft is not None and request.drafter is None:
+            request.drafter = DraftModel(self.llm.draft, len(request.prompt_ids) + request.params.max_new_tokens)
+        return draft_tokens(request.prompt_ids + request.generated, self.speculate, request.state, request.drafter)
 
     def _check(self, requests: list[EngineRequest],
                drafts: dict[EngineRequest, tuple[list[int], torch.Tensor | None]]) -> dict[EngineRequest, torch.Tensor]:
@@ -336,17 +335,11 @@ class Engine:
     def _accept(self, request: EngineRequest, logits: torch.Tensor, draft: list[int],
                 draft_probs: torch.Tensor | None) -> None:
         """Emit the request's accepted drafts, then the model's own token after them (logits (1 + d, V))."""
-        params, slot = request.params, request.slot
+        params = request.params
         context_before = len(request.prompt_ids) + len(request.generated)
         accepted = 0
-        for i in range(len(draft) + 1):
-            if i < len(draft):
-                token, agreed = verify_draft(logits[i], draft[i], params, request.state.generator, self.seen[slot],
-                                             None if draft_probs is None else draft_probs[i])
-            else:
-                token = int(sample(logits[i:i + 1], [params], [request.state.generator], self.seen[slot][None])[0])
-                agreed = False
-            self.seen[slot, token] = True
+        tokens = checked_tokens(logits, draft, draft_probs, params, request.state.generator, self.seen[request.slot])
+        for i, (token, agreed) in enumerate(tokens):  # token i follows logits[i]
             accepted += agreed
             pick = (None, None, None)
             if params.logprobs or params.top_logprobs:
@@ -354,7 +347,7 @@ class Engine:
                                                              params.top_logprobs)
                 pick = (chosen[0], top_values[0], top_ids[0])
             self._emit_token(request, token, *pick)
-            if request.state.finished or not agreed:
+            if request.state.finished:
                 break
         self.draft_tokens += len(draft)
         self.accepted_tokens += accepted

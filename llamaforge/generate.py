@@ -318,6 +318,34 @@ class DraftModel:
         self.written = min(self.written, context_before + min(accepted, max(proposed - 1, 0)))
 
 
+def draft_tokens(context: list[int], speculate: int, state: SequenceState,
+                 drafter: DraftModel | None) -> tuple[list[int], torch.Tensor | None]:
+    """Up to `speculate` tokens drafted after `context`, by `drafter` or else by prompt lookup, and the
+    distributions (d, V) they were drawn from (None for prompt lookup, whose drafts are certain). Drafts stop short
+    of the sequence's token budget, so every position a check writes stays inside its room."""
+    room = min(speculate, state.params.max_new_tokens - state.produced - 1)
+    if drafter is None:
+        return propose_ngram(context, room), None
+    return drafter.propose(context, room, state.params, state.generator)
+
+
+def checked_tokens(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | None, params: SamplingParams,
+                   generator: torch.Generator, seen: torch.Tensor) -> Iterator[tuple[int, bool]]:
+    """The tokens one check of `draft` emits, in order, with whether each is an accepted draft: the drafts the
+    model agrees with (`verify_draft`), then its own token after them. `logits` (1 + d, V) follow the last token and
+    each draft; `seen` (V,) marks each token as it is chosen. Stop iterating once the sequence has finished."""
+    for i in range(len(draft) + 1):
+        if i < len(draft):
+            token, agreed = verify_draft(logits[i], draft[i], params, generator, seen,
+                                         None if draft_probs is None else draft_probs[i])
+        else:
+            token, agreed = int(sample(logits[i:i + 1], [params], [generator], seen[None])[0]), False
+        seen[token] = True
+        yield token, agreed
+        if not agreed:
+            return
+
+
 @torch.inference_mode()
 def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[int], params: SamplingParams,
                        speculate: int, prompt_as_context: bool = True, timings: dict[str, float] | None = None,
@@ -343,29 +371,18 @@ def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[i
     seen[token] = True
     yield state.accept(0, token)
     while not state.finished:
-        # Drafts stop short of the token budget, so every position written stays inside the cache.
-        room = min(speculate, params.max_new_tokens - state.produced - 1)
-        if drafter is None:
-            draft, draft_probs = propose_ngram(prompt + generated, room), None
-        else:
-            draft, draft_probs = drafter.propose(prompt + generated, room, params, state.generator)
+        draft, draft_probs = draft_tokens(prompt + generated, speculate, state, drafter)
         agreed_here = 0
         inputs = torch.tensor([[generated[-1], *draft]], device=device)  # (1, 1 + d) from `position` on
         positions = torch.arange(position, position + len(inputs[0]), device=device)[None]
         logits = model(inputs, positions, kv_cache, kv_len=position + len(inputs[0]))[0]  # (1 + d, V)
         steps, proposed = steps + 1, proposed + len(draft)
-        for i in range(len(draft) + 1):
-            if i < len(draft):
-                token, agreed = verify_draft(logits[i], draft[i], params, state.generator, seen,
-                                             None if draft_probs is None else draft_probs[i])
-            else:
-                token, agreed = int(sample(logits[i:i + 1], [params], [state.generator], seen[None])[0]), False
+        for token, agreed in checked_tokens(logits, draft, draft_probs, params, state.generator, seen):
             accepted += agreed
             agreed_here += agreed
             generated.append(token)
-            seen[token] = True
             yield state.accept(0, token)
-            if state.finished or not agreed:
+            if state.finished:
                 break
         if drafter is not None:
             drafter.settle(position + 1, agreed_here, len(draft))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from llamaforge.engine import Engine, EngineStats
+from llamaforge.engine import Engine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -39,7 +39,7 @@ class Metrics:
             "llamaforge_spec_accepted_tokens": ("Drafted tokens the model accepted",
                                                 lambda: engine.stats().accepted_tokens),
             "llamaforge_spec_acceptance_rate": ("Accepted / drafted tokens so far (0 before any draft)",
-                                                lambda: _rate(engine.stats())),
+                                                lambda: engine.stats().acceptance_rate),
         }
         for name, (description, read) in gauges.items():
             Gauge(name, description, registry=self.registry).set_function(read)
@@ -47,6 +47,3 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-def _rate(stats: EngineStats) -> float:
-    return stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0
