@@ -120,10 +120,14 @@ static inline __m256i to_bf16_bits(__m512 values) {
 // horizontal sums cost 45 instructions instead of 16 reductions.
 static inline __m512 sum16(__m512 v[16]) {
     static const int32_t halves[4][2][16] = {
-        {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-        {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
-        {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
-        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
+        {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+         {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+         {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+        {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+         {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
     };
     int count = 16;
     for (int round = 0; round < 4; round++) {
@@ -202,15 +206,13 @@ int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
         // (bfloat16) weights, by VDPBF16PS; exact products, float32 sums. Weights past L are 0.
         __m512 acc[16];
         for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
-        uint16_t weight_bits[2];
         for (int64_t l = 0; l < L; l += 2) {
             const int pair = l + 1 < L;
             if (weights[l] == 0.0f && (!pair || weights[l + 1] == 0.0f)) continue;
-            weight_bits[0] = float_to_bf16(weights[l]);  // exact: the weights are bfloat16 values already
-            weight_bits[1] = pair ? float_to_bf16(weights[l + 1]) : 0;
-            int32_t both;
-            memcpy(&both, weight_bits, 4);
-            const __m512bh w = (__m512bh)_mm512_set1_epi32(both);
+            // The two weights as one bfloat16 pair (exact: they are bfloat16 values already), position l low.
+            const uint32_t second_weight = pair ? float_to_bf16(weights[l + 1]) : 0;
+            const uint32_t both = float_to_bf16(weights[l]) | second_weight << 16;
+            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)both);
             const uint16_t *first = values + l * kv_stride_l, *second = pair ? first + kv_stride_l : first;
             for (int64_t d = 0; d < D; d += 16) {
                 __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));

@@ -272,7 +272,7 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def qlinear_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32."""
-    values, x_scales = quantize_activations_reference(x)  # (M, Kp), (M, Kp / 32)
+    values, x_scales = quantize_activations_reference(x)  # (M, blocks * 32), (M, blocks)
     blocks = x_scales.shape[1]
     w_blocks = F.pad(unpack_codes(q).double(), (0, -q.in_features % BLOCK)).view(q.out_features, blocks, BLOCK)
     x_blocks = values.double().view(x.shape[0], blocks, BLOCK)
