@@ -104,3 +104,18 @@ def test_speculative_benchmark_speculates_in_the_engine_with_plain_output() -> N
     assert len(rows) == 4 and [row[1].strip() for row in engine] == ["0", "4"]
     assert all(row[-1].strip() == "yes" for row in rows)  # every pass's output equals plain decoding's
     assert float(engine[1][4]) > 0  # the engine accepted drafts
+
+
+@pytest.mark.slow
+def test_attention_benchmark_compares_the_kernel_with_torch() -> None:
+    from llamaforge.quantize import kernels
+
+    if kernels.native_bf16() is None:
+        pytest.skip("the bfloat16 kernel needs x86-64 AVX-512 BF16 and a C compiler")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--calls", "3", "--lengths", "40,300",
+                             "--preset", "tiny", "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    lengths = [row for row in rows if row[0].strip() in ("40", "300")]
+    assert len(lengths) == 2 and all(float(row[4]) > 0.99 for row in lengths)  # the kernel's outputs are torch's
+    assert [row[0].strip() for row in rows if row[0].strip() in ("eager", "compiled")] == ["eager", "compiled"]
