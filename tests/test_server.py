@@ -340,3 +340,19 @@ def test_sse_ends_with_done(live_server) -> None:
         events = [line for line in response.iter_lines() if line.startswith("data:")]
     assert events[-1] == "data: [DONE]"
     assert all(json.loads(e[5:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "tiny", "max_tokens": 2, "stream": True, "echo": True}),
+    ("/generate_stream", {"parameters": {"max_new_tokens": 2, "return_full_text": True}}),
+])
+def test_sse_events_survive_unicode_line_breaks(live_server, path: str, body: dict) -> None:
+    # U+2028, U+2029 and NEL are no line breaks to JSON, but httpx's iter_lines (str.splitlines) splits on them:
+    # an event must not hold them raw, or such a client reads half an event.
+    text = "one\u2028two\u2029three\x85four"
+    body = {**body, "prompt" if path.startswith("/v1") else "inputs": text}
+    with httpx.stream("POST", f"{live_server.url}{path}", json=body) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data:")]
+    payloads = [json.loads(e[5:]) for e in events if e != "data: [DONE]"]
+    first = payloads[0]["choices"][0]["text"] if path.startswith("/v1") else payloads[-1]["generated_text"]
+    assert first.startswith(text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from llamaforge.server.state import EventStream, ServerState, openai_error_body
+from llamaforge.server.state import EventStream, ServerState, openai_error_body, sse_event
 
 router = APIRouter()
 
@@ -26,9 +25,9 @@ def sse(payloads: AsyncIterator[dict], stream: RequestStream) -> StreamingRespon
     async def lines() -> AsyncIterator[str]:
         try:
             async for payload in payloads:
-                yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+                yield sse_event(payload)
         except Exception as exc:  # an error after the 200 went out: tell the client in-band
-            yield f"data: {json.dumps(openai_error_body(exc))}\n\n"
+            yield sse_event(openai_error_body(exc))
         yield "data: [DONE]\n\n"
 
     return EventStream(lines(), on_close=stream.close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+# Line breaks to JSON's parsers but not to every SSE reader: httpx's `aiter_lines` and any client that splits
+# decoded text with str.splitlines end a line at these too, and would cut an event holding one in half.
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_event(payload: dict, prefix: str = "data: ") -> str:
+    """One server-sent event holding `payload` as JSON on a single line, whichever way the client splits lines."""
+    return f"{prefix}{json.dumps(payload, ensure_ascii=False).translate(_UNICODE_LINE_BREAKS)}\n\n"
 
 
 def openai_error_body(error: BaseException | str, kind: str = "invalid_request_error",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Request
@@ -14,7 +13,7 @@ from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
 from llamaforge.server.schemas import TGIRequest, TokenizeRequest
-from llamaforge.server.state import EventStream, ServerState, tgi_error_body
+from llamaforge.server.state import EventStream, ServerState, sse_event, tgi_error_body
 
 router = APIRouter()
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the request gives none
@@ -71,9 +70,9 @@ async def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingRe
                     payload["generated_text"] = body.inputs + text if body.parameters.return_full_text else text
                     payload["details"] = {"finish_reason": _finish_reason(event), "generated_tokens": stream.generated,
                                           "input_length": len(stream.request.prompt_ids), "seed": body.parameters.seed}
-                yield f"data:{json.dumps(payload, ensure_ascii=False)}\n\n"
+                yield sse_event(payload, prefix="data:")
         except Exception as exc:  # after the 200 went out: TGI reports errors in-band
-            yield f"data:{json.dumps({'error': str(exc), 'error_type': 'generation'})}\n\n"
+            yield sse_event(tgi_error_body(exc, "generation"), prefix="data:")
 
     return EventStream(lines(), on_close=stream.close)
 
