@@ -245,10 +245,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it if this benchmark dies (even by SIGKILL)."""
+def _prepare_server_process() -> None:
+    """In the child before exec: SIGTERM it if this benchmark dies (even by SIGKILL), and schedule it normally.
+
+    Run under `chrt -f`, this benchmark's children would inherit its real-time priority, under which a server's
+    spinning compute threads (llama.cpp's and torch's OpenMP pools alike) keep both cores from the server's own
+    HTTP thread until they run out of work: tokens then leave in bursts and new requests wait. No deployment
+    runs a server that way, so the servers get the ordinary scheduler and only the clients keep the priority.
+    """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 class ServerProcess:
@@ -272,7 +280,7 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log_file = log_path.open("wb")
         self.process = subprocess.Popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+                                        start_new_session=True, preexec_fn=_prepare_server_process)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout

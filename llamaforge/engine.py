@@ -41,6 +41,7 @@ from llamaforge.generate import (
     draft_tokens,
     fit_prompt,
 )
+from llamaforge.openmp import release_thread_pool
 from llamaforge.sampling import SamplingParams, sample, token_logprobs
 
 Emit = Callable[["TokenEvent | BaseException"], None]
@@ -175,6 +176,9 @@ class Engine:
         return None
 
     def start(self) -> Engine:
+        """Start the worker thread. The calling thread (usually the one that loaded the model) first gives back
+        its OpenMP workers: libgomp slows every parallel region of the worker while a second pool exists."""
+        release_thread_pool()
         self.thread = threading.Thread(target=self._loop, name="llamaforge-engine", daemon=True)
         self.thread.start()
         return self

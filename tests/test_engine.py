@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from factories import wait_for
@@ -12,6 +16,7 @@ from llamaforge.api import LLM
 from llamaforge.engine import Emit, Engine, EngineRequest, QueueFullError
 from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.generate import TokenEvent
+from llamaforge.openmp import libgomp
 from llamaforge.sampling import SamplingParams
 
 
@@ -244,3 +249,38 @@ def test_health_reports_a_dead_or_stuck_worker(tiny_llm: LLM, monkeypatch) -> No
     with pytest.raises(EngineStoppedError, match="not running"):
         engine.submit(EngineRequest([1, 5], SamplingParams(max_new_tokens=2), lambda item: None))
 
+
+
+OPENMP_PROBE = """
+import os, sys, time
+import torch, sentencepiece  # sentencepiece brings a second libgomp, under a mangled name: not the one to pause
+from factories import random_model
+from llamaforge.api import LLM
+from llamaforge.config import ModelArgs
+from llamaforge.engine import Engine
+
+torch.set_num_threads(2)
+tasks = lambda: set(os.listdir("/proc/self/task"))
+llm = LLM(random_model(ModelArgs(dim=64, n_layers=1, n_heads=4, hidden_dim=128, vocab_size=64, max_seq_len=32)),
+          tokenizer=None)
+before = tasks()
+torch.ones(1 << 24).sum()  # a parallel region: this thread now keeps a pool of OpenMP workers
+pool = tasks() - before
+engine = Engine(llm, max_batch_size=1).start()
+time.sleep(0.2)
+print(len(pool), len(pool & tasks()))
+engine.stop()
+"""
+
+
+def test_starting_the_engine_ends_the_callers_openmp_workers() -> None:
+    """libgomp stops spinning between the engine's parallel regions while another thread keeps a pool of
+    workers (a small linear then costs 3-4x): the thread that starts the engine gives its pool back."""
+    if libgomp() is None:
+        pytest.skip("torch does not run on GNU OpenMP (libgomp.so.1) here")
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", OPENMP_PROBE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{tests.parent}"})
+    assert done.returncode == 0, done.stderr
+    pool, left = map(int, done.stdout.split())
+    assert pool >= 1 and left == 0
