@@ -17,7 +17,14 @@ from llamaforge.errors import CheckpointError, GenerationError, TokenizerError
 from llamaforge.generate import Generation, collect, fit_prompt, generate_events
 from llamaforge.lora import AdapterError, load_adapter, merge_lora
 from llamaforge.model import Llama
-from llamaforge.quantize import MODES, parse_mode, quantize_linears_nf4, quantize_model, use_bf16_kernel
+from llamaforge.quantize import (
+    MODES,
+    parse_mode,
+    quantize_linears_nf4,
+    quantize_model,
+    use_bf16_kernel,
+    use_fused_decode,
+)
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
 
@@ -210,6 +217,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
     use_bf16_kernel(checkpoint.model)  # dense bfloat16 CPU layers decode through the AVX-512 BF16 kernel
+    use_fused_decode(checkpoint.model)  # int8 / int4 bfloat16 CPU models: one C call a step for all layers
     draft = None
     if draft_model is not None:
         draft = load_checkpoint(draft_model, checkpoint.model.dtype, checkpoint.model.device).model

@@ -440,6 +440,9 @@ KV_BUCKET = 256
 class Decoder:
     """Runs decode steps, eagerly or compiled, and accounts for compile time.
 
+    Steps go through the model's fused decode layers where it has them (quantize.fused: all decoder layers in one
+    C call, the same numbers as the layer-by-layer forward and faster than either way below); the rest as follows.
+
     Compiled: `decode_one_token` under torch.compile (`compiled_decode`), whose graphs every generate call and
     the engine reuse. On the CPU that fuses the work between matmuls into
     generated C++ and calls the int8/int4 kernel as one operator; on CUDA, mode "reduce-overhead" replays the
@@ -456,6 +459,9 @@ class Decoder:
     def __call__(self, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache],
                  kv_len: int) -> torch.Tensor:
         """Logits (B, V) of one step; `kv_len` is one past the largest position, counted on the host."""
+        fused = getattr(self.model, "fused_decode", None)
+        if fused is not None and fused.takes(token_ids, kv_cache):
+            return fused(token_ids, input_pos, kv_cache)
         if self.compiled is None:
             return decode_one_token(self.model, token_ids, input_pos, kv_cache, kv_len)
         bucket = min(-(-kv_len // KV_BUCKET) * KV_BUCKET, kv_cache[0].k.shape[2])

@@ -22,8 +22,16 @@ from torch.utils.checkpoint import checkpoint
 from llamaforge.config import ModelArgs
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square norm over the last dimension, computed in float32 as Meta and HF do."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 as Meta and HF do."""
+    # Loading a bfloat16 CPU model puts the compiled kernel here instead (quantize.use_bf16_kernel), per module.
+    normalize = staticmethod(rms_norm)
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -31,9 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.normalize(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -167,8 +173,16 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    # Loading a bfloat16 CPU model puts the compiled kernel here instead (quantize.use_bf16_kernel), per module.
+    activation = staticmethod(swiglu)
 
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
@@ -178,7 +192,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -17,6 +17,8 @@ QUESTIONS = ["What is 37 + 45?", "Spell the word 'cat'.", "Reverse the word 'lla
 def test_compiled_decode_gives_eager_tokens(quantize: str | None) -> None:
     eager = llamaforge.load(quantize=quantize)
     compiled = llamaforge.load(quantize=quantize, compile=True)
+    for llm in (eager, compiled):  # the compiled graph is the path where the fused decode layers do not run
+        llm.model.fused_decode = None
     prompts = [eager.chat_tokens([{"role": "user", "content": q}]) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=40, temperature=0.0)  # to EOS: past it a model is off its data
     expected = eager.generate(prompts, params=params)
@@ -34,9 +36,10 @@ def test_compiled_decode_gives_eager_tokens(quantize: str | None) -> None:
 
 @pytest.mark.slow
 def test_the_engine_decodes_compiled_with_eager_tokens() -> None:
-    llm = llamaforge.load(quantize="int8", compile=True)
+    llm, eager = llamaforge.load(quantize="int8", compile=True), llamaforge.load(quantize="int8")
+    llm.model.fused_decode = eager.model.fused_decode = None  # as above
     prompts = [llm.chat_tokens([{"role": "user", "content": q}]) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    expected = [r.token_ids for r in llamaforge.load(quantize="int8").generate(prompts, params=params)]
+    expected = [r.token_ids for r in eager.generate(prompts, params=params)]
     results = engine_tokens(llm, prompts, params, max_batch_size=2, prefill_chunk=512)
     assert results == expected

@@ -9,15 +9,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llamaforge"
 
 # Lower numbers are lower layers; a module may import only from strictly lower layers (or its own package).
 LAYERS = {
-    "errors": 0,
+    "errors": 0, "openmp": 0,
     "config": 1, "progress": 1,
-    "model": 2, "tokenizer": 2, "sampling": 2, "quantize": 2,
-    "chat": 3, "generate": 3, "lora": 3, "checkpoint": 3,
-    "api": 4,
-    "engine": 5,
-    "server": 6, "finetune": 6, "eval": 6,
-    "cli": 7,
-    "__main__": 8, "__init__": 8,
+    "model": 2, "tokenizer": 2, "sampling": 2,
+    "quantize": 3,  # its fused decode runs a model
+    "chat": 4, "generate": 4, "lora": 4, "checkpoint": 4,
+    "api": 5,
+    "engine": 6,
+    "server": 7, "finetune": 7, "eval": 7,
+    "cli": 8,
+    "__main__": 9, "__init__": 9,
 }
 OPTIONAL_HEAVY = {"transformers", "fastapi", "uvicorn", "starlette", "prometheus_client", "gguf", "lm_eval",
                   "bitsandbytes", "peft", "datasets"}

@@ -141,6 +141,83 @@ static inline __m512 sum16(__m512 v[16]) {
     return v[0];
 }
 
+// One query (item = (b * H + h) * T + t) of bf16_decode_attention, with `weights` room for Lp floats; a NULL
+// mask shows it all L positions.
+static inline void attend_item(int64_t item, const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                               const uint8_t *mask, uint16_t *out, int64_t H, int64_t Hkv, int64_t T, int64_t D,
+                               int64_t L, int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l,
+                               float *weights) {
+    const int64_t Lp = (L + 15) / 16 * 16;
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
+    const int64_t b = item / (H * T), h = item / T % H, t = item % T;
+    const int64_t kv_head = h / (H / Hkv);
+    const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
+    const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
+    const uint8_t *visible = mask == NULL ? NULL : mask + (b * T + t) * L;  // NULL: every position
+    // The query as bfloat16 pairs for VDPBF16PS (32 values a register), and its last 16 values as floats when
+    // D is not a multiple of 32.
+    const int64_t paired = D / 32 * 32;
+    __m512i query[8];
+    for (int64_t d = 0; d < paired; d += 32) query[d / 32] = _mm512_loadu_si512((const void *)(q + item * D + d));
+    const __m512 query_tail = paired < D ? bf16x16_to_float(q + item * D + paired) : _mm512_setzero_ps();
+    // Scores, 16 positions at a time (lane j: position l0 + j).
+    __m512 top = minus_infinity;
+    for (int64_t l0 = 0; l0 < Lp; l0 += 16) {
+        __m512 dots[16];
+        for (int j = 0; j < 16; j++) {
+            dots[j] = _mm512_setzero_ps();
+            if (l0 + j >= L) continue;
+            const uint16_t *key = keys + (l0 + j) * kv_stride_l;
+            for (int64_t d = 0; d < paired; d += 32)  // products of bfloat16 values are exact in float32
+                dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)query[d / 32],
+                                           (__m512bh)_mm512_loadu_si512((const void *)(key + d)));
+            if (paired < D) dots[j] = _mm512_fmadd_ps(query_tail, bf16x16_to_float(key + paired), dots[j]);
+        }
+        const __mmask16 in_range = (__mmask16)(L - l0 >= 16 ? 0xFFFF : (1u << (L - l0)) - 1);
+        const __mmask16 seen = visible == NULL ? in_range
+                               : _mm_mask_test_epi8_mask(in_range, _mm_maskz_loadu_epi8(in_range, visible + l0),
+                                                         _mm_set1_epi8((char)0xFF));
+        __m512 scores = _mm512_mask_blend_ps(seen, minus_infinity,
+                                             _mm512_mul_ps(round16_to_bf16(sum16(dots)), scale));
+        _mm512_store_ps(weights + l0, scores);
+        top = _mm512_max_ps(top, scores);
+    }
+    float highest = _mm512_reduce_max_ps(top);
+    if (highest == -INFINITY) highest = 0.0f;  // nothing visible: torch gives NaN; every weight is 0 here
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t l = 0; l < Lp; l += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(weights + l), _mm512_set1_ps(highest)));
+        _mm512_store_ps(weights + l, e);
+        total = _mm512_add_ps(total, e);
+    }
+    const float sum = _mm512_reduce_add_ps(total);
+    const __m512 inverse = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+    for (int64_t l = 0; l < Lp; l += 16)
+        _mm512_store_ps(weights + l, round16_to_bf16(_mm512_mul_ps(_mm512_load_ps(weights + l), inverse)));
+    // Weighted values, two positions at a time: their values interleaved into bfloat16 pairs, times the pair of
+    // (bfloat16) weights, by VDPBF16PS; exact products, float32 sums. Weights past L are 0.
+    __m512 acc[16];
+    for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < L; l += 2) {
+        const int pair = l + 1 < L;
+        if (weights[l] == 0.0f && (!pair || weights[l + 1] == 0.0f)) continue;
+        // The two weights as one bfloat16 pair (exact: they are bfloat16 values already), position l low.
+        const uint32_t second_weight = pair ? float_to_bf16(weights[l + 1]) : 0;
+        const uint32_t both = float_to_bf16(weights[l]) | second_weight << 16;
+        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)both);
+        const uint16_t *first = values + l * kv_stride_l, *second = pair ? first + kv_stride_l : first;
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
+            __m512i b = pair ? _mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d))), 16)
+                             : _mm512_setzero_si512();
+            acc[d / 16] = _mm512_dpbf16_ps(acc[d / 16], (__m512bh)_mm512_or_si512(a, b), w);
+        }
+    }
+    for (int64_t d = 0; d < D; d += 16)
+        _mm256_storeu_si256((__m256i *)(out + item * D + d), to_bf16_bits(acc[d / 16]));
+}
+
 // Attention of a few new queries over a KV cache, for decoding: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with
 // q (B, H, T, D) contiguous, k and v (B, Hkv, L, D) with the given strides (a cache's first L positions), and
 // mask (B, T, L) bytes, nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv).
@@ -154,77 +231,11 @@ int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
     const int64_t Lp = (L + 15) / 16 * 16;
     float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * H * T * Lp));
     if (!scratch) return -1;
-    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t item = 0; item < B * H * T; item++) {
-        const int64_t b = item / (H * T), h = item / T % H, t = item % T;
-        const int64_t kv_head = h / (H / Hkv);
-        const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
-        const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
-        const uint8_t *visible = mask + (b * T + t) * L;
-        float *weights = scratch + item * Lp;
-        // The query as bfloat16 pairs for VDPBF16PS (32 values a register), and its last 16 values as floats when
-        // D is not a multiple of 32.
-        const int64_t paired = D / 32 * 32;
-        __m512i query[8];
-        for (int64_t d = 0; d < paired; d += 32) query[d / 32] = _mm512_loadu_si512((const void *)(q + item * D + d));
-        const __m512 query_tail = paired < D ? bf16x16_to_float(q + item * D + paired) : _mm512_setzero_ps();
-        // Scores, 16 positions at a time (lane j: position l0 + j).
-        __m512 top = minus_infinity;
-        for (int64_t l0 = 0; l0 < Lp; l0 += 16) {
-            __m512 dots[16];
-            for (int j = 0; j < 16; j++) {
-                dots[j] = _mm512_setzero_ps();
-                if (l0 + j >= L) continue;
-                const uint16_t *key = keys + (l0 + j) * kv_stride_l;
-                for (int64_t d = 0; d < paired; d += 32)  // products of bfloat16 values are exact in float32
-                    dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)query[d / 32],
-                                               (__m512bh)_mm512_loadu_si512((const void *)(key + d)));
-                if (paired < D) dots[j] = _mm512_fmadd_ps(query_tail, bf16x16_to_float(key + paired), dots[j]);
-            }
-            const __mmask16 in_range = (__mmask16)(L - l0 >= 16 ? 0xFFFF : (1u << (L - l0)) - 1);
-            const __mmask16 seen = _mm_mask_test_epi8_mask(in_range, _mm_maskz_loadu_epi8(in_range, visible + l0),
-                                                           _mm_set1_epi8((char)0xFF));
-            __m512 scores = _mm512_mask_blend_ps(seen, minus_infinity,
-                                                 _mm512_mul_ps(round16_to_bf16(sum16(dots)), scale));
-            _mm512_store_ps(weights + l0, scores);
-            top = _mm512_max_ps(top, scores);
-        }
-        float highest = _mm512_reduce_max_ps(top);
-        if (highest == -INFINITY) highest = 0.0f;  // nothing visible: torch gives NaN; every weight is 0 here
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t l = 0; l < Lp; l += 16) {
-            __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(weights + l), _mm512_set1_ps(highest)));
-            _mm512_store_ps(weights + l, e);
-            total = _mm512_add_ps(total, e);
-        }
-        const float sum = _mm512_reduce_add_ps(total);
-        const __m512 inverse = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
-        for (int64_t l = 0; l < Lp; l += 16)
-            _mm512_store_ps(weights + l, round16_to_bf16(_mm512_mul_ps(_mm512_load_ps(weights + l), inverse)));
-        // Weighted values, two positions at a time: their values interleaved into bfloat16 pairs, times the pair of
-        // (bfloat16) weights, by VDPBF16PS; exact products, float32 sums. Weights past L are 0.
-        __m512 acc[16];
-        for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
-        for (int64_t l = 0; l < L; l += 2) {
-            const int pair = l + 1 < L;
-            if (weights[l] == 0.0f && (!pair || weights[l + 1] == 0.0f)) continue;
-            // The two weights as one bfloat16 pair (exact: they are bfloat16 values already), position l low.
-            const uint32_t second_weight = pair ? float_to_bf16(weights[l + 1]) : 0;
-            const uint32_t both = float_to_bf16(weights[l]) | second_weight << 16;
-            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)both);
-            const uint16_t *first = values + l * kv_stride_l, *second = pair ? first + kv_stride_l : first;
-            for (int64_t d = 0; d < D; d += 16) {
-                __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
-                __m512i b = pair ? _mm512_slli_epi32(
-                                       _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d))), 16)
-                                 : _mm512_setzero_si512();
-                acc[d / 16] = _mm512_dpbf16_ps(acc[d / 16], (__m512bh)_mm512_or_si512(a, b), w);
-            }
-        }
-        for (int64_t d = 0; d < D; d += 16)
-            _mm256_storeu_si256((__m256i *)(out + item * D + d), to_bf16_bits(acc[d / 16]));
-    }
+    for (int64_t item = 0; item < B * H * T; item++)
+        attend_item(item, q, k, v, mask, out, H, Hkv, T, D, L, kv_stride_b, kv_stride_h, kv_stride_l,
+                    scratch + item * Lp);
     free(scratch);
     return 0;
 }
+

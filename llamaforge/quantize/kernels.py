@@ -38,6 +38,10 @@ COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw
 BF16_SOURCE = Path(__file__).with_name("bf16linear.c")
 BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 BF16_COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+# The fused decode layers include both kernels' sources, so they need both instruction sets.
+DECODE_SOURCE = Path(__file__).with_name("decode_layers.c")
+DECODE_CPU_FLAGS = tuple(dict.fromkeys(CPU_FLAGS + BF16_CPU_FLAGS))
+DECODE_COMPILE_FLAGS = tuple(dict.fromkeys(COMPILE_FLAGS + BF16_COMPILE_FLAGS))
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -58,8 +62,10 @@ def missing_cpu_flags(needed: tuple[str, ...] = CPU_FLAGS) -> list[str]:
     return [flag for flag in needed if flag not in present]
 
 
-def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
-    """Compile `source` into a shared library (once: the name hashes the source, flags and compiler); its path.
+def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str, ...] = COMPILE_FLAGS,
+          includes: tuple[Path, ...] = ()) -> Path:
+    """Compile `source` into a shared library (once: the name hashes the source and the files it `includes`, the
+    flags and the compiler); its path.
 
     Raises RuntimeError with the compiler's message when there is no compiler or it fails.
     """
@@ -67,7 +73,8 @@ def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in (source, *includes)) + " ".join(flags).encode()
+                            + version.encode()).hexdigest()
     directory = directory or cache_dir()
     library = directory / f"{source.stem}-{digest[:16]}.so"
     if library.exists():
@@ -120,6 +127,112 @@ def native_bf16() -> ctypes.CDLL | None:
     library.bf16_decode_attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, *[_INT64] * 9, ctypes.c_int]
     library.bf16_decode_attention.restype = ctypes.c_int
     return library
+
+
+class Projections(ctypes.Structure):
+    """decode_layers.c's Projections: up to three int8 / int4 weights of one scheme that multiply one input."""
+
+    _fields_ = [("codes", _PTR * 3), ("scales", _PTR * 3), ("N", _INT64 * 3), ("count", _INT64), ("bits", _INT64),
+                ("group", _INT64)]
+
+
+class Layer(ctypes.Structure):
+    """decode_layers.c's Layer: one decoder layer's weights, and where its cache keeps keys and values."""
+
+    _fields_ = [("qkv", Projections), ("o", Projections), ("gate_up", Projections), ("down", Projections),
+                ("input_norm", _PTR), ("post_attention_norm", _PTR), ("k_cache", _PTR), ("v_cache", _PTR)]
+
+
+class Dims(ctypes.Structure):
+    """decode_layers.c's Dims: the model's sizes and the cache's strides (in elements)."""
+
+    _fields_ = [("dim", _INT64), ("hidden", _INT64), ("H", _INT64), ("Hkv", _INT64), ("D", _INT64),
+                ("kv_stride_b", _INT64), ("kv_stride_h", _INT64), ("kv_stride_l", _INT64), ("eps", ctypes.c_float)]
+
+
+@cache
+def native_decode() -> ctypes.CDLL | None:
+    """The compiled fused decode layers (decode_layers.c), or None (the reason logged once) where they cannot run."""
+    if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0" or missing_cpu_flags(DECODE_CPU_FLAGS):
+        return None
+    try:
+        library = ctypes.CDLL(str(build(DECODE_SOURCE, flags=DECODE_COMPILE_FLAGS, includes=(SOURCE, BF16_SOURCE))))
+    except (RuntimeError, OSError) as exc:
+        log.warning("decode steps run layer by layer through torch: %s", exc)
+        return None
+    library.decode_layers.argtypes = [_PTR, _INT64, ctypes.POINTER(Layer), _INT64, ctypes.POINTER(Dims), _PTR, _PTR,
+                                      _PTR, ctypes.c_int]
+    library.decode_layers.restype = ctypes.c_int
+    library.rms_norm_rows.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_float, ctypes.c_int]
+    library.rms_norm_rows.restype = None
+    library.swiglu_rows.argtypes = [_PTR, _PTR, _PTR, _INT64, ctypes.c_int]
+    library.swiglu_rows.restype = None
+    return library
+
+
+@torch.compiler.assume_constant_result
+def decode_available() -> bool:
+    """Whether the fused decode library loaded (a constant to torch.compile)."""
+    return native_decode() is not None
+
+
+def bf16_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.rms_norm of bfloat16 CPU tensors by decode_layers.c, which the fused decode layers round alike."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    native_decode().rms_norm_rows(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(),
+                                  x.numel() // x.shape[-1], x.shape[-1], eps, torch.get_num_threads())
+    return out
+
+
+@torch.library.custom_op("llamaforge::bf16_rms_norm", mutates_args=())
+def bf16_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`bf16_rms_norm` as a torch operator, for torch.compile'd graphs."""
+    return bf16_rms_norm(x, weight, eps)
+
+
+@bf16_rms_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def bf16_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """model.swiglu of bfloat16 CPU tensors by decode_layers.c, which the fused decode layers round alike."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    native_decode().swiglu_rows(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    return out
+
+
+@torch.library.custom_op("llamaforge::bf16_swiglu", mutates_args=())
+def bf16_swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`bf16_swiglu` as a torch operator, for torch.compile'd graphs."""
+    return bf16_swiglu(gate, up)
+
+
+@bf16_swiglu_op.register_fake
+def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+def _kernel_takes(*tensors: torch.Tensor) -> bool:
+    """Whether decode_layers.c's vector kernels take these tensors: bfloat16 on the CPU, no autograd."""
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and not torch.is_grad_enabled()
+            and decode_available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`bf16_rms_norm` where it takes these tensors, else `fallback(x, weight, eps)`."""
+    if not _kernel_takes(x, weight):
+        return fallback(x, weight, eps)
+    return (bf16_rms_norm_op if torch.compiler.is_compiling() else bf16_rms_norm)(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`bf16_swiglu` where it takes these tensors, else `fallback(gate, up)`."""
+    if not _kernel_takes(gate, up):
+        return fallback(gate, up)
+    return (bf16_swiglu_op if torch.compiler.is_compiling() else bf16_swiglu)(gate, up)
 
 
 @torch.compiler.assume_constant_result

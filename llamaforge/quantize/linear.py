@@ -121,8 +121,8 @@ class Bf16Linear(nn.Linear):
 
 def use_bf16_kernel(model: nn.Module) -> int:
     """Make every bias-free bfloat16 CPU nn.Linear of `model` a Bf16Linear in place (sharing its weight), and, in a
-    bfloat16 CPU model, its attention over the KV cache the compiled kernel (`kernels.cached_attention`, per
-    module: any module with a `cached_attention`); how many linears changed (none in a float32 or GPU model)."""
+    bfloat16 CPU model, its attention over the KV cache, its norms and its SwiGLU the compiled kernels (per module:
+    any module with one of KERNEL_HOOKS); how many linears changed (none in a float32 or GPU model)."""
     changed = 0
     for module in model.modules():
         if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
@@ -132,10 +132,17 @@ def use_bf16_kernel(model: nn.Module) -> int:
     dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
     if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
         for module in model.modules():
-            if hasattr(type(module), "cached_attention"):
-                module.cached_attention = functools.partial(kernels.cached_attention,
-                                                            fallback=type(module).cached_attention)
+            for name, kernel in KERNEL_HOOKS.items():
+                if hasattr(type(module), name):
+                    setattr(module, name, functools.partial(kernel, fallback=getattr(type(module), name)))
     return changed
+
+
+# model.py's per-module hooks and the CPU kernels that replace them in bfloat16 models (each falls back to the
+# hook's torch version for tensors it does not take). The norm and SwiGLU kernels are the ones the fused decode
+# layers run, so a sequence's numbers do not depend on which of the two paths a step takes.
+KERNEL_HOOKS = {"cached_attention": kernels.cached_attention, "normalize": kernels.rms_norm,
+                "activation": kernels.swiglu}
 
 
 def parse_mode(mode: str, group_size: int | None = None) -> int:

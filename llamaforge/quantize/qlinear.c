@@ -150,6 +150,31 @@ static Shape shape_of(int64_t K, int bits, int64_t group) {
     return s;
 }
 
+// Tile `joint` of the joint loop over the tiles of `count` weights (see qlinear_many): its 16 rows of one y_i.
+static inline __attribute__((always_inline)) void joint_tile(
+        int64_t joint, int count, const int64_t *first_tile, const uint8_t *const *codes,
+        const uint16_t *const *scales, void *const *ys, const int64_t *Ns, int64_t M,
+        const QuantizedActivations *act, const Shape *s, int io_bf16) {
+    int i = 0;
+    while (i + 1 < count && joint >= first_tile[i + 1]) i++;
+    const int64_t tile = joint - first_tile[i], N = Ns[i];
+    const uint8_t *tile_codes = codes[i] + tile * s->tile_bytes;
+    const uint16_t *tile_scales = scales[i] + tile * s->n_groups * TILE;
+    const __mmask16 keep = first_lanes(N - tile * TILE);
+    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+        __m512 out[M_TILE];
+        // A constant count per call, so the accumulators live in registers.
+        const int rows = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
+        switch (rows) {
+            case 1: tile_dot(tile_codes, tile_scales, act, m0, 1, s->bits, s, out); break;
+            case 2: tile_dot(tile_codes, tile_scales, act, m0, 2, s->bits, s, out); break;
+            case 3: tile_dot(tile_codes, tile_scales, act, m0, 3, s->bits, s, out); break;
+            default: tile_dot(tile_codes, tile_scales, act, m0, 4, s->bits, s, out); break;
+        }
+        for (int t = 0; t < rows; t++) store16(ys[i], io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
+    }
+}
+
 // y_i (M, N_i) = x (M, K) @ W_i.T for `count` weights of one scheme (the projections of one input: q, k, v), in
 // one parallel loop over all their tiles, with x quantized once. W as described at the top; x and the y_i are
 // float32, or bfloat16 when io_bf16. `group` is the weights per scale along a row (a multiple of 32, or >= K for
@@ -171,26 +196,8 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     for (int i = 0; i < count; i++) first_tile[i + 1] = first_tile[i] + (Ns[i] + TILE - 1) / TILE;
     quantize_activations(x, io_bf16, M, &s, bits == 8 ? 128 : 8, &act);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t joint = 0; joint < first_tile[count]; joint++) {
-        int i = 0;
-        while (joint >= first_tile[i + 1]) i++;
-        const int64_t tile = joint - first_tile[i], N = Ns[i];
-        const uint8_t *tile_codes = codes[i] + tile * s.tile_bytes;
-        const uint16_t *tile_scales = scales[i] + tile * s.n_groups * TILE;
-        const __mmask16 keep = first_lanes(N - tile * TILE);
-        for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-            __m512 out[M_TILE];
-            // A constant count per call, so the accumulators live in registers.
-            const int rows = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
-            switch (rows) {
-                case 1: tile_dot(tile_codes, tile_scales, &act, m0, 1, bits, &s, out); break;
-                case 2: tile_dot(tile_codes, tile_scales, &act, m0, 2, bits, &s, out); break;
-                case 3: tile_dot(tile_codes, tile_scales, &act, m0, 3, bits, &s, out); break;
-                default: tile_dot(tile_codes, tile_scales, &act, m0, 4, bits, &s, out); break;
-            }
-            for (int t = 0; t < rows; t++) store16(ys[i], io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
-        }
-    }
+    for (int64_t joint = 0; joint < first_tile[count]; joint++)
+        joint_tile(joint, count, first_tile, codes, scales, ys, Ns, M, &act, &s, io_bf16);
     free(act.codes); free(act.negbias); free(act.scales);
     return 0;
 }

@@ -1,0 +1,190 @@
+// A whole decode step's decoder layers in one call, for a batch of sequences of a bfloat16 model whose linear layers
+// are int8 / int4, one new token each (llamaforge/model.py's DecoderLayer): the CPU decode path.
+//
+// Run layer by layer through torch, a step costs ~60 operator calls a layer besides the matrix products, each with
+// its dispatch and, for the parallel ones, an OpenMP fork and join: on a 22-layer model about a third of the step
+// (docs/benchmarks.md). Here the threads enter one parallel region for all layers; the products split their weight
+// tiles between the threads (qlinear.c's loop), attention splits its heads (bf16linear.c's), and the small
+// vector work between them (norms, RoPE, SwiGLU, residuals) runs on one thread while the others wait at the
+// barrier that follows.
+//
+// It rounds where model.py's bfloat16 operators do: the norm's float result to bfloat16 before the weight
+// multiplies it, each RoPE product and their sum, SiLU's output and its product with `up`, each residual sum; the
+// matrix products and attention are the kernels that path calls. Reductions (the norm's mean of squares) add in
+// another order than torch's, so a value can land one bfloat16 step away from torch's now and then.
+//
+// Built by llamaforge/quantize/kernels.py with the flags of both kernels it includes (AVX-512 VNNI and BF16).
+
+#include "qlinear.c"
+#include "bf16linear.c"
+
+// The int8 / int4 weights that multiply one input (q, k, v; or gate, up; or one alone), in qlinear.c's layout.
+typedef struct {
+    const uint8_t *codes[3];
+    const uint16_t *scales[3];
+    int64_t N[3];
+    int64_t count, bits, group;
+} Projections;
+
+typedef struct {
+    Projections qkv, o, gate_up, down;
+    const uint16_t *input_norm, *post_attention_norm;  // (dim) bfloat16
+    uint16_t *k_cache, *v_cache;  // this layer's keys and values: (B, Hkv, positions, D) by Dims' strides
+} Layer;
+
+typedef struct {
+    int64_t dim, hidden, H, Hkv, D, kv_stride_b, kv_stride_h, kv_stride_l;
+    float eps;
+} Dims;
+
+static inline float bf16_value(uint16_t bits) {
+    uint32_t word = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &word, 4);
+    return value;
+}
+
+// out = weight * bfloat16(x * rsqrt(mean(x^2) + eps)), as RMSNorm in a bfloat16 model.
+static void rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t n, float eps) {
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {  // squares rounded, then added: torch's pow, then mean
+        const __m512 v = load16_as_float(x, 1, i, first_lanes(n - i));
+        squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+    }
+    const __m512 inverse = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 keep = first_lanes(n - i);
+        __m512 normed = round16_to_bf16(_mm512_mul_ps(load16_as_float(x, 1, i, keep), inverse));
+        store16(out, 1, i, _mm512_mul_ps(load16_as_float(weight, 1, i, keep), normed), keep);
+    }
+}
+
+// Rotate-half RoPE of `heads` vectors of D values in place: x * cos + rotate_half(x) * sin, each product rounded.
+static void rope(uint16_t *x, int64_t heads, int64_t D, const uint16_t *cos, const uint16_t *sin) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        uint16_t *v = x + h * D;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = bf16_value(v[i]), b = bf16_value(v[i + half]);
+            const float low = bf16_value(float_to_bf16(bf16_value(float_to_bf16(a * bf16_value(cos[i])))
+                                                       + bf16_value(float_to_bf16(-b * bf16_value(sin[i])))));
+            const float high = bf16_value(float_to_bf16(bf16_value(float_to_bf16(b * bf16_value(cos[i + half])))
+                                                        + bf16_value(float_to_bf16(a * bf16_value(sin[i + half])))));
+            v[i] = float_to_bf16(low);
+            v[i + half] = float_to_bf16(high);
+        }
+    }
+}
+
+// x += y, rounded to bfloat16.
+static void add_residual(uint16_t *x, const uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 keep = first_lanes(n - i);
+        store16(x, 1, i, _mm512_add_ps(load16_as_float(x, 1, i, keep), load16_as_float(y, 1, i, keep)), keep);
+    }
+}
+
+// out = bfloat16(silu(gate)) * up, rounded, as SwiGLU in a bfloat16 model.
+static void swiglu(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 keep = first_lanes(n - i);
+        const __m512 g = load16_as_float(gate, 1, i, keep);
+        const __m512 silu = round16_to_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(
+                                                              _mm512_setzero_ps(), g)))));
+        store16(out, 1, i, _mm512_mul_ps(silu, load16_as_float(up, 1, i, keep)), keep);
+    }
+}
+
+// RMSNorm of `rows` rows of n values (the layer-by-layer path's, so that it rounds exactly as decode_layers).
+void rms_norm_rows(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t n, float eps,
+                   int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (rows > 1)
+    for (int64_t row = 0; row < rows; row++) rms_norm(x + row * n, weight, out + row * n, n, eps);
+}
+
+// SwiGLU's bfloat16(silu(gate)) * up of n values (the layer-by-layer path's, rounding exactly as decode_layers).
+void swiglu_rows(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n, int n_threads) {
+    const int64_t chunk = 4096;  // values per task: small inputs stay on one thread
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > chunk)
+    for (int64_t start = 0; start < n; start += chunk)
+        swiglu(gate + start, up + start, out + start, n - start < chunk ? n - start : chunk);
+}
+
+// Quantize the M rows of x for a set of projections (one thread), then multiply (all threads, tiles shared out);
+// call from every thread of the region. `act` has room for M rows of the widest input.
+static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
+                    QuantizedActivations *act) {
+    const Shape s = shape_of(K, (int)p->bits, p->group);
+    int64_t first_tile[4] = {0};
+    for (int i = 0; i < p->count; i++) first_tile[i + 1] = first_tile[i] + (p->N[i] + TILE - 1) / TILE;
+    #pragma omp single
+    quantize_activations(x, 1, M, &s, p->bits == 8 ? 128 : 8, act);
+    #pragma omp for schedule(static)
+    for (int64_t joint = 0; joint < first_tile[p->count]; joint++)
+        joint_tile(joint, (int)p->count, first_tile, p->codes, p->scales, (void *const *)ys, p->N, M, act, &s, 1);
+}
+
+// Run `n_layers` decoder layers on the hidden states x (B, dim) bfloat16, in place, for one new token of each of
+// B sequences: row b's token sits at positions[b], where each layer writes its key and value in row b of the cache
+// (rows kv_stride_b apart), and attends over that row's positions 0 .. positions[b]. cos and sin (B, D) are the
+// rows' RoPE tables in bfloat16. Every row's arithmetic is its own, whatever else is in the batch. Returns 0, or
+// -1 when out of memory.
+int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers, const Dims *d,
+                  const uint16_t *cos, const uint16_t *sin, const int64_t *positions, int n_threads) {
+    const int64_t dim = d->dim, hidden = d->hidden, H = d->H, D = d->D, HD = H * D, KVD = d->Hkv * D;
+    const int64_t wider = dim > hidden ? dim : hidden, widest = wider > HD ? wider : HD;
+    const int64_t blocks = B * ((widest + BLOCK - 1) / BLOCK);  // of the widest input a projection quantizes
+    int64_t Lp = 16;  // room for the scores of the longest row's attention
+    for (int64_t b = 0; b < B; b++) Lp = positions[b] + 1 > Lp ? (positions[b] + 16) / 16 * 16 : Lp;
+    uint16_t *buffer = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * (3 * dim + 2 * HD + 2 * KVD + 3 * hidden)));
+    float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * H * Lp));
+    QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
+                                (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
+    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || D > 256 || D % 16 != 0) {
+        free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales);
+        return -1;
+    }
+    uint16_t *normed = buffer, *attn_out = normed + B * dim, *mlp_out = attn_out + B * dim, *q = mlp_out + B * dim;
+    uint16_t *attended = q + B * HD, *k = attended + B * HD, *v = k + B * KVD, *gate = v + B * KVD;
+    uint16_t *up = gate + B * hidden, *gated = up + B * hidden;
+    #pragma omp parallel num_threads(n_threads)
+    for (int64_t l = 0; l < n_layers; l++) {
+        const Layer *w = layers + l;
+        #pragma omp single
+        for (int64_t b = 0; b < B; b++) rms_norm(x + b * dim, w->input_norm, normed + b * dim, dim, d->eps);
+        uint16_t *qkv[3] = {q, k, v};
+        project(&w->qkv, normed, B, dim, qkv, &act);
+        #pragma omp single
+        for (int64_t b = 0; b < B; b++) {
+            rope(q + b * HD, H, D, cos + b * D, sin + b * D);
+            rope(k + b * KVD, d->Hkv, D, cos + b * D, sin + b * D);
+            for (int64_t h = 0; h < d->Hkv; h++) {
+                const int64_t at = b * d->kv_stride_b + h * d->kv_stride_h + positions[b] * d->kv_stride_l;
+                memcpy(w->k_cache + at, k + b * KVD + h * D, sizeof(uint16_t) * (size_t)D);
+                memcpy(w->v_cache + at, v + b * KVD + h * D, sizeof(uint16_t) * (size_t)D);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < B * H; item++) {  // (row, head) pairs
+            const int64_t b = item / H;
+            attend_item(item, q, w->k_cache, w->v_cache, NULL, attended, H, d->Hkv, 1, D, positions[b] + 1,
+                        d->kv_stride_b, d->kv_stride_h, d->kv_stride_l, weights + item * Lp);
+        }
+        project(&w->o, attended, B, HD, &attn_out, &act);
+        #pragma omp single
+        for (int64_t b = 0; b < B; b++) {
+            add_residual(x + b * dim, attn_out + b * dim, dim);
+            rms_norm(x + b * dim, w->post_attention_norm, normed + b * dim, dim, d->eps);
+        }
+        uint16_t *gate_up[2] = {gate, up};
+        project(&w->gate_up, normed, B, dim, gate_up, &act);
+        #pragma omp single
+        swiglu(gate, up, gated, B * hidden);
+        project(&w->down, gated, B, hidden, &mlp_out, &act);
+        #pragma omp single
+        add_residual(x, mlp_out, B * dim);
+    }
+    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales);
+    return 0;
+}

@@ -1,0 +1,105 @@
+"""Decode steps through all decoder layers in one C call (decode_layers.c), where the model allows.
+
+`use_fused_decode(model)` checks once that a model fits the fused path (a bfloat16 CPU model whose every decoder
+layer has int8 / int4 linears, on a CPU with AVX-512 VNNI and BF16) and, if so, sets `model.fused_decode`, which
+`generate.Decoder` calls for decode steps (generate's and the engine's) instead of the layer-by-layer forward.
+The embedding, the final norm and the output layer stay torch modules. The layers' numbers are the layer-by-layer
+forward's to the bit (same kernels; its norms and SwiGLU run decode_layers.c's too), which the tests check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from llamaforge.model import KVCache, Llama
+from llamaforge.quantize import kernels
+from llamaforge.quantize.linear import QuantizedLinear
+
+
+class FusedDecode:
+    """Decode steps of `model` (one new token for each of a batch of sequences) with its layers in one C call."""
+
+    def __init__(self, model: Llama) -> None:
+        self.model = model
+        self.layers = (kernels.Layer * model.config.n_layers)(*(_layer(layer) for layer in model.model.layers))
+        self.weights_at = _first_weight(model).data_ptr()  # if the weights move, the pointers above are stale
+
+    def takes(self, token_ids: torch.Tensor, kv_cache: list[KVCache]) -> bool:
+        """Whether the kernel can run this step: a cache it can write, with a row per token, and the weights where
+        they were."""
+        k, v = kv_cache[0].k, kv_cache[0].v
+        return (token_ids.shape[0] == k.shape[0] and k.dtype == torch.bfloat16 and k.device.type == "cpu"
+                and k.stride() == v.stride() and k.stride(-1) == 1
+                and _first_weight(self.model).data_ptr() == self.weights_at)
+
+    def __call__(self, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache]) -> torch.Tensor:
+        """Logits (B, V) for one new token per row (B,) at positions (B,), written into the cache's rows; only
+        where `takes` says so."""
+        model, config = self.model, self.model.config
+        positions = input_pos.to(torch.int64).contiguous()
+        k = kv_cache[0].k  # (B, Hkv, cache positions, D), every layer's alike
+        if int(positions.min()) < 0 or int(positions.max()) >= k.shape[2]:
+            raise IndexError(f"positions {positions.tolist()} reach outside the KV cache's {k.shape[2]} positions")
+        x = model.model.embed_tokens(token_ids[:, None]).contiguous()  # (B, 1, dim)
+        cos, sin = model.model.rotary_emb(positions[:, None], int(positions.max()) + 1, x.dtype)  # (B, 1, D) each
+        cos, sin = cos.contiguous(), sin.contiguous()
+        for layer, cache in zip(self.layers, kv_cache, strict=True):
+            layer.k_cache, layer.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        dims = kernels.Dims(config.dim, config.hidden_dim, config.n_heads, config.n_kv_heads, config.head_dim,
+                            k.stride(0), k.stride(1), k.stride(2), config.norm_eps)
+        status = kernels.native_decode().decode_layers(
+            x.data_ptr(), x.shape[0], self.layers, len(self.layers), ctypes.byref(dims), cos.data_ptr(),
+            sin.data_ptr(), positions.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"the fused decode step could not allocate room for {x.shape[0]} rows")
+        return model.lm_head(model.model.norm(x[:, 0]))
+
+
+def fits_fused_decode(model: Llama) -> bool:
+    """Whether `model` can decode through decode_layers.c on this machine."""
+    config = model.config
+    if (kernels.native_decode() is None or model.dtype != torch.bfloat16 or model.device.type != "cpu"
+            or config.head_dim % 16 or config.head_dim > 256 or config.n_heads % config.n_kv_heads):
+        return False
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
+                   mlp.up_proj, mlp.down_proj)
+        if not all(type(linear) is QuantizedLinear for linear in linears):
+            return False
+        schemes = [{(linear.bits, linear.group_size) for linear in group}
+                   for group in (linears[:3], linears[4:6])]
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(len(scheme) != 1 for scheme in schemes) or any(
+                norm.dtype != torch.bfloat16 or not norm.is_contiguous() for norm in norms):
+            return False
+    return True
+
+
+def use_fused_decode(model: Llama) -> bool:
+    """Set `model.fused_decode` where the model fits the fused path (see the module's docstring); whether it did."""
+    model.fused_decode = FusedDecode(model) if fits_fused_decode(model) else None
+    return model.fused_decode is not None
+
+
+def _first_weight(model: Llama) -> torch.Tensor:
+    return model.model.layers[0].self_attn.q_proj.codes
+
+
+def _projections(*linears: QuantizedLinear) -> kernels.Projections:
+    pointers, sizes = kernels._PTR * 3, kernels._INT64 * 3
+    first = linears[0]
+    return kernels.Projections(pointers(*(linear.codes.data_ptr() for linear in linears)),
+                               pointers(*(linear.scales.data_ptr() for linear in linears)),
+                               sizes(*(linear.out_features for linear in linears)), len(linears), first.bits,
+                               first.group_size)
+
+
+def _layer(layer: torch.nn.Module) -> kernels.Layer:
+    attention, mlp = layer.self_attn, layer.mlp
+    return kernels.Layer(_projections(attention.q_proj, attention.k_proj, attention.v_proj),
+                         _projections(attention.o_proj), _projections(mlp.gate_proj, mlp.up_proj),
+                         _projections(mlp.down_proj), layer.input_layernorm.weight.data_ptr(),
+                         layer.post_attention_layernorm.weight.data_ptr(), None, None)

@@ -1,0 +1,136 @@
+"""The fused decode layers (decode_layers.c): one C call a step, bit for bit the layer-by-layer forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import random_model
+
+import llamaforge
+from llamaforge.config import ModelArgs
+from llamaforge.generate import Decoder
+from llamaforge.model import rms_norm, swiglu
+from llamaforge.quantize import kernels, quantize_model, use_bf16_kernel, use_fused_decode
+from llamaforge.quantize.fused import fits_fused_decode
+
+pytestmark = pytest.mark.skipif(kernels.native_decode() is None,
+                                reason="the fused decode layers need AVX-512 VNNI and BF16 and a C compiler")
+
+# Grouped-query attention; an FFN width that int4's groups do not divide (down_proj stays int8 beside int4
+# layers) and that is not a multiple of 32; a vocabulary that is not a multiple of 16 rows.
+CONFIG = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=688, vocab_size=300, max_seq_len=128)
+
+
+def quantized_model(mode: str, group_size: int | None = None) -> torch.nn.Module:
+    model = random_model(CONFIG, seed=3).to(torch.bfloat16).eval()
+    quantize_model(model, mode, group_size)
+    use_bf16_kernel(model)
+    return model
+
+
+@pytest.mark.parametrize(("mode", "group_size"), [("int4", None), ("int8", None), ("int4", 64)])
+def test_fused_steps_equal_the_layered_forward(mode: str, group_size: int | None) -> None:
+    model = quantized_model(mode, group_size)
+    assert use_fused_decode(model)
+    fused_cache, layered_cache = model.new_kv_cache(1, 64), model.new_kv_cache(1, 64)
+    with torch.inference_mode():
+        for position in range(40):
+            token = torch.tensor([(position * 37 + 11) % CONFIG.vocab_size])
+            fused = model.fused_decode(token, torch.tensor([position]), fused_cache)
+            layered = model(token[:, None], torch.tensor([[position]]), layered_cache,
+                            logits_at=torch.zeros(1, dtype=torch.long), kv_len=position + 1)
+            assert torch.equal(fused, layered), f"position {position}"
+    for fused_layer, layered_layer in zip(fused_cache, layered_cache, strict=True):
+        assert torch.equal(fused_layer.k, layered_layer.k) and torch.equal(fused_layer.v, layered_layer.v)
+
+
+class Counting:
+    """A model's fused decode, counting the steps it runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def takes(self, *args) -> bool:
+        return self.inner.takes(*args)
+
+    def __call__(self, *args) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(*args)
+
+
+def test_decoder_decodes_fused_where_the_model_has_it() -> None:
+    model = quantized_model("int4")
+    use_fused_decode(model)
+    model.fused_decode = counting = Counting(model.fused_decode)
+    decoder = Decoder(model, compile=False)
+    with torch.inference_mode():
+        decoder(torch.tensor([5]), torch.tensor([0]), model.new_kv_cache(1, 16), 1)
+        decoder(torch.tensor([5, 6]), torch.tensor([0, 0]), model.new_kv_cache(2, 16), 1)
+        assert counting.calls == 2
+        decoder(torch.tensor([5, 6]), torch.tensor([0, 0]), model.new_kv_cache(3, 16), 1)  # rows != tokens
+        assert counting.calls == 2
+
+
+def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward() -> None:
+    """Rows at different positions (as the engine's slots are) get the numbers they get alone."""
+    model = quantized_model("int8")
+    use_fused_decode(model)
+    lengths = [3, 17, 9, 1]
+    prompts = [[(7 * i + 3 * row) % CONFIG.vocab_size for i in range(n)] for row, n in enumerate(lengths)]
+    batch_cache = model.new_kv_cache(len(lengths), 32)
+    alone_caches = [model.new_kv_cache(1, 32) for _ in lengths]
+    layered_cache = model.new_kv_cache(len(lengths), 32)
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):  # prefill each row, layer by layer, into all three caches
+            for cache in (batch_cache, layered_cache):
+                model(torch.tensor([prompt]), torch.arange(len(prompt))[None],
+                      [layer.rows(row, row + 1) for layer in cache], kv_len=len(prompt))
+            model(torch.tensor([prompt]), torch.arange(len(prompt))[None], alone_caches[row], kv_len=len(prompt))
+        tokens, positions = torch.tensor([11, 12, 13, 14]), torch.tensor(lengths)
+        batch = model.fused_decode(tokens, positions, batch_cache)
+        layered = model(tokens[:, None], positions[:, None], layered_cache, logits_at=torch.zeros(4, dtype=torch.long),
+                        kv_len=max(lengths) + 1)
+        alone = torch.cat([model.fused_decode(tokens[row:row + 1], positions[row:row + 1], alone_caches[row])
+                           for row in range(len(lengths))])
+    assert torch.equal(batch, layered) and torch.equal(batch, alone)
+
+
+def test_which_models_fit() -> None:
+    assert not fits_fused_decode(random_model(CONFIG))  # float32
+    dense = random_model(CONFIG).to(torch.bfloat16)
+    use_bf16_kernel(dense)
+    assert not fits_fused_decode(dense)  # bfloat16 linears: the bf16 kernel, layer by layer
+    assert fits_fused_decode(quantized_model("int8"))
+
+
+def test_load_decodes_fused_with_the_same_tokens() -> None:
+    llm = llamaforge.load(quantize="int4")
+    assert llm.model.fused_decode is not None
+    messages = [{"role": "user", "content": "What is 37 + 45?"}]
+    fused = llm.chat(messages, temperature=0.0, max_new_tokens=24)
+    llm.model.fused_decode = None
+    layered = llm.chat(messages, temperature=0.0, max_new_tokens=24)
+    assert fused.token_ids == layered.token_ids
+
+
+def test_norm_and_swiglu_kernels_round_like_torch() -> None:
+    """The kernels the bfloat16 CPU path uses for both: within one bfloat16 step of torch's operators (their sums
+    run in another order), and almost always equal."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 1000, generator=generator) * 3).bfloat16()
+    weight = torch.randn(1000, generator=generator).bfloat16()
+    gate, up = (torch.randn(2, 9, 5000, generator=generator) * 4).bfloat16()
+    with torch.inference_mode():
+        pairs = [(kernels.bf16_rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5)),
+                 (kernels.bf16_swiglu(gate, up), swiglu(gate, up))]
+    for ours, torch_ in pairs:
+        assert ours.dtype == torch.bfloat16 and ours.shape == torch_.shape
+        torch.testing.assert_close(ours.float(), torch_.float(), rtol=2**-7, atol=1e-30)
+        assert (ours != torch_).float().mean() < 0.01
+
+
+def test_a_position_past_the_cache_is_refused() -> None:
+    model = quantized_model("int4")
+    use_fused_decode(model)
+    with torch.inference_mode(), pytest.raises(IndexError, match="outside the KV cache's 8 positions"):
+        model.fused_decode(torch.tensor([5]), torch.tensor([8]), model.new_kv_cache(1, 8))
