@@ -55,7 +55,7 @@ from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.generate import generate_events
 from llamaforge.model import Llama, init_weights
-from llamaforge.quantize import linear_bytes, quantize_model, use_bf16_kernel
+from llamaforge.quantize import linear_bytes, quantize_model, use_bf16_kernel, use_fused_decode
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers (fp32 and bf16 only anyway)")
     parser.add_argument("--compile", action="store_true", help="also measure llamaforge with compiled decode steps "
                         "(its compile happens in the warm-up run)")
+    parser.add_argument("--layered", action="store_true", help="also measure int8 / int4 llamaforge with the fused "
+                        "decode layers off (each step layer by layer through torch, as without the C kernels)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -256,11 +258,22 @@ def gguf_files(model: Llama, modes: list[str], workdir: Path, llamacpp: LlamaCpp
 
 def model_in_mode(base: Llama, mode: str) -> Llama:
     """The benchmark model in `mode` as `llamaforge.load` makes it: cast, or a quantized copy of the bfloat16 weights;
-    in bfloat16, linears and attention over the cache go through the AVX-512 BF16 kernels where the CPU has them."""
+    in bfloat16, linears and attention over the cache go through the AVX-512 BF16 kernels where the CPU has them,
+    and int8 / int4 decode steps through the fused decode layers."""
     dtype, quantize, _ = MODES[mode]
     model = base.to(dtype) if quantize is None else quantize_model(copy.deepcopy(base.to(dtype)), quantize)
     use_bf16_kernel(model)  # as load() does: bfloat16 linears and attention through the kernels (none in float32)
+    use_fused_decode(model)
     return model
+
+
+def run_layered(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """`run_ours` with the fused decode layers off: every step layer by layer through torch."""
+    fused, model.fused_decode = getattr(model, "fused_decode", None), None
+    try:
+        return run_ours(model, prompt, new_tokens)
+    finally:
+        model.fused_decode = fused
 
 
 def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace, llamacpp: LlamaCpp | None,
@@ -270,6 +283,8 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
     runs: dict[str, Run] = {"llamaforge": lambda: run_ours(ours, prompt, args.new_tokens)}
     if args.compile:
         runs["llamaforge --compile"] = lambda: run_ours(ours, prompt, args.new_tokens, compile=True)
+    if args.layered and getattr(ours, "fused_decode", None) is not None:
+        runs["llamaforge layered"] = lambda: run_layered(ours, prompt, args.new_tokens)
     if llamacpp is not None:
         llamacpp.load(gguf[mode], args.threads, args.prompt_len + args.new_tokens + 8)
         runs["llama.cpp"] = lambda: llamacpp.run(prompt, args.new_tokens)

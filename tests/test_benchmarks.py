@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from llamaforge.quantize import kernels
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytest.importorskip("transformers")
@@ -27,7 +29,7 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
     """fp32 greedy tokens agree with HF's (and llama.cpp's, where LLAMAFORGE_LLAMA_CPP_PYTHON names its python)."""
     llama_cpp = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
     report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--modes",
-                      "fp32,bf16,int4", *(["--llamacpp-python", llama_cpp] if llama_cpp else []))
+                      "fp32,bf16,int4", "--layered", *(["--llamacpp-python", llama_cpp] if llama_cpp else []))
     by_mode = {row["mode"]: row for row in report["results"]}
     assert set(by_mode) == {"fp32", "bf16", "int4"}
     assert by_mode["fp32"]["hf"]["tokens_agree"] == 8 and len(by_mode["fp32"]["llamaforge"]["tokens"]) == 8
@@ -35,6 +37,9 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
     if llama_cpp:
         assert by_mode["fp32"]["llama.cpp"]["tokens_agree"] == 8
     assert all(row["llamaforge"]["decode_tok_s"] > 0 for row in by_mode.values())
+    if kernels.native_decode() is not None:  # int4 decodes through the fused layers: the layered path's tokens
+        assert by_mode["int4"]["llamaforge layered"]["tokens_agree"] == 8
+    assert "llamaforge layered" not in by_mode["bf16"]
 
 
 @pytest.mark.slow
