@@ -10,7 +10,7 @@ import llamaforge
 from llamaforge.config import ModelArgs
 from llamaforge.generate import Decoder
 from llamaforge.model import rms_norm, swiglu
-from llamaforge.quantize import kernels, quantize_model, use_bf16_kernel, use_fused_decode
+from llamaforge.quantize import QuantizedLinear, kernels, quantize_model, use_bf16_kernel, use_fused_decode
 from llamaforge.quantize.fused import fits_fused_decode
 
 pytestmark = pytest.mark.skipif(kernels.native_decode() is None,
@@ -22,13 +22,15 @@ CONFIG = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=688,
 
 
 def quantized_model(mode: str, group_size: int | None = None) -> torch.nn.Module:
+    """The test model in bfloat16, its linears quantized to `mode` ("bf16": left in bfloat16), as load() sets it up."""
     model = random_model(CONFIG, seed=3).to(torch.bfloat16).eval()
-    quantize_model(model, mode, group_size)
+    if mode != "bf16":
+        quantize_model(model, mode, group_size)
     use_bf16_kernel(model)
     return model
 
 
-@pytest.mark.parametrize(("mode", "group_size"), [("int4", None), ("int8", None), ("int4", 64)])
+@pytest.mark.parametrize(("mode", "group_size"), [("int4", None), ("int8", None), ("int4", 64), ("bf16", None)])
 def test_fused_steps_equal_the_layered_forward(mode: str, group_size: int | None) -> None:
     model = quantized_model(mode, group_size)
     assert use_fused_decode(model)
@@ -71,9 +73,10 @@ def test_decoder_decodes_fused_where_the_model_has_it() -> None:
         assert counting.calls == 2
 
 
-def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward() -> None:
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward(mode: str) -> None:
     """Rows at different positions (as the engine's slots are) get the numbers they get alone."""
-    model = quantized_model("int8")
+    model = quantized_model(mode)
     use_fused_decode(model)
     lengths = [3, 17, 9, 1]
     prompts = [[(7 * i + 3 * row) % CONFIG.vocab_size for i in range(n)] for row, n in enumerate(lengths)]
@@ -97,10 +100,11 @@ def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward() -> None
 
 def test_which_models_fit() -> None:
     assert not fits_fused_decode(random_model(CONFIG))  # float32
-    dense = random_model(CONFIG).to(torch.bfloat16)
-    use_bf16_kernel(dense)
-    assert not fits_fused_decode(dense)  # bfloat16 linears: the bf16 kernel, layer by layer
-    assert fits_fused_decode(quantized_model("int8"))
+    assert not fits_fused_decode(random_model(CONFIG).to(torch.bfloat16))  # nn.Linear: use_bf16_kernel not run
+    assert fits_fused_decode(quantized_model("int8")) and fits_fused_decode(quantized_model("bf16"))
+    mixed = quantized_model("bf16")
+    mixed.model.layers[1].self_attn.k_proj = QuantizedLinear.from_linear(mixed.model.layers[1].self_attn.k_proj, 8)
+    assert not fits_fused_decode(mixed)  # q, k and v go through one call: one kind
 
 
 def test_load_decodes_fused_with_the_same_tokens() -> None:

@@ -52,6 +52,23 @@ static inline __attribute__((always_inline)) void row_dot(const uint16_t *row, c
     for (int t = 0; t < tile; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t]));
 }
 
+// Column n of y (M, N): weight row n dotted with the M rows of x, padded with zeros to Kp.
+static inline __attribute__((always_inline)) void weight_row(const uint16_t *row, const uint16_t *padded, int64_t K,
+                                                             int64_t Kp, int64_t M, int64_t N, int64_t n,
+                                                             uint16_t *y) {
+    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+        float out[M_TILE];
+        // A constant tile size per call, so the accumulators live in registers.
+        switch (M - m0 < M_TILE ? (int)(M - m0) : M_TILE) {
+            case 1: row_dot(row, padded, K, Kp, m0, 1, out); break;
+            case 2: row_dot(row, padded, K, Kp, m0, 2, out); break;
+            case 3: row_dot(row, padded, K, Kp, m0, 3, out); break;
+            default: row_dot(row, padded, K, Kp, m0, 4, out); break;
+        }
+        for (int t = 0; t < M_TILE && m0 + t < M; t++) y[(m0 + t) * N + n] = float_to_bf16(out[t]);
+    }
+}
+
 // y (M, N) = x (M, K) @ W.T, all bfloat16 (raw uint16 bits). Returns 0, or -1 when out of memory.
 int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int n_threads) {
     const int64_t Kp = (K + LANES - 1) / LANES * LANES;
@@ -61,20 +78,7 @@ int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
     for (int64_t m = 0; m < M; m++) memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
 
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *row = w + n * K;
-        for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-            float out[M_TILE];
-            // A constant tile size per call, so the accumulators live in registers.
-            switch (M - m0 < M_TILE ? (int)(M - m0) : M_TILE) {
-                case 1: row_dot(row, padded, K, Kp, m0, 1, out); break;
-                case 2: row_dot(row, padded, K, Kp, m0, 2, out); break;
-                case 3: row_dot(row, padded, K, Kp, m0, 3, out); break;
-                default: row_dot(row, padded, K, Kp, m0, 4, out); break;
-            }
-            for (int t = 0; t < M_TILE && m0 + t < M; t++) y[(m0 + t) * N + n] = float_to_bf16(out[t]);
-        }
-    }
+    for (int64_t n = 0; n < N; n++) weight_row(w + n * K, padded, K, Kp, M, N, n, y);
     free(padded);
     return 0;
 }

@@ -1,5 +1,5 @@
-// A whole decode step's decoder layers in one call, for a batch of sequences of a bfloat16 model whose linear layers
-// are int8 / int4, one new token each (llamaforge/model.py's DecoderLayer): the CPU decode path.
+// A whole decode step's decoder layers in one call, for a batch of sequences of a bfloat16 model (linear layers in
+// bfloat16 or int8 / int4), one new token each (llamaforge/model.py's DecoderLayer): the CPU decode path.
 //
 // Run layer by layer through torch, a step costs ~60 operator calls a layer besides the matrix products, each with
 // its dispatch and, for the parallel ones, an OpenMP fork and join: on a 22-layer model about a third of the step
@@ -18,10 +18,12 @@
 #include "qlinear.c"
 #include "bf16linear.c"
 
-// The int8 / int4 weights that multiply one input (q, k, v; or gate, up; or one alone), in qlinear.c's layout.
+// The weights that multiply one input (q, k, v; or gate, up; or one alone): int8 / int4 in qlinear.c's layout, or
+// (bits 16) bfloat16 rows (N, K) in `dense`.
 typedef struct {
     const uint8_t *codes[3];
     const uint16_t *scales[3];
+    const uint16_t *dense[3];
     int64_t N[3];
     int64_t count, bits, group;
 } Projections;
@@ -111,10 +113,36 @@ void swiglu_rows(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_
         swiglu(gate + start, up + start, out + start, n - start < chunk ? n - start : chunk);
 }
 
+// The M rows of x times bfloat16 weights: x padded to whole registers (one thread), then the weights' rows shared
+// out (all threads), as bf16linear.c's bf16_linear.
+static void project_dense(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
+                          uint16_t *padded) {
+    const int64_t Kp = (K + LANES - 1) / LANES * LANES;
+    int64_t first_row[4] = {0};
+    for (int i = 0; i < p->count; i++) first_row[i + 1] = first_row[i] + p->N[i];
+    #pragma omp single
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
+        memset(padded + m * Kp + K, 0, sizeof(uint16_t) * (size_t)(Kp - K));
+    }
+    #pragma omp for schedule(static)
+    for (int64_t joint = 0; joint < first_row[p->count]; joint++) {
+        int i = 0;
+        while (i + 1 < p->count && joint >= first_row[i + 1]) i++;
+        const int64_t n = joint - first_row[i];
+        weight_row(p->dense[i] + n * K, padded, K, Kp, M, p->N[i], n, ys[i]);
+    }
+}
+
 // Quantize the M rows of x for a set of projections (one thread), then multiply (all threads, tiles shared out);
-// call from every thread of the region. `act` has room for M rows of the widest input.
+// call from every thread of the region. `act` has room for M rows of the widest input, `padded` for M rows of it
+// padded to whole registers (bfloat16 weights).
 static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
-                    QuantizedActivations *act) {
+                    QuantizedActivations *act, uint16_t *padded) {
+    if (p->bits == 16) {
+        project_dense(p, x, M, K, ys, padded);
+        return;
+    }
     const Shape s = shape_of(K, (int)p->bits, p->group);
     int64_t first_tile[4] = {0};
     for (int i = 0; i < p->count; i++) first_tile[i + 1] = first_tile[i] + (p->N[i] + TILE - 1) / TILE;
@@ -141,8 +169,9 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
     float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * H * Lp));
     QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
                                 (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
-    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || D > 256 || D % 16 != 0) {
-        free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales);
+    uint16_t *padded = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * ((widest + LANES - 1) / LANES * LANES)));
+    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !padded || D > 256 || D % 16 != 0) {
+        free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded);
         return -1;
     }
     uint16_t *normed = buffer, *attn_out = normed + B * dim, *mlp_out = attn_out + B * dim, *q = mlp_out + B * dim;
@@ -154,7 +183,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
         #pragma omp single
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * dim, w->input_norm, normed + b * dim, dim, d->eps);
         uint16_t *qkv[3] = {q, k, v};
-        project(&w->qkv, normed, B, dim, qkv, &act);
+        project(&w->qkv, normed, B, dim, qkv, &act, padded);
         #pragma omp single
         for (int64_t b = 0; b < B; b++) {
             rope(q + b * HD, H, D, cos + b * D, sin + b * D);
@@ -171,20 +200,20 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
             attend_item(item, q, w->k_cache, w->v_cache, NULL, attended, H, d->Hkv, 1, D, positions[b] + 1,
                         d->kv_stride_b, d->kv_stride_h, d->kv_stride_l, weights + item * Lp);
         }
-        project(&w->o, attended, B, HD, &attn_out, &act);
+        project(&w->o, attended, B, HD, &attn_out, &act, padded);
         #pragma omp single
         for (int64_t b = 0; b < B; b++) {
             add_residual(x + b * dim, attn_out + b * dim, dim);
             rms_norm(x + b * dim, w->post_attention_norm, normed + b * dim, dim, d->eps);
         }
         uint16_t *gate_up[2] = {gate, up};
-        project(&w->gate_up, normed, B, dim, gate_up, &act);
+        project(&w->gate_up, normed, B, dim, gate_up, &act, padded);
         #pragma omp single
         swiglu(gate, up, gated, B * hidden);
-        project(&w->down, gated, B, hidden, &mlp_out, &act);
+        project(&w->down, gated, B, hidden, &mlp_out, &act, padded);
         #pragma omp single
         add_residual(x, mlp_out, B * dim);
     }
-    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales);
+    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded);
     return 0;
 }

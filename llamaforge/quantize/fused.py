@@ -1,7 +1,7 @@
 """Decode steps through all decoder layers in one C call (decode_layers.c), where the model allows.
 
-`use_fused_decode(model)` checks once that a model fits the fused path (a bfloat16 CPU model whose every decoder
-layer has int8 / int4 linears, on a CPU with AVX-512 VNNI and BF16) and, if so, sets `model.fused_decode`, which
+`use_fused_decode(model)` checks once that a model fits the fused path (a bfloat16 CPU model whose decoder layers'
+linears are int8 / int4 or bfloat16, on a CPU with AVX-512 VNNI and BF16) and, if so, sets `model.fused_decode`, which
 `generate.Decoder` calls for decode steps (generate's and the engine's) instead of the layer-by-layer forward.
 The embedding, the final norm and the output layer stay torch modules. The layers' numbers are the layer-by-layer
 forward's to the bit (same kernels; its norms and SwiGLU run decode_layers.c's too), which the tests check.
@@ -15,7 +15,7 @@ import torch
 
 from llamaforge.model import KVCache, Llama
 from llamaforge.quantize import kernels
-from llamaforge.quantize.linear import QuantizedLinear
+from llamaforge.quantize.linear import Bf16Linear, QuantizedLinear
 
 
 class FusedDecode:
@@ -65,17 +65,26 @@ def fits_fused_decode(model: Llama) -> bool:
         return False
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
-                   mlp.up_proj, mlp.down_proj)
-        if not all(type(linear) is QuantizedLinear for linear in linears):
-            return False
-        schemes = [{(linear.bits, linear.group_size) for linear in group}
-                   for group in (linears[:3], linears[4:6])]
+        groups = ((attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
+                  (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
+        for group in groups:  # each group one kind the kernel takes: one call multiplies it
+            schemes = {_scheme(linear) for linear in group}
+            if len(schemes) != 1 or None in schemes:
+                return False
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(len(scheme) != 1 for scheme in schemes) or any(
-                norm.dtype != torch.bfloat16 or not norm.is_contiguous() for norm in norms):
+        if any(norm.dtype != torch.bfloat16 or not norm.is_contiguous() for norm in norms):
             return False
     return True
+
+
+def _scheme(linear: torch.nn.Module) -> tuple[int, int] | None:
+    """(bits, group size) of a linear the kernel takes (bits 16: bfloat16 weights), else None."""
+    if type(linear) is QuantizedLinear:
+        return linear.bits, linear.group_size
+    if (type(linear) is Bf16Linear and linear.bias is None and linear.weight.dtype == torch.bfloat16
+            and linear.weight.is_contiguous()):
+        return 16, 0
+    return None
 
 
 def use_fused_decode(model: Llama) -> bool:
@@ -85,16 +94,18 @@ def use_fused_decode(model: Llama) -> bool:
 
 
 def _first_weight(model: Llama) -> torch.Tensor:
-    return model.model.layers[0].self_attn.q_proj.codes
+    q_proj = model.model.layers[0].self_attn.q_proj
+    return q_proj.codes if type(q_proj) is QuantizedLinear else q_proj.weight
 
 
-def _projections(*linears: QuantizedLinear) -> kernels.Projections:
+def _projections(*linears: torch.nn.Module) -> kernels.Projections:
     pointers, sizes = kernels._PTR * 3, kernels._INT64 * 3
-    first = linears[0]
-    return kernels.Projections(pointers(*(linear.codes.data_ptr() for linear in linears)),
-                               pointers(*(linear.scales.data_ptr() for linear in linears)),
-                               sizes(*(linear.out_features for linear in linears)), len(linears), first.bits,
-                               first.group_size)
+    bits, group = _scheme(linears[0])
+    quantized = bits != 16
+    return kernels.Projections(pointers(*(linear.codes.data_ptr() for linear in linears if quantized)),
+                               pointers(*(linear.scales.data_ptr() for linear in linears if quantized)),
+                               pointers(*(linear.weight.data_ptr() for linear in linears if not quantized)),
+                               sizes(*(linear.out_features for linear in linears)), len(linears), bits, group)
 
 
 def _layer(layer: torch.nn.Module) -> kernels.Layer:

@@ -130,10 +130,11 @@ def native_bf16() -> ctypes.CDLL | None:
 
 
 class Projections(ctypes.Structure):
-    """decode_layers.c's Projections: up to three int8 / int4 weights of one scheme that multiply one input."""
+    """decode_layers.c's Projections: up to three weights of one kind (int8 / int4 of one scheme, or bfloat16: bits
+    16) that multiply one input."""
 
-    _fields_ = [("codes", _PTR * 3), ("scales", _PTR * 3), ("N", _INT64 * 3), ("count", _INT64), ("bits", _INT64),
-                ("group", _INT64)]
+    _fields_ = [("codes", _PTR * 3), ("scales", _PTR * 3), ("dense", _PTR * 3), ("N", _INT64 * 3), ("count", _INT64),
+                ("bits", _INT64), ("group", _INT64)]
 
 
 class Layer(ctypes.Structure):
