@@ -37,9 +37,9 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
     if llama_cpp:
         assert by_mode["fp32"]["llama.cpp"]["tokens_agree"] == 8
     assert all(row["llamaforge"]["decode_tok_s"] > 0 for row in by_mode.values())
-    if kernels.native_decode() is not None:  # int4 decodes through the fused layers: the layered path's tokens
-        assert by_mode["int4"]["llamaforge layered"]["tokens_agree"] == 8
-    assert "llamaforge layered" not in by_mode["bf16"]
+    if kernels.native_decode() is not None:  # bf16 and int4 decode through the fused layers: the layered path's tokens
+        assert all(by_mode[mode]["llamaforge layered"]["tokens_agree"] == 8 for mode in ("bf16", "int4"))
+    assert "llamaforge layered" not in by_mode["fp32"]
 
 
 @pytest.mark.slow

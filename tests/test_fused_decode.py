@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from factories import random_model
@@ -133,8 +135,26 @@ def test_norm_and_swiglu_kernels_round_like_torch() -> None:
         assert (ours != torch_).float().mean() < 0.01
 
 
+def test_a_copy_decodes_fused_with_its_own_weights_and_a_moved_model_layer_by_layer() -> None:
+    model = quantized_model("bf16")
+    use_fused_decode(model)
+    token, position = torch.tensor([5]), torch.tensor([0])
+    with torch.inference_mode():
+        expected = model.fused_decode(token, position, model.new_kv_cache(1, 8))
+        twin = copy.deepcopy(model)
+        cache = twin.new_kv_cache(1, 8)
+        assert twin.fused_decode.model is twin and twin.fused_decode.takes(token, cache)
+        assert torch.equal(twin.fused_decode(token, position, cache), expected)
+        twin.to(torch.float32)
+        assert not twin.fused_decode.takes(token, twin.new_kv_cache(1, 8))
+        logits = Decoder(twin, compile=False)(token, position, twin.new_kv_cache(1, 8), 1)  # layer by layer
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
 def test_a_position_past_the_cache_is_refused() -> None:
     model = quantized_model("int4")
     use_fused_decode(model)
+    cache = model.new_kv_cache(1, 8)
+    assert model.fused_decode.takes(torch.tensor([5]), cache)
     with torch.inference_mode(), pytest.raises(IndexError, match="outside the KV cache's 8 positions"):
-        model.fused_decode(torch.tensor([5]), torch.tensor([8]), model.new_kv_cache(1, 8))
+        model.fused_decode(torch.tensor([5]), torch.tensor([8]), cache)

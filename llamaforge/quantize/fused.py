@@ -23,20 +23,33 @@ class FusedDecode:
 
     def __init__(self, model: Llama) -> None:
         self.model = model
-        self.layers = (kernels.Layer * model.config.n_layers)(*(_layer(layer) for layer in model.model.layers))
-        self.weights_at = _first_weight(model).data_ptr()  # if the weights move, the pointers above are stale
+        self.layers: ctypes.Array | None = None  # the weights' addresses, built for `built_for` (see `takes`)
+        self.built_for: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        """A copy (copy.deepcopy, pickle) keeps its model and rebuilds the addresses for that model's weights."""
+        return {"model": self.model, "layers": None, "built_for": None}
 
     def takes(self, token_ids: torch.Tensor, kv_cache: list[KVCache]) -> bool:
-        """Whether the kernel can run this step: a cache it can write, with a row per token, and the weights where
-        they were."""
+        """Whether the kernel can run this step: a cache it can write, with a row per token, and a model that still
+        fits (its weights' addresses are rebuilt when they moved or changed dtype or device: `.to()`, a copy)."""
         k, v = kv_cache[0].k, kv_cache[0].v
-        return (token_ids.shape[0] == k.shape[0] and k.dtype == torch.bfloat16 and k.device.type == "cpu"
-                and k.stride() == v.stride() and k.stride(-1) == 1
-                and _first_weight(self.model).data_ptr() == self.weights_at)
+        if not (token_ids.shape[0] == k.shape[0] and k.dtype == torch.bfloat16 and k.device.type == "cpu"
+                and k.stride() == v.stride() and k.stride(-1) == 1):
+            return False
+        model = self.model
+        now = (_first_weight(model).data_ptr(), model.dtype, model.device)
+        if now != self.built_for:
+            self.layers = (kernels.Layer * model.config.n_layers)(*map(_layer, model.model.layers)) \
+                if fits_fused_decode(model) else None
+            self.built_for = now
+        return self.layers is not None
 
     def __call__(self, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache]) -> torch.Tensor:
         """Logits (B, V) for one new token per row (B,) at positions (B,), written into the cache's rows; only
         where `takes` says so."""
+        if not self.takes(token_ids, kv_cache):
+            raise ValueError("the fused decode layers do not take this model or cache; decode layer by layer")
         model, config = self.model, self.model.config
         positions = input_pos.to(torch.int64).contiguous()
         k = kv_cache[0].k  # (B, Hkv, cache positions, D), every layer's alike
@@ -88,7 +101,8 @@ def _scheme(linear: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def use_fused_decode(model: Llama) -> bool:
-    """Set `model.fused_decode` where the model fits the fused path (see the module's docstring); whether it did."""
+    """Set `model.fused_decode` where the model fits the fused path (see the module's docstring); whether it did.
+    Weights replaced in place after this (other than by `.to()` or a copy, which it notices) need a new call."""
     model.fused_decode = FusedDecode(model) if fits_fused_decode(model) else None
     return model.fused_decode is not None
 
