@@ -49,7 +49,8 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
 
 def _compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="run decode steps torch.compile'd: faster tokens after a one-time compile (default: off)")
+                        help="run decode steps torch.compile'd: faster tokens after a one-time compile, where the "
+                        "fused CPU decode layers do not run already (float32 models, GPUs; default: off)")
 
 
 def _speculate_flag(parser: argparse.ArgumentParser) -> None:
