@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -149,6 +150,31 @@ def test_a_copy_decodes_fused_with_its_own_weights_and_a_moved_model_layer_by_la
         assert not twin.fused_decode.takes(token, twin.new_kv_cache(1, 8))
         logits = Decoder(twin, compile=False)(token, position, twin.new_kv_cache(1, 8), 1)  # layer by layer
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_threads_decoding_with_one_model_get_their_own_numbers() -> None:
+    model = quantized_model("int4")
+    use_fused_decode(model)
+    starts = (3, 50, 120, 200)
+
+    def decode(first_token: int, results: list) -> None:
+        cache = model.new_kv_cache(1, 64)
+        with torch.inference_mode():
+            results.extend(model.fused_decode(torch.tensor([(first_token + p) % CONFIG.vocab_size]),
+                                              torch.tensor([p]), cache) for p in range(60))
+
+    alone = [[] for _ in starts]
+    for token, results in zip(starts, alone, strict=True):
+        decode(token, results)
+    together = [[] for _ in starts]
+    threads = [threading.Thread(target=decode, args=(token, results)) for token, results in zip(starts, together,
+                                                                                                 strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(a, b) for rows_a, rows_b in zip(alone, together, strict=True)
+               for a, b in zip(rows_a, rows_b, strict=True))
 
 
 def test_a_position_past_the_cache_is_refused() -> None:

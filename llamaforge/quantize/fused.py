@@ -10,6 +10,7 @@ forward's to the bit (same kernels; its norms and SwiGLU run decode_layers.c's t
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
@@ -25,10 +26,15 @@ class FusedDecode:
         self.model = model
         self.layers: ctypes.Array | None = None  # the weights' addresses, built for `built_for` (see `takes`)
         self.built_for: tuple | None = None
+        # `layers` also carries each call's cache addresses: threads decoding with one model take turns.
+        self.lock = threading.RLock()
 
     def __getstate__(self) -> dict:
         """A copy (copy.deepcopy, pickle) keeps its model and rebuilds the addresses for that model's weights."""
-        return {"model": self.model, "layers": None, "built_for": None}
+        return {"model": self.model}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"])
 
     def takes(self, token_ids: torch.Tensor, kv_cache: list[KVCache]) -> bool:
         """Whether the kernel can run this step: a cache it can write, with a row per token, and a model that still
@@ -39,15 +45,20 @@ class FusedDecode:
             return False
         model = self.model
         now = (_first_weight(model).data_ptr(), model.dtype, model.device)
-        if now != self.built_for:
-            self.layers = (kernels.Layer * model.config.n_layers)(*map(_layer, model.model.layers)) \
-                if fits_fused_decode(model) else None
-            self.built_for = now
-        return self.layers is not None
+        with self.lock:
+            if now != self.built_for:
+                self.layers = (kernels.Layer * model.config.n_layers)(*map(_layer, model.model.layers)) \
+                    if fits_fused_decode(model) else None
+                self.built_for = now
+            return self.layers is not None
 
     def __call__(self, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache]) -> torch.Tensor:
         """Logits (B, V) for one new token per row (B,) at positions (B,), written into the cache's rows; only
         where `takes` says so."""
+        with self.lock:
+            return self._step(token_ids, input_pos, kv_cache)
+
+    def _step(self, token_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: list[KVCache]) -> torch.Tensor:
         if not self.takes(token_ids, kv_cache):
             raise ValueError("the fused decode layers do not take this model or cache; decode layer by layer")
         model, config = self.model, self.model.config
