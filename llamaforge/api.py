@@ -217,7 +217,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
     use_bf16_kernel(checkpoint.model)  # dense bfloat16 CPU layers decode through the AVX-512 BF16 kernel
-    use_fused_decode(checkpoint.model)  # int8 / int4 bfloat16 CPU models: one C call a step for all layers
+    use_fused_decode(checkpoint.model)  # bfloat16 CPU models (int8 / int4 too): one C call a step for all layers
     draft = None
     if draft_model is not None:
         draft = load_checkpoint(draft_model, checkpoint.model.dtype, checkpoint.model.device).model

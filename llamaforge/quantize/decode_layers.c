@@ -127,8 +127,7 @@ static void project_dense(const Projections *p, const uint16_t *x, int64_t M, in
     }
     #pragma omp for schedule(static)
     for (int64_t joint = 0; joint < first_row[p->count]; joint++) {
-        int i = 0;
-        while (i + 1 < p->count && joint >= first_row[i + 1]) i++;
+        const int i = joint_owner(joint, (int)p->count, first_row);
         const int64_t n = joint - first_row[i];
         weight_row(p->dense[i] + n * K, padded, K, Kp, M, p->N[i], n, ys[i]);
     }

@@ -216,24 +216,28 @@ def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-def _kernel_takes(*tensors: torch.Tensor) -> bool:
-    """Whether decode_layers.c's vector kernels take these tensors: bfloat16 on the CPU, no autograd."""
-    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and not torch.is_grad_enabled()
-            and decode_available())
+def bf16_inference(*tensors: torch.Tensor) -> bool:
+    """Whether these are bfloat16 CPU tensors outside autograd: what the bfloat16 kernels take."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and not torch.is_grad_enabled()
+
+
+def eager_or_op(kernel: Callable[..., torch.Tensor], op: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """kernel(*args), or inside a torch.compile'd graph its torch operator `op` (dynamo must not trace ctypes)."""
+    return (op if torch.compiler.is_compiling() else kernel)(*args)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
     """`bf16_rms_norm` where it takes these tensors, else `fallback(x, weight, eps)`."""
-    if not _kernel_takes(x, weight):
+    if not (bf16_inference(x, weight) and decode_available()):
         return fallback(x, weight, eps)
-    return (bf16_rms_norm_op if torch.compiler.is_compiling() else bf16_rms_norm)(x, weight, eps)
+    return eager_or_op(bf16_rms_norm, bf16_rms_norm_op, x, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
     """`bf16_swiglu` where it takes these tensors, else `fallback(gate, up)`."""
-    if not _kernel_takes(gate, up):
+    if not (bf16_inference(gate, up) and decode_available()):
         return fallback(gate, up)
-    return (bf16_swiglu_op if torch.compiler.is_compiling() else bf16_swiglu)(gate, up)
+    return eager_or_op(bf16_swiglu, bf16_swiglu_op, gate, up)
 
 
 @torch.compiler.assume_constant_result
@@ -296,12 +300,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
     """`bf16_decode_attention` where it takes these tensors (bfloat16 on the CPU, no autograd, k and v alike in
     layout, head size a multiple of 16 up to 256), else `fallback(q, k, v, mask)`: attention over a cache."""
-    if (q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or q.device.type != "cpu" or torch.is_grad_enabled()
-            or k.stride() != v.stride() or k.stride(-1) != 1 or q.shape[-1] > 256 or q.shape[-1] % 16
-            or not bf16_available()):
+    if (not bf16_inference(q, k) or k.stride() != v.stride() or k.stride(-1) != 1 or q.shape[-1] > 256
+            or q.shape[-1] % 16 or not bf16_available()):
         return fallback(q, k, v, mask)
-    attend = bf16_decode_attention_op if torch.compiler.is_compiling() else bf16_decode_attention
-    return attend(q, k, v, mask)
+    return eager_or_op(bf16_decode_attention, bf16_decode_attention_op, q, k, v, mask)
 
 
 @torch.compiler.assume_constant_result

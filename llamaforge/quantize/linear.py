@@ -111,12 +111,12 @@ class Bf16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() > 2 else 1
-        if (tokens > KERNEL_MAX_TOKENS or self.bias is not None or x.dtype != torch.bfloat16 or x.device.type != "cpu"
-                or self.weight.dtype != torch.bfloat16 or torch.is_grad_enabled() or not kernels.bf16_available()):
+        if (tokens > KERNEL_MAX_TOKENS or self.bias is not None or not kernels.bf16_inference(x, self.weight)
+                or not kernels.bf16_available()):
             return super().forward(x)
         rows = x.reshape(-1, self.in_features)
-        linear = kernels.bf16_linear_op if torch.compiler.is_compiling() else kernels.bf16_linear
-        return linear(rows, self.weight).view(*x.shape[:-1], self.out_features)
+        return kernels.eager_or_op(kernels.bf16_linear, kernels.bf16_linear_op, rows,
+                                   self.weight).view(*x.shape[:-1], self.out_features)
 
 
 def use_bf16_kernel(model: nn.Module) -> int:

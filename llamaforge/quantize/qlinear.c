@@ -150,13 +150,20 @@ static Shape shape_of(int64_t K, int bits, int64_t group) {
     return s;
 }
 
+// Which of `count` weights item `joint` of a joint loop over all their items (tiles, rows) belongs to, weight i
+// holding items first[i] .. first[i + 1] - 1.
+static inline int joint_owner(int64_t joint, int count, const int64_t *first) {
+    int i = 0;
+    while (i + 1 < count && joint >= first[i + 1]) i++;
+    return i;
+}
+
 // Tile `joint` of the joint loop over the tiles of `count` weights (see qlinear_many): its 16 rows of one y_i.
 static inline __attribute__((always_inline)) void joint_tile(
         int64_t joint, int count, const int64_t *first_tile, const uint8_t *const *codes,
         const uint16_t *const *scales, void *const *ys, const int64_t *Ns, int64_t M,
         const QuantizedActivations *act, const Shape *s, int io_bf16) {
-    int i = 0;
-    while (i + 1 < count && joint >= first_tile[i + 1]) i++;
+    const int i = joint_owner(joint, count, first_tile);
     const int64_t tile = joint - first_tile[i], N = Ns[i];
     const uint8_t *tile_codes = codes[i] + tile * s->tile_bytes;
     const uint16_t *tile_scales = scales[i] + tile * s->n_groups * TILE;
