@@ -18,7 +18,13 @@ column is skipped and says so. HF runs in this process on llamaforge's own tenso
 
 - prefill tok/s: prompt tokens / time to the first new token.
 - decode tok/s: 1 / seconds per later token, from the first new token to the last.
-- decode GB/s: bytes of the linear layers' weights x decode tok/s, the weight bandwidth decoding implies.
+- decode GB/s: bytes of the linear layers' weights x decode tok/s, the weight bandwidth decoding implies (for
+  llama.cpp, the bytes of its GGUF's tensors but the token embeddings, which a step reads one row of).
+- the machine's ceilings (benchmarks/ceilings.py), measured in the same run: memory read GB/s after every round,
+  int8 and bfloat16 dot-product GMAC/s once a mode. Decoding cannot beat the read bandwidth and prefill not the dot
+  products, so "% of ceiling" says how much either side leaves on the table, and which ratio is still possible.
+  Prefill GMAC/s counts the linear layers' multiply-adds of every prompt token (the output layer's of the last one;
+  attention adds under 1% at 128 tokens and is not counted); the peak is int8's for int8 / int4, bfloat16's else.
 - tokens agree: how many leading greedy tokens equal llamaforge's (random weights have near-ties, so lower-bit
   modes drift apart sooner; fp32 against HF must agree throughout).
 
@@ -45,8 +51,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gguf
 import torch
 import transformers
+from ceilings import Ceilings
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -62,6 +70,7 @@ from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 Run = Callable[[], tuple[float, float, list[int]]]  # () -> (prefill s, decode s per token, generated ids)
 MODES = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "f16"),
          "int8": (torch.bfloat16, "int8", "q8_0"), "int4": (torch.bfloat16, "int4", "q4_0")}
+DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8"}  # the dot product that bounds each mode's prefill
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -169,15 +178,20 @@ def run_hf(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int) ->
     return first - started, (last - first) / (new_tokens - 1), output[0, input_ids.shape[1]:].tolist()
 
 
-def measure(runs: dict[str, Run], repeats: int) -> dict[str, Measurement]:
-    """Warm every implementation up, then alternate them `repeats` times; medians per implementation."""
+def measure(runs: dict[str, Run], repeats: int,
+            between: Callable[[], float] | None = None) -> tuple[dict[str, Measurement], list[float]]:
+    """Warm every implementation up, then alternate them `repeats` times, calling `between` after each round;
+    medians per implementation, and what `between` returned."""
     for run in runs.values():
         run()
     results: dict[str, list] = {name: [] for name in runs}
+    probes = []
     for _ in range(repeats):
         for name, run in runs.items():
             results[name].append(run())
-    return {name: median(r) for name, r in results.items()}
+        if between is not None:
+            probes.append(between())
+    return {name: median(r) for name, r in results.items()}, probes
 
 
 def median(results: list[tuple[float, float, list[int]]]) -> Measurement:
@@ -276,9 +290,22 @@ def run_layered(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float
         model.fused_decode = fused
 
 
+def gguf_step_bytes(path: Path) -> int:
+    """Bytes of a GGUF file's tensors that a decode step reads: all but the token embeddings."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
+def prefill_macs(config: ModelArgs, prompt_len: int) -> int:
+    """Multiply-adds of the linear layers in a prefill: every layer for every token, the output layer for the last."""
+    kv_dim = config.n_kv_heads * config.head_dim
+    layer = 2 * config.dim * config.dim + 2 * config.dim * kv_dim + 3 * config.dim * config.hidden_dim
+    return prompt_len * config.n_layers * layer + config.vocab_size * config.dim
+
+
 def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace, llamacpp: LlamaCpp | None,
-            gguf: dict[str, Path]) -> dict:
-    """Measure llamaforge, llama.cpp and (float modes) HF in one mode; a JSON-ready row."""
+            gguf_paths: dict[str, Path], ceilings: Ceilings | None) -> dict:
+    """Measure llamaforge, llama.cpp and (float modes) HF in one mode, and the machine's ceilings in the same rounds;
+    a JSON-ready row."""
     ours = model_in_mode(base, mode)
     runs: dict[str, Run] = {"llamaforge": lambda: run_ours(ours, prompt, args.new_tokens)}
     if args.compile:
@@ -286,22 +313,34 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
     if args.layered and getattr(ours, "fused_decode", None) is not None:
         runs["llamaforge layered"] = lambda: run_layered(ours, prompt, args.new_tokens)
     if llamacpp is not None:
-        llamacpp.load(gguf[mode], args.threads, args.prompt_len + args.new_tokens + 8)
+        llamacpp.load(gguf_paths[mode], args.threads, args.prompt_len + args.new_tokens + 8)
         runs["llama.cpp"] = lambda: llamacpp.run(prompt, args.new_tokens)
     if MODES[mode][1] is None and not args.no_hf:
         hf_model = hf_twin(ours)
         prompt_ids = torch.tensor([prompt])
         runs["hf"] = lambda: run_hf(hf_model, prompt_ids, args.new_tokens)
     log(f"{mode}: {', '.join(runs)}: a warm-up and {args.repeats} alternating runs each")
-    measured = measure(runs, args.repeats)
+    measured, reads = measure(runs, args.repeats, ceilings.read_gb_s if ceilings else None)
     weight_bytes = linear_bytes(ours)
     row = {"mode": mode, "weight_bytes": weight_bytes,
-           "gguf_bytes": gguf[mode].stat().st_size if mode in gguf else None}
+           "gguf_bytes": gguf_paths[mode].stat().st_size if mode in gguf_paths else None}
+    macs = prefill_macs(base.config, args.prompt_len)
     for name, m in measured.items():
-        row[name] = m.row(args.prompt_len, weight_bytes)
+        step_bytes = gguf_step_bytes(gguf_paths[mode]) if name == "llama.cpp" else weight_bytes
+        row[name] = m.row(args.prompt_len, step_bytes)
+        row[name]["prefill_gmac_s"] = macs / m.prefill_s / 1e9
         row[name]["tokens_agree"] = leading_agreement(m.tokens, measured["llamaforge"].tokens)
     row["ratio"] = {other: {key: row["llamaforge"][key] / row[other][key] for key in ("prefill_tok_s", "decode_tok_s")}
                     for other in measured if other != "llamaforge"}
+    if ceilings is not None:
+        dot = DOT_CEILINGS.get(mode)  # float32 GEMMs run FMAs, whose peak this does not measure
+        peak = getattr(ceilings, f"{dot}_gmac_s")() if dot else None
+        row["ceiling"] = {"read_gb_s": statistics.median(reads), "read_gb_s_runs": reads, "dot": dot,
+                          "dot_gmac_s": peak}
+        for name in measured:
+            row[name]["decode_of_ceiling"] = row[name]["decode_gb_s"] / row["ceiling"]["read_gb_s"]
+            if peak:
+                row[name]["prefill_of_ceiling"] = row[name]["prefill_gmac_s"] / peak
     return row
 
 
@@ -319,10 +358,13 @@ def benchmark(args: argparse.Namespace) -> dict:
             "pass --llamacpp-python DIR/bin/python)")
     results = []
     with tempfile.TemporaryDirectory(prefix="llamaforge-decode-") as workdir:
-        gguf = gguf_files(base, args.modes, Path(workdir), llamacpp) if llamacpp is not None else {}
+        gguf_paths = gguf_files(base, args.modes, Path(workdir), llamacpp) if llamacpp is not None else {}
+        ceilings = Ceilings.load(args.threads)
+        if ceilings is None:
+            log("the machine's ceilings: skipped (benchmarks/ceilings.c needs AVX-512 VNNI and BF16 and a C compiler)")
         # float32 first: the other modes cast the same weights down.
         for mode in sorted(args.modes, key=lambda m: m != "fp32"):
-            results.append(compare(base, mode, prompt, args, llamacpp, gguf))
+            results.append(compare(base, mode, prompt, args, llamacpp, gguf_paths, ceilings))
             gc.collect()  # the mode's model and HF twin go before the next mode is built
         if llamacpp is not None:
             llamacpp.close()
@@ -368,8 +410,18 @@ def format_table(report: dict) -> str:
             ratios = " | ".join(ratio(row, name, key, baseline) for name, baseline in (
                 ("llamaforge", "llama.cpp"), (compiled, "llama.cpp"), ("llamaforge", "hf")))
             lines.append(f"{head} {label} | {values} | {ratios} |")
-        gb_s = " | ".join(cell(row, name, "decode_gb_s", 1) for name in ("llamaforge", compiled))
-        lines.append(f"{head} decode GB/s | {gb_s} | | | | | |")
+        gb_s = " | ".join(cell(row, name, "decode_gb_s", 1) for name in ("llamaforge", compiled, "llama.cpp"))
+        lines.append(f"{head} decode GB/s | {gb_s} | | | | |")
+        if "ceiling" in row:
+            ceiling = row["ceiling"]
+            shown = [("decode_of_ceiling", f"decode, of {ceiling['read_gb_s']:.1f} GB/s read")]
+            if ceiling["dot"]:
+                shown.append(("prefill_of_ceiling",
+                              f"prefill, of {ceiling['dot_gmac_s']:.0f} GMAC/s {ceiling['dot']} dot"))
+            for key, label in shown:
+                shares = " | ".join(f"{row[name][key]:.0%}" if name in row else "-"
+                                    for name in ("llamaforge", compiled, "llama.cpp", "hf"))
+                lines.append(f"{head} {label} | {shares} | | | |")
         agree = " / ".join(f"{name} {row[name]['tokens_agree']}" for name in (compiled, "llama.cpp", "hf")
                            if name in row)
         lines.append(f"{head} tokens agree (of {setup['new_tokens']}) | | {agree} | | | | | |")

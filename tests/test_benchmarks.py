@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llamaforge.quantize import kernels
 
@@ -40,6 +41,28 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
     if kernels.native_decode() is not None:  # bf16 and int4 decode through the fused layers: the layered path's tokens
         assert all(by_mode[mode]["llamaforge layered"]["tokens_agree"] == 8 for mode in ("bf16", "int4"))
     assert "llamaforge layered" not in by_mode["fp32"]
+    if kernels.native_decode() is not None:  # the machine's ceilings, measured in the same rounds
+        ceiling = by_mode["int4"]["ceiling"]
+        assert ceiling["dot"] == "int8" and by_mode["bf16"]["ceiling"]["dot"] == "bf16"
+        assert by_mode["fp32"]["ceiling"]["dot"] is None and len(ceiling["read_gb_s_runs"]) == 1
+        assert 0 < by_mode["int4"]["llamaforge"]["decode_of_ceiling"] == pytest.approx(
+            by_mode["int4"]["llamaforge"]["decode_gb_s"] / ceiling["read_gb_s"])
+
+
+def test_ceilings_do_all_the_work_they_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine-ceiling measurements read every byte and run every dot product they count."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from ceilings import Ceilings
+
+    ceilings = Ceilings.load(threads=2)
+    if ceilings is None:
+        pytest.skip("benchmarks/ceilings.c needs an x86-64 CPU with AVX-512 VNNI and BF16 and a C compiler")
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(-2**31, 2**31, (3 * 1024 * 64,), dtype=torch.int64, generator=generator).to(torch.int32)
+    assert ceilings.read_words(data) == int(data.to(torch.int64).sum()) % 2**32
+    assert ceilings.int8_dots(1000) == 1000 * 12 * 64 * 2  # rounds x chains x 64 products of 1 x threads
+    assert ceilings.bf16_dots(1000) == 1000 * 12 * 16 * 2 * 2.0**-16 * 2  # ... lanes x 2 products of 2^-16 ...
+    assert ceilings.read_gb_s(megabytes=64, repeats=1) > 0 and ceilings.int8_gmac_s(1000, 1) > 0
 
 
 @pytest.mark.slow
