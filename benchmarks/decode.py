@@ -20,9 +20,11 @@ column is skipped and says so. HF runs in this process on llamaforge's own tenso
 - decode tok/s: 1 / seconds per later token, from the first new token to the last.
 - decode GB/s: bytes of the linear layers' weights x decode tok/s, the weight bandwidth decoding implies (for
   llama.cpp, the bytes of its GGUF's tensors but the token embeddings, which a step reads one row of).
-- the machine's ceilings (benchmarks/ceilings.py), measured in the same run: memory read GB/s after every round,
-  int8 and bfloat16 dot-product GMAC/s once a mode. Decoding cannot beat the read bandwidth and prefill not the dot
-  products, so "% of ceiling" says how much either side leaves on the table, and which ratio is still possible.
+- the machine's ceilings (benchmarks/ceilings.py), measured after every round: memory read GB/s and the mode's
+  dot-product GMAC/s (int8 for int8 / int4, bfloat16 for bf16). Decoding cannot beat the read bandwidth and prefill
+  not the dot products, so "% of ceiling" says how much either side leaves on the table, and which ratio is still
+  possible. Other load only ever lowers a measured ceiling (on a shared machine, by half at times), so the highest
+  of the rounds is the ceiling; each side's median is set against it.
   Prefill GMAC/s counts the linear layers' multiply-adds of every prompt token (the output layer's of the last one;
   attention adds under 1% at 128 tokens and is not counted); the peak is int8's for int8 / int4, bfloat16's else.
 - tokens agree: how many leading greedy tokens equal llamaforge's (random weights have near-ties, so lower-bit
@@ -179,7 +181,7 @@ def run_hf(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int) ->
 
 
 def measure(runs: dict[str, Run], repeats: int,
-            between: Callable[[], float] | None = None) -> tuple[dict[str, Measurement], list[float]]:
+            between: Callable[[], dict] | None = None) -> tuple[dict[str, Measurement], list[dict]]:
     """Warm every implementation up, then alternate them `repeats` times, calling `between` after each round;
     medians per implementation, and what `between` returned."""
     for run in runs.values():
@@ -320,7 +322,12 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
         prompt_ids = torch.tensor([prompt])
         runs["hf"] = lambda: run_hf(hf_model, prompt_ids, args.new_tokens)
     log(f"{mode}: {', '.join(runs)}: a warm-up and {args.repeats} alternating runs each")
-    measured, reads = measure(runs, args.repeats, ceilings.read_gb_s if ceilings else None)
+    dot = DOT_CEILINGS.get(mode)  # float32 GEMMs run FMAs, whose peak this does not measure
+
+    def machine() -> dict:
+        return {"read_gb_s": ceilings.read_gb_s(), "dot_gmac_s": getattr(ceilings, f"{dot}_gmac_s")() if dot else None}
+
+    measured, rounds = measure(runs, args.repeats, machine if ceilings else None)
     weight_bytes = linear_bytes(ours)
     row = {"mode": mode, "weight_bytes": weight_bytes,
            "gguf_bytes": gguf_paths[mode].stat().st_size if mode in gguf_paths else None}
@@ -333,10 +340,9 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
     row["ratio"] = {other: {key: row["llamaforge"][key] / row[other][key] for key in ("prefill_tok_s", "decode_tok_s")}
                     for other in measured if other != "llamaforge"}
     if ceilings is not None:
-        dot = DOT_CEILINGS.get(mode)  # float32 GEMMs run FMAs, whose peak this does not measure
-        peak = getattr(ceilings, f"{dot}_gmac_s")() if dot else None
-        row["ceiling"] = {"read_gb_s": statistics.median(reads), "read_gb_s_runs": reads, "dot": dot,
-                          "dot_gmac_s": peak}
+        peak = max(r["dot_gmac_s"] for r in rounds) if dot else None
+        row["ceiling"] = {"read_gb_s": max(r["read_gb_s"] for r in rounds), "dot": dot, "dot_gmac_s": peak,
+                          "rounds": rounds}
         for name in measured:
             row[name]["decode_of_ceiling"] = row[name]["decode_gb_s"] / row["ceiling"]["read_gb_s"]
             if peak:

@@ -44,7 +44,7 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
     if kernels.native_decode() is not None:  # the machine's ceilings, measured in the same rounds
         ceiling = by_mode["int4"]["ceiling"]
         assert ceiling["dot"] == "int8" and by_mode["bf16"]["ceiling"]["dot"] == "bf16"
-        assert by_mode["fp32"]["ceiling"]["dot"] is None and len(ceiling["read_gb_s_runs"]) == 1
+        assert by_mode["fp32"]["ceiling"]["dot"] is None and len(ceiling["rounds"]) == 1
         assert 0 < by_mode["int4"]["llamaforge"]["decode_of_ceiling"] == pytest.approx(
             by_mode["int4"]["llamaforge"]["decode_gb_s"] / ceiling["read_gb_s"])
 
