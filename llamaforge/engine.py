@@ -11,6 +11,13 @@ is a fixed pool of `max_batch_size` rows, each `max_context` long; a row's posit
 model.py), so a sequence's tokens do not depend on what else shares the batch. Token events go back
 through each request's `emit` callback, called on the worker thread.
 
+Prefix caching: a freed row keeps its keys and values, and the engine remembers which tokens they are. A new
+request takes the free row whose tokens start its prompt the longest way (else the least recently used one), and
+skips prefilling what any row, free or running, already holds of its prompt's start: copied over from a running
+row (a memory copy, far cheaper than the forward it saves). So the next turn of a chat recomputes only the new
+turn, and requests sharing a system prompt or few-shot examples compute it once. Rows are the cache's unit: it
+needs no memory of its own, and holds as many earlier conversations as there are free rows.
+
 A request's failure ends that request only. Per-request work (admission, prefill, event emission) is
 guarded one request at a time; batched work (the decode forward, sampling) that raises is run again
 one request at a time, so only the requests that fail alone are failed, each with its own error. Re-running
@@ -72,6 +79,7 @@ class EngineRequest:
     last_token: int | None = None
     generated: list[int] = field(default_factory=list)  # tokens emitted so far (the drafts' context)
     drafter: DraftModel | None = None  # its draft model's cache, when the engine drafts with one
+    prefix_checked: bool = False  # whether the prefix cache was searched for its prompt's start
 
 
 @dataclass
@@ -90,18 +98,25 @@ class EngineStats:
     generated_tokens: int
     draft_tokens: int  # tokens drafted for speculative decoding and checked by the model
     accepted_tokens: int  # of those, the ones kept
+    prefix_cache_queries: int  # prompt tokens of admitted requests (what the prefix cache was asked for)
+    prefix_cache_hits: int  # of those, the ones whose keys and values were reused instead of computed
 
     @property
     def acceptance_rate(self) -> float:
         """Accepted over drafted tokens (0 before any draft)."""
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Reused over admitted prompt tokens (0 before any request)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
 
 class Engine:
     """Serve many requests from one model with continuous batching; start() runs the worker thread."""
 
     def __init__(self, llm: LLM, max_batch_size: int = 8, max_context: int | None = None, max_queue: int = 256,
-                 prefill_chunk: int = 256, stall_timeout: float = 120.0) -> None:
+                 prefill_chunk: int = 256, stall_timeout: float = 120.0, prefix_cache: bool = True) -> None:
         if max_batch_size < 1:
             raise LlamaforgeError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.llm = llm
@@ -120,6 +135,14 @@ class Engine:
         # Which tokens each slot has seen, for the repetition penalty.
         self.seen = torch.zeros(max_batch_size, llm.config.vocab_size, dtype=torch.bool, device=self.device)
         self.free_slots = list(range(max_batch_size))
+        self.prefix_cache = prefix_cache
+        # The tokens whose keys and values a free slot still holds (positions 0 .. len - 1), and when it was freed
+        # (for least-recently-used reuse; never-used slots count as freed before any other, lowest index first).
+        self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self.freed_at = list(range(-max_batch_size, 0))
+        self.releases = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.wakeup = threading.Condition()
@@ -164,7 +187,8 @@ class Engine:
         with self.wakeup:
             return EngineStats(self.max_batch_size, self.max_context, len(self.free_slots), len(self.running),
                                len(self.waiting), self.peak_running, self.steps, self.batched_steps,
-                               self.prompt_tokens, self.generated_tokens, self.draft_tokens, self.accepted_tokens)
+                               self.prompt_tokens, self.generated_tokens, self.draft_tokens, self.accepted_tokens,
+                               self.prefix_cache_queries, self.prefix_cache_hits)
 
     def health(self) -> str | None:
         """None while the engine serves; otherwise why it does not (its worker died or is stuck in one step)."""
@@ -234,16 +258,52 @@ class Engine:
     def _admit(self) -> None:
         while self.free_slots and self.waiting:
             request = self.waiting.popleft()
-            request.slot = self.free_slots.pop(0)
+            request.slot = self._free_slot_for(request.prompt_ids)
+            self.free_slots.remove(request.slot)
             self.running.append(request)
             self._guarded(request, self._admit_one, request)
         self.peak_running = max(self.peak_running, len(self.running))
 
+    def _free_slot_for(self, prompt: list[int]) -> int:
+        """The free slot for a prompt: the one whose kept tokens it reuses most, net of the kept tokens it would throw
+        away (so a chat's next turn finds its conversation, and a prompt sharing only a template's first tokens does
+        not evict one); where none gains, the least recently used (an empty slot before any)."""
+        if not self.prefix_cache:
+            return self.free_slots[0]
+
+        def gain(slot: int) -> tuple[int, int]:
+            reused = shared_prefix(self.kept[slot], prompt)
+            return max(reused - (len(self.kept[slot]) - reused), 0), -self.freed_at[slot]
+
+        return max(self.free_slots, key=gain)
+
     def _admit_one(self, request: EngineRequest) -> None:
-        """Make a new slot's repetition-penalty memory the request's prompt."""
+        """Start the prompt past what its slot kept of it; make the slot's repetition-penalty memory the prompt."""
+        if self.prefix_cache:
+            request.prefilled = min(shared_prefix(self.kept[request.slot], request.prompt_ids),
+                                    len(request.prompt_ids) - 1)  # the last prompt token gives the logits
+            self.prefix_cache_queries += len(request.prompt_ids)
+        self.kept[request.slot] = []  # the slot's tokens are now the request's
         self.seen[request.slot] = False
         if request.params.repetition_penalty != 1.0:
             self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+
+    def _reuse_prefix(self, request: EngineRequest) -> None:
+        """Before a prompt's first chunk: copy in a longer start of it from another slot, if one holds it (a free
+        slot its kept tokens, a running one what it has fed). Looked up now rather than at admission, so that
+        requests arriving together find what the ones prefilled before them computed."""
+        prompt = request.prompt_ids
+        holders = [(slot, self.kept[slot]) for slot in self.free_slots] + \
+            [(r.slot, self._fed_tokens(r)) for r in self.running if r is not request]
+        if holders:
+            source, held = max(holders, key=lambda holder: shared_prefix(holder[1], prompt))
+            reuse = min(shared_prefix(held, prompt), len(prompt) - 1)
+            if reuse > request.prefilled:
+                for layer in self.kv_cache:
+                    layer.copy_prefix(source, request.slot, reuse)
+                request.prefilled = reuse
+        request.prefix_checked = True
+        self.prefix_cache_hits += request.prefilled
 
     def _guarded(self, request: EngineRequest, work: Callable, *args) -> None:
         """Run one request's work; an exception ends that request (with the error), not the step."""
@@ -269,17 +329,27 @@ class Engine:
         return results
 
     def _fail(self, request: EngineRequest, error: BaseException) -> None:
-        """End a request with an error: tell its client (if it still listens) and free its slot."""
+        """End a request with an error: tell its client (if it still listens) and free its slot, keeping nothing of
+        it in the prefix cache."""
         with contextlib.suppress(Exception):  # the consumer is gone; the slot is freed all the same
             request.emit(error)
-        self._release(request)
+        self._release(request, keep=False)
 
-    def _release(self, request: EngineRequest) -> None:
+    def _release(self, request: EngineRequest, keep: bool = True) -> None:
+        """Free the request's slot; with `keep` (and the prefix cache on) the slot keeps the tokens it fed."""
         with self.wakeup:
             if request in self.running:
                 self.running.remove(request)
                 self.free_slots.append(request.slot)
                 self.free_slots.sort()
+                self.kept[request.slot] = self._fed_tokens(request) if keep and self.prefix_cache else []
+                self.releases += 1
+                self.freed_at[request.slot] = self.releases
+
+    def _fed_tokens(self, request: EngineRequest) -> list[int]:
+        """The tokens whose keys and values the request's slot holds: its prompt, then what it generated, up to
+        where it writes next (the last token sampled has not been fed yet)."""
+        return (request.prompt_ids + request.generated)[:self._next_position(request)]
 
     def _step(self) -> None:
         self.steps += 1
@@ -302,6 +372,8 @@ class Engine:
         docs/benchmarks.md), since rows of different lengths compute each other's padding.
         A prompt whose last chunk went in gets its first token sampled.
         """
+        if self.prefix_cache and not request.prefix_checked:
+            self._reuse_prefix(request)
         chunk = request.prompt_ids[request.prefilled:request.prefilled + self.prefill_chunk]
         logits = self._run_slots({request.slot: (chunk, request.prefilled)})
         request.prefilled += len(chunk)
@@ -377,7 +449,9 @@ class Engine:
         """
         first, last = min(inputs), max(inputs)
         width = max(len(tokens) for tokens, _ in inputs.values())
-        idle = {r.slot: self._next_position(r) for r in self.running}
+        # Where rows without input write their padding: past what they hold (a free slot's kept tokens too).
+        idle = {slot: len(tokens) for slot, tokens in enumerate(self.kept)}
+        idle.update({r.slot: self._next_position(r) for r in self.running})
         tokens = torch.zeros(last - first + 1, width, dtype=torch.long)
         positions = torch.zeros(last - first + 1, width, dtype=torch.long)
         last_index = torch.zeros(last - first + 1, dtype=torch.long)
@@ -388,7 +462,7 @@ class Engine:
                 tokens[row, :len(ids)] = torch.tensor(ids)
                 last_index[row] = len(ids) - 1
             else:
-                start = idle.get(slot, 0)
+                start = idle[slot]
             positions[row] = (start + torch.arange(width)).clamp(max=self.max_context - 1)
         cache = [layer.rows(first, last + 1) for layer in self.kv_cache]
         kv_len = int(positions.max()) + 1  # on the host: no device sync
@@ -434,6 +508,14 @@ class Engine:
         request.emit(event)
         if event.finish_reason is not None:
             self._release(request)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens the two lists share from their start."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the common case (a whole earlier turn) in one comparison
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 def kv_cache_bytes(llm: LLM, batch_size: int, max_context: int) -> int:

@@ -104,6 +104,11 @@ class KVCache:
         """Rows start..stop-1 as a cache of their own, sharing memory (a server's run of slots)."""
         return KVCache(self.k[start:stop], self.v[start:stop])
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Row `source`'s first `length` positions into row `target` (a shared prompt prefix)."""
+        self.k[target, :, :length] = self.k[source, :, :length]
+        self.v[target, :, :length] = self.v[source, :, :length]
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the first kv_len positions of the cache."""

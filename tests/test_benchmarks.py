@@ -66,6 +66,16 @@ def test_ceilings_do_all_the_work_they_time(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.slow
+def test_prefix_cache_benchmark_answers_alike_with_and_without_the_cache() -> None:
+    report = run_json("prefix_cache.py", "--preset", "tiny", "--turns", "3", "--system-tokens", "10",
+                      "--message-tokens", "20", "--answer-tokens", "4", "--repeats", "1")
+    assert report["same_answers"] is True
+    assert [row["history_tokens"] for row in report["turns"]] == [11, 35, 59]
+    # Turns 2 and 3 reuse their histories but the last answer token: (35 - 1) + (59 - 1) of 31 + 55 + 79 tokens.
+    assert report["prefix_cache"]["hits"] == 92 and report["prefix_cache"]["queries"] == 165
+
+
+@pytest.mark.slow
 def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
     report = run_json("load_memory.py", "--layers", "1", "--cases", "llamaforge-bf16,hf-bf16")
     assert [row["case"] for row in report["results"]] == ["llamaforge-bf16", "hf-bf16"]

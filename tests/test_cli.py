@@ -161,6 +161,18 @@ def test_serve_refuses_a_port_in_use_before_loading() -> None:
     assert "serving" not in result.stdout
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-prefix-cache"]])
+def test_serve_passes_the_prefix_cache_choice_to_the_server(tiny_model_dir: Path, monkeypatch, flags) -> None:
+    from factories import free_port
+
+    import llamaforge.server
+
+    calls = []
+    monkeypatch.setattr(llamaforge.server, "serve", lambda llm, **options: calls.append(options))
+    assert main(["serve", "--model", str(tiny_model_dir), "--port", str(free_port()), *flags]) == 0
+    assert calls[0]["prefix_cache"] is (not flags)
+
+
 def test_bad_sampling_value_from_cli(tiny_model_dir: Path) -> None:
     result = run("generate", "--model", str(tiny_model_dir), "hi", "--top-p", "1.5")
     assert result.returncode == 2 and "top_p must be in (0, 1]" in result.stderr

@@ -59,7 +59,9 @@ def test_engine_equals_generate(tiny_llm: LLM, batch: int, chunk: int) -> None:
     stats = engine.stats()
     assert stats.free_slots == batch and stats.running == 0
     assert stats.peak_running == batch and (stats.batched_steps > 0) == (batch > 1)
-    assert stats.prompt_tokens == sum(len(p) for p in prompts)
+    # Every prompt starts "Prompt": later ones reuse that start from the prefix cache instead of computing it.
+    assert stats.prefix_cache_queries == stats.prompt_tokens + stats.prefix_cache_hits == sum(len(p) for p in prompts)
+    assert stats.prefix_cache_hits > 0
 
 
 def test_queue_bound(tiny_llm: LLM) -> None:

@@ -40,6 +40,12 @@ class Metrics:
                                                 lambda: engine.stats().accepted_tokens),
             "llamaforge_spec_acceptance_rate": ("Accepted / drafted tokens so far (0 before any draft)",
                                                 lambda: engine.stats().acceptance_rate),
+            "llamaforge_prefix_cache_queries": ("Prompt tokens of admitted requests, looked up in the prefix cache",
+                                                lambda: engine.stats().prefix_cache_queries),
+            "llamaforge_prefix_cache_hits": ("Prompt tokens whose keys and values the prefix cache reused",
+                                             lambda: engine.stats().prefix_cache_hits),
+            "llamaforge_prefix_cache_hit_rate": ("Reused / looked-up prompt tokens so far (0 before any request)",
+                                                 lambda: engine.stats().prefix_cache_hit_rate),
         }
         for name, (description, read) in gauges.items():
             Gauge(name, description, registry=self.registry).set_function(read)

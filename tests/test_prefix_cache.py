@@ -1,0 +1,186 @@
+"""The engine's prefix cache: reused keys and values change no output, are the right ones, and are evicted LRU."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from llamaforge.api import LLM
+from llamaforge.engine import Engine, EngineRequest
+from llamaforge.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    """Submit all prompts at once; each one's generated ids."""
+    results: list[list[int]] = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def emitter(index: int):
+        def emit(event) -> None:
+            assert not isinstance(event, BaseException), event
+            results[index].append(event.token_id)
+            if event.finish_reason:
+                done.release()
+        return emit
+
+    for index, prompt in enumerate(prompts):
+        engine.submit(EngineRequest(prompt, params, emitter(index)))
+    for _ in prompts:
+        assert done.acquire(timeout=120), "the engine did not finish every request"
+    return results
+
+
+def chat(engine: Engine, turns: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """A conversation turn by turn (each prompt = the history, its answer, the next message); the answers, and the
+    prefix-cache hits each turn added."""
+    history: list[int] = []
+    answers, hits = [], []
+    for message in turns:
+        before = engine.stats().prefix_cache_hits
+        prompt = history + message
+        answer = run(engine, [prompt])[0]
+        answers.append(answer)
+        hits.append(engine.stats().prefix_cache_hits - before)
+        history = prompt + answer
+    return answers, hits
+
+
+@pytest.fixture
+def turns(tiny_llm: LLM) -> list[list[int]]:
+    encode = tiny_llm.tokenizer.encode
+    return [encode("The llama hums", bos=True)] + [encode(f"Then {i}?", bos=False) for i in range(1, 5)]
+
+
+def test_a_chat_reuses_its_history_and_answers_as_without_the_cache(tiny_llm: LLM, turns: list[list[int]]) -> None:
+    cached = Engine(tiny_llm, max_batch_size=2, prefill_chunk=8).start()
+    plain = Engine(tiny_llm, max_batch_size=2, prefill_chunk=8, prefix_cache=False).start()
+    try:
+        answers, hits = chat(cached, turns)
+        plain_answers, plain_hits = chat(plain, turns)
+    finally:
+        cached.stop()
+        plain.stop()
+    assert answers == plain_answers
+    assert plain_hits == [0] * len(turns) and plain.stats().prefix_cache_queries == 0
+    # Each later turn reuses the whole history but the previous answer's last token, which was never fed.
+    history = 0
+    for turn, (message, answer, hit) in enumerate(zip(turns, answers, hits, strict=True)):
+        assert hit == (0 if turn == 0 else history - 1)
+        history += len(message) + len(answer)
+    stats = cached.stats()
+    assert stats.prompt_tokens + stats.prefix_cache_hits == stats.prefix_cache_queries
+    assert stats.prefix_cache_hit_rate > 0.5
+
+
+def test_concurrent_requests_share_a_long_prefix_and_answer_as_without_it(tiny_llm: LLM) -> None:
+    """Requests with one system prompt, arriving together: the later ones copy it from a running slot."""
+    encode = tiny_llm.tokenizer.encode
+    system = encode("You are a helpful llama. " * 4 + "Answer briefly.", bos=True)
+    prompts = [system + encode(f" Question {i}: what is {i} plus {i}?", bos=False) for i in range(6)]
+    prompts.append(encode("An unrelated prompt", bos=True))
+    cached = Engine(tiny_llm, max_batch_size=3, prefill_chunk=8).start()
+    plain = Engine(tiny_llm, max_batch_size=3, prefill_chunk=8, prefix_cache=False).start()
+    try:
+        results = run(cached, prompts)
+        expected = run(plain, prompts)
+    finally:
+        cached.stop()
+        plain.stop()
+    assert results == expected
+    assert results[:6] == [tiny_llm.generate(p, params=GREEDY).token_ids for p in prompts[:6]]
+    # The first request computes the system prompt; the other five find it in a slot (running or kept).
+    assert cached.stats().prefix_cache_hits >= 5 * len(system)
+
+
+def test_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_llm: LLM) -> None:
+    """After mixed traffic (free slots riding along in batched steps), each free slot's cache rows hold exactly
+    what a fresh forward of its kept tokens computes."""
+    encode = tiny_llm.tokenizer.encode
+    prompts = [encode(f"Story {i}: " + "the llama walks " * (i % 4 + 1), bos=True) for i in range(9)]
+    params = SamplingParams(max_new_tokens=9, temperature=0.8, seed=3)
+    engine = Engine(tiny_llm, max_batch_size=4, prefill_chunk=5).start()
+    try:
+        run(engine, prompts, params)
+        run(engine, prompts[:2], GREEDY)  # two slots busy again, two free ones ride along in their steps
+    finally:
+        engine.stop()
+    model = tiny_llm.model
+    checked = 0
+    for slot, kept in enumerate(engine.kept):
+        if not kept:
+            continue
+        fresh = model.new_kv_cache(1, len(kept) + 1)
+        with torch.inference_mode():
+            model(torch.tensor([kept]), torch.arange(len(kept))[None], fresh, kv_len=len(kept))
+        for layer, reference in zip(engine.kv_cache, fresh, strict=True):
+            torch.testing.assert_close(layer.k[slot, :, :len(kept)], reference.k[0, :, :len(kept)])
+            torch.testing.assert_close(layer.v[slot, :, :len(kept)], reference.v[0, :, :len(kept)])
+        checked += 1
+    assert checked == 4
+
+
+def test_the_least_recently_used_conversation_is_evicted_first(tiny_llm: LLM) -> None:
+    encode = tiny_llm.tokenizer.encode
+    a, b, c = (encode(f"Conversation {name} is about " + topic, bos=True)
+               for name, topic in (("A", "rivers"), ("B", "mountains and snow"), ("C", "the sea")))
+    engine = Engine(tiny_llm, max_batch_size=2, prefill_chunk=16).start()
+    try:
+        answer_a, answer_b, _ = (run(engine, [p])[0] for p in (a, b, c))  # C evicts A, the least recently used
+        before = engine.stats().prefix_cache_hits
+        run(engine, [b + answer_b + encode("And then?", bos=False)])
+        reused_b = engine.stats().prefix_cache_hits - before
+        run(engine, [a + answer_a + encode("And then?", bos=False)])
+        reused_a = engine.stats().prefix_cache_hits - before - reused_b
+    finally:
+        engine.stop()
+    assert reused_b == len(b) + len(answer_b) - 1
+    assert reused_a < len(encode("Conversation A", bos=True))  # at most the start every prompt here shares
+
+
+def test_a_failed_request_leaves_nothing_in_the_cache(tiny_llm: LLM) -> None:
+    engine = Engine(tiny_llm, max_batch_size=1).start()
+    failed = threading.Event()
+    prompt = tiny_llm.tokenizer.encode("A request whose client breaks", bos=True)
+
+    def broken(event) -> None:
+        if isinstance(event, BaseException):
+            failed.set()
+            return
+        raise RuntimeError("the client's callback broke")
+
+    try:
+        engine.submit(EngineRequest(prompt, GREEDY, broken))
+        assert failed.wait(60)
+        assert engine.kept == [[]]
+        before = engine.stats().prefix_cache_hits
+        assert run(engine, [prompt]) == [tiny_llm.generate(prompt, params=GREEDY).token_ids]
+        assert engine.stats().prefix_cache_hits == before
+    finally:
+        engine.stop()
+
+
+def test_a_served_chat_reuses_its_history_and_metrics_say_so(live_server) -> None:
+    """Two turns of a chat through the OpenAI client: the second turn's prompt starts with the first turn's history,
+    which the server does not compute again; /metrics counts it."""
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="none")
+    engine = live_server.engine
+    messages = [{"role": "user", "content": "Tell me about llamas and their hills."}]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    before = engine.stats().prefix_cache_hits
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And the rivers?"}]
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    reused = engine.stats().prefix_cache_hits - before
+    assert reused >= first.usage.prompt_tokens  # at least the whole first prompt came from the cache
+    assert reused < second.usage.prompt_tokens
+    text = httpx.get(f"{live_server.url}/metrics").text
+    stats = engine.stats()
+    assert f"llamaforge_prefix_cache_hits {float(stats.prefix_cache_hits)}" in text
+    assert f"llamaforge_prefix_cache_queries {float(stats.prefix_cache_queries)}" in text
