@@ -80,6 +80,10 @@ class EngineRequest:
     generated: list[int] = field(default_factory=list)  # tokens emitted so far (the drafts' context)
     drafter: DraftModel | None = None  # its draft model's cache, when the engine drafts with one
     prefix_checked: bool = False  # whether the prefix cache was searched for its prompt's start
+    # Score the prompt too: each prompt token's log-probability and this many top alternatives at each position
+    # (None: no), handed over on the first token's event. Such a prompt is computed whole (no prefix cache).
+    prompt_logprobs: int | None = None
+    prompt_scores: tuple[list, list] = field(default_factory=lambda: ([None], [None]))
 
 
 @dataclass
@@ -279,10 +283,11 @@ class Engine:
 
     def _admit_one(self, request: EngineRequest) -> None:
         """Start the prompt past what its slot kept of it; make the slot's repetition-penalty memory the prompt."""
-        if self.prefix_cache:
+        if self.prefix_cache and request.prompt_logprobs is None:
             request.prefilled = min(shared_prefix(self.kept[request.slot], request.prompt_ids),
                                     len(request.prompt_ids) - 1)  # the last prompt token gives the logits
             self.prefix_cache_queries += len(request.prompt_ids)
+        request.prefix_checked = request.prompt_logprobs is not None  # a scored prompt computes every position
         self.kept[request.slot] = []  # the slot's tokens are now the request's
         self.seen[request.slot] = False
         if request.params.repetition_penalty != 1.0:
@@ -374,12 +379,27 @@ class Engine:
         """
         if self.prefix_cache and not request.prefix_checked:
             self._reuse_prefix(request)
-        chunk = request.prompt_ids[request.prefilled:request.prefilled + self.prefill_chunk]
-        logits = self._run_slots({request.slot: (chunk, request.prefilled)})
+        start = request.prefilled
+        chunk = request.prompt_ids[start:start + self.prefill_chunk]
+        scored = request.prompt_logprobs is not None
+        logits = self._run_slots({request.slot: (chunk, start)}, every_position=scored)[request.slot]
         request.prefilled += len(chunk)
         self.prompt_tokens += len(chunk)
+        if scored:  # logits (T, V): row j predicts the token at start + j + 1, a prompt token but after the last
+            self._score_prompt(request, logits[:len(request.prompt_ids) - start - 1], start + 1)
+            logits = logits[-1]
         if request.prefilled == len(request.prompt_ids):
-            self._sample_and_emit({request: logits[request.slot]})
+            self._sample_and_emit({request: logits})
+
+    def _score_prompt(self, request: EngineRequest, logits: torch.Tensor, first: int) -> None:
+        """Note the log-probabilities of prompt tokens first .. first + T - 1 from the logits (T, V) before them."""
+        if logits.shape[0] == 0:
+            return
+        targets = torch.tensor(request.prompt_ids[first:first + logits.shape[0]], device=logits.device)
+        chosen, top_values, top_ids = token_logprobs(logits, targets, request.prompt_logprobs)
+        request.prompt_scores[0].extend(chosen.tolist())
+        request.prompt_scores[1].extend(dict(zip(ids, values, strict=True))
+                                        for ids, values in zip(top_ids.tolist(), top_values.tolist(), strict=True))
 
     def _decode(self, requests: list[EngineRequest]) -> dict[EngineRequest, torch.Tensor]:
         """One batched forward of each request's last token; each request's logits (V,)."""
@@ -502,6 +522,8 @@ class Engine:
         event = request.state.accept(0, token_id)
         if chosen is not None:
             request.state.attach_logprobs(event, chosen, top_values, top_ids)
+        if request.prompt_logprobs is not None and request.state.produced == 1:
+            event.prompt_logprobs, event.prompt_top_logprobs = request.prompt_scores
         request.last_token = token_id
         request.generated.append(token_id)
         self.generated_tokens += 1

@@ -39,6 +39,10 @@ class TokenEvent:
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None  # "stop" | "length" once the row is finished
     eos: bool = False  # the token is EOS (reported, but not part of the generated text or ids)
+    # On a request's first token, where it asked for its prompt's log-probabilities (the engine's prompt_logprobs):
+    # each prompt token's given the tokens before it (None for the first), and the top alternatives there.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass

@@ -304,8 +304,12 @@ def lm_eval_metrics(results: dict) -> dict[str, dict[str, float | None]]:
 
 def run_lm_eval(model_dir: Path, data_dir: Path, tasks: list[str], subjects: tuple[str, ...] = (),
                 limit: int | None = None, batch_size: int = 1, work_dir: Path | None = None, dtype: str = "float32",
-                device: str = "cpu", timings: dict | None = None, peft: Path | None = None) -> tuple[dict, dict]:
+                device: str = "cpu", timings: dict | None = None, peft: Path | None = None,
+                server: str | None = None) -> tuple[dict, dict]:
     """lm-eval 0.4's `simple_evaluate` with its HF backend on an HF model directory and our task files, offline.
+
+    With `server` (a base URL), lm-eval's `local-completions` model scores through that server's
+    /v1/completions instead (echo + logprobs), tokenizing with the model directory's HF tokenizer.
 
     Returns (metrics by llamaforge's task and metric names, per task the documents' request arguments and
     responses in document order). With `timings`, adds the seconds spent loading the model ("load_s") and
@@ -324,8 +328,14 @@ def run_lm_eval(model_dir: Path, data_dir: Path, tasks: list[str], subjects: tup
     manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
     started = time.perf_counter()
     # The Llama 2 HF tokenizer adds BOS (its tokenizer_config says so); a bare tokenizer.model needs telling.
-    lm = HFLM(pretrained=str(model_dir), add_bos_token=True, dtype=dtype, device=device, batch_size=batch_size,
-              peft=str(peft) if peft else None)
+    if server is not None:
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        lm = LocalCompletionsAPI(base_url=f"{server}/v1/completions", model="tiny", tokenizer=str(model_dir),
+                                 tokenizer_backend="huggingface", add_bos_token=True, batch_size=batch_size)
+    else:
+        lm = HFLM(pretrained=str(model_dir), add_bos_token=True, dtype=dtype, device=device, batch_size=batch_size,
+                  peft=str(peft) if peft else None)
     spent = {"load_s": time.perf_counter() - started, "requests_s": 0.0, "requests_cpu_s": 0.0}
 
     def timed(method):

@@ -201,3 +201,28 @@ def test_gsm8k_answer_extraction_matches_lm_eval() -> None:
             expected = exact_match_hf_evaluate([ours], [answer], ignore_case=True,
                                                regexes_to_ignore=[",", "\\$", "(?s).*#### ", "\\.$"])
             assert exact_match(ours, answer) == expected["exact_match"]
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_through_the_server_as_llamaforge_eval(data: Path, tiny_tokenizer_path: Path,
+                                                              tmp_path: Path) -> None:
+    """lm-eval's `local-completions` model pointed at a running server (its echo + logprobs requests, several
+    prompts each) scores multiple-choice tasks to the numbers `llamaforge eval` gives on the same weights and files."""
+    pytest.importorskip("fastapi")
+    from factories import LiveServer
+
+    from llamaforge.engine import Engine
+    from llamaforge.server import create_app
+
+    model_dir = write_eval_model(tmp_path / "model", tiny_tokenizer_path)
+    llm = llamaforge.load(model_dir)
+    tasks = ["arc_challenge", "hellaswag", "winogrande"]
+    ours = evaluate(llm, prepare(tasks, DataSource(data)), batch_size=3, progress=False)["results"]
+    engine = Engine(llm, max_batch_size=4)
+    with LiveServer(create_app(llm, engine, model_name="tiny")) as server:
+        theirs, _ = run_lm_eval(model_dir, data, tasks, batch_size=4, work_dir=tmp_path, server=server.url)
+    # Every prompt was scored whole by the engine (scored prompts skip the prefix cache).
+    assert engine.stats().prompt_tokens > 0 and engine.stats().prefix_cache_queries == 0
+    assert set(theirs) == set(tasks)
+    assert_same_metrics(ours, theirs)
+    assert 0 < ours["hellaswag"]["acc"] < 1 or 0 < ours["arc_challenge"]["acc"] < 1

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -266,7 +267,11 @@ USER = [{"role": "user", "content": "hi"}]
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "^suffix: .*fill-in-the-middle"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "^best_of: only best_of=1"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream takes one prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "^prompt: .*a prompt is empty"),
+    ("/v1/completions", {"prompt": [[1, 5], [1, 99999]]}, 400, "token-id prompt must hold ints"),
+    ("/v1/completions", {"prompt": ["a"] * 65}, 400, "at most 64 prompts"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "token-id prompt must hold ints"),
     ("/generate", {"inputs": "hi", "parameters": {"temperature": 0}}, 422, "parameters.temperature"),
     ("/generate", {"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "parameters.top_p"),
@@ -356,3 +361,29 @@ def test_sse_events_survive_unicode_line_breaks(live_server, path: str, body: di
     payloads = [json.loads(e[5:]) for e in events if e != "data: [DONE]"]
     first = payloads[0]["choices"][0]["text"] if path.startswith("/v1") else payloads[-1]["generated_text"]
     assert first.startswith(text)
+
+
+def test_echo_with_logprobs_scores_every_prompt_token(live_server, client, tiny_llm) -> None:
+    """Several token prompts, max_tokens 0: each comes back with its log-probabilities (None first), as a forward
+    of the model computes them, and nothing generated."""
+    prompts = [tiny_llm.tokenizer.encode(text, bos=True) for text in ("The llama hums", "Rivers run to the sea")]
+    out = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=2)
+    assert [c.index for c in out.choices] == [0, 1] and out.usage.completion_tokens == 0
+    assert out.usage.prompt_tokens == sum(map(len, prompts))
+    for prompt, choice in zip(prompts, out.choices, strict=True):
+        assert choice.text == tiny_llm.tokenizer.decode(prompt) and choice.finish_reason == "length"
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(prompt) and logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None and all(len(top) <= 2 for top in logprobs.top_logprobs[1:])
+        with torch.inference_mode():
+            expected = tiny_llm.model(torch.tensor([prompt])).float().log_softmax(-1)[0]  # (T, V)
+        reference = expected[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        assert logprobs.token_logprobs[1:] == pytest.approx(reference.tolist(), abs=1e-5)
+        assert [max(top.values()) for top in logprobs.top_logprobs[1:]] == pytest.approx(
+            expected[:-1].max(-1).values.tolist(), abs=1e-5)
+    # With one new token, the answer's log-probability follows the prompt's.
+    one = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0)
+    assert len(one.choices[0].logprobs.token_logprobs) == len(prompts[0]) + 1
+    assert one.choices[0].logprobs.token_logprobs[:-1] == out.choices[0].logprobs.token_logprobs
+    assert one.usage.completion_tokens == 1

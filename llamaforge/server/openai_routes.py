@@ -64,6 +64,17 @@ def _chat_logprobs(server: ServerState, event: TokenEvent, first: bool) -> dict:
     return {"token": text, "logprob": event.logprob, "bytes": raw, "top_logprobs": top}
 
 
+def _by_text(server: ServerState, top: dict[int, float] | None) -> dict[str, float] | None:
+    """Top log-probabilities keyed by token text, as legacy completions give them; where two tokens read alike
+    (byte tokens of broken UTF-8), the likelier one's, so the highest value is still the best token's."""
+    if top is None:
+        return None
+    by_text: dict[str, float] = {}
+    for token_id, logprob in sorted(top.items(), key=lambda item: -item[1]):
+        by_text.setdefault(_token_text(server, token_id)[0], logprob)
+    return by_text
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     server: ServerState = request.app.state.server
@@ -119,48 +130,86 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
+    """Legacy completions: one or several prompts (choices in order); with `echo` the prompt comes back before
+    the answer, and with `logprobs` too each prompt token's log-probability (None for the first) and top
+    alternatives, as lm-evaluation-harness's `local-completions` model scores tasks; `max_tokens: 0` only scores."""
     server: ServerState = request.app.state.server
-    prompt_ids = await run_in_threadpool(server.llm.encode_prompt, body.prompt)
-    params = _params(server, body, prompt_ids, body.max_tokens, body.logprobs is not None, body.logprobs or 0)
-    stream = await RequestStream.open(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
+    prompts = body.prompts()
+    prompt_ids = [await run_in_threadpool(server.llm.encode_prompt, prompt) for prompt in prompts]
+    score_prompt = body.echo and body.logprobs is not None
+    # max_tokens 0: the one token the prefill samples anyway is left out (no forward is spent on it).
+    streams = []
+    try:
+        for ids in prompt_ids:
+            params = _params(server, body, ids, max(body.max_tokens, 1) if body.max_tokens is not None else None,
+                             body.logprobs is not None, body.logprobs or 0)
+            streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context=True,
+                                                    prompt_logprobs=body.logprobs if score_prompt else None))
+    except BaseException:
+        for opened in streams:
+            opened.close()
+        raise
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name
-    prefix = (body.prompt if isinstance(body.prompt, str) else server.llm.tokenizer.decode(prompt_ids)) \
-        if body.echo else ""
+    prefixes = [(prompt if isinstance(prompt, str) else server.llm.tokenizer.decode(ids)) if body.echo else ""
+                for prompt, ids in zip(prompts, prompt_ids, strict=True)]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    answering = body.max_tokens != 0
 
-    def logprobs_of(events: list[TokenEvent], offset: int) -> dict:
-        tokens, offsets, position = [], [], offset
-        for event in events:
-            tokens.append(_token_text(server, event.token_id)[0])
-            offsets.append(position)
-            position += len(event.text)
-        top = [{_token_text(server, t)[0]: lp for t, lp in (e.top_logprobs or {}).items()} for e in events]
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events], "top_logprobs": top,
+    def logprobs_of(token_ids: list[int], logprobs: list, tops: list, offset: int) -> dict:
+        tokens, offsets = [], []
+        for token_id in token_ids:
+            tokens.append(_token_text(server, token_id)[0])
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": [_by_text(server, t) for t in tops],
                 "text_offset": offsets}
 
-    def choice(text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    def prompt_logprobs(ids: list[int], first: TokenEvent) -> dict:
+        return logprobs_of(ids, first.prompt_logprobs, first.prompt_top_logprobs, 0)
+
+    def answer_logprobs(events: list[TokenEvent], offset: int) -> dict:
+        return logprobs_of([e.token_id for e in events], [e.logprob for e in events],
+                           [e.top_logprobs or {} for e in events], offset)
+
+    def joined(parts: list[dict]) -> dict:
+        return {key: [value for part in parts for value in part[key]] for key in parts[0]}
+
+    def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     if body.stream:
+        stream, ids, prefix = streams[0], prompt_ids[0], prefixes[0]
+
         async def chunks() -> AsyncIterator[dict]:
+            def payload(*choices: dict) -> dict:
+                return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                        "choices": list(choices)}
+
             offset = len(prefix)
-            if prefix:
-                yield {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [choice(prefix, None, None)]}
             async for event in stream.events():
-                logprobs = logprobs_of([event], offset) if body.logprobs is not None else None
+                if prefix and stream.generated == 1:
+                    yield payload(choice(0, prefix, None, prompt_logprobs(ids, event) if score_prompt else None))
+                if not answering:
+                    yield payload(choice(0, "", "length", None))
+                    continue
+                logprobs = answer_logprobs([event], offset) if body.logprobs is not None else None
                 offset += len(event.text)
-                yield {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [choice(event.text, event.finish_reason, logprobs)]}
+                yield payload(choice(0, event.text, event.finish_reason, logprobs))
             if include_usage:
-                yield {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": _usage(len(prompt_ids), stream.generated)}
+                yield {**payload(), "usage": _usage(len(ids), stream.generated if answering else 0)}
         return sse(chunks(), stream)
 
-    events = await stream.collect(request)
-    text = prefix + "".join(e.text for e in events)
-    logprobs = logprobs_of(events, len(prefix)) if body.logprobs is not None else None
+    choices, completion_tokens = [], 0
+    for index, (stream, ids, prefix) in enumerate(zip(streams, prompt_ids, prefixes, strict=True)):
+        events = await stream.collect(request)
+        first, answer = events[0], events if answering else []
+        completion_tokens += len(answer)
+        logprobs = None
+        if body.logprobs is not None:
+            parts = [prompt_logprobs(ids, first)] if score_prompt else []
+            logprobs = joined(parts + ([answer_logprobs(answer, len(prefix))] if answer or not parts else []))
+        finish_reason = events[-1].finish_reason if answering else "length"
+        choices.append(choice(index, prefix + "".join(e.text for e in answer), finish_reason, logprobs))
     return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice(text, events[-1].finish_reason, logprobs)],
-            "usage": _usage(len(prompt_ids), stream.generated)}
+            "choices": choices, "usage": _usage(sum(map(len, prompt_ids)), completion_tokens)}

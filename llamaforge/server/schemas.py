@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from llamaforge.errors import TokenizerError
 from llamaforge.tokenizer import check_text
 
 MAX_STOP_SEQUENCES = 4
+MAX_PROMPTS = 64  # prompts in one completions request (each becomes a request of the engine)
 INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 
 
@@ -138,8 +139,10 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Text | list[int] | list[Text] = Field(description="one prompt: text, or token ids used as given")
-    max_tokens: TokenCount | None = 16
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
+        description="a prompt (text, or token ids used as given) or a list of them, answered as choices in order")
+    # 0: no new tokens, for scoring a prompt (echo with logprobs), as OpenAI's legacy completions allowed.
+    max_tokens: int | None = Field(16, ge=0, le=INT64_MAX)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: Text | None = None
@@ -161,14 +164,24 @@ class CompletionRequest(OpenAIRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported; send one request per prompt")
-            value = value[0]
-        if not value:
-            raise ValueError("the prompt is empty")
+    def _some_prompts(cls, value: str | list[int] | list[str] | list[list[int]]) -> str | list[int] | list:
+        prompts = value if isinstance(value, list) and value and isinstance(value[0], str | list) else [value]
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        if any(not prompt for prompt in prompts):
+            raise ValueError("a prompt is empty")
         return value
+
+    @model_validator(mode="after")
+    def _stream_one_prompt(self) -> CompletionRequest:
+        if self.stream and len(self.prompts()) > 1:
+            raise ValueError("stream takes one prompt; send several prompts without streaming, or one request each")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, one or several."""
+        value = self.prompt
+        return list(value) if isinstance(value, list) and isinstance(value[0], str | list) else [value]
 
 
 # --- TGI ---------------------------------------------------------------------------------------------
