@@ -108,6 +108,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     try:
         for engine in engines.values():  # warm-up (kernel builds, first allocations) on a conversation of its own
             chat(engine, *conversation(args, config.vocab_size, seed=-1), 2)
+        warm = engines["cache"].stats()
         for repeat in range(args.repeats):
             # A new conversation each repeat: what the cache holds comes from earlier turns of the same chat only.
             system, messages = conversation(args, config.vocab_size, seed=repeat)
@@ -119,6 +120,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     finally:
         for engine in engines.values():
             engine.stop()
+    # The measured chats' (not the warm-up's) prompt tokens, and how many the cache supplied.
+    queries = stats["cache"].prefix_cache_queries - warm.prefix_cache_queries
+    hits = stats["cache"].prefix_cache_hits - warm.prefix_cache_hits
     histories = [1 + args.system_tokens + t * (args.message_tokens + args.answer_tokens) for t in range(args.turns)]
     turns = []
     for t in range(args.turns):
@@ -133,8 +137,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                   "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
                   "date": time.strftime("%Y-%m-%d")},
         "same_answers": answers["cache"] == answers["no cache"],
-        "prefix_cache": {"queries": stats["cache"].prefix_cache_queries, "hits": stats["cache"].prefix_cache_hits,
-                         "hit_rate": stats["cache"].prefix_cache_hit_rate},
+        "prefix_cache": {"queries": queries, "hits": hits, "hit_rate": hits / queries},
         "turns": turns,
     }
 
