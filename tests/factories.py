@@ -371,14 +371,24 @@ def write_eval_model(directory: Path, tokenizer: Path, max_seq_len: int = 2048, 
 
 def engine_tokens(llm, prompts: list[list[int]], params, max_batch_size: int, prefill_chunk: int,
                   timeout: float = 300.0) -> list[list[int]]:
-    """Every prompt's generated token ids from a running Engine (all submitted at once), in prompt order."""
+    """Every prompt's generated token ids from a new running Engine (all submitted at once), in prompt order."""
+    from llamaforge.engine import Engine
+
+    engine = Engine(llm, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk).start()
+    try:
+        return submit_all(engine, prompts, params, timeout)
+    finally:
+        engine.stop()
+
+
+def submit_all(engine, prompts: list[list[int]], params, timeout: float = 300.0) -> list[list[int]]:
+    """Every prompt's generated token ids from a running engine (all submitted at once), in prompt order."""
     import threading
 
-    from llamaforge.engine import Engine, EngineRequest
+    from llamaforge.engine import EngineRequest
 
     results: list[list[int]] = [[] for _ in prompts]
     done = threading.Semaphore(0)
-    engine = Engine(llm, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk).start()
 
     def emitter(index: int):
         def emit(event) -> None:
@@ -388,11 +398,8 @@ def engine_tokens(llm, prompts: list[list[int]], params, max_batch_size: int, pr
                 done.release()
         return emit
 
-    try:
-        for index, prompt in enumerate(prompts):
-            engine.submit(EngineRequest(prompt, params, emitter(index)))
-        for _ in prompts:
-            assert done.acquire(timeout=timeout), "the engine did not finish every request"
-    finally:
-        engine.stop()
+    for index, prompt in enumerate(prompts):
+        engine.submit(EngineRequest(prompt, params, emitter(index)))
+    for _ in prompts:
+        assert done.acquire(timeout=timeout), "the engine did not finish every request"
     return results

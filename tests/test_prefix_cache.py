@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from factories import submit_all
 
 from llamaforge.api import LLM
 from llamaforge.engine import Engine, EngineRequest
@@ -16,22 +17,7 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 
 def run(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
     """Submit all prompts at once; each one's generated ids."""
-    results: list[list[int]] = [[] for _ in prompts]
-    done = threading.Semaphore(0)
-
-    def emitter(index: int):
-        def emit(event) -> None:
-            assert not isinstance(event, BaseException), event
-            results[index].append(event.token_id)
-            if event.finish_reason:
-                done.release()
-        return emit
-
-    for index, prompt in enumerate(prompts):
-        engine.submit(EngineRequest(prompt, params, emitter(index)))
-    for _ in prompts:
-        assert done.acquire(timeout=120), "the engine did not finish every request"
-    return results
+    return submit_all(engine, prompts, params, timeout=120)
 
 
 def chat(engine: Engine, turns: list[list[int]]) -> tuple[list[list[int]], list[int]]:
