@@ -49,7 +49,7 @@ from llamaforge.generate import (
     fit_prompt,
 )
 from llamaforge.openmp import release_thread_pool
-from llamaforge.sampling import SamplingParams, sample, token_logprobs
+from llamaforge.sampling import SamplingParams, TokenHistory, check_logit_bias, sample, token_logprobs
 
 Emit = Callable[["TokenEvent | BaseException"], None]
 
@@ -136,8 +136,8 @@ class Engine:
         _check_memory(self.kv_cache_bytes, self.device, max_batch_size, self.max_context)
         self.kv_cache = self.model.new_kv_cache(max_batch_size, self.max_context)
         self.decoder = Decoder(self.model, llm.compile)  # decode steps, compiled when the LLM asks for it
-        # Which tokens each slot has seen, for the repetition penalty.
-        self.seen = torch.zeros(max_batch_size, llm.config.vocab_size, dtype=torch.bool, device=self.device)
+        # Each slot's tokens so far, for the penalties.
+        self.history = TokenHistory.empty(max_batch_size, llm.config.vocab_size, self.device)
         self.free_slots = list(range(max_batch_size))
         self.prefix_cache = prefix_cache
         # The tokens whose keys and values a free slot still holds (positions 0 .. len - 1), and when it was freed
@@ -171,6 +171,7 @@ class Engine:
         the caller's thread: its cost and its errors belong to the caller, not to the step of every request.
         """
         fit_prompt(request.prompt_ids, request.params.max_new_tokens, self.max_context, truncate=False)
+        check_logit_bias(request.params, self.llm.config.vocab_size)
         request.state = SequenceState(request.prompt_ids, request.params, self.llm.tokenizer, self.eos_id,
                                       self.device, request.prompt_as_context)
         with self.wakeup:
@@ -289,9 +290,7 @@ class Engine:
             self.prefix_cache_queries += len(request.prompt_ids)
         request.prefix_checked = request.prompt_logprobs is not None  # a scored prompt computes every position
         self.kept[request.slot] = []  # the slot's tokens are now the request's
-        self.seen[request.slot] = False
-        if request.params.repetition_penalty != 1.0:
-            self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+        self.history.start(request.slot, request.prompt_ids if request.params.repetition_penalty != 1.0 else None)
 
     def _reuse_prefix(self, request: EngineRequest) -> None:
         """Before a prompt's first chunk: copy in a longer start of it from another slot, if one holds it (a free
@@ -434,7 +433,8 @@ class Engine:
         params = request.params
         context_before = len(request.prompt_ids) + len(request.generated)
         accepted = 0
-        tokens = checked_tokens(logits, draft, draft_probs, params, request.state.generator, self.seen[request.slot])
+        tokens = checked_tokens(logits, draft, draft_probs, params, request.state.generator,
+                                self.history.rows(slice(request.slot, request.slot + 1)))
         for i, (token, agreed) in enumerate(tokens):  # token i follows logits[i]
             accepted += agreed
             pick = (None, None, None)
@@ -507,8 +507,8 @@ class Engine:
         rows = torch.tensor([r.slot for r in requests], device=self.device)
         batch_logits = torch.stack([logits[r] for r in requests])  # (B, V)
         params = [r.params for r in requests]
-        next_ids = sample(batch_logits, params, [r.state.generator for r in requests], self.seen[rows])  # (B,)
-        self.seen[rows, next_ids] = True
+        next_ids = sample(batch_logits, params, [r.state.generator for r in requests], self.history.rows(rows))  # (B,)
+        self.history.add(next_ids, rows)
         picks = {request: (token_id, None, None, None) for request, token_id in zip(requests, next_ids.tolist(),
                                                                                       strict=True)}
         if any(p.logprobs or p.top_logprobs for p in params):

@@ -18,6 +18,7 @@ from llamaforge.errors import GenerationError
 from llamaforge.model import KVCache, Llama
 from llamaforge.sampling import (
     SamplingParams,
+    TokenHistory,
     distribution,
     draw,
     make_generator,
@@ -220,15 +221,15 @@ def generate_events(model: Llama, tokenizer: Tokenizer | None, prompts: Sequence
     positions = torch.tensor(lengths, device=device)
     input_pos = torch.arange(tokens.shape[1], device=device).expand(batch, -1)
     logits = model(tokens, input_pos, kv_cache, logits_at=positions - 1)  # (B, V)
-    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+    history = TokenHistory.empty(batch, model.config.vocab_size, device)
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen.scatter_(1, tokens, True)
+        history.seen.scatter_(1, tokens, True)
     first_token_at = None
     while True:
-        next_ids = sample(logits, list(params), [s.generator for s in sequences], seen)  # (B,)
+        next_ids = sample(logits, list(params), [s.generator for s in sequences], history)  # (B,)
         if want_logprobs:
             chosen, top_values, top_ids = token_logprobs(logits, next_ids, top_n)
-        seen.scatter_(1, next_ids[:, None], True)
+        history.add(next_ids)
         for row, token_id in enumerate(next_ids.tolist()):
             if sequences[row].finished:
                 continue
@@ -269,7 +270,7 @@ def propose_ngram(context: Sequence[int], k: int, max_ngram: int = 3) -> list[in
 
 
 def verify_draft(logits: torch.Tensor, draft: int, params: SamplingParams, generator: torch.Generator,
-                 seen: torch.Tensor, draft_probs: torch.Tensor | None = None) -> tuple[int, bool]:
+                 history: TokenHistory, draft_probs: torch.Tensor | None = None) -> tuple[int, bool]:
     """The token this position emits given a drafted one, and whether that is the draft.
 
     Greedy: the argmax, which accepts the draft exactly when plain decoding would have picked it. Sampling: the
@@ -277,7 +278,7 @@ def verify_draft(logits: torch.Tensor, draft: int, params: SamplingParams, gener
     else draw from max(p - q, 0) renormalised, where q (V,) is the distribution the draft was drawn from (None:
     a deterministic draft, q one-hot). Either way the token is distributed as p, as plain decoding draws it.
     """
-    logits = penalized(logits[None], [params], seen[None])  # (1, V)
+    logits = penalized(logits[None], [params], history)  # (1, V); history: the row's (1, V)
     if params.greedy:
         token = int(logits.argmax())
         return token, token == draft
@@ -334,17 +335,18 @@ def draft_tokens(context: list[int], speculate: int, state: SequenceState,
 
 
 def checked_tokens(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | None, params: SamplingParams,
-                   generator: torch.Generator, seen: torch.Tensor) -> Iterator[tuple[int, bool]]:
+                   generator: torch.Generator, history: TokenHistory) -> Iterator[tuple[int, bool]]:
     """The tokens one check of `draft` emits, in order, with whether each is an accepted draft: the drafts the
     model agrees with (`verify_draft`), then its own token after them. `logits` (1 + d, V) follow the last token and
-    each draft; `seen` (V,) marks each token as it is chosen. Stop iterating once the sequence has finished."""
+    each draft; the row's `history` (1, V) notes each token as it is chosen. Stop iterating once the sequence has
+    finished."""
     for i in range(len(draft) + 1):
         if i < len(draft):
-            token, agreed = verify_draft(logits[i], draft[i], params, generator, seen,
+            token, agreed = verify_draft(logits[i], draft[i], params, generator, history,
                                          None if draft_probs is None else draft_probs[i])
         else:
-            token, agreed = int(sample(logits[i:i + 1], [params], [generator], seen[None])[0]), False
-        seen[token] = True
+            token, agreed = int(sample(logits[i:i + 1], [params], [generator], history)[0]), False
+        history.add(torch.tensor([token], device=logits.device))
         yield token, agreed
         if not agreed:
             return
@@ -365,14 +367,13 @@ def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[i
     kv_cache = model.new_kv_cache(1, len(prompt) + params.max_new_tokens)
     logits = model(pad_rows([prompt], device), torch.arange(len(prompt), device=device)[None], kv_cache,
                    logits_at=torch.tensor([len(prompt) - 1], device=device))  # (1, V)
-    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-    if params.repetition_penalty != 1.0:
-        seen[torch.tensor(prompt, device=device)] = True
-    token = int(sample(logits, [params], [state.generator], seen[None])[0])
+    history = TokenHistory.empty(1, model.config.vocab_size, device)
+    history.start(0, prompt if params.repetition_penalty != 1.0 else None)
+    token = int(sample(logits, [params], [state.generator], history)[0])
     first_token_at = time.perf_counter()
     generated, position, steps, proposed, accepted = [token], len(prompt), 0, 0, 0
     drafter = DraftModel(draft_model, len(prompt) + params.max_new_tokens) if draft_model else None
-    seen[token] = True
+    history.add(torch.tensor([token], device=device))
     yield state.accept(0, token)
     while not state.finished:
         draft, draft_probs = draft_tokens(prompt + generated, speculate, state, drafter)
@@ -381,7 +382,7 @@ def speculative_events(model: Llama, tokenizer: Tokenizer | None, prompt: list[i
         positions = torch.arange(position, position + len(inputs[0]), device=device)[None]
         logits = model(inputs, positions, kv_cache, kv_len=position + len(inputs[0]))[0]  # (1 + d, V)
         steps, proposed = steps + 1, proposed + len(draft)
-        for token, agreed in checked_tokens(logits, draft, draft_probs, params, state.generator, seen):
+        for token, agreed in checked_tokens(logits, draft, draft_probs, params, state.generator, history):
             accepted += agreed
             agreed_here += agreed
             generated.append(token)

@@ -1,8 +1,10 @@
 """Choosing the next token: sampling parameters and pure tensor functions over (B, V) logits.
 
-Each row has its own temperature, top-k, top-p, repetition penalty and random generator, so a row's
+Each row has its own temperature, top-k, top-p, penalties, logit bias and random generator, so a row's
 result depends on its own request only, never on what else shares the batch. The order of logits
-processing is HF `generate`'s: repetition penalty, temperature, top-k, top-p.
+processing is HF `generate`'s (repetition penalty, temperature, top-k, top-p) with OpenAI's presence and
+frequency penalties after the repetition penalty and its logit bias last before temperature, so that a bias
+of -100 or +100 bans or forces a token whatever the penalties did.
 """
 
 from __future__ import annotations
@@ -32,12 +34,19 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep going past EOS (benchmarks that need exactly max_new_tokens)
+    # OpenAI's: subtract presence_penalty once and frequency_penalty per occurrence from the logit of each token
+    # generated so far (the prompt's tokens do not count, as in vLLM); add logit_bias's (token id, bias) pairs.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
         self.validate()
 
     def validate(self) -> None:
@@ -56,6 +65,13 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
             (self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
              f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}"),
+            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            (all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _finite(b) and -100 <= b <= 100
+                 for t, b in self.logit_bias),
+             f"logit_bias maps token ids (>= 0) to biases in [-100, 100], got {dict(self.logit_bias)!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -68,6 +84,45 @@ class SamplingParams:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class TokenHistory:
+    """What the penalties look at, per row: which tokens the context holds (prompt and output, for the repetition
+    penalty) and how often each was generated (presence and frequency penalties). seen (R, V) bool, counts (R, V)."""
+
+    def __init__(self, seen: torch.Tensor, counts: torch.Tensor) -> None:
+        self.seen, self.counts = seen, counts
+
+    @classmethod
+    def empty(cls, rows: int, vocab_size: int, device: torch.device | str) -> TokenHistory:
+        return cls(torch.zeros(rows, vocab_size, dtype=torch.bool, device=device),
+                   torch.zeros(rows, vocab_size, dtype=torch.float32, device=device))
+
+    def rows(self, index: slice | torch.Tensor) -> TokenHistory:
+        """Some rows: a view for a slice (writes reach this history), a copy for a tensor of row numbers."""
+        return TokenHistory(self.seen[index], self.counts[index])
+
+    def start(self, row: int, prompt: list[int] | None) -> None:
+        """Forget the row; with `prompt`, mark its tokens seen (they are not counted as generated)."""
+        self.seen[row] = False
+        self.counts[row] = 0
+        if prompt:
+            self.seen[row, torch.tensor(prompt, device=self.seen.device)] = True
+
+    def add(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Note one generated token for each of `rows` (default every row, in order): token_ids (R,)."""
+        if rows is None:
+            rows = torch.arange(self.seen.shape[0], device=self.seen.device)
+        self.seen[rows, token_ids] = True
+        self.counts[rows, token_ids] += 1
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """Raise GenerationError if the logit bias names a token past the vocabulary."""
+    outside = [token for token, _ in params.logit_bias if token >= vocab_size]
+    if outside:
+        raise GenerationError(f"logit_bias names token ids {outside} past the vocabulary ({vocab_size} tokens: "
+                              f"0 .. {vocab_size - 1})")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -101,12 +156,24 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def penalized(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor | None) -> torch.Tensor:
-    """float32 logits (B, V) after each row's repetition penalty (greedy picks the argmax of these)."""
+def penalized(logits: torch.Tensor, params: list[SamplingParams], history: TokenHistory | None) -> torch.Tensor:
+    """float32 logits (B, V) after each row's penalties and logit bias (greedy picks the argmax of these)."""
     logits = logits.float()
-    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device)
-        logits = apply_repetition_penalty(logits, seen, penalty)
+    device = logits.device
+    if history is not None and any(p.repetition_penalty != 1.0 for p in params):
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        logits = apply_repetition_penalty(logits, history.seen, penalty)
+    if history is not None and any(p.presence_penalty or p.frequency_penalty for p in params):
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        logits = logits - frequency * history.counts - presence * (history.counts > 0)
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros_like(logits)
+        for row, p in enumerate(params):
+            check_logit_bias(p, logits.shape[-1])
+            for token, value in p.logit_bias:
+                bias[row, token] = value
+        logits = logits + bias
     return logits
 
 
@@ -131,9 +198,9 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V), each row by its own params and generator."""
-    logits = penalized(logits, params, seen)
+           history: TokenHistory | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V), each row by its own params, history and generator."""
+    logits = penalized(logits, params, history)
     greedy_ids = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_ids

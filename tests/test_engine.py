@@ -134,11 +134,11 @@ def _fail_forwards(monkeypatch, engine: Engine, strikes) -> None:
     """Make a forward over slots `inputs` raise where strikes(victim request, inputs) says, the victim in it."""
     original = engine._run_slots
 
-    def run_slots(inputs, decode=False):
+    def run_slots(inputs, decode=False, every_position=False):
         victim = next((r for r in engine.running if r.slot in inputs and r.params.seed == VICTIM_SEED), None)
         if victim is not None and strikes(victim, inputs):
             raise RuntimeError("injected")
-        return original(inputs, decode)
+        return original(inputs, decode, every_position)
     monkeypatch.setattr(engine, "_run_slots", run_slots)
 
 
@@ -159,10 +159,10 @@ def inject_sampling(monkeypatch, engine: Engine, victim: Collector) -> Emit:
 
     original = engine_module.sample
 
-    def sample(logits, params, generators, seen=None):
+    def sample(logits, params, generators, history=None):
         if any(p.seed == VICTIM_SEED for p in params):
             raise RuntimeError("injected")
-        return original(logits, params, generators, seen)
+        return original(logits, params, generators, history)
     monkeypatch.setattr(engine_module, "sample", sample)
     return victim
 

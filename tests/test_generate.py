@@ -92,6 +92,32 @@ def test_repetition_penalty_discourages_repeats(llm: LLM) -> None:
     assert len(set(penalised)) > len(set(plain))
 
 
+def test_presence_and_frequency_penalties_follow_openais_formula(llm: LLM) -> None:
+    """Greedy with penalties picks, at every step, the argmax of logit - frequency * count - presence * (count > 0)
+    over the tokens generated so far (the prompt's do not count)."""
+    presence, frequency = 0.7, 1.3
+    prompt = llm.tokenizer.encode("a a a a", bos=True)
+    out = llm.generate(prompt, max_new_tokens=20, presence_penalty=presence, frequency_penalty=frequency, **GREEDY)
+    counts = torch.zeros(llm.config.vocab_size)
+    for step, token in enumerate(out.token_ids):
+        with torch.no_grad():
+            logits = llm.model(torch.tensor([prompt + out.token_ids[:step]]))[0, -1].float()
+        assert token == int((logits - frequency * counts - presence * (counts > 0)).argmax())
+        counts[token] += 1
+    plain = llm.generate(prompt, max_new_tokens=20, **GREEDY).token_ids
+    assert len(set(out.token_ids)) > len(set(plain))
+
+
+def test_logit_bias_forces_and_bans_tokens(llm: LLM) -> None:
+    plain = llm.generate("Llamas", max_new_tokens=5, **GREEDY).token_ids
+    forced = llm.generate("Llamas", max_new_tokens=5, logit_bias={77: 100.0}, **GREEDY).token_ids
+    assert forced == [77] * 5
+    banned = llm.generate("Llamas", max_new_tokens=5, logit_bias={plain[0]: -100.0}, **GREEDY).token_ids
+    assert banned[0] != plain[0]
+    sampled = llm.generate("Llamas", max_new_tokens=20, logit_bias={plain[0]: -100.0}, temperature=1.0, seed=3)
+    assert plain[0] not in sampled.token_ids
+
+
 def test_logprobs_are_the_models_log_softmax(llm: LLM) -> None:
     out = llm.generate("Llamas", max_new_tokens=6, logprobs=True, top_logprobs=3, **GREEDY)
     prompt = llm.tokenizer.encode("Llamas", bos=True)
@@ -207,6 +233,11 @@ def test_prompt_too_long_names_both_numbers(llm: LLM) -> None:
     ({"seed": 1 << 64}, r"seed must be an integer in \[-9223372036854775808, 18446744073709551615\]"),
     ({"seed": -(1 << 63) - 1}, "seed must be an integer in"),
     ({"bogus": 1}, "unknown generation option"),
+    ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+    ({"frequency_penalty": float("inf")}, r"frequency_penalty must be in \[-2, 2\]"),
+    ({"logit_bias": {5: 150}}, r"logit_bias maps token ids \(>= 0\) to biases in \[-100, 100\]"),
+    ({"logit_bias": {-1: 1}}, "logit_bias maps token ids"),
+    ({"logit_bias": {400: 1}, "max_new_tokens": 4}, r"logit_bias names token ids \[400\] past the vocabulary"),
 ])
 def test_invalid_sampling_values_are_named(llm: LLM, options: dict, message: str) -> None:
     with pytest.raises(GenerationError, match=message):

@@ -122,6 +122,25 @@ def test_inference_client_generate_and_stream(live_server, tiny_llm) -> None:
     assert full == "Once upon a time" + expected.text
 
 
+def test_inference_client_best_of_keeps_the_likeliest_candidate(live_server, tiny_llm) -> None:
+    """best_of=3 samples three candidates (seeds 7, 8, 9) and answers with the one of highest log-probability;
+    the others come back in details.best_of_sequences. frequency_penalty reaches the sampler."""
+    from huggingface_hub import InferenceClient
+
+    hub = InferenceClient(live_server.url)
+    options = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.0, "details": True}
+    out = hub.text_generation("Llamas", best_of=3, seed=7, **options)
+    candidates = [tiny_llm.generate("Llamas", max_new_tokens=6, temperature=1.0, top_p=1.0, seed=7 + i,
+                                    logprobs=True) for i in range(3)]
+    best = max(candidates, key=lambda c: sum(c.logprobs))
+    assert out.generated_text == best.text
+    assert sorted(s.generated_text for s in out.details.best_of_sequences) == sorted(
+        c.text for c in candidates if c is not best)
+    assert {s.seed for s in out.details.best_of_sequences} | {out.details.seed} == {7, 8, 9}
+    penalised = hub.text_generation("Llamas hum hum", max_new_tokens=8, frequency_penalty=1.5)
+    assert penalised == tiny_llm.generate("Llamas hum hum", max_new_tokens=8, frequency_penalty=1.5, **GREEDY).text
+
+
 def test_inference_client_drops_what_we_do_not_support(live_server) -> None:
     """The client's own retry: it removes parameters the server names as unused."""
     from huggingface_hub import InferenceClient
@@ -248,8 +267,15 @@ USER = [{"role": "user", "content": "hi"}]
      "role 'assistant' where 'user'"),
     ("/v1/chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": USER, "top_p": 0}, 400, "top_p"),
-    ("/v1/chat/completions", {"messages": USER, "n": 2}, 400, "only n=1 is supported"),
-    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "n": 0}, 400, "^n: "),
+    ("/v1/chat/completions", {"messages": USER, "n": 65}, 400, "^n: "),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 40}, 400, r"n or best_of \(40\) times the 2 prompts exceeds 64"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 2.5}, 400, "^frequency_penalty: "),
+    ("/v1/chat/completions", {"messages": USER, "presence_penalty": -3}, 400, "^presence_penalty: "),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"5": 101}}, 400, "^logit_bias: biases must be in"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"x": 1}}, 400, "^logit_bias: keys are token ids"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"400": 1}}, 400,
+     r"logit_bias names token ids \[400\] past the vocabulary \(400 tokens"),
     ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, 400, "max_tokens"),
@@ -263,9 +289,9 @@ USER = [{"role": "user", "content": "hi"}]
     ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "^tool_choice: .*asks for tool calls"),
     ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400,
      r"^response_format: only \{'type': 'text'\} is supported"),
-    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"5": 10}}, 400, "^logit_bias: .*not supported"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "^suffix: .*fill-in-the-middle"),
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "^best_of: only best_of=1"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "n": 3}, 400, r"best_of \(2\) must be at least n \(3\)"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, 400, "best_of cannot stream"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream takes one prompt"),
     ("/v1/completions", {"prompt": ["a", ""]}, 400, "^prompt: .*a prompt is empty"),
@@ -274,6 +300,9 @@ USER = [{"role": "user", "content": "hi"}]
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "token-id prompt must hold ints"),
     ("/generate", {"inputs": "hi", "parameters": {"temperature": 0}}, 422, "parameters.temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, 422, "best_of > 1 needs sampling"),
+    ("/generate", {"inputs": "hi", "parameters": {"best_of": 5, "do_sample": True}}, 422, "parameters.best_of"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"best_of": 2, "do_sample": True}}, 422, "cannot stream"),
     ("/generate", {"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "parameters.top_p"),
     ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, 422, "exceed the model's context of 128"),
     ("/generate", {"inputs": ""}, 422, "inputs"),
@@ -387,3 +416,48 @@ def test_echo_with_logprobs_scores_every_prompt_token(live_server, client, tiny_
     assert len(one.choices[0].logprobs.token_logprobs) == len(prompts[0]) + 1
     assert one.choices[0].logprobs.token_logprobs[:-1] == out.choices[0].logprobs.token_logprobs
     assert one.usage.completion_tokens == 1
+
+
+def test_n_choices_are_the_answers_of_consecutive_seeds(live_server, client, tiny_llm) -> None:
+    """n=3 with a seed: choice i is what one request with seed + i answers, whole or streamed."""
+    messages = [{"role": "user", "content": "Name a llama."}]
+    options = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 1.0}
+    out = client.chat.completions.create(n=3, seed=11, **options)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(seed=11 + i, **options) for i in range(3)]
+    assert [c.message.content for c in out.choices] == [a.choices[0].message.content for a in alone]
+    assert len({a.choices[0].message.content for a in alone}) > 1
+    assert out.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert out.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(n=3, seed=11, stream=True, **options):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [a.choices[0].message.content for a in alone]
+    texts = client.completions.create(model="tiny", prompt=["A llama", "Two llamas"], n=2, seed=5, max_tokens=5)
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3]
+    second = client.completions.create(model="tiny", prompt="Two llamas", seed=6, max_tokens=5)
+    assert texts.choices[3].text == second.choices[0].text
+    # best_of 4, n 2: the two likeliest of the four candidates seeds 5 .. 8 give, likeliest first.
+    best = client.completions.create(model="tiny", prompt="A llama", n=2, best_of=4, seed=5, max_tokens=5)
+    candidates = [tiny_llm.generate("A llama", max_new_tokens=5, temperature=1.0, top_p=1.0, seed=5 + i,
+                                    logprobs=True) for i in range(4)]
+    ranked = sorted(candidates, key=lambda c: -sum(c.logprobs))
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]] and best.choices[0].logprobs is None
+    assert texts.usage.prompt_tokens == sum(len(tiny_llm.tokenizer.encode(p, bos=True)) for p in ("A llama",
+                                                                                                   "Two llamas"))
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(live_server, client, tiny_llm) -> None:
+    """The server's answers equal the library's with the same logit bias and penalties."""
+    prompt = "Llamas hum and hum and hum"
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    first = tiny_llm.generate(prompt, max_new_tokens=8, temperature=0.0).token_ids[0]
+    biased = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                       logit_bias={str(first): -100}, frequency_penalty=1.5, presence_penalty=0.5)
+    expected = tiny_llm.generate(prompt, max_new_tokens=8, temperature=0.0, logit_bias={first: -100.0},
+                                 frequency_penalty=1.5, presence_penalty=0.5)
+    assert biased.choices[0].text == expected.text != plain.choices[0].text
+    forced = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=4, temperature=0.8, seed=1, logit_bias={"77": 100})
+    assert forced.choices[0].message.content == tiny_llm.tokenizer.decode([77] * 4)

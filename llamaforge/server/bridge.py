@@ -83,6 +83,29 @@ class RequestStream:
             watcher.cancel()
 
 
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The events of several streams (the n choices of one request) as they come, each with its stream's index;
+    each stream's own events stay in order. A stream's error ends them all (the others are cancelled)."""
+    iterators = [stream.events() for stream in streams]
+    pending = {asyncio.ensure_future(anext(iterator)): index for index, iterator in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(iterators[index]))] = index
+                yield index, event
+    finally:
+        for task in pending:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
 async def _disconnected(client: Request) -> None:
     """Return once the client has closed its connection (the body was read already: nothing else arrives)."""
     while (await client.receive())["type"] != "http.disconnect":

@@ -12,14 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
-from llamaforge.server.bridge import RequestStream
+from llamaforge.server.bridge import RequestStream, merged
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from llamaforge.server.state import EventStream, ServerState, openai_error_body, sse_event
 
 router = APIRouter()
 
 
-def sse(payloads: AsyncIterator[dict], stream: RequestStream) -> StreamingResponse:
+def sse(payloads: AsyncIterator[dict], *streams: RequestStream) -> StreamingResponse:
     """Server-sent events, one JSON object each, closed by OpenAI's `data: [DONE]`."""
 
     async def lines() -> AsyncIterator[str]:
@@ -30,15 +30,38 @@ def sse(payloads: AsyncIterator[dict], stream: RequestStream) -> StreamingRespon
             yield sse_event(openai_error_body(exc))
         yield "data: [DONE]\n\n"
 
-    return EventStream(lines(), on_close=stream.close)
+    def close() -> None:
+        for stream in streams:
+            stream.close()
+
+    return EventStream(lines(), on_close=close)
 
 
 def _params(server: ServerState, body: OpenAIRequest, prompt_ids: list[int], max_tokens: int | None,
-            logprobs: bool, top_logprobs: int) -> SamplingParams:
-    """Sampling parameters from the body; without max_tokens, the answer may fill the rest of the context."""
+            logprobs: bool, top_logprobs: int, choice: int = 0) -> SamplingParams:
+    """Sampling parameters from the body for its `choice`-th answer (of n: a given seed counts up, so the answers
+    are reproducible and differ); without max_tokens, the answer may fill the rest of the context."""
     room = max(1, server.engine.max_context - len(prompt_ids))
-    return SamplingParams(max_new_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=tuple(body.stop), logprobs=logprobs, top_logprobs=top_logprobs)
+    sampling = body.sampling()
+    if sampling["seed"] is not None:
+        sampling["seed"] = (sampling["seed"] + choice + 2**63) % 2**64 - 2**63  # stays a signed 64-bit seed
+    return SamplingParams(max_new_tokens=max_tokens or room, logprobs=logprobs, top_logprobs=top_logprobs,
+                          **sampling)
+
+
+async def _open_all(server: ServerState, requests: list[tuple[list[int], SamplingParams]], prompt_as_context: bool,
+                    prompt_logprobs: int | None = None) -> list[RequestStream]:
+    """Submit every (prompt, params) to the engine; if one is refused, cancel the others and raise."""
+    streams = []
+    try:
+        for ids, params in requests:
+            streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context,
+                                                    prompt_logprobs))
+    except BaseException:
+        for opened in streams:
+            opened.close()
+        raise
+    return streams
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -87,45 +110,47 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     server: ServerState = request.app.state.server
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = await run_in_threadpool(server.llm.chat_tokens, messages)
-    params = _params(server, body, prompt_ids, body.max_completion_tokens or body.max_tokens, body.logprobs,
-                     body.top_logprobs or 0)
-    stream = await RequestStream.open(server.engine, server.metrics, prompt_ids, params, prompt_as_context=False)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    streams = await _open_all(server, [(prompt_ids, _params(server, body, prompt_ids, max_tokens, body.logprobs,
+                                                            body.top_logprobs or 0, choice))
+                                       for choice in range(body.n)], prompt_as_context=False)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+                   "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                "finish_reason": finish_reason}]}
         if include_usage:
             payload["usage"] = None
         return payload
 
     if body.stream:
         async def chunks() -> AsyncIterator[dict]:
-            yield chunk({"role": "assistant", "content": ""})
-            async for event in stream.events():
-                logprobs = {"content": [_chat_logprobs(server, event, stream.generated == 1)]} if body.logprobs \
-                    else None
+            for index in range(body.n):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            async for index, event in merged(streams):
+                first = streams[index].generated == 1
+                logprobs = {"content": [_chat_logprobs(server, event, first)]} if body.logprobs else None
                 if event.text or logprobs:
-                    yield chunk({"content": event.text}, logprobs=logprobs)
+                    yield chunk(index, {"content": event.text}, logprobs=logprobs)
                 if event.finish_reason:
-                    yield chunk({}, event.finish_reason)
+                    yield chunk(index, {}, event.finish_reason)
             if include_usage:
                 yield {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": _usage(len(prompt_ids), stream.generated)}
-        return sse(chunks(), stream)
+                       "choices": [], "usage": _usage(len(prompt_ids), sum(s.generated for s in streams))}
+        return sse(chunks(), *streams)
 
-    events = await stream.collect(request)
-    text = "".join(e.text for e in events)
-    logprobs = [_chat_logprobs(server, e, i == 0) for i, e in enumerate(events)] if body.logprobs else []
-    finish_reason = events[-1].finish_reason
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": {"content": logprobs} if body.logprobs else None, "finish_reason": finish_reason}],
-        "usage": _usage(len(prompt_ids), stream.generated),
-    }
+    choices = []
+    for index, stream in enumerate(streams):
+        events = await stream.collect(request)
+        logprobs = [_chat_logprobs(server, e, i == 0) for i, e in enumerate(events)] if body.logprobs else []
+        choices.append({"index": index, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+                        "logprobs": {"content": logprobs} if body.logprobs else None,
+                        "finish_reason": events[-1].finish_reason})
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage(len(prompt_ids), sum(s.generated for s in streams))}
 
 
 @router.post("/v1/completions", response_model=None)
@@ -138,17 +163,18 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
     prompt_ids = [await run_in_threadpool(server.llm.encode_prompt, prompt) for prompt in prompts]
     score_prompt = body.echo and body.logprobs is not None
     # max_tokens 0: the one token the prefill samples anyway is left out (no forward is spent on it).
-    streams = []
-    try:
-        for ids in prompt_ids:
-            params = _params(server, body, ids, max(body.max_tokens, 1) if body.max_tokens is not None else None,
-                             body.logprobs is not None, body.logprobs or 0)
-            streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context=True,
-                                                    prompt_logprobs=body.logprobs if score_prompt else None))
-    except BaseException:
-        for opened in streams:
-            opened.close()
-        raise
+    max_tokens = max(body.max_tokens, 1) if body.max_tokens is not None else None
+    # Candidates prompt by prompt (best_of, else n, each); with best_of > n the n likeliest of each are answered,
+    # ranked by their tokens' log-probabilities, which every candidate then computes.
+    per_prompt = body.candidates()
+    ranking = per_prompt > body.n
+    prompt_ids = [ids for ids in prompt_ids for _ in range(per_prompt)]
+    prompts = [prompt for prompt in prompts for _ in range(per_prompt)]
+    wants_logprobs = ranking or body.logprobs is not None
+    streams = await _open_all(server, [(ids, _params(server, body, ids, max_tokens, wants_logprobs, body.logprobs or 0,
+                                                     index % per_prompt))
+                                       for index, ids in enumerate(prompt_ids)],
+                              prompt_as_context=True, prompt_logprobs=body.logprobs if score_prompt else None)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name
     prefixes = [(prompt if isinstance(prompt, str) else server.llm.tokenizer.decode(ids)) if body.echo else ""
@@ -178,38 +204,44 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
     def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    if body.stream:
-        stream, ids, prefix = streams[0], prompt_ids[0], prefixes[0]
+    if body.stream:  # one prompt, n choices
+        ids, prefix = prompt_ids[0], prefixes[0]
 
         async def chunks() -> AsyncIterator[dict]:
             def payload(*choices: dict) -> dict:
                 return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
                         "choices": list(choices)}
 
-            offset = len(prefix)
-            async for event in stream.events():
-                if prefix and stream.generated == 1:
-                    yield payload(choice(0, prefix, None, prompt_logprobs(ids, event) if score_prompt else None))
+            offsets = [len(prefix)] * len(streams)
+            async for index, event in merged(streams):
+                if prefix and streams[index].generated == 1:
+                    yield payload(choice(index, prefix, None, prompt_logprobs(ids, event) if score_prompt else None))
                 if not answering:
-                    yield payload(choice(0, "", "length", None))
+                    yield payload(choice(index, "", "length", None))
                     continue
-                logprobs = answer_logprobs([event], offset) if body.logprobs is not None else None
-                offset += len(event.text)
-                yield payload(choice(0, event.text, event.finish_reason, logprobs))
+                logprobs = answer_logprobs([event], offsets[index]) if body.logprobs is not None else None
+                offsets[index] += len(event.text)
+                yield payload(choice(index, event.text, event.finish_reason, logprobs))
             if include_usage:
-                yield {**payload(), "usage": _usage(len(ids), stream.generated if answering else 0)}
-        return sse(chunks(), stream)
+                generated = sum(s.generated for s in streams) if answering else 0
+                yield {**payload(), "usage": _usage(len(ids), generated)}
+        return sse(chunks(), *streams)
 
-    choices, completion_tokens = [], 0
-    for index, (stream, ids, prefix) in enumerate(zip(streams, prompt_ids, prefixes, strict=True)):
-        events = await stream.collect(request)
-        first, answer = events[0], events if answering else []
-        completion_tokens += len(answer)
+    answers = [await stream.collect(request) for stream in streams]
+    completion_tokens = sum(len(events) for events in answers) if answering else 0
+    kept = []  # the candidates answered, in choice order
+    for start in range(0, len(answers), per_prompt):
+        group = range(start, start + per_prompt)
+        kept += sorted(group, key=lambda i: -sum(e.logprob for e in answers[i]))[:body.n] if ranking else group
+    choices = []
+    for index, candidate in enumerate(kept):
+        events, ids, prefix = answers[candidate], prompt_ids[candidate], prefixes[candidate]
+        answer = events if answering else []
         logprobs = None
         if body.logprobs is not None:
-            parts = [prompt_logprobs(ids, first)] if score_prompt else []
+            parts = [prompt_logprobs(ids, events[0])] if score_prompt else []
             logprobs = joined(parts + ([answer_logprobs(answer, len(prefix))] if answer or not parts else []))
         finish_reason = events[-1].finish_reason if answering else "length"
         choices.append(choice(index, prefix + "".join(e.text for e in answer), finish_reason, logprobs))
     return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": _usage(sum(map(len, prompt_ids)), completion_tokens)}
+            "choices": choices, "usage": _usage(sum(map(len, prompt_ids[::per_prompt])), completion_tokens)}

@@ -17,6 +17,8 @@ from llamaforge.tokenizer import check_text
 
 MAX_STOP_SEQUENCES = 4
 MAX_PROMPTS = 64  # prompts in one completions request (each becomes a request of the engine)
+MAX_CHOICES = 64  # prompts x n: the engine requests one request may open
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 
 
@@ -73,22 +75,42 @@ class OpenAIRequest(Body):
     model: Text | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: Text | list[Text] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
     # OpenAI features llamaforge does not have: refused when used, rather than silently ignored.
-    logit_bias: dict | None = None
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
 
-    @field_validator("logit_bias", "tools", "functions")
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} token biases, got {len(value)}")
+        for token, bias in value.items():
+            if not token.isdigit() or not token.isascii():
+                raise ValueError(f"keys are token ids (digits), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {token}")
+        return value
+
+    def sampling(self) -> dict:
+        """SamplingParams keywords that chat and completions share."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "stop": tuple(self.stop),
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())}
+
+    @field_validator("tools", "functions")
     @classmethod
     def _not_used(cls, value: dict | list | None, info: ValidationInfo) -> None:
         if value:
@@ -115,20 +137,6 @@ class OpenAIRequest(Body):
     def _check_stop(cls, value: str | list[str] | None) -> list[str]:
         return _stop_list(value)
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported; send separate requests (with different seeds) for more choices")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("presence and frequency penalties are not supported; leave them at 0")
-        return value
-
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -146,7 +154,7 @@ class CompletionRequest(OpenAIRequest):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: Text | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt, of which the n likeliest return
 
     @field_validator("suffix")
     @classmethod
@@ -155,12 +163,6 @@ class CompletionRequest(OpenAIRequest):
             raise ValueError("suffix (insertion) is not supported: Llama 2 has no fill-in-the-middle; leave it out")
         return None
 
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only best_of=1 is supported; send separate requests and pick")
-        return value
 
     @field_validator("prompt")
     @classmethod
@@ -176,7 +178,18 @@ class CompletionRequest(OpenAIRequest):
     def _stream_one_prompt(self) -> CompletionRequest:
         if self.stream and len(self.prompts()) > 1:
             raise ValueError("stream takes one prompt; send several prompts without streaming, or one request each")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.candidates() > self.n:
+            raise ValueError("best_of cannot stream: the best candidates are known only at the end")
+        if len(self.prompts()) * self.candidates() > MAX_CHOICES:
+            raise ValueError(f"n or best_of ({self.candidates()}) times the {len(self.prompts())} prompts exceeds "
+                             f"{MAX_CHOICES} choices")
         return self
+
+    def candidates(self) -> int:
+        """Answers generated per prompt: best_of, else n."""
+        return self.best_of or self.n
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts, one or several."""
@@ -188,8 +201,8 @@ class CompletionRequest(OpenAIRequest):
 
 # Parameters TGI has and llamaforge does not implement. huggingface_hub's InferenceClient retries
 # without them when the server names them in transformers' "model_kwargs are not used" message.
-TGI_UNSUPPORTED = ("best_of", "typical_p", "watermark", "top_n_tokens", "grammar", "adapter_id",
-                   "frequency_penalty", "decoder_input_details")
+TGI_UNSUPPORTED = ("typical_p", "watermark", "top_n_tokens", "grammar", "adapter_id", "decoder_input_details")
+MAX_BEST_OF = 4  # TGI's /info max_best_of
 
 
 class TGIParameters(Body):
@@ -204,13 +217,13 @@ class TGIParameters(Body):
     details: bool = False
     return_full_text: bool | None = False
     truncate: TokenCount | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
     typical_p: float | None = None
     watermark: bool = False
     top_n_tokens: int | None = None
     grammar: dict | None = None
     adapter_id: Text | None = None
-    frequency_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     decoder_input_details: bool = False
 
     @field_validator("stop")
@@ -220,8 +233,7 @@ class TGIParameters(Body):
 
     def unsupported(self) -> list[str]:
         """Names of TGI parameters set to something llamaforge cannot honour."""
-        return [name for name in TGI_UNSUPPORTED
-                if getattr(self, name) not in (None, False) and not (name == "best_of" and self.best_of == 1)]
+        return [name for name in TGI_UNSUPPORTED if getattr(self, name) not in (None, False)]
 
     def sampling(self) -> dict:
         """SamplingParams keywords, with TGI's rule: greedy unless do_sample or a sampling knob is set."""
@@ -231,6 +243,7 @@ class TGIParameters(Body):
             "top_p": self.top_p or 1.0,
             "top_k": self.top_k or 0,
             "repetition_penalty": self.repetition_penalty or 1.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
             "seed": self.seed,
             "stop": tuple(self.stop),
         }

@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import llamaforge
+from llamaforge.errors import GenerationError
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream
-from llamaforge.server.schemas import TGIRequest, TokenizeRequest
+from llamaforge.server.schemas import MAX_BEST_OF, TGIRequest, TokenizeRequest
 from llamaforge.server.state import EventStream, ServerState, sse_event, tgi_error_body
 
 router = APIRouter()
@@ -29,35 +30,64 @@ def _token(server: ServerState, event: TokenEvent) -> dict:
             "special": event.token_id in (server.llm.tokenizer.bos_id, server.llm.tokenizer.eos_id)}
 
 
-async def _start(server: ServerState, body: TGIRequest) -> RequestStream:
+async def _start(server: ServerState, body: TGIRequest) -> list[RequestStream]:
+    """Submit the request: one answer, or `best_of` sampled candidates (seeds counting up from a given seed)."""
     parameters = body.parameters
     unsupported = parameters.unsupported()
     if unsupported:
         # transformers' wording with a 400, which huggingface_hub's InferenceClient recognises and retries without.
         raise HTTPException(400, f"The following `model_kwargs` are not used by the model: {unsupported}")
+    best_of = parameters.best_of or 1
+    sampling = parameters.sampling()
+    if best_of > 1 and sampling["temperature"] == 0:
+        raise GenerationError("parameters.best_of > 1 needs sampling: set do_sample (or temperature, top_k, top_p)")
+    if best_of > 1 and body.stream:
+        raise GenerationError("parameters.best_of > 1 cannot stream: the best candidate is known only at the end")
     prompt_ids = await run_in_threadpool(server.llm.encode_prompt, body.inputs)
     if parameters.truncate is not None and len(prompt_ids) > parameters.truncate:
         prompt_ids = prompt_ids[-parameters.truncate:]
-    params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
-                            **parameters.sampling())
-    return await RequestStream.open(server.engine, server.metrics, prompt_ids, params, prompt_as_context=True)
+    streams = []
+    try:
+        for candidate in range(best_of):
+            seed = None if sampling["seed"] is None else (sampling["seed"] + candidate) % 2**64
+            params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
+                                    **{**sampling, "seed": seed})
+            streams.append(await RequestStream.open(server.engine, server.metrics, prompt_ids, params,
+                                                    prompt_as_context=True))
+    except BaseException:
+        for opened in streams:
+            opened.close()
+        raise
+    return streams
 
 
 async def _generate(server: ServerState, body: TGIRequest, client: Request) -> dict:
-    stream = await _start(server, body)
-    events = await stream.collect(client)
-    text = "".join(e.text for e in events)
-    result = {"generated_text": body.inputs + text if body.parameters.return_full_text else text}
-    if body.parameters.details:
-        result["details"] = {
+    streams = await _start(server, body)
+    answers = [await stream.collect(client) for stream in streams]
+    # best_of: the candidate the model finds likeliest (highest sum of its tokens' log-probabilities), as TGI.
+    best = max(range(len(answers)), key=lambda i: sum(e.logprob for e in answers[i]))
+
+    def sequence(index: int) -> tuple[str, dict]:
+        events = answers[index]
+        text = "".join(e.text for e in events)
+        return (body.inputs + text if body.parameters.return_full_text else text), {
             "finish_reason": _finish_reason(events[-1]), "generated_tokens": len(events),
-            "seed": body.parameters.seed, "prefill": [], "tokens": [_token(server, e) for e in events],
-        }
+            "seed": streams[index].request.params.seed, "prefill": [], "tokens": [_token(server, e) for e in events]}
+
+    text, details = sequence(best)
+    result = {"generated_text": text}
+    if body.parameters.details:
+        result["details"] = details
+        if len(answers) > 1:
+            details["best_of_sequences"] = [{"generated_text": other_text, **other}
+                                            for other_text, other in (sequence(i) for i in range(len(answers))
+                                                                      if i != best)]
     return result
 
 
 async def _generate_stream(server: ServerState, body: TGIRequest) -> StreamingResponse:
-    stream = await _start(server, body)
+    body = body.model_copy(update={"stream": True})  # /generate_stream streams whatever `stream` says
+    (stream,) = await _start(server, body)
 
     async def lines() -> AsyncIterator[str]:
         text = ""
@@ -103,7 +133,7 @@ async def info(request: Request) -> dict:
     return {
         "model_id": server.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
         "model_dtype": str(server.llm.dtype).replace("torch.", ""), "model_device_type": server.llm.device.type,
-        "max_concurrent_requests": engine.max_batch_size + engine.max_queue, "max_best_of": 1,
+        "max_concurrent_requests": engine.max_batch_size + engine.max_queue, "max_best_of": MAX_BEST_OF,
         "max_stop_sequences": 4, "max_input_tokens": engine.max_context - 1, "max_total_tokens": engine.max_context,
         "max_client_batch_size": 1, "validation_workers": 1, "router": "llamaforge",
         "version": llamaforge.__version__, "sha": None, "docker_label": None,
