@@ -50,6 +50,7 @@ from llamaforge.generate import (
 )
 from llamaforge.openmp import release_thread_pool
 from llamaforge.sampling import SamplingParams, TokenHistory, check_logit_bias, sample, token_logprobs
+from llamaforge.structured import Constraint, constrain
 
 Emit = Callable[["TokenEvent | BaseException"], None]
 
@@ -84,6 +85,7 @@ class EngineRequest:
     # (None: no), handed over on the first token's event. Such a prompt is computed whole (no prefix cache).
     prompt_logprobs: int | None = None
     prompt_scores: tuple[list, list] = field(default_factory=lambda: ([None], [None]))
+    constraint: Constraint | None = None  # structured output: the grammar its tokens must follow (no speculation)
 
 
 @dataclass
@@ -416,6 +418,8 @@ class Engine:
     def _draft(self, request: EngineRequest) -> tuple[list[int], torch.Tensor | None]:
         """The request's drafts (`draft_tokens`), from the LLM's draft model (its own cache for this request) if
         it has one, else by prompt lookup."""
+        if request.constraint is not None:  # drafts would have to be checked against the grammar too
+            return [], None
         if self.llm.draft is not None and request.drafter is None:
             request.drafter = DraftModel(self.llm.draft, len(request.prompt_ids) + request.params.max_new_tokens)
         return draft_tokens(request.prompt_ids + request.generated, self.speculate, request.state, request.drafter)
@@ -433,6 +437,8 @@ class Engine:
         params = request.params
         context_before = len(request.prompt_ids) + len(request.generated)
         accepted = 0
+        if request.constraint is not None:  # no drafts: one row, the next token's
+            logits = constrain(logits[0], request.constraint)[None]
         tokens = checked_tokens(logits, draft, draft_probs, params, request.state.generator,
                                 self.history.rows(slice(request.slot, request.slot + 1)))
         for i, (token, agreed) in enumerate(tokens):  # token i follows logits[i]
@@ -507,7 +513,10 @@ class Engine:
         rows = torch.tensor([r.slot for r in requests], device=self.device)
         batch_logits = torch.stack([logits[r] for r in requests])  # (B, V)
         params = [r.params for r in requests]
-        next_ids = sample(batch_logits, params, [r.state.generator for r in requests], self.history.rows(rows))  # (B,)
+        # Constrained rows sample among the tokens their grammar allows; log-probabilities stay the model's.
+        allowed = torch.stack([constrain(row, r.constraint) if r.constraint is not None else row
+                               for row, r in zip(batch_logits, requests, strict=True)])
+        next_ids = sample(allowed, params, [r.state.generator for r in requests], self.history.rows(rows))  # (B,)
         self.history.add(next_ids, rows)
         picks = {request: (token_id, None, None, None) for request, token_id in zip(requests, next_ids.tolist(),
                                                                                       strict=True)}
@@ -519,6 +528,8 @@ class Engine:
 
     def _emit_token(self, request: EngineRequest, token_id: int, chosen: torch.Tensor | None,
                     top_values: torch.Tensor | None, top_ids: torch.Tensor | None) -> None:
+        if request.constraint is not None:
+            request.constraint.accept(token_id)
         event = request.state.accept(0, token_id)
         if chosen is not None:
             request.state.attach_logprobs(event, chosen, top_values, top_ids)

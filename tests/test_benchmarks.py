@@ -77,6 +77,14 @@ def test_prefix_cache_benchmark_answers_alike_with_and_without_the_cache() -> No
 
 
 @pytest.mark.slow
+def test_structured_benchmark_answers_are_all_valid() -> None:
+    pytest.importorskip("llguidance")
+    report = run_json("structured.py", "--requests", "8", "--repeats", "1")
+    assert report["valid"] == report["requests"] == 8
+    assert all(cost > 0 for cost in report["mask_us_per_token"].values())
+
+
+@pytest.mark.slow
 def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
     report = run_json("load_memory.py", "--layers", "1", "--cases", "llamaforge-bf16,hf-bf16")
     assert [row["case"] for row in report["results"]] == ["llamaforge-bf16", "hf-bf16"]

@@ -13,6 +13,7 @@ LAYERS = {
     "config": 1, "progress": 1,
     "model": 2, "tokenizer": 2, "sampling": 2,
     "quantize": 3,  # its fused decode runs a model
+    "structured": 3,  # grammars over a tokenizer's vocabulary
     "chat": 4, "generate": 4, "lora": 4, "checkpoint": 4,
     "api": 5,
     "engine": 6,
@@ -21,10 +22,11 @@ LAYERS = {
     "__main__": 9, "__init__": 9,
 }
 OPTIONAL_HEAVY = {"transformers", "fastapi", "uvicorn", "starlette", "prometheus_client", "gguf", "lm_eval",
-                  "bitsandbytes", "peft", "datasets"}
+                  "bitsandbytes", "peft", "datasets", "llguidance"}
 # Where each optional library may be imported (its extra's own packages). lm_eval is for tests and benchmarks only.
 ALLOWED_HEAVY = {"fastapi": ("server",), "uvicorn": ("server",), "starlette": ("server",),
-                 "prometheus_client": ("server",), "datasets": ("finetune", "eval"), "gguf": ("checkpoint",)}
+                 "prometheus_client": ("server",), "datasets": ("finetune", "eval"), "gguf": ("checkpoint",),
+                 "llguidance": ("structured",)}
 
 
 def imports_of(path: Path) -> set[str]:

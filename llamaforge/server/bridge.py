@@ -13,6 +13,7 @@ from llamaforge.engine import Engine, EngineRequest
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.metrics import Metrics
+from llamaforge.structured import Constraint
 
 
 class ClientGone(Exception):
@@ -23,23 +24,26 @@ class RequestStream:
     """One request in the engine: iterate its TokenEvents; it is cancelled if the consumer stops early."""
 
     def __init__(self, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
-                 prompt_as_context: bool, prompt_logprobs: int | None = None) -> None:
+                 prompt_as_context: bool, prompt_logprobs: int | None = None,
+                 constraint: Constraint | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        self.request = EngineRequest(prompt_ids, params, self._emit, prompt_as_context, prompt_logprobs=prompt_logprobs)
+        self.request = EngineRequest(prompt_ids, params, self._emit, prompt_as_context, prompt_logprobs=prompt_logprobs,
+                                     constraint=constraint)
         self.finished = False
         self.generated = 0
 
     @classmethod
     async def open(cls, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
-                   prompt_as_context: bool, prompt_logprobs: int | None = None) -> RequestStream:
+                   prompt_as_context: bool, prompt_logprobs: int | None = None,
+                   constraint: Constraint | None = None) -> RequestStream:
         """Submit a request (off the event loop: building its state costs as much as its stop strings are long).
 
         QueueFullError and the request's own errors propagate to the route (503, 400/422).
         """
-        stream = cls(engine, metrics, prompt_ids, params, prompt_as_context, prompt_logprobs)
+        stream = cls(engine, metrics, prompt_ids, params, prompt_as_context, prompt_logprobs, constraint)
         await run_in_threadpool(engine.submit, stream.request)
         return stream
 

@@ -15,6 +15,7 @@ from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream, merged
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from llamaforge.server.state import EventStream, ServerState, openai_error_body, sse_event
+from llamaforge.structured import Constraint
 
 router = APIRouter()
 
@@ -49,14 +50,18 @@ def _params(server: ServerState, body: OpenAIRequest, prompt_ids: list[int], max
                           **sampling)
 
 
-async def _open_all(server: ServerState, requests: list[tuple[list[int], SamplingParams]], prompt_as_context: bool,
-                    prompt_logprobs: int | None = None) -> list[RequestStream]:
-    """Submit every (prompt, params) to the engine; if one is refused, cancel the others and raise."""
+async def _open_all(server: ServerState, body: OpenAIRequest, requests: list[tuple[list[int], SamplingParams]],
+                    prompt_as_context: bool, prompt_logprobs: int | None = None) -> list[RequestStream]:
+    """Submit every (prompt, params) to the engine, each held to the body's response_format if it has one; if one is
+    refused, cancel the others and raise."""
+    grammar = body.grammar()
     streams = []
     try:
         for ids, params in requests:
+            constraint = None if grammar is None else \
+                await run_in_threadpool(Constraint, server.llm.tokenizer, grammar, "response_format")
             streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context,
-                                                    prompt_logprobs))
+                                                    prompt_logprobs, constraint))
     except BaseException:
         for opened in streams:
             opened.close()
@@ -111,7 +116,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = await run_in_threadpool(server.llm.chat_tokens, messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    streams = await _open_all(server, [(prompt_ids, _params(server, body, prompt_ids, max_tokens, body.logprobs,
+    streams = await _open_all(server, body, [(prompt_ids, _params(server, body, prompt_ids, max_tokens, body.logprobs,
                                                             body.top_logprobs or 0, choice))
                                        for choice in range(body.n)], prompt_as_context=False)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -171,9 +176,9 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
     prompt_ids = [ids for ids in prompt_ids for _ in range(per_prompt)]
     prompts = [prompt for prompt in prompts for _ in range(per_prompt)]
     wants_logprobs = ranking or body.logprobs is not None
-    streams = await _open_all(server, [(ids, _params(server, body, ids, max_tokens, wants_logprobs, body.logprobs or 0,
-                                                     index % per_prompt))
-                                       for index, ids in enumerate(prompt_ids)],
+    requests = [(ids, _params(server, body, ids, max_tokens, wants_logprobs, body.logprobs or 0, index % per_prompt))
+                for index, ids in enumerate(prompt_ids)]
+    streams = await _open_all(server, body, requests,
                               prompt_as_context=True, prompt_logprobs=body.logprobs if score_prompt else None)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or server.model_name

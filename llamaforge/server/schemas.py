@@ -8,11 +8,13 @@ the engine.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from llamaforge.errors import TokenizerError
+from llamaforge.structured import GrammarError, json_schema_grammar, regex_grammar
 from llamaforge.tokenizer import check_text
 
 MAX_STOP_SEQUENCES = 4
@@ -127,10 +129,28 @@ class OpenAIRequest(Body):
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, value: dict | None) -> None:
-        if value is not None and value != {"type": "text"}:
-            raise ValueError(f"only {{'type': 'text'}} is supported (no JSON mode or schemas yet), got {value!r}")
-        return None
+    def _known_format(cls, value: dict | None) -> dict | None:
+        if value is None or value.get("type") == "text":
+            return None
+        if value.get("type") == "json_object":
+            return value
+        if value.get("type") == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("json_schema must be an object whose 'schema' is a JSON schema object")
+            return value
+        raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got {value.get('type')!r}")
+
+    def grammar(self) -> str | None:
+        """The grammar response_format asks the answer to follow (None: free text); GrammarError names it."""
+        if self.response_format is None:
+            return None
+        schema = self.response_format.get("json_schema", {}).get("schema") \
+            if self.response_format["type"] == "json_schema" else None
+        try:
+            return json_schema_grammar(schema)
+        except GrammarError as exc:
+            raise GrammarError(f"response_format: {exc}") from None
 
     @field_validator("stop")
     @classmethod
@@ -201,7 +221,7 @@ class CompletionRequest(OpenAIRequest):
 
 # Parameters TGI has and llamaforge does not implement. huggingface_hub's InferenceClient retries
 # without them when the server names them in transformers' "model_kwargs are not used" message.
-TGI_UNSUPPORTED = ("typical_p", "watermark", "top_n_tokens", "grammar", "adapter_id", "decoder_input_details")
+TGI_UNSUPPORTED = ("typical_p", "watermark", "top_n_tokens", "adapter_id", "decoder_input_details")
 MAX_BEST_OF = 4  # TGI's /info max_best_of
 
 
@@ -230,6 +250,30 @@ class TGIParameters(Body):
     @classmethod
     def _check_stop(cls, value: list[str]) -> list[str]:
         return _stop_list(value)
+
+    @field_validator("grammar")
+    @classmethod
+    def _known_grammar(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        kind, spec = value.get("type"), value.get("value")
+        json_ok = kind in ("json", "json_object") and isinstance(spec, dict | str)
+        if json_ok or kind == "regex" and isinstance(spec, str):
+            return value
+        raise ValueError("grammar must be {'type': 'json', 'value': a JSON schema} or {'type': 'regex', 'value': "
+                         f"a pattern}}, got {value!r}"[:300])
+
+    def grammar_text(self) -> str | None:
+        """The llguidance grammar of `grammar` (None: free text); GrammarError names the parameter."""
+        if self.grammar is None:
+            return None
+        spec = self.grammar["value"]
+        try:
+            if self.grammar["type"] == "regex":
+                return regex_grammar(spec)
+            return json_schema_grammar(json.loads(spec) if isinstance(spec, str) else spec)
+        except (GrammarError, ValueError) as exc:
+            raise GrammarError(f"parameters.grammar: {exc}") from None
 
     def unsupported(self) -> list[str]:
         """Names of TGI parameters set to something llamaforge cannot honour."""
