@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from llamaforge.adapters import AdapterStack
 from llamaforge.chat import encode_dialog
 from llamaforge.checkpoint import DEMO, load_checkpoint, resolve
 from llamaforge.checkpoint.hub import looks_like_repo_id
@@ -59,6 +60,7 @@ class LLM:
         self.compile = compile  # decode steps run torch.compile'd (generate.Decoder)
         self.speculate = speculate  # draft up to this many tokens a step (generate.speculative_events)
         self.draft = draft  # the model that drafts them (None: prompt lookup)
+        self.adapters: AdapterStack | None = None  # LoRA adapters served beside the base (llamaforge.adapters)
 
     @property
     def device(self) -> torch.device:

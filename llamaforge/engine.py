@@ -32,7 +32,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +86,7 @@ class EngineRequest:
     prompt_logprobs: int | None = None
     prompt_scores: tuple[list, list] = field(default_factory=lambda: ([None], [None]))
     constraint: Constraint | None = None  # structured output: the grammar its tokens must follow (no speculation)
+    adapter: int = 0  # the served LoRA adapter's slot (llm.adapters); 0: the base model
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Engine:
         # The tokens whose keys and values a free slot still holds (positions 0 .. len - 1), and when it was freed
         # (for least-recently-used reuse; never-used slots count as freed before any other, lowest index first).
         self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self.kept_adapter = [0] * max_batch_size  # whose keys and values they are: the base's or an adapter's
         self.freed_at = list(range(-max_batch_size, 0))
         self.releases = 0
         self.prefix_cache_queries = 0
@@ -265,13 +267,13 @@ class Engine:
     def _admit(self) -> None:
         while self.free_slots and self.waiting:
             request = self.waiting.popleft()
-            request.slot = self._free_slot_for(request.prompt_ids)
+            request.slot = self._free_slot_for(request)
             self.free_slots.remove(request.slot)
             self.running.append(request)
             self._guarded(request, self._admit_one, request)
         self.peak_running = max(self.peak_running, len(self.running))
 
-    def _free_slot_for(self, prompt: list[int]) -> int:
+    def _free_slot_for(self, request: EngineRequest) -> int:
         """The free slot for a prompt: the one whose kept tokens it reuses most, net of the kept tokens it would throw
         away (so a chat's next turn finds its conversation, and a prompt sharing only a template's first tokens does
         not evict one); where none gains, the least recently used (an empty slot before any)."""
@@ -279,7 +281,7 @@ class Engine:
             return self.free_slots[0]
 
         def gain(slot: int) -> tuple[int, int]:
-            reused = shared_prefix(self.kept[slot], prompt)
+            reused = self._kept_prefix(slot, request)
             return max(reused - (len(self.kept[slot]) - reused), 0), -self.freed_at[slot]
 
         return max(self.free_slots, key=gain)
@@ -287,20 +289,27 @@ class Engine:
     def _admit_one(self, request: EngineRequest) -> None:
         """Start the prompt past what its slot kept of it; make the slot's repetition-penalty memory the prompt."""
         if self.prefix_cache and request.prompt_logprobs is None:
-            request.prefilled = min(shared_prefix(self.kept[request.slot], request.prompt_ids),
+            request.prefilled = min(self._kept_prefix(request.slot, request),
                                     len(request.prompt_ids) - 1)  # the last prompt token gives the logits
             self.prefix_cache_queries += len(request.prompt_ids)
         request.prefix_checked = request.prompt_logprobs is not None  # a scored prompt computes every position
         self.kept[request.slot] = []  # the slot's tokens are now the request's
         self.history.start(request.slot, request.prompt_ids if request.params.repetition_penalty != 1.0 else None)
 
+    def _kept_prefix(self, slot: int, request: EngineRequest) -> int:
+        """How much of the request's prompt a free slot's kept tokens hold (keys and values of the same adapter)."""
+        if self.kept_adapter[slot] != request.adapter:
+            return 0
+        return shared_prefix(self.kept[slot], request.prompt_ids)
+
     def _reuse_prefix(self, request: EngineRequest) -> None:
         """Before a prompt's first chunk: copy in a longer start of it from another slot, if one holds it (a free
         slot its kept tokens, a running one what it has fed). Looked up now rather than at admission, so that
         requests arriving together find what the ones prefilled before them computed."""
         prompt = request.prompt_ids
-        holders = [(slot, self.kept[slot]) for slot in self.free_slots] + \
-            [(r.slot, self._fed_tokens(r)) for r in self.running if r is not request]
+        adapter = request.adapter  # keys and values are the adapter's own
+        holders = [(slot, self.kept[slot]) for slot in self.free_slots if self.kept_adapter[slot] == adapter] + \
+            [(r.slot, self._fed_tokens(r)) for r in self.running if r is not request and r.adapter == adapter]
         if holders:
             source, held = max(holders, key=lambda holder: shared_prefix(holder[1], prompt))
             reuse = min(shared_prefix(held, prompt), len(prompt) - 1)
@@ -349,6 +358,7 @@ class Engine:
                 self.free_slots.append(request.slot)
                 self.free_slots.sort()
                 self.kept[request.slot] = self._fed_tokens(request) if keep and self.prefix_cache else []
+                self.kept_adapter[request.slot] = request.adapter
                 self.releases += 1
                 self.freed_at[request.slot] = self.releases
 
@@ -492,15 +502,32 @@ class Engine:
             positions[row] = (start + torch.arange(width)).clamp(max=self.max_context - 1)
         cache = [layer.rows(first, last + 1) for layer in self.kv_cache]
         kv_len = int(positions.max()) + 1  # on the host: no device sync
-        if decode:  # one token per row: the (maybe compiled) decode step
-            logits = self.decoder(tokens[:, 0].to(self.device), positions[:, 0].to(self.device), cache, kv_len)
-        elif every_position:
-            logits = self.model(tokens.to(self.device), positions.to(self.device), cache, kv_len=kv_len)  # (rows, T, V)
-            return {slot: logits[slot - first, :len(inputs[slot][0])] for slot in inputs}
-        else:
-            logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
-                                logits_at=last_index.to(self.device), kv_len=kv_len)  # (rows, V)
+        with self._adapters_of(first, last):
+            if decode:  # one token per row: the (maybe compiled) decode step
+                logits = self.decoder(tokens[:, 0].to(self.device), positions[:, 0].to(self.device), cache, kv_len)
+            elif every_position:
+                logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
+                                    kv_len=kv_len)  # (rows, T, V)
+                return {slot: logits[slot - first, :len(inputs[slot][0])] for slot in inputs}
+            else:
+                logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
+                                    logits_at=last_index.to(self.device), kv_len=kv_len)  # (rows, V)
         return {slot: logits[slot - first] for slot in inputs}
+
+    @contextlib.contextmanager
+    def _adapters_of(self, first: int, last: int) -> Iterator[None]:
+        """During a forward over slots first .. last: each row's served LoRA adapter (the base where none is)."""
+        adapters = self.llm.adapters
+        by_slot = {r.slot: r.adapter for r in self.running}
+        rows = [by_slot.get(slot, 0) for slot in range(first, last + 1)]
+        if adapters is None or not any(rows):
+            yield
+            return
+        adapters.selection.rows = torch.tensor(rows, device=self.device)
+        try:
+            yield
+        finally:
+            adapters.selection.rows = None
 
     def _sample_and_emit(self, logits: dict[EngineRequest, torch.Tensor]) -> None:
         """Pick each request's next token (isolated per request on failure), then hand it to its client."""

@@ -15,11 +15,12 @@ LAYERS = {
     "quantize": 3,  # its fused decode runs a model
     "structured": 3,  # grammars over a tokenizer's vocabulary
     "chat": 4, "generate": 4, "lora": 4, "checkpoint": 4,
-    "api": 5,
-    "engine": 6,
-    "server": 7, "finetune": 7, "eval": 7,
-    "cli": 8,
-    "__main__": 9, "__init__": 9,
+    "adapters": 5,  # serves lora's adapters on a model
+    "api": 6,
+    "engine": 7,
+    "server": 8, "finetune": 8, "eval": 8,
+    "cli": 9,
+    "__main__": 10, "__init__": 10,
 }
 OPTIONAL_HEAVY = {"transformers", "fastapi", "uvicorn", "starlette", "prometheus_client", "gguf", "lm_eval",
                   "bitsandbytes", "peft", "datasets", "llguidance"}

@@ -44,6 +44,9 @@ class FusedDecode:
                 and k.stride() == v.stride() and k.stride(-1) == 1):
             return False
         model = self.model
+        selection = getattr(model, "adapter_selection", None)
+        if selection is not None and selection.rows is not None:  # served LoRA adapters: the layers add them
+            return False
         now = (_first_weight(model).data_ptr(), model.dtype, model.device)
         with self.lock:
             if now != self.built_for:
@@ -101,8 +104,15 @@ def fits_fused_decode(model: Llama) -> bool:
     return True
 
 
+def _base(linear: torch.nn.Module) -> torch.nn.Module:
+    """The base layer of a layer serving LoRA adapters (adapters.MultiLoraLinear: none is active when the fused path
+    runs); any other layer itself (a trained LoraLinear's update must not be dropped, so it does not fit)."""
+    return linear.base_layer if getattr(linear, "serves_adapters", False) else linear
+
+
 def _scheme(linear: torch.nn.Module) -> tuple[int, int] | None:
     """(bits, group size) of a linear the kernel takes (bits 16: bfloat16 weights), else None."""
+    linear = _base(linear)
     if type(linear) is QuantizedLinear:
         return linear.bits, linear.group_size
     if (type(linear) is Bf16Linear and linear.bias is None and linear.weight.dtype == torch.bfloat16
@@ -119,12 +129,13 @@ def use_fused_decode(model: Llama) -> bool:
 
 
 def _first_weight(model: Llama) -> torch.Tensor:
-    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj = _base(model.model.layers[0].self_attn.q_proj)
     return q_proj.codes if type(q_proj) is QuantizedLinear else q_proj.weight
 
 
 def _projections(*linears: torch.nn.Module) -> kernels.Projections:
     pointers, sizes = kernels._PTR * 3, kernels._INT64 * 3
+    linears = tuple(map(_base, linears))
     bits, group = _scheme(linears[0])
     quantized = bits != 16
     return kernels.Projections(pointers(*(linear.codes.data_ptr() for linear in linears if quantized)),

@@ -1,0 +1,144 @@
+"""Many LoRA adapters on one base: each request's answer is its adapter's, whatever shares its batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import random_model, submit_all
+
+import llamaforge
+from llamaforge.adapters import AdapterStack
+from llamaforge.config import ModelArgs
+from llamaforge.engine import Engine, EngineRequest
+from llamaforge.lora import AdapterError, LoraConfig, add_lora, lora_layers, save_adapter
+from llamaforge.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def write_adapter(directory: Path, config: ModelArgs, seed: int, rank: int, targets: tuple[str, ...]) -> Path:
+    """A peft adapter with random (trained-looking) A and B for the tiny model."""
+    model = add_lora(random_model(config), LoraConfig(r=rank, alpha=2 * rank, dropout=0.0,
+                                                      target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=generator) * 0.3)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3)
+    return save_adapter(model, directory)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelArgs) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"colors": write_adapter(root / "colors", tiny_config, 1, 4, ("q_proj", "v_proj")),
+            "numbers": write_adapter(root / "numbers", tiny_config, 2, 8, ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                           "gate_proj", "up_proj", "down_proj"))}
+
+
+def test_each_request_answers_as_its_adapter_alone(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    """Base and two adapters (different ranks and layers), mixed in one batch and in every order, each equal to
+    `load(adapter=...)` generating alone; the prefix cache never hands one adapter's keys to another."""
+    llm = llamaforge.load(tiny_model_dir)
+    stack = llm.adapters = AdapterStack(llm.model, max_adapters=3, max_rank=8)
+    slots = {name: stack.add(name, path) for name, path in adapters.items()}
+    prompts = [llm.tokenizer.encode(f"Story {i}: the llama", bos=True) for i in range(3)]
+    expected = {None: [llm.generate(p, params=GREEDY).token_ids for p in prompts]}
+    for name, path in adapters.items():
+        alone = llamaforge.load(tiny_model_dir, adapter=path)
+        expected[name] = [alone.generate(p, params=GREEDY).token_ids for p in prompts]
+    assert expected["colors"] != expected[None] != expected["numbers"]
+    engine = Engine(llm, max_batch_size=4).start()
+    try:
+        for order in ([None, "colors", "numbers"], ["numbers", None, "colors"]):
+            requests = [(p, name) for name in order for p in prompts]
+            results = submit_requests(engine, requests, slots)
+            assert results == [expected[name][i] for name in order for i in range(3)]
+    finally:
+        engine.stop()
+    assert stack.selection.rows is None  # reset after every forward
+
+
+def submit_requests(engine: Engine, requests: list[tuple[list[int], str | None]], slots: dict[str, int]) -> list:
+    import threading
+
+    results: list[list[int]] = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def emitter(index: int):
+        def emit(event) -> None:
+            assert not isinstance(event, BaseException), event
+            results[index].append(event.token_id)
+            if event.finish_reason:
+                done.release()
+        return emit
+
+    for index, (prompt, name) in enumerate(requests):
+        engine.submit(EngineRequest(prompt, GREEDY, emitter(index), adapter=slots.get(name, 0)))
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    return results
+
+
+def test_base_requests_are_unchanged_by_loaded_adapters(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    llm = llamaforge.load(tiny_model_dir)
+    prompts = [llm.tokenizer.encode("Once upon a time", bos=True)]
+    plain = [llm.generate(p, params=GREEDY).token_ids for p in prompts]
+    llm.adapters = AdapterStack(llm.model, max_adapters=2, max_rank=8)
+    llm.adapters.add("colors", adapters["colors"])
+    engine = Engine(llm, max_batch_size=2).start()
+    try:
+        assert submit_all(engine, prompts, GREEDY) == plain
+    finally:
+        engine.stop()
+
+
+def test_adapters_that_do_not_fit_are_refused_by_name(tmp_path: Path, tiny_model_dir: Path,
+                                                      adapters: dict[str, Path]) -> None:
+    llm = llamaforge.load(tiny_model_dir)
+    stack = AdapterStack(llm.model, max_adapters=1, max_rank=4)
+    with pytest.raises(AdapterError, match="rank 8 .* takes rank 4 at most"):
+        stack.add("numbers", adapters["numbers"])
+    other = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=64, max_seq_len=128)
+    with pytest.raises(AdapterError, match="trained on another model size"):
+        stack.add("small", write_adapter(tmp_path / "small", other, 3, 4, ("q_proj",)))
+    stack.add("colors", adapters["colors"])
+    with pytest.raises(AdapterError, match="already loaded"):
+        stack.add("colors", adapters["colors"])
+    with pytest.raises(AdapterError, match="all 1 adapter slots are in use"):
+        stack.add("more", adapters["colors"])
+    stack.remove("colors")
+    assert stack.add("more", adapters["colors"]) == 1
+    with pytest.raises(AdapterError, match="no adapter named 'colors'"):
+        stack.remove("colors")
+
+
+def test_a_bfloat16_model_serves_adapters_beside_its_fused_decode(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo model (bfloat16, fused decode layers): base rows keep the fused path, adapter rows go layer by
+    layer with their updates; each answers as the model with that adapter alone (unmerged)."""
+    llm = llamaforge.load()
+    if llm.model.fused_decode is None:
+        pytest.skip("this CPU has no fused decode path (AVX-512 VNNI / BF16)")
+    path = write_adapter(tmp_path / "demo-adapter", llm.config, 5, 4, ("q_proj", "v_proj", "down_proj"))
+    question = [{"role": "user", "content": "What is 12 plus 30?"}]
+    prompt = llm.chat_tokens(question)
+    base = llm.generate(prompt, params=GREEDY).token_ids
+    adapted = llamaforge.load(adapter=path, merge_adapter=False).generate(prompt, params=GREEDY).token_ids
+    assert base != adapted
+    llm.adapters = AdapterStack(llm.model, max_adapters=1, max_rank=4)
+    slot = llm.adapters.add("tuned", path)
+    engine = Engine(llm, max_batch_size=2).start()
+    calls = []
+    fused = llm.model.fused_decode
+    original = type(fused).__call__
+    monkeypatch.setattr(type(fused), "__call__", lambda self, *args: calls.append(1) or original(self, *args))
+    try:
+        assert submit_requests(engine, [(prompt, None), (prompt, "tuned")], {"tuned": slot}) == [base, adapted]
+        calls.clear()
+        assert submit_all(engine, [prompt], GREEDY) == [base]
+        assert calls, "a base-only batch decodes through the fused layers"
+    finally:
+        engine.stop()
