@@ -285,7 +285,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             from None
     api_key = args.api_key or _read_api_key_file(args.api_key_file) or os.environ.get("LLAMAFORGE_API_KEY")
     _check_port_free(args.host, args.port)  # before minutes of loading, and before saying it serves
+    served = dict(_served_adapters(args))
     llm = _load(args)
+    if served or args.max_loras:
+        llm.adapters = _adapter_stack(llm, served, args.max_loras, args.max_lora_rank)
     url = f"http://{args.host}:{args.port}/"
     if args.json:
         _print_json({"url": url, "model": llm.source, "auth": bool(api_key)})
@@ -295,6 +298,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_context=args.max_context,
           api_key=api_key, max_queue=args.max_queue, allowed_hosts=allowed_hosts,
           shutdown_timeout=args.shutdown_timeout, prefix_cache=args.prefix_cache)
+
+
+def _served_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """serve's --adapter values NAME=PATH (served beside the base, chosen per request); a value without a name
+    stays the one adapter merged into the weights (args.adapter)."""
+    values = args.adapter or []
+    merged = [v for v in values if "=" not in v]
+    if len(merged) > 1:
+        raise LlamaforgeError(f"--adapter PATH merges one adapter into the weights; got {len(merged)}: serve several "
+                              "side by side as --adapter NAME=PATH")
+    args.adapter = merged[0] if merged else None
+    served = [tuple(v.split("=", 1)) for v in values if "=" in v]
+    names = [name for name, _ in served]
+    if any(not name or not path for name, path in served) or len(set(names)) != len(names):
+        raise LlamaforgeError(f"--adapter NAME=PATH takes distinct non-empty names and paths, got {values}")
+    return served
+
+
+def _adapter_stack(llm, served: dict[str, str], max_loras: int | None, max_rank: int | None):
+    """The adapters to serve beside the base: room for max(--max-loras, their number), ranks up to --max-lora-rank
+    (default: the largest given, or 16)."""
+    from llamaforge.adapters import AdapterStack
+    from llamaforge.lora import read_adapter
+
+    ranks = [tensor.shape[0] for path in served.values() for name, tensor in read_adapter(path)[1].items()
+             if name.endswith(".lora_A.weight")]
+    stack = AdapterStack(llm.model, max(max_loras or 0, len(served)), max_rank or max(ranks, default=16))
+    for name, path in served.items():
+        stack.add(name, path)
+    return stack
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -608,7 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = add("serve", cmd_serve)
     _model_flags(serve)
-    _adapter_flag(serve)
+    serve.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
+                       help="LoRA adapter (peft directory or hub id): NAME=PATH serves it beside the base as model "
+                            "NAME (repeatable; requests pick it by `model` or TGI's adapter_id); a bare PATH is merged "
+                            "into the weights")
+    serve.add_argument("--max-loras", type=int, help="adapter slots, for loading more at run time with POST "
+                                                     "/v1/load_lora_adapter (default: the --adapter NAME=PATH count)")
+    serve.add_argument("--max-lora-rank", type=int,
+                       help="largest adapter rank served (default: the largest given, or 16)")
     _quantize_flag(serve)
     _compile_flag(serve)
     _speculate_flag(serve)

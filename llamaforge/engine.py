@@ -33,6 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,7 @@ class Engine:
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.wakeup = threading.Condition()
+        self.calls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the worker between steps
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.step_started: float | None = None  # time.monotonic() when the current step began; None between steps
@@ -191,6 +193,30 @@ class Engine:
         with self.wakeup:
             request.cancelled = True
             self.wakeup.notify()
+
+    def between_steps(self, work: Callable[[], object], timeout: float = 60.0) -> object:
+        """Run `work` on the worker thread between two steps (no forward in flight: e.g. loading an adapter's
+        matrices) and return what it returns or raise what it raises; from any thread but the worker."""
+        future: Future = Future()
+        with self.wakeup:
+            if self.stopping or (self.thread is not None and not self.thread.is_alive()):
+                raise EngineStoppedError("the engine is not running (the server is stopping or has failed)")
+            self.calls.append((work, future))
+            self.wakeup.notify()
+        if self.thread is None:  # not started (tests, tools): nothing runs concurrently, so run it here
+            self._run_calls()
+        return future.result(timeout)
+
+    def _run_calls(self) -> None:
+        while True:
+            with self.wakeup:
+                if not self.calls:
+                    return
+                work, future = self.calls.popleft()
+            try:
+                future.set_result(work())
+            except Exception as exc:
+                future.set_exception(exc)
 
     def stats(self) -> EngineStats:
         with self.wakeup:
@@ -237,14 +263,19 @@ class Engine:
                 self.waiting.clear()
             for request in leftovers:
                 self._fail(request, LlamaforgeError("the server is shutting down"))
+            with self.wakeup:
+                calls, self.calls = list(self.calls), deque()
+            for _, future in calls:
+                future.set_exception(EngineStoppedError("the server is shutting down"))
 
     def _serve_one_step(self) -> bool:
         """Wait for work, then run one step; False once stopping. Nothing a step raises ends the worker."""
         with self.wakeup:
-            while not self.stopping and not self.waiting and not self.running:
+            while not self.stopping and not self.waiting and not self.running and not self.calls:
                 self.wakeup.wait()
             if self.stopping:
                 return False
+        self._run_calls()
         self.step_started = time.monotonic()
         try:
             with self.wakeup:
@@ -295,6 +326,16 @@ class Engine:
         request.prefix_checked = request.prompt_logprobs is not None  # a scored prompt computes every position
         self.kept[request.slot] = []  # the slot's tokens are now the request's
         self.history.start(request.slot, request.prompt_ids if request.params.repetition_penalty != 1.0 else None)
+
+    def forget_adapter(self, slot: int) -> None:
+        """Before an adapter's slot is unloaded (on the worker, between steps): refuse while requests use it, and
+        drop the keys and values kept for it (the slot may serve another adapter next)."""
+        users = [r for r in [*self.running, *self.waiting] if r.adapter == slot]
+        if users:
+            raise LlamaforgeError(f"the adapter is in use by {len(users)} requests; unload it when they have finished")
+        for kept_slot, adapter in enumerate(self.kept_adapter):
+            if adapter == slot:
+                self.kept[kept_slot], self.kept_adapter[kept_slot] = [], 0
 
     def _kept_prefix(self, slot: int, request: EngineRequest) -> int:
         """How much of the request's prompt a free slot's kept tokens hold (keys and values of the same adapter)."""

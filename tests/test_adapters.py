@@ -142,3 +142,97 @@ def test_a_bfloat16_model_serves_adapters_beside_its_fused_decode(tmp_path: Path
         assert calls, "a base-only batch decodes through the fused layers"
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tiny_model_dir: Path, adapters: dict[str, Path]):
+    pytest.importorskip("fastapi")
+    from factories import LiveServer
+
+    from llamaforge.server import create_app
+
+    llm = llamaforge.load(tiny_model_dir)
+    llm.adapters = AdapterStack(llm.model, max_adapters=3, max_rank=8)
+    llm.adapters.add("colors", adapters["colors"])
+    engine = Engine(llm, max_batch_size=4)
+    with LiveServer(create_app(llm, engine, model_name="tiny")) as server:
+        server.llm = llm
+        yield server
+
+
+def test_requests_pick_an_adapter_by_model_name(adapter_server, tiny_model_dir: Path, adapters: dict[str, Path]):
+    """The openai client and InferenceClient pick the adapter by `model` / adapter_id, side by side with the
+    base, concurrently; each answer equals that adapter's alone. /v1/models lists them; unknown names are 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from huggingface_hub import InferenceClient
+
+    client = openai.OpenAI(base_url=f"{adapter_server.url}/v1", api_key="none")
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == ["tiny", "colors"] and models["colors"].model_extra["parent"] == "tiny"
+    messages = [{"role": "user", "content": "Name a color."}]
+    colored = llamaforge.load(tiny_model_dir, adapter=adapters["colors"])
+    expected = {"tiny": adapter_server.llm.chat(messages, max_new_tokens=8, temperature=0.0).text,
+                "colors": colored.chat(messages, max_new_tokens=8, temperature=0.0).text}
+    assert expected["tiny"] != expected["colors"]
+    names = ["tiny", "colors"] * 4
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda name: client.chat.completions.create(
+            model=name, messages=messages, max_tokens=8, temperature=0).choices[0].message.content, names))
+    assert answers == [expected[name] for name in names]
+    hub = InferenceClient(adapter_server.url)
+    prompt = "Once upon a time"
+    assert hub.text_generation(prompt, max_new_tokens=6, adapter_id="colors") == \
+        colored.generate(prompt, max_new_tokens=6, temperature=0.0).text
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="colours", messages=messages, max_tokens=2)
+    assert caught.value.code == "model_not_found" and "serves tiny, colors" in caught.value.message
+
+
+def test_adapters_load_and_unload_at_run_time(adapter_server, tiny_model_dir: Path, adapters: dict[str, Path],
+                                              tmp_path: Path, tiny_config: ModelArgs) -> None:
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{adapter_server.url}/v1", api_key="none")
+    url = adapter_server.url
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "numbers",
+                                                             "lora_path": str(adapters["numbers"])})
+    assert loaded.status_code == 200, loaded.text
+    prompt = "Count: one two"
+    expected = llamaforge.load(tiny_model_dir, adapter=adapters["numbers"]).generate(prompt, max_new_tokens=6,
+                                                                                      temperature=0.0).text
+    assert client.completions.create(model="numbers", prompt=prompt, max_tokens=6, temperature=0).choices[0].text \
+        == expected
+    other = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=64, max_seq_len=128)
+    wrong = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "small", "lora_path": str(
+        write_adapter(tmp_path / "small", other, 3, 4, ("q_proj",)))})
+    assert wrong.status_code == 400 and "trained on another model size" in wrong.json()["error"]["message"]
+    missing = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "no")})
+    assert missing.status_code == 400 and "adapter_config.json" in missing.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "numbers"}).status_code == 200
+    assert [m.id for m in client.models.list().data] == ["tiny", "colors"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="numbers", prompt=prompt, max_tokens=2)
+    gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "numbers"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    stats = adapter_server.llm.adapters
+    assert stats.free == [2, 3] and stats.selection.rows is None
+
+
+def test_serve_takes_named_and_merged_adapters(tiny_model_dir: Path, adapters: dict[str, Path], monkeypatch) -> None:
+    from factories import free_port
+
+    import llamaforge.server
+    from llamaforge.cli import main
+
+    calls = []
+    monkeypatch.setattr(llamaforge.server, "serve", lambda llm, **options: calls.append(llm))
+    assert main(["serve", "--model", str(tiny_model_dir), "--port", str(free_port()), "--adapter",
+                 f"colors={adapters['colors']}", "--adapter", f"numbers={adapters['numbers']}",
+                 "--max-loras", "4"]) == 0
+    stack = calls[0].adapters
+    assert stack.slots == {"colors": 1, "numbers": 2} and stack.free == [3, 4] and stack.max_rank == 8
+    assert main(["serve", "--model", str(tiny_model_dir), "--port", str(free_port()), "--adapter", "a=",
+                 "--adapter", "b=x"]) == 2

@@ -27,7 +27,7 @@ from llamaforge.errors import LlamaforgeError
 from llamaforge.server import openai_routes, tgi_routes
 from llamaforge.server.bridge import ClientGone
 from llamaforge.server.metrics import Metrics
-from llamaforge.server.state import ServerState, openai_error_body, tgi_error_body
+from llamaforge.server.state import ModelNotFound, ServerState, openai_error_body, tgi_error_body
 
 STATIC = Path(str(resources.files("llamaforge.server") / "static"))
 RETRY_AFTER_SECONDS = "1"
@@ -258,6 +258,12 @@ def create_app(llm: LLM, engine: Engine, api_key: str | None = None, model_name:
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; it is counted in /metrics
+
+    @app.exception_handler(ModelNotFound)
+    async def model_not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
+        if _is_openai(request):
+            return JSONResponse(openai_error_body(exc, param="model", code="model_not_found"), status_code=404)
+        return _error(request, 404, exc)
 
     @app.exception_handler(LlamaforgeError)
     async def user_error(request: Request, exc: LlamaforgeError) -> JSONResponse:

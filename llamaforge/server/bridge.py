@@ -25,25 +25,25 @@ class RequestStream:
 
     def __init__(self, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
                  prompt_as_context: bool, prompt_logprobs: int | None = None,
-                 constraint: Constraint | None = None) -> None:
+                 constraint: Constraint | None = None, adapter: int = 0) -> None:
         self.engine = engine
         self.metrics = metrics
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self.request = EngineRequest(prompt_ids, params, self._emit, prompt_as_context, prompt_logprobs=prompt_logprobs,
-                                     constraint=constraint)
+                                     constraint=constraint, adapter=adapter)
         self.finished = False
         self.generated = 0
 
     @classmethod
     async def open(cls, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
                    prompt_as_context: bool, prompt_logprobs: int | None = None,
-                   constraint: Constraint | None = None) -> RequestStream:
+                   constraint: Constraint | None = None, adapter: int = 0) -> RequestStream:
         """Submit a request (off the event loop: building its state costs as much as its stop strings are long).
 
         QueueFullError and the request's own errors propagate to the route (503, 400/422).
         """
-        stream = cls(engine, metrics, prompt_ids, params, prompt_as_context, prompt_logprobs, constraint)
+        stream = cls(engine, metrics, prompt_ids, params, prompt_as_context, prompt_logprobs, constraint, adapter)
         await run_in_threadpool(engine.submit, stream.request)
         return stream
 

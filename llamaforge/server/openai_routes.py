@@ -10,11 +10,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from llamaforge.adapters import AdapterStack
 from llamaforge.generate import TokenEvent
+from llamaforge.lora import AdapterError
 from llamaforge.sampling import SamplingParams
 from llamaforge.server.bridge import RequestStream, merged
-from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from llamaforge.server.state import EventStream, ServerState, openai_error_body, sse_event
+from llamaforge.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    OpenAIRequest,
+    UnloadAdapterRequest,
+)
+from llamaforge.server.state import EventStream, ModelNotFound, ServerState, openai_error_body, sse_event
 from llamaforge.structured import Constraint
 
 router = APIRouter()
@@ -54,6 +62,7 @@ async def _open_all(server: ServerState, body: OpenAIRequest, requests: list[tup
                     prompt_as_context: bool, prompt_logprobs: int | None = None) -> list[RequestStream]:
     """Submit every (prompt, params) to the engine, each held to the body's response_format if it has one; if one is
     refused, cancel the others and raise."""
+    adapter = server.adapter_slot(body.model)
     grammar = body.grammar()
     streams = []
     try:
@@ -61,7 +70,7 @@ async def _open_all(server: ServerState, body: OpenAIRequest, requests: list[tup
             constraint = None if grammar is None else \
                 await run_in_threadpool(Constraint, server.llm.tokenizer, grammar, "response_format")
             streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context,
-                                                    prompt_logprobs, constraint))
+                                                    prompt_logprobs, constraint, adapter))
     except BaseException:
         for opened in streams:
             opened.close()
@@ -105,9 +114,48 @@ def _by_text(server: ServerState, top: dict[int, float] | None) -> dict[str, flo
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
+    """The base model, then each LoRA adapter served on it (with vLLM's `parent` and `root`)."""
     server: ServerState = request.app.state.server
-    return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                       "owned_by": "llamaforge"}]}
+    models = [{"id": server.model_name, "object": "model", "created": server.created, "owned_by": "llamaforge",
+               "parent": None, "root": str(server.llm.source)}]
+    adapters = server.llm.adapters
+    for name in adapters.slots if adapters is not None else ():
+        models.append({"id": name, "object": "model", "created": server.created, "owned_by": "llamaforge",
+                       "parent": server.model_name, "root": adapters.paths[name]})
+    return {"object": "list", "data": models}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadAdapterRequest, request: Request) -> dict:
+    """Load a peft adapter as a model name at run time (vLLM's route); it is served from the next step."""
+    server: ServerState = request.app.state.server
+    adapters = _served_adapters(server)
+    slot = await run_in_threadpool(server.engine.between_steps, lambda: adapters.add(body.lora_name, body.lora_path))
+    return {"object": "lora_adapter", "id": body.lora_name, "slot": slot}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request) -> dict:
+    """Unload an adapter no request is using (vLLM's route)."""
+    server: ServerState = request.app.state.server
+    adapters = _served_adapters(server)
+    if body.lora_name not in adapters.slots:
+        loaded = ", ".join(adapters.slots) or "none"
+        raise ModelNotFound(f"lora_name {body.lora_name!r} is not loaded; loaded: {loaded}")
+
+    def unload() -> None:
+        server.engine.forget_adapter(adapters.slots[body.lora_name])
+        adapters.remove(body.lora_name)
+
+    await run_in_threadpool(server.engine.between_steps, unload)
+    return {"object": "lora_adapter", "id": body.lora_name, "deleted": True}
+
+
+def _served_adapters(server: ServerState) -> AdapterStack:
+    if server.llm.adapters is None:
+        raise AdapterError("this server serves no adapters; start it with --adapter NAME=PATH (and --max-loras for "
+                           "room to load more at run time)")
+    return server.llm.adapters
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -217,11 +217,20 @@ class CompletionRequest(OpenAIRequest):
         return list(value) if isinstance(value, list) and isinstance(value[0], str | list) else [value]
 
 
+class LoadAdapterRequest(Body):
+    lora_name: Text = Field(min_length=1, max_length=200)
+    lora_path: Text = Field(min_length=1)
+
+
+class UnloadAdapterRequest(Body):
+    lora_name: Text = Field(min_length=1, max_length=200)
+
+
 # --- TGI ---------------------------------------------------------------------------------------------
 
 # Parameters TGI has and llamaforge does not implement. huggingface_hub's InferenceClient retries
 # without them when the server names them in transformers' "model_kwargs are not used" message.
-TGI_UNSUPPORTED = ("typical_p", "watermark", "top_n_tokens", "adapter_id", "decoder_input_details")
+TGI_UNSUPPORTED = ("typical_p", "watermark", "top_n_tokens", "decoder_input_details")
 MAX_BEST_OF = 4  # TGI's /info max_best_of
 
 

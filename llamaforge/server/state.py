@@ -11,7 +11,12 @@ from fastapi.responses import StreamingResponse
 
 from llamaforge.api import LLM
 from llamaforge.engine import Engine
+from llamaforge.errors import LlamaforgeError
 from llamaforge.server.metrics import Metrics
+
+
+class ModelNotFound(LlamaforgeError):
+    """A request named a model (or adapter) this server does not serve: OpenAI's 404 model_not_found."""
 
 
 @dataclass
@@ -22,6 +27,18 @@ class ServerState:
     model_name: str
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def adapter_slot(self, name: str | None, field_name: str = "model") -> int:
+        """The engine's adapter slot for a requested model name: 0 for the base model. A server without adapters
+        answers any name with its model (as llama.cpp's does); one with adapters must not run the wrong weights
+        for a mistyped name, so it refuses names it does not serve."""
+        adapters = self.llm.adapters
+        if adapters is None or name is None or name == self.model_name:
+            return 0
+        if name in adapters.slots:
+            return adapters.slots[name]
+        served = ", ".join([self.model_name, *adapters.slots])
+        raise ModelNotFound(f"{field_name} {name!r} is not served here; this server serves {served}")
 
 
 class EventStream(StreamingResponse):
@@ -50,9 +67,9 @@ def sse_event(payload: dict, prefix: str = "data: ") -> str:
 
 
 def openai_error_body(error: BaseException | str, kind: str = "invalid_request_error",
-                      param: str | None = None) -> dict:
+                      param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": str(error), "type": kind, "param": param, "code": None}}
+    return {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
 
 
 def tgi_error_body(error: BaseException | str, kind: str = "validation") -> dict:

@@ -48,6 +48,7 @@ async def _start(server: ServerState, body: TGIRequest) -> list[RequestStream]:
     if parameters.truncate is not None and len(prompt_ids) > parameters.truncate:
         prompt_ids = prompt_ids[-parameters.truncate:]
     grammar = parameters.grammar_text()
+    adapter = server.adapter_slot(parameters.adapter_id, "parameters.adapter_id")
     streams = []
     try:
         for candidate in range(best_of):
@@ -57,7 +58,7 @@ async def _start(server: ServerState, body: TGIRequest) -> list[RequestStream]:
             constraint = None if grammar is None else \
                 await run_in_threadpool(Constraint, server.llm.tokenizer, grammar, "parameters.grammar")
             streams.append(await RequestStream.open(server.engine, server.metrics, prompt_ids, params,
-                                                    prompt_as_context=True, constraint=constraint))
+                                                    prompt_as_context=True, constraint=constraint, adapter=adapter))
     except BaseException:
         for opened in streams:
             opened.close()
