@@ -2,9 +2,9 @@
 
 `AdapterStack(model, max_adapters, max_rank)` wraps every projection of the decoder layers in a `MultiLoraLinear`,
 which keeps all adapters' A and B matrices stacked by slot (slot 0: none, all zeros). Before a forward the engine
-says which slot each row uses (`AdapterStack.selection.rows`); each layer adds its rows' low-rank updates with two
-batched matrix products over the gathered matrices, so requests for different adapters and the base share one
-step. With no adapter row in a batch the layers are the base model's (the fused decode path included).
+says which slot each row uses (`AdapterStack.selection`); each layer adds, adapter by adapter, the low-rank update
+of the rows that use it, so requests for different adapters and the base share one step. With no adapter row in a
+batch the layers are the base model's (the fused decode path included).
 
 Adapters are peft directories (what `llamaforge finetune` and peft's save_pretrained write); their scaling is folded
 into B when loaded, ranks below `max_rank` are padded with zeros (which add nothing).
@@ -26,10 +26,20 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 class AdapterSelection:
-    """Which adapter slot each row of the next forward uses; None: the base model for every row."""
+    """Which adapter slot each row of the next forward uses; `rows` None: the base model for every row."""
 
     def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None  # (B,) long
+        self.rows: list[int] | None = None
+        self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, its rows' indices) for each adapter in the batch
+
+    def select(self, rows: list[int] | None, device: torch.device | str) -> None:
+        """Set the rows' slots for the next forward (None or all 0: the base model everywhere)."""
+        if rows is None or not any(rows):
+            self.rows, self.groups = None, []
+            return
+        self.rows = rows
+        self.groups = [(slot, torch.tensor([i for i, s in enumerate(rows) if s == slot], device=device))
+                       for slot in sorted(set(rows) - {0})]
 
 
 class MultiLoraLinear(nn.Module):
@@ -45,6 +55,7 @@ class MultiLoraLinear(nn.Module):
         # float32, as an unmerged LoraLinear computes; scaling folded into B.
         self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(slots, self.out_features, rank, device=device), persistent=False)
+        self.ranks = [0] * slots  # each slot's rank in this layer (0: its adapter leaves the layer alone)
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +68,18 @@ class MultiLoraLinear(nn.Module):
         return [layer.add_updates(x, out) for layer, out in zip(layers, outs, strict=True)]
 
     def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y plus each row's adapter update of x: x (B, ..., in), y (B, ..., out)."""
-        rows = self.selection.rows
-        if rows is None:
+        """y plus each row's adapter update of x: x (B, ..., in), y (B, ..., out). Rows are grouped by adapter, so
+        each adapter's matrices are read once a step however many rows use it."""
+        groups = [(slot, rows) for slot, rows in self.selection.groups if self.ranks[slot]]
+        if not groups:
             return y
-        inputs = x.reshape(rows.shape[0], -1, self.in_features).float()  # (B, T, in)
-        low = torch.bmm(inputs, self.lora_A[rows].transpose(1, 2))  # (B, T, r)
-        update = torch.bmm(low, self.lora_B[rows].transpose(1, 2))  # (B, T, out)
-        return y + update.reshape(y.shape).to(y.dtype)
+        batch = len(self.selection.rows)
+        inputs, out = x.reshape(batch, -1, self.in_features), y.reshape(batch, -1, self.out_features)
+        for slot, rows in groups:
+            rank = self.ranks[slot]
+            low = inputs[rows].float() @ self.lora_A[slot, :rank].T  # (n, T, r)
+            out[rows] += (low @ self.lora_B[slot, :, :rank].T).to(y.dtype)  # (n, T, out)
+        return y
 
 
 class AdapterStack:
@@ -123,6 +138,7 @@ class AdapterStack:
             a, b = updates.get(module, (None, None))
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
+            layer.ranks[slot] = 0 if a is None else a.shape[0]
             if a is not None:
                 layer.lora_A[slot, :a.shape[0]] = a.to(layer.lora_A.device)
                 layer.lora_B[slot, :, :b.shape[1]] = b.to(layer.lora_B.device)
@@ -138,5 +154,6 @@ class AdapterStack:
         for layer in self.layers.values():
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
+            layer.ranks[slot] = 0
         self.free.append(slot)
         self.free.sort()

@@ -564,11 +564,11 @@ class Engine:
         if adapters is None or not any(rows):
             yield
             return
-        adapters.selection.rows = torch.tensor(rows, device=self.device)
+        adapters.selection.select(rows, self.device)
         try:
             yield
         finally:
-            adapters.selection.rows = None
+            adapters.selection.select(None, self.device)
 
     def _sample_and_emit(self, logits: dict[EngineRequest, torch.Tensor]) -> None:
         """Pick each request's next token (isolated per request on failure), then hand it to its client."""
