@@ -85,6 +85,12 @@ def test_structured_benchmark_answers_are_all_valid() -> None:
 
 
 @pytest.mark.slow
+def test_adapters_benchmark_serves_the_base_rows_unchanged() -> None:
+    report = run_json("adapters.py", "--requests", "5", "--clients", "5", "--adapters", "2", "--repeats", "1")
+    assert report["base_rows_same"] is True and report["ratio"] > 0
+
+
+@pytest.mark.slow
 def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
     report = run_json("load_memory.py", "--layers", "1", "--cases", "llamaforge-bf16,hf-bf16")
     assert [row["case"] for row in report["results"]] == ["llamaforge-bf16", "hf-bf16"]
