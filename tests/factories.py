@@ -403,3 +403,19 @@ def submit_all(engine, prompts: list[list[int]], params, timeout: float = 300.0)
     for _ in prompts:
         assert done.acquire(timeout=timeout), "the engine did not finish every request"
     return results
+
+
+def write_adapter(directory: Path, config, seed: int, rank: int, targets: tuple[str, ...]) -> Path:
+    """A peft LoRA adapter for a random model of `config`, with random (trained-looking) A and B."""
+    import torch
+
+    from llamaforge.lora import LoraConfig, add_lora, lora_layers, save_adapter
+
+    model = add_lora(random_model(config), LoraConfig(r=rank, alpha=2 * rank, dropout=0.0,
+                                                      target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=generator) * 0.3)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3)
+    return save_adapter(model, directory)

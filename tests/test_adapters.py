@@ -5,29 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from factories import random_model, submit_all
+from factories import submit_all, write_adapter
 
 import llamaforge
 from llamaforge.adapters import AdapterStack
 from llamaforge.config import ModelArgs
 from llamaforge.engine import Engine, EngineRequest
-from llamaforge.lora import AdapterError, LoraConfig, add_lora, lora_layers, save_adapter
+from llamaforge.lora import AdapterError
 from llamaforge.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-def write_adapter(directory: Path, config: ModelArgs, seed: int, rank: int, targets: tuple[str, ...]) -> Path:
-    """A peft adapter with random (trained-looking) A and B for the tiny model."""
-    model = add_lora(random_model(config), LoraConfig(r=rank, alpha=2 * rank, dropout=0.0,
-                                                      target_modules=list(targets)))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=generator) * 0.3)
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3)
-    return save_adapter(model, directory)
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,8 @@ class Chat:
         details = self.page.locator("#settings")
         if not details.evaluate("node => node.open"):
             self.page.get_by_text("Settings", exact=True).click()
-        if temperature is not None:
-            self.page.get_by_label("Temperature").fill(temperature)
+        if temperature is not None:  # the left (or only) column's; the right column has its own
+            self.page.locator("#temperature").fill(temperature)
         if max_tokens is not None:
             self.page.get_by_label("Max tokens").fill(max_tokens)
         if system is not None:
@@ -331,6 +331,48 @@ def test_api_key_is_asked_for_and_kept(browser, tiny_llm) -> None:
             assert chat.requests[-1]["messages"] == [{"role": "user", "content": "Again"}]
         finally:
             context.close()
+
+
+def test_two_models_side_by_side(browser, tiny_model_dir: Path, tiny_config, tmp_path: Path) -> None:
+    """Compare the base and an adapter on one conversation: both columns stream, each answers as the server does
+    for its own model and history; set LLAMAFORGE_COMPARE_SCREENSHOT to keep the screenshot (docs/)."""
+    from factories import write_adapter
+
+    import llamaforge
+    from llamaforge.adapters import AdapterStack
+
+    llm = llamaforge.load(tiny_model_dir)
+    llm.adapters = AdapterStack(llm.model, max_adapters=1, max_rank=8)
+    llm.adapters.add("colors", write_adapter(tmp_path / "colors", tiny_config, 1, 8, ("q_proj", "v_proj", "o_proj")))
+    target = Path(os.environ.get("LLAMAFORGE_COMPARE_SCREENSHOT") or tmp_path / "compare.png")
+    with serve(llm, model_name="tiny") as server:
+        context = browser.new_context(viewport={"width": 1100, "height": 700}, color_scheme="light")
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        try:
+            chat = Chat(page, server.url)
+            expect(page.locator("#model-a option")).to_have_count(2)
+            chat.settings(temperature="0", max_tokens="12")
+            page.get_by_label("Compare side by side").check()
+            page.locator("#model-b").select_option("colors")
+            page.locator("#temperature-b").fill("0")
+            expect(page.locator("#model-name")).to_have_text("tiny | colors")
+            for turn, text in enumerate(["Name a color.", "And another one?"]):
+                chat.say(text)
+                pair = page.locator(".pair").nth(turn)
+                for side in ("a", "b"):
+                    expect(pair.locator(f".message[data-side={side}] .stats")).to_be_visible()
+                left, right = chat.requests[2 * turn:2 * turn + 2]
+                assert (left["model"], right["model"]) == ("tiny", "colors")
+                answers = [pair.locator(f".message[data-side={side}] .content").text_content() for side in "ab"]
+                assert answers == [reference(server.url, left), reference(server.url, right)]
+                assert answers[0] != answers[1]
+                if turn == 1:  # each column sent its own earlier answer
+                    assert left["messages"][1]["content"] != right["messages"][1]["content"]
+            page.screenshot(path=str(target))
+        finally:
+            context.close()
+    assert target.stat().st_size > 0
 
 
 def test_screenshot(browser, assets, tmp_path) -> None:

@@ -7,6 +7,12 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     modelName: $("model-name"),
+    modelA: $("model-a"),
+    modelB: $("model-b"),
+    compare: $("compare"),
+    compareSettings: $("compare-settings"),
+    temperatureB: $("temperature-b"),
+    temperatureBValue: $("temperature-b-value"),
     newChat: $("new-chat"),
     settings: $("settings"),
     system: $("system"),
@@ -25,11 +31,11 @@
     template: $("message-template"),
   };
 
-  // The conversation as sent to the server: user and assistant turns, alternating (the system prompt is added
-  // at send time from its box). A user turn joins it only once the server has answered it.
-  let history = [];
-  let modelId = null;
-  let controller = null; // the AbortController of the answer being streamed
+  // The conversation as each column sends it: user and assistant turns, alternating (the system prompt is added
+  // at send time from its box). Side by side, both columns get the same user turns and keep their own answers.
+  // A user turn joins a column's history only once that column has answered it.
+  let histories = { a: [], b: [] };
+  let controller = null; // the AbortController of the answers being streamed
 
   // --- small helpers ----------------------------------------------------------------------------
 
@@ -151,24 +157,42 @@
       }
       if (!response.ok) throw new Error(await errorMessage(response));
       const body = await response.json();
-      modelId = body.data && body.data.length ? body.data[0].id : null;
-      els.modelName.textContent = modelId || "unknown";
+      const ids = (body.data || []).map((model) => model.id);
+      for (const select of [els.modelA, els.modelB]) {
+        const chosen = select.value;
+        select.replaceChildren(...ids.map((id) => new Option(id, id)));
+        if (ids.includes(chosen)) select.value = chosen;
+      }
+      if (ids.length > 1 && !els.modelB.dataset.touched) els.modelB.value = ids[1];
+      showModels();
     } catch (error) {
       els.modelName.textContent = `unavailable (${error.message})`;
     }
   }
 
+  function showModels() {
+    const a = els.modelA.value || "unknown";
+    els.modelName.textContent = els.compare.checked ? `${a} | ${els.modelB.value || "unknown"}` : a;
+  }
+
+  // The columns a message goes to: the left one (model A, the main settings), and the right one when comparing.
+  function sides() {
+    const left = { id: "a", model: els.modelA.value, temperature: Number(els.temperature.value) };
+    if (!els.compare.checked) return [left];
+    return [left, { id: "b", model: els.modelB.value, temperature: Number(els.temperatureB.value) }];
+  }
+
   // --- sending and streaming --------------------------------------------------------------------
 
-  function requestBody(messages) {
+  function requestBody(messages, side) {
     const body = {
       messages,
       stream: true,
       stream_options: { include_usage: true },
-      temperature: Number(els.temperature.value),
+      temperature: side.temperature,
       top_p: Number(els.topP.value),
     };
-    if (modelId) body.model = modelId;
+    if (side.model) body.model = side.model;
     const maxTokens = parseInt(els.maxTokens.value, 10);
     if (Number.isFinite(maxTokens) && maxTokens > 0) body.max_tokens = maxTokens;
     return body;
@@ -200,15 +224,30 @@
     }
   }
 
-  async function post(messages, signal) {
+  async function post(messages, side, signal) {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify(requestBody(messages)),
+      body: JSON.stringify(requestBody(messages, side)),
       signal,
     });
     if (!response.ok) throw new HttpError(response.status, await errorMessage(response));
     return response;
+  }
+
+  // A response, asking once for an API key if the server wants one.
+  async function postWithKey(messages, side, signal) {
+    try {
+      return await post(messages, side, signal);
+    } catch (error) {
+      if (!(error instanceof HttpError && error.status === 401)) throw error;
+      const key = window.prompt("The server needs an API key (sent as a Bearer token). API key:", els.apiKey.value);
+      if (!key) throw error;
+      els.apiKey.value = key.trim();
+      storageSet(KEY_STORAGE, els.apiKey.value);
+      loadModel();
+      return post(messages, side, signal);
+    }
   }
 
   function setBusy(busy) {
@@ -218,20 +257,61 @@
 
   async function send(text) {
     const userTurn = { role: "user", content: text };
-    const messages = [...history, userTurn];
+    const columns = sides();
     const system = els.system.value.trim();
-    if (system) messages.unshift({ role: "system", content: system });
 
     const userNode = addMessage("user", text);
-    const answerNode = addMessage("assistant", "");
-    const content = answerNode.querySelector(".content");
-    const meta = answerNode.querySelector(".meta");
-    const stats = answerNode.querySelector(".stats");
-    answerNode.setAttribute("aria-busy", "true");
+    const answerNodes = columns.map(() => addMessage("assistant", ""));
+    if (columns.length > 1) {
+      // Side by side: the two answers in one row, each labelled with what produced it.
+      const pair = document.createElement("div");
+      pair.className = "pair";
+      answerNodes[0].before(pair);
+      pair.append(...answerNodes);
+      answerNodes.forEach((node, index) => {
+        const label = document.createElement("p");
+        label.className = "label muted";
+        label.textContent = `${columns[index].model} · temperature ${columns[index].temperature}`;
+        node.querySelector(".role").after(label);
+        node.dataset.side = columns[index].id;
+      });
+    }
 
     controller = new AbortController();
     const signal = controller.signal;
     setBusy(true);
+    const results = await Promise.all(columns.map((side, index) => {
+      const messages = [...histories[side.id], userTurn];
+      if (system) messages.unshift({ role: "system", content: system });
+      return stream(messages, side, answerNodes[index], signal);
+    }));
+    controller = null;
+    setBusy(false);
+    if (!userNode.isConnected) return; // "New chat" was pressed while the answers streamed
+
+    const failures = results.filter((result) => result.failure !== null);
+    const kept = results.filter((result) => result.failure === null && (result.answer || !result.stopped));
+    if (!kept.length) {
+      // No column answered: keep the turn out of the histories so the next message is not refused again.
+      userNode.classList.add("failed");
+      if (!failures.length) addMessage("notice", "Stopped before the first token; the message was not kept.");
+      if (!els.input.value) els.input.value = text;
+    }
+    for (const result of failures) showError(result.failure);
+    columns.forEach((side, index) => {
+      const result = results[index];
+      if (result.failure === null && (result.answer || !result.stopped)) {
+        histories[side.id] = [...histories[side.id], userTurn, { role: "assistant", content: result.answer }];
+      }
+    });
+  }
+
+  // Stream one column's answer into its node; {answer, failure (null or why), stopped}.
+  async function stream(messages, side, answerNode, signal) {
+    const content = answerNode.querySelector(".content");
+    const meta = answerNode.querySelector(".meta");
+    const stats = answerNode.querySelector(".stats");
+    answerNode.setAttribute("aria-busy", "true");
 
     let answer = "";
     let chunks = 0; // chunks that carried text: a fallback count of tokens when usage never comes
@@ -242,19 +322,7 @@
     let failure = null;
 
     try {
-      let response;
-      try {
-        response = await post(messages, signal);
-      } catch (error) {
-        if (!(error instanceof HttpError && error.status === 401)) throw error;
-        const key = window.prompt("The server needs an API key (sent as a Bearer token). API key:",
-                                  els.apiKey.value);
-        if (!key) throw error;
-        els.apiKey.value = key.trim();
-        storageSet(KEY_STORAGE, els.apiKey.value);
-        loadModel();
-        response = await post(messages, signal);
-      }
+      const response = await postWithKey(messages, side, signal);
       await readEvents(response, (data) => {
         if (data === "[DONE]") return false;
         let payload;
@@ -283,28 +351,12 @@
     }
     const endedAt = performance.now();
     const stopped = signal.aborted;
-    controller = null;
-    setBusy(false);
     answerNode.removeAttribute("aria-busy");
-    if (!answerNode.isConnected) return; // "New chat" was pressed while this answer streamed
-
-    if (failure !== null) {
-      // The turn failed: show why, keep it out of the history so the next message is not refused again.
+    if (failure !== null || (!answer && stopped)) {
       if (!answer) answerNode.remove();
-      userNode.classList.add("failed");
-      showError(failure);
-      if (!els.input.value) els.input.value = text;
-      return;
-    }
-    if (!answer && stopped) {
-      answerNode.remove();
-      userNode.classList.add("failed");
-      addMessage("notice", "Stopped before the first token; the message was not kept.");
-      if (!els.input.value) els.input.value = text;
-      return;
+      return { answer, failure, stopped };
     }
 
-    history = [...history, userTurn, { role: "assistant", content: answer }];
     answerNode.dataset.finishReason = stopped ? "stopped" : (finishReason || "");
     // Tokens per second: tokens after the first over the time from the first token to the end (the first
     // token's time is the prompt's prefill, shown apart as time to first token).
@@ -321,6 +373,7 @@
     stats.textContent = parts.join(" · ");
     stats.dataset.tokensPerSecond = Number.isFinite(rate) ? rate.toFixed(3) : "";
     meta.hidden = false;
+    return { answer, failure: null, stopped };
   }
 
   els.form.addEventListener("submit", (event) => {
@@ -346,8 +399,8 @@
 
   els.newChat.addEventListener("click", () => {
     if (controller) controller.abort();
-    history = [];
-    for (const node of els.log.querySelectorAll(".message")) node.remove();
+    histories = { a: [], b: [] };
+    for (const node of els.log.querySelectorAll(".message, .pair")) node.remove();
     els.empty.hidden = false;
     els.input.focus();
   });
@@ -363,6 +416,16 @@
 
   showValue(els.temperature, els.temperatureValue);
   showValue(els.topP, els.topPValue);
+  showValue(els.temperatureB, els.temperatureBValue);
+
+  els.compare.addEventListener("change", () => {
+    els.compareSettings.hidden = !els.compare.checked;
+    // The right column starts from the conversation as the left one has it.
+    if (els.compare.checked) histories.b = [...histories.a];
+    showModels();
+  });
+  els.modelA.addEventListener("change", showModels);
+  els.modelB.addEventListener("change", () => { els.modelB.dataset.touched = "1"; showModels(); });
 
   els.apiKey.value = storageGet(KEY_STORAGE);
   els.apiKey.addEventListener("change", () => {
