@@ -381,8 +381,10 @@ def engine_tokens(llm, prompts: list[list[int]], params, max_batch_size: int, pr
         engine.stop()
 
 
-def submit_all(engine, prompts: list[list[int]], params, timeout: float = 300.0) -> list[list[int]]:
-    """Every prompt's generated token ids from a running engine (all submitted at once), in prompt order."""
+def submit_all(engine, prompts: list[list[int]], params, timeout: float = 300.0,
+               adapters: list[int] | None = None) -> list[list[int]]:
+    """Every prompt's generated token ids from a running engine (all submitted at once), in prompt order; with
+    `adapters`, each request's served-adapter slot."""
     import threading
 
     from llamaforge.engine import EngineRequest
@@ -399,7 +401,7 @@ def submit_all(engine, prompts: list[list[int]], params, timeout: float = 300.0)
         return emit
 
     for index, prompt in enumerate(prompts):
-        engine.submit(EngineRequest(prompt, params, emitter(index)))
+        engine.submit(EngineRequest(prompt, params, emitter(index), adapter=adapters[index] if adapters else 0))
     for _ in prompts:
         assert done.acquire(timeout=timeout), "the engine did not finish every request"
     return results

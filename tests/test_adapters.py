@@ -10,7 +10,7 @@ from factories import submit_all, write_adapter
 import llamaforge
 from llamaforge.adapters import AdapterStack
 from llamaforge.config import ModelArgs
-from llamaforge.engine import Engine, EngineRequest
+from llamaforge.engine import Engine
 from llamaforge.lora import AdapterError
 from llamaforge.sampling import SamplingParams
 
@@ -49,24 +49,9 @@ def test_each_request_answers_as_its_adapter_alone(tiny_model_dir: Path, adapter
 
 
 def submit_requests(engine: Engine, requests: list[tuple[list[int], str | None]], slots: dict[str, int]) -> list:
-    import threading
-
-    results: list[list[int]] = [[] for _ in requests]
-    done = threading.Semaphore(0)
-
-    def emitter(index: int):
-        def emit(event) -> None:
-            assert not isinstance(event, BaseException), event
-            results[index].append(event.token_id)
-            if event.finish_reason:
-                done.release()
-        return emit
-
-    for index, (prompt, name) in enumerate(requests):
-        engine.submit(EngineRequest(prompt, GREEDY, emitter(index), adapter=slots.get(name, 0)))
-    for _ in requests:
-        assert done.acquire(timeout=120)
-    return results
+    """Greedy answers of (prompt, adapter name or None for the base) requests, all submitted at once."""
+    return submit_all(engine, [prompt for prompt, _ in requests], GREEDY, 120,
+                      [slots.get(name, 0) for _, name in requests])
 
 
 def test_base_requests_are_unchanged_by_loaded_adapters(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:

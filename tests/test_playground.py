@@ -131,6 +131,17 @@ def serve(llm, **options):
         yield server
 
 
+@contextmanager
+def new_page(browser, viewport: dict):
+    """A page of its own (for a server other than `live_server`), light colours, closed afterwards."""
+    context = browser.new_context(viewport=viewport, color_scheme="light")
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
 def reference(url: str, body: dict) -> str:
     """What the OpenAI route answers, without streaming, to the request the page sent."""
     plain = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
@@ -335,7 +346,7 @@ def test_api_key_is_asked_for_and_kept(browser, tiny_llm) -> None:
 
 def test_two_models_side_by_side(browser, tiny_model_dir: Path, tiny_config, tmp_path: Path) -> None:
     """Compare the base and an adapter on one conversation: both columns stream, each answers as the server does
-    for its own model and history; set LLAMAFORGE_COMPARE_SCREENSHOT to keep the screenshot (docs/)."""
+    for its own model and history, and the page still draws (a screenshot)."""
     from factories import write_adapter
 
     import llamaforge
@@ -344,34 +355,28 @@ def test_two_models_side_by_side(browser, tiny_model_dir: Path, tiny_config, tmp
     llm = llamaforge.load(tiny_model_dir)
     llm.adapters = AdapterStack(llm.model, max_adapters=1, max_rank=8)
     llm.adapters.add("colors", write_adapter(tmp_path / "colors", tiny_config, 1, 8, ("q_proj", "v_proj", "o_proj")))
-    target = Path(os.environ.get("LLAMAFORGE_COMPARE_SCREENSHOT") or tmp_path / "compare.png")
-    with serve(llm, model_name="tiny") as server:
-        context = browser.new_context(viewport={"width": 1100, "height": 700}, color_scheme="light")
-        context.set_default_timeout(TIMEOUT_MS)
-        page = context.new_page()
-        try:
-            chat = Chat(page, server.url)
-            expect(page.locator("#model-a option")).to_have_count(2)
-            chat.settings(temperature="0", max_tokens="12")
-            page.get_by_label("Compare side by side").check()
-            page.locator("#model-b").select_option("colors")
-            page.locator("#temperature-b").fill("0")
-            expect(page.locator("#model-name")).to_have_text("tiny | colors")
-            for turn, text in enumerate(["Name a color.", "And another one?"]):
-                chat.say(text)
-                pair = page.locator(".pair").nth(turn)
-                for side in ("a", "b"):
-                    expect(pair.locator(f".message[data-side={side}] .stats")).to_be_visible()
-                left, right = chat.requests[2 * turn:2 * turn + 2]
-                assert (left["model"], right["model"]) == ("tiny", "colors")
-                answers = [pair.locator(f".message[data-side={side}] .content").text_content() for side in "ab"]
-                assert answers == [reference(server.url, left), reference(server.url, right)]
-                assert answers[0] != answers[1]
-                if turn == 1:  # each column sent its own earlier answer
-                    assert left["messages"][1]["content"] != right["messages"][1]["content"]
-            page.screenshot(path=str(target))
-        finally:
-            context.close()
+    target = tmp_path / "compare.png"
+    with serve(llm, model_name="tiny") as server, new_page(browser, {"width": 1100, "height": 700}) as page:
+        chat = Chat(page, server.url)
+        expect(page.locator("#model-a option")).to_have_count(2)
+        chat.settings(temperature="0", max_tokens="12")
+        page.get_by_label("Compare side by side").check()
+        page.locator("#model-b").select_option("colors")
+        page.locator("#temperature-b").fill("0")
+        expect(page.locator("#model-name")).to_have_text("tiny | colors")
+        for turn, text in enumerate(["Name a color.", "And another one?"]):
+            chat.say(text)
+            pair = page.locator(".pair").nth(turn)
+            for side in ("a", "b"):
+                expect(pair.locator(f".message[data-side={side}] .stats")).to_be_visible()
+            left, right = chat.requests[2 * turn:2 * turn + 2]
+            assert (left["model"], right["model"]) == ("tiny", "colors")
+            answers = [pair.locator(f".message[data-side={side}] .content").text_content() for side in "ab"]
+            assert answers == [reference(server.url, left), reference(server.url, right)]
+            assert answers[0] != answers[1]
+            if turn == 1:  # each column sent its own earlier answer
+                assert left["messages"][1]["content"] != right["messages"][1]["content"]
+        page.screenshot(path=str(target))
     assert target.stat().st_size > 0
 
 
@@ -381,20 +386,14 @@ def test_screenshot(browser, assets, tmp_path) -> None:
 
     llm = llamaforge.load(assets / "stories260K" / "stories260K.bin")
     target = Path(os.environ.get("LLAMAFORGE_SCREENSHOT") or tmp_path / "playground.png")
-    with serve(llm, model_name="stories260K") as server:
-        context = browser.new_context(viewport={"width": 1100, "height": 640}, color_scheme="light")
-        context.set_default_timeout(TIMEOUT_MS)
-        page = context.new_page()
-        try:
-            chat = Chat(page, server.url)
-            expect(page.locator("#model-name")).to_have_text("stories260K")
-            chat.settings(temperature="0", max_tokens="60", system="You tell short stories for children.")
-            chat.say("Once upon a time, a little llama")
-            assert chat.finished_answer(0).strip()
-            chat.say("What happened next?")
-            assert chat.finished_answer(1).strip()
-            page.get_by_label("Message", exact=True).fill("Tell me about the llama's friend")
-            page.screenshot(path=str(target))
-        finally:
-            context.close()
+    with serve(llm, model_name="stories260K") as server, new_page(browser, {"width": 1100, "height": 640}) as page:
+        chat = Chat(page, server.url)
+        expect(page.locator("#model-name")).to_have_text("stories260K")
+        chat.settings(temperature="0", max_tokens="60", system="You tell short stories for children.")
+        chat.say("Once upon a time, a little llama")
+        assert chat.finished_answer(0).strip()
+        chat.say("What happened next?")
+        assert chat.finished_answer(1).strip()
+        page.get_by_label("Message", exact=True).fill("Tell me about the llama's friend")
+        page.screenshot(path=str(target))
     assert target.stat().st_size > 0
