@@ -2,9 +2,10 @@
 
 `AdapterStack(model, max_adapters, max_rank)` wraps every projection of the decoder layers in a `MultiLoraLinear`,
 which keeps all adapters' A and B matrices stacked by slot (slot 0: none, all zeros). Before a forward the engine
-says which slot each row uses (`AdapterStack.selection`); each layer adds, adapter by adapter, the low-rank update
-of the rows that use it, so requests for different adapters and the base share one step. With no adapter row in a
-batch the layers are the base model's (the fused decode path included).
+says which slot each row uses (`AdapterStack.selection`); each layer adds every row's low-rank update with two
+matrix products over all slots at once (each row masked to its own slot's ranks between them), so requests for
+different adapters and the base share one step at the same few operator calls however many adapters it holds.
+With no adapter row in a batch the layers are the base model's (the fused decode path included).
 
 Adapters are peft directories (what `llamaforge finetune` and peft's save_pretrained write); their scaling is folded
 into B when loaded, ranks below `max_rank` are padded with zeros (which add nothing).
@@ -28,18 +29,20 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 class AdapterSelection:
     """Which adapter slot each row of the next forward uses; `rows` None: the base model for every row."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int, rank: int) -> None:
+        self.slots, self.rank = slots, rank
         self.rows: list[int] | None = None
-        self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, its rows' indices) for each adapter in the batch
+        self.mask: torch.Tensor | None = None  # (B, slots * rank): 1 on each row's own slot's block of ranks
 
     def select(self, rows: list[int] | None, device: torch.device | str) -> None:
         """Set the rows' slots for the next forward (None or all 0: the base model everywhere)."""
         if rows is None or not any(rows):
-            self.rows, self.groups = None, []
+            self.rows, self.mask = None, None
             return
         self.rows = rows
-        self.groups = [(slot, torch.tensor([i for i, s in enumerate(rows) if s == slot], device=device))
-                       for slot in sorted(set(rows) - {0})]
+        mask = torch.zeros(len(rows), self.slots, self.rank, device=device)
+        mask[torch.arange(len(rows)), torch.tensor(rows)] = 1.0
+        self.mask = mask.flatten(1)
 
 
 class MultiLoraLinear(nn.Module):
@@ -52,10 +55,11 @@ class MultiLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         device = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
-        # float32, as an unmerged LoraLinear computes; scaling folded into B.
+        # float32, as an unmerged LoraLinear computes; scaling folded into B. Laid out so that all slots' matrices
+        # are one (slots * rank, in) and one (out, slots * rank) matrix: every row's update is two products for the
+        # whole batch, whatever the adapters in it, with each row masked to its own slot's ranks in between.
         self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, rank, device=device), persistent=False)
-        self.ranks = [0] * slots  # each slot's rank in this layer (0: its adapter leaves the layer alone)
+        self.register_buffer("lora_B", torch.zeros(self.out_features, slots, rank, device=device), persistent=False)
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,18 +72,14 @@ class MultiLoraLinear(nn.Module):
         return [layer.add_updates(x, out) for layer, out in zip(layers, outs, strict=True)]
 
     def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y plus each row's adapter update of x: x (B, ..., in), y (B, ..., out). Rows are grouped by adapter, so
-        each adapter's matrices are read once a step however many rows use it."""
-        groups = [(slot, rows) for slot, rows in self.selection.groups if self.ranks[slot]]
-        if not groups:
+        """y plus each row's adapter update of x: x (B, ..., in), y (B, ..., out)."""
+        mask = self.selection.mask  # (B, slots * rank)
+        if mask is None:
             return y
-        batch = len(self.selection.rows)
-        inputs, out = x.reshape(batch, -1, self.in_features), y.reshape(batch, -1, self.out_features)
-        for slot, rows in groups:
-            rank = self.ranks[slot]
-            low = inputs[rows].float() @ self.lora_A[slot, :rank].T  # (n, T, r)
-            out[rows] += (low @ self.lora_B[slot, :, :rank].T).to(y.dtype)  # (n, T, out)
-        return y
+        inputs = x.reshape(mask.shape[0], -1, self.in_features).float()  # (B, T, in)
+        low = inputs @ self.lora_A.flatten(0, 1).T * mask[:, None]  # (B, T, slots * rank), other slots' zeroed
+        update = low @ self.lora_B.flatten(1).T  # (B, T, out)
+        return y + update.reshape(y.shape).to(y.dtype)
 
 
 class AdapterStack:
@@ -89,7 +89,7 @@ class AdapterStack:
         if max_adapters < 1 or max_rank < 1:
             raise AdapterError(f"max_adapters and max_rank must be >= 1, got {max_adapters} and {max_rank}")
         self.model, self.max_rank = model, max_rank
-        self.selection = AdapterSelection()
+        self.selection = AdapterSelection(max_adapters + 1, max_rank)
         self.slots: dict[str, int] = {}  # name -> slot (1 .. max_adapters)
         self.paths: dict[str, str] = {}
         self.free = list(range(1, max_adapters + 1))
@@ -137,11 +137,10 @@ class AdapterStack:
         for module, layer in self.layers.items():
             a, b = updates.get(module, (None, None))
             layer.lora_A[slot].zero_()
-            layer.lora_B[slot].zero_()
-            layer.ranks[slot] = 0 if a is None else a.shape[0]
+            layer.lora_B[:, slot].zero_()
             if a is not None:
                 layer.lora_A[slot, :a.shape[0]] = a.to(layer.lora_A.device)
-                layer.lora_B[slot, :, :b.shape[1]] = b.to(layer.lora_B.device)
+                layer.lora_B[:, slot, :b.shape[1]] = b.to(layer.lora_B.device)
         self.slots[name], self.paths[name] = slot, str(path)
         return slot
 
@@ -153,7 +152,6 @@ class AdapterStack:
         del self.paths[name]
         for layer in self.layers.values():
             layer.lora_A[slot].zero_()
-            layer.lora_B[slot].zero_()
-            layer.ranks[slot] = 0
+            layer.lora_B[:, slot].zero_()
         self.free.append(slot)
         self.free.sort()
