@@ -348,16 +348,16 @@ class Engine:
         slot its kept tokens, a running one what it has fed). Looked up now rather than at admission, so that
         requests arriving together find what the ones prefilled before them computed."""
         prompt = request.prompt_ids
-        adapter = request.adapter  # keys and values are the adapter's own
-        holders = [(slot, self.kept[slot]) for slot in self.free_slots if self.kept_adapter[slot] == adapter] + \
-            [(r.slot, self._fed_tokens(r)) for r in self.running if r is not request and r.adapter == adapter]
-        if holders:
-            source, held = max(holders, key=lambda holder: shared_prefix(holder[1], prompt))
-            reuse = min(shared_prefix(held, prompt), len(prompt) - 1)
-            if reuse > request.prefilled:
-                for layer in self.kv_cache:
-                    layer.copy_prefix(source, request.slot, reuse)
-                request.prefilled = reuse
+        # (tokens of the prompt's start held, slot); keys and values are the adapter's own
+        held = [(self._kept_prefix(slot, request), slot) for slot in self.free_slots] + \
+            [(shared_prefix(self._fed_tokens(r), prompt), r.slot) for r in self.running
+             if r is not request and r.adapter == request.adapter]
+        shared, source = max(held, default=(0, request.slot))
+        reuse = min(shared, len(prompt) - 1)
+        if reuse > request.prefilled:
+            for layer in self.kv_cache:
+                layer.copy_prefix(source, request.slot, reuse)
+            request.prefilled = reuse
         request.prefix_checked = True
         self.prefix_cache_hits += request.prefilled
 
@@ -559,9 +559,9 @@ class Engine:
     def _adapters_of(self, first: int, last: int) -> Iterator[None]:
         """During a forward over slots first .. last: each row's served LoRA adapter (the base where none is)."""
         adapters = self.llm.adapters
-        by_slot = {r.slot: r.adapter for r in self.running}
+        by_slot = {r.slot: r.adapter for r in self.running} if adapters is not None else {}
         rows = [by_slot.get(slot, 0) for slot in range(first, last + 1)]
-        if adapters is None or not any(rows):
+        if not any(rows):
             yield
             return
         adapters.selection.select(rows, self.device)
@@ -582,8 +582,10 @@ class Engine:
         batch_logits = torch.stack([logits[r] for r in requests])  # (B, V)
         params = [r.params for r in requests]
         # Constrained rows sample among the tokens their grammar allows; log-probabilities stay the model's.
-        allowed = torch.stack([constrain(row, r.constraint) if r.constraint is not None else row
-                               for row, r in zip(batch_logits, requests, strict=True)])
+        allowed = batch_logits
+        if any(r.constraint is not None for r in requests):
+            allowed = torch.stack([constrain(row, r.constraint) if r.constraint is not None else row
+                                   for row, r in zip(batch_logits, requests, strict=True)])
         next_ids = sample(allowed, params, [r.state.generator for r in requests], self.history.rows(rows))  # (B,)
         self.history.add(next_ids, rows)
         picks = {request: (token_id, None, None, None) for request, token_id in zip(requests, next_ids.tolist(),

@@ -235,20 +235,21 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     answering = body.max_tokens != 0
 
-    def logprobs_of(token_ids: list[int], logprobs: list, tops: list, offset: int) -> dict:
-        tokens, offsets = [], []
-        for token_id in token_ids:
-            tokens.append(_token_text(server, token_id)[0])
+    def logprobs_of(token_ids: list[int], texts: list[str], logprobs: list, tops: list, offset: int) -> dict:
+        """Legacy logprobs of tokens whose `texts` (what each adds to the choice's text) start at `offset`."""
+        offsets = []
+        for text in texts:
             offsets.append(offset)
-            offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": [_by_text(server, t) for t in tops],
-                "text_offset": offsets}
+            offset += len(text)
+        return {"tokens": [_token_text(server, t)[0] for t in token_ids], "token_logprobs": logprobs,
+                "top_logprobs": [_by_text(server, t) for t in tops], "text_offset": offsets}
 
     def prompt_logprobs(ids: list[int], first: TokenEvent) -> dict:
-        return logprobs_of(ids, first.prompt_logprobs, first.prompt_top_logprobs, 0)
+        texts = [_token_text(server, t)[0] for t in ids]
+        return logprobs_of(ids, texts, first.prompt_logprobs, first.prompt_top_logprobs, 0)
 
     def answer_logprobs(events: list[TokenEvent], offset: int) -> dict:
-        return logprobs_of([e.token_id for e in events], [e.logprob for e in events],
+        return logprobs_of([e.token_id for e in events], [e.text for e in events], [e.logprob for e in events],
                            [e.top_logprobs or {} for e in events], offset)
 
     def joined(parts: list[dict]) -> dict:
