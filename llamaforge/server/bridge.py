@@ -87,6 +87,25 @@ class RequestStream:
             watcher.cancel()
 
 
+async def open_streams(server, requests: list[tuple[list[int], SamplingParams]], prompt_as_context: bool,
+                       grammar: str | None = None, grammar_source: str = "grammar", prompt_logprobs: int | None = None,
+                       adapter: int = 0) -> list[RequestStream]:
+    """Submit every (prompt ids, params) to the server's engine, each held to `grammar` if given (a Constraint of its
+    own); if one is refused, cancel those already submitted and raise."""
+    streams = []
+    try:
+        for ids, params in requests:
+            constraint = None if grammar is None else \
+                await run_in_threadpool(Constraint, server.llm.tokenizer, grammar, grammar_source)
+            streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context,
+                                                    prompt_logprobs, constraint, adapter))
+    except BaseException:
+        for opened in streams:
+            opened.close()
+        raise
+    return streams
+
+
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
     """The events of several streams (the n choices of one request) as they come, each with its stream's index;
     each stream's own events stay in order. A stream's error ends them all (the others are cancelled)."""

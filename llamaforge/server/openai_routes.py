@@ -14,7 +14,7 @@ from llamaforge.adapters import AdapterStack
 from llamaforge.generate import TokenEvent
 from llamaforge.lora import AdapterError
 from llamaforge.sampling import SamplingParams
-from llamaforge.server.bridge import RequestStream, merged
+from llamaforge.server.bridge import RequestStream, merged, open_streams
 from llamaforge.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,7 +23,6 @@ from llamaforge.server.schemas import (
     UnloadAdapterRequest,
 )
 from llamaforge.server.state import EventStream, ModelNotFound, ServerState, openai_error_body, sse_event
-from llamaforge.structured import Constraint
 
 router = APIRouter()
 
@@ -60,22 +59,9 @@ def _params(server: ServerState, body: OpenAIRequest, prompt_ids: list[int], max
 
 async def _open_all(server: ServerState, body: OpenAIRequest, requests: list[tuple[list[int], SamplingParams]],
                     prompt_as_context: bool, prompt_logprobs: int | None = None) -> list[RequestStream]:
-    """Submit every (prompt, params) to the engine, each held to the body's response_format if it has one; if one is
-    refused, cancel the others and raise."""
-    adapter = server.adapter_slot(body.model)
-    grammar = body.grammar()
-    streams = []
-    try:
-        for ids, params in requests:
-            constraint = None if grammar is None else \
-                await run_in_threadpool(Constraint, server.llm.tokenizer, grammar, "response_format")
-            streams.append(await RequestStream.open(server.engine, server.metrics, ids, params, prompt_as_context,
-                                                    prompt_logprobs, constraint, adapter))
-    except BaseException:
-        for opened in streams:
-            opened.close()
-        raise
-    return streams
+    """Submit every (prompt, params) for the body's model, each held to its response_format if it has one."""
+    return await open_streams(server, requests, prompt_as_context, body.grammar(), "response_format", prompt_logprobs,
+                              server.adapter_slot(body.model))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

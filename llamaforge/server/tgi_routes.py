@@ -12,10 +12,9 @@ import llamaforge
 from llamaforge.errors import GenerationError
 from llamaforge.generate import TokenEvent
 from llamaforge.sampling import SamplingParams
-from llamaforge.server.bridge import RequestStream
+from llamaforge.server.bridge import RequestStream, open_streams
 from llamaforge.server.schemas import MAX_BEST_OF, TGIRequest, TokenizeRequest
 from llamaforge.server.state import EventStream, ServerState, sse_event, tgi_error_body
-from llamaforge.structured import Constraint
 
 router = APIRouter()
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the request gives none
@@ -47,23 +46,14 @@ async def _start(server: ServerState, body: TGIRequest) -> list[RequestStream]:
     prompt_ids = await run_in_threadpool(server.llm.encode_prompt, body.inputs)
     if parameters.truncate is not None and len(prompt_ids) > parameters.truncate:
         prompt_ids = prompt_ids[-parameters.truncate:]
-    grammar = parameters.grammar_text()
     adapter = server.adapter_slot(parameters.adapter_id, "parameters.adapter_id")
-    streams = []
-    try:
-        for candidate in range(best_of):
-            seed = None if sampling["seed"] is None else (sampling["seed"] + candidate) % 2**64
-            params = SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, logprobs=True,
-                                    **{**sampling, "seed": seed})
-            constraint = None if grammar is None else \
-                await run_in_threadpool(Constraint, server.llm.tokenizer, grammar, "parameters.grammar")
-            streams.append(await RequestStream.open(server.engine, server.metrics, prompt_ids, params,
-                                                    prompt_as_context=True, constraint=constraint, adapter=adapter))
-    except BaseException:
-        for opened in streams:
-            opened.close()
-        raise
-    return streams
+    requests = []
+    for candidate in range(best_of):
+        seed = None if sampling["seed"] is None else (sampling["seed"] + candidate) % 2**64
+        requests.append((prompt_ids, SamplingParams(max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                                    logprobs=True, **{**sampling, "seed": seed})))
+    return await open_streams(server, requests, True, parameters.grammar_text(), "parameters.grammar",
+                              adapter=adapter)
 
 
 async def _generate(server: ServerState, body: TGIRequest, client: Request) -> dict:
