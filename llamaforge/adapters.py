@@ -5,7 +5,9 @@ which keeps all adapters' A and B matrices stacked by slot (slot 0: none, all ze
 says which slot each row uses (`AdapterStack.selection`); each layer adds every row's low-rank update with two
 matrix products over all slots at once (each row masked to its own slot's ranks between them), so requests for
 different adapters and the base share one step at the same few operator calls however many adapters it holds.
-With no adapter row in a batch the layers are the base model's (the fused decode path included).
+With no adapter row in a batch the layers are the base model's. In a bfloat16 CPU model the updates are
+decode_layers.c's (`kernels.bf16_lora`), which the fused decode layers also add, so decode steps with adapter rows
+stay on the fused path.
 
 Adapters are peft directories (what `llamaforge finetune` and peft's save_pretrained write); their scaling is folded
 into B when loaded, ranks below `max_rank` are padded with zeros (which add nothing).
@@ -21,6 +23,7 @@ from torch import nn
 
 from llamaforge.lora import AdapterError, _pattern_value, read_adapter
 from llamaforge.model import Llama, project
+from llamaforge.quantize import kernels
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
@@ -32,16 +35,18 @@ class AdapterSelection:
     def __init__(self, slots: int, rank: int) -> None:
         self.slots, self.rank = slots, rank
         self.rows: list[int] | None = None
+        self.slot_ids: torch.Tensor | None = None  # (B,) int64 on the CPU: what the C kernels read
         self.mask: torch.Tensor | None = None  # (B, slots * rank): 1 on each row's own slot's block of ranks
 
     def select(self, rows: list[int] | None, device: torch.device | str) -> None:
         """Set the rows' slots for the next forward (None or all 0: the base model everywhere)."""
         if rows is None or not any(rows):
-            self.rows, self.mask = None, None
+            self.rows, self.slot_ids, self.mask = None, None, None
             return
         self.rows = rows
+        self.slot_ids = torch.tensor(rows, dtype=torch.int64)
         mask = torch.zeros(len(rows), self.slots, self.rank, device=device)
-        mask[torch.arange(len(rows)), torch.tensor(rows)] = 1.0
+        mask[torch.arange(len(rows)), self.slot_ids.to(device)] = 1.0
         self.mask = mask.flatten(1)
 
 
@@ -56,10 +61,11 @@ class MultiLoraLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         device = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
         # float32, as an unmerged LoraLinear computes; scaling folded into B. Laid out so that all slots' matrices
-        # are one (slots * rank, in) and one (out, slots * rank) matrix: every row's update is two products for the
-        # whole batch, whatever the adapters in it, with each row masked to its own slot's ranks in between.
+        # are one (slots * rank, in) and one (slots * rank, out) matrix: every row's update is two products for the
+        # whole batch, whatever the adapters in it, with each row masked to its own slot's ranks in between. The C
+        # kernels (bfloat16 CPU models) read row by row each slot's (rank, in) and (rank, out) block instead.
         self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(self.out_features, slots, rank, device=device), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(slots, rank, self.out_features, device=device), persistent=False)
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +82,16 @@ class MultiLoraLinear(nn.Module):
         mask = self.selection.mask  # (B, slots * rank)
         if mask is None:
             return y
-        inputs = x.reshape(mask.shape[0], -1, self.in_features).float()  # (B, T, in)
+        B = mask.shape[0]
+        # A bfloat16 CPU model: decode_layers.c's updates, rounded as the fused decode layers round them.
+        if kernels.bf16_inference(x, y) and self.lora_A.dtype == torch.float32 and kernels.decode_available():
+            out = kernels.eager_or_op(kernels.bf16_lora, kernels.bf16_lora_op, x.reshape(B, -1, self.in_features),
+                                      y.reshape(B, -1, self.out_features), self.lora_A, self.lora_B,
+                                      self.selection.slot_ids)
+            return out.reshape(y.shape)
+        inputs = x.reshape(B, -1, self.in_features).float()  # (B, T, in)
         low = inputs @ self.lora_A.flatten(0, 1).T * mask[:, None]  # (B, T, slots * rank), other slots' zeroed
-        update = low @ self.lora_B.flatten(1).T  # (B, T, out)
+        update = low @ self.lora_B.flatten(0, 1)  # (B, T, out)
         return y + update.reshape(y.shape).to(y.dtype)
 
 
@@ -137,10 +150,10 @@ class AdapterStack:
         for module, layer in self.layers.items():
             a, b = updates.get(module, (None, None))
             layer.lora_A[slot].zero_()
-            layer.lora_B[:, slot].zero_()
+            layer.lora_B[slot].zero_()
             if a is not None:
                 layer.lora_A[slot, :a.shape[0]] = a.to(layer.lora_A.device)
-                layer.lora_B[:, slot, :b.shape[1]] = b.to(layer.lora_B.device)
+                layer.lora_B[slot, :b.shape[1]] = b.T.to(layer.lora_B.device)
         self.slots[name], self.paths[name] = slot, str(path)
         return slot
 
@@ -152,6 +165,6 @@ class AdapterStack:
         del self.paths[name]
         for layer in self.layers.values():
             layer.lora_A[slot].zero_()
-            layer.lora_B[:, slot].zero_()
+            layer.lora_B[slot].zero_()
         self.free.append(slot)
         self.free.sort()

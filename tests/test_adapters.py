@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from factories import submit_all, write_adapter
 
 import llamaforge
@@ -12,6 +13,7 @@ from llamaforge.adapters import AdapterStack
 from llamaforge.config import ModelArgs
 from llamaforge.engine import Engine
 from llamaforge.lora import AdapterError
+from llamaforge.quantize import kernels
 from llamaforge.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
@@ -87,10 +89,10 @@ def test_adapters_that_do_not_fit_are_refused_by_name(tmp_path: Path, tiny_model
         stack.remove("colors")
 
 
-def test_a_bfloat16_model_serves_adapters_beside_its_fused_decode(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The demo model (bfloat16, fused decode layers): base rows keep the fused path, adapter rows go layer by
-    layer with their updates; each answers as the model with that adapter alone (unmerged)."""
+def test_a_bfloat16_model_decodes_adapter_rows_on_its_fused_path(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo model (bfloat16, fused decode layers): a batch of base and adapter rows decodes through the fused
+    layers, which add each row's update; each answers as the model with that adapter alone (unmerged, torch)."""
     llm = llamaforge.load()
     if llm.model.fused_decode is None:
         pytest.skip("this CPU has no fused decode path (AVX-512 VNNI / BF16)")
@@ -109,11 +111,30 @@ def test_a_bfloat16_model_serves_adapters_beside_its_fused_decode(tmp_path: Path
     monkeypatch.setattr(type(fused), "__call__", lambda self, *args: calls.append(1) or original(self, *args))
     try:
         assert submit_requests(engine, [(prompt, None), (prompt, "tuned")], {"tuned": slot}) == [base, adapted]
-        calls.clear()
-        assert submit_all(engine, [prompt], GREEDY) == [base]
-        assert calls, "a base-only batch decodes through the fused layers"
+        assert len(calls) >= GREEDY.max_new_tokens - 1, "decode steps with an adapter row run the fused layers"
     finally:
         engine.stop()
+
+
+@pytest.mark.skipif(kernels.native_decode() is None, reason="the bfloat16 LoRA kernel needs AVX-512 and a C compiler")
+def test_the_bfloat16_kernel_adds_the_updates_torch_computes() -> None:
+    """kernels.bf16_lora (what bfloat16 CPU models use, fused or not) against the update in float64: within one
+    bfloat16 step (float32 sums in another order), and base rows untouched."""
+    generator = torch.Generator().manual_seed(0)
+    slots, rank, K, N = 3, 8, 200, 300  # widths that are not multiples of 16
+    a = torch.randn(slots, rank, K, generator=generator) * 0.2
+    b = torch.randn(slots, rank, N, generator=generator) * 0.2
+    a[0], b[0] = 0, 0
+    x = torch.randn(4, 5, K, generator=generator).bfloat16()
+    y = torch.randn(4, 5, N, generator=generator).bfloat16()
+    ids = torch.tensor([2, 0, 1, 2])
+    out = kernels.bf16_lora(x, y, a, b, ids)
+    update = torch.einsum("btk,brk,brn->btn", x.double(), a[ids].double(), b[ids].double())
+    expected = (y.double() + update.to(torch.bfloat16).double()).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[1], y[1])
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=2**-8 * update.abs().max().item())
+    assert (out != expected).float().mean() < 0.02
+    assert not torch.equal(out[0], y[0])
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import copy
 import threading
+from pathlib import Path
 
 import pytest
 import torch
-from factories import random_model
+from factories import random_model, write_adapter
 
 import llamaforge
+from llamaforge.adapters import PROJECTIONS, AdapterStack
 from llamaforge.config import ModelArgs
 from llamaforge.generate import Decoder
-from llamaforge.model import rms_norm, swiglu
+from llamaforge.model import KVCache, rms_norm, swiglu
 from llamaforge.quantize import QuantizedLinear, kernels, quantize_model, use_bf16_kernel, use_fused_decode
 from llamaforge.quantize.fused import fits_fused_decode
 
@@ -76,29 +78,54 @@ def test_decoder_decodes_fused_where_the_model_has_it() -> None:
         assert counting.calls == 2
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
-def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward(mode: str) -> None:
-    """Rows at different positions (as the engine's slots are) get the numbers they get alone."""
+@pytest.mark.parametrize(("mode", "adapters"), [("int8", False), ("bf16", False), ("int4", True), ("bf16", True)])
+def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward(mode: str, adapters: bool,
+                                                                       tmp_path: Path) -> None:
+    """Rows at different positions (as the engine's slots are) get the numbers they get alone; with served LoRA
+    adapters, rows on different adapters and the base too (the model wrapped after its fused path was built)."""
     model = quantized_model(mode)
     use_fused_decode(model)
-    lengths = [3, 17, 9, 1]
+    lengths, slots = [3, 17, 9, 1], [1, 0, 2, 1]
+    with torch.inference_mode():
+        model.fused_decode(torch.tensor([5]), torch.tensor([0]), model.new_kv_cache(1, 8))  # addresses built
+    selection = None
+    if adapters:
+        stack = AdapterStack(model, max_adapters=2, max_rank=8)
+        for slot, rank in ((1, 8), (2, 4)):
+            stack.add(f"a{slot}", write_adapter(tmp_path / f"a{slot}", CONFIG, slot, rank,
+                                                tuple(name.split(".")[-1] for name in PROJECTIONS)))
+        selection = stack.selection
+
+    def select(rows: list[int]) -> None:
+        if selection is not None:
+            selection.select(rows, "cpu")
+
     prompts = [[(7 * i + 3 * row) % CONFIG.vocab_size for i in range(n)] for row, n in enumerate(lengths)]
     batch_cache = model.new_kv_cache(len(lengths), 32)
     alone_caches = [model.new_kv_cache(1, 32) for _ in lengths]
     layered_cache = model.new_kv_cache(len(lengths), 32)
     with torch.inference_mode():
         for row, prompt in enumerate(prompts):  # prefill each row, layer by layer, into all three caches
+            select([slots[row]])
             for cache in (batch_cache, layered_cache):
                 model(torch.tensor([prompt]), torch.arange(len(prompt))[None],
                       [layer.rows(row, row + 1) for layer in cache], kv_len=len(prompt))
             model(torch.tensor([prompt]), torch.arange(len(prompt))[None], alone_caches[row], kv_len=len(prompt))
         tokens, positions = torch.tensor([11, 12, 13, 14]), torch.tensor(lengths)
+        select(slots)
+        assert model.fused_decode.takes(tokens, batch_cache)
         batch = model.fused_decode(tokens, positions, batch_cache)
         layered = model(tokens[:, None], positions[:, None], layered_cache, logits_at=torch.zeros(4, dtype=torch.long),
                         kv_len=max(lengths) + 1)
-        alone = torch.cat([model.fused_decode(tokens[row:row + 1], positions[row:row + 1], alone_caches[row])
-                           for row in range(len(lengths))])
-    assert torch.equal(batch, layered) and torch.equal(batch, alone)
+        alone = []
+        for row in range(len(lengths)):
+            select([slots[row]])
+            alone.append(model.fused_decode(tokens[row:row + 1], positions[row:row + 1], alone_caches[row]))
+        select([0] * len(lengths))  # the same caches, no adapter this step: the adapted rows' logits change
+        base = model.fused_decode(tokens, positions, [KVCache(c.k.clone(), c.v.clone()) for c in batch_cache])
+    assert torch.equal(batch, layered) and torch.equal(batch, torch.cat(alone))
+    changed = [not torch.equal(batch[row], base[row]) for row in range(len(lengths))]
+    assert changed == ([slot != 0 for slot in slots] if adapters else [False] * len(lengths))
 
 
 def test_which_models_fit() -> None:

@@ -151,13 +151,16 @@ static inline void attend_item(int64_t item, const uint16_t *q, const uint16_t *
                                const uint8_t *mask, uint16_t *out, int64_t H, int64_t Hkv, int64_t T, int64_t D,
                                int64_t L, int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l,
                                float *weights) {
-    const int64_t Lp = (L + 15) / 16 * 16;
     const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
     const int64_t b = item / (H * T), h = item / T % H, t = item % T;
     const int64_t kv_head = h / (H / Hkv);
     const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
     const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
     const uint8_t *visible = mask == NULL ? NULL : mask + (b * T + t) * L;  // NULL: every position
+    // Positions past the last visible one are not read: they would add only zeros (a causal query of a prompt's
+    // chunk skips the later tokens), so a query's numbers are the same whatever follows it.
+    while (visible != NULL && L > 0 && !visible[L - 1]) L--;
+    const int64_t Lp = (L + 15) / 16 * 16;
     // The query as bfloat16 pairs for VDPBF16PS (32 values a register), and its last 16 values as floats when
     // D is not a multiple of 32.
     const int64_t paired = D / 32 * 32;

@@ -19,13 +19,16 @@
 #include "bf16linear.c"
 
 // The weights that multiply one input (q, k, v; or gate, up; or one alone): int8 / int4 in qlinear.c's layout, or
-// (bits 16) bfloat16 rows (N, K) in `dense`.
+// (bits 16) bfloat16 rows (N, K) in `dense`; and where LoRA adapters are served (llamaforge/adapters.py), each
+// projection's stacked low-rank matrices, float32: A (slots, rank, K) and B (slots, rank, N) (else NULL).
 typedef struct {
     const uint8_t *codes[3];
     const uint16_t *scales[3];
     const uint16_t *dense[3];
     int64_t N[3];
     int64_t count, bits, group;
+    const float *lora_a[3], *lora_b[3];
+    int64_t lora_rank;
 } Projections;
 
 typedef struct {
@@ -152,13 +155,72 @@ static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t 
         joint_tile(joint, (int)p->count, first_tile, p->codes, p->scales, (void *const *)ys, p->N, M, act, &s, 1);
 }
 
+// One row's low-rank update of one projection added to its output, as adapters.MultiLoraLinear adds it:
+// y = bfloat16(y + bfloat16(b.T @ (a @ x))) with a (rank, K) and b (rank, N) float32 (the adapter's scaling folded
+// into b), x and y bfloat16, the sums float32 in a fixed order: a row's numbers are its own, in decode_layers and
+// lora_rows alike. Four of a's rows share each load of x.
+static void add_lora_row(const uint16_t *x, int64_t K, const float *a, const float *b, int64_t rank, int64_t N,
+                         const uint16_t *y_in, uint16_t *y) {
+    float low[rank];
+    for (int64_t r0 = 0; r0 < rank; r0 += 4) {
+        __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const int rows = rank - r0 < 4 ? (int)(rank - r0) : 4;
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 keep = first_lanes(K - k);
+            const __m512 values = load16_as_float(x, 1, k, keep);
+            for (int r = 0; r < rows; r++)
+                sums[r] = _mm512_fmadd_ps(values, _mm512_maskz_loadu_ps(keep, a + (r0 + r) * K + k), sums[r]);
+        }
+        for (int r = 0; r < rows; r++) low[r0 + r] = _mm512_reduce_add_ps(sums[r]);
+    }
+    for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 keep = first_lanes(N - n);
+        __m512 update = _mm512_setzero_ps();
+        for (int64_t r = 0; r < rank; r++)
+            update = _mm512_fmadd_ps(_mm512_set1_ps(low[r]), _mm512_maskz_loadu_ps(keep, b + r * N + n), update);
+        store16(y, 1, n, _mm512_add_ps(load16_as_float(y_in, 1, n, keep), round16_to_bf16(update)), keep);
+    }
+}
+
+// The LoRA updates of a set of projections for the `adapted` rows of x (B, K) (row indices, grouped by slot so
+// that each adapter's matrices stay in cache), slots[b] being row b's adapter; call from every thread of the region.
+static void add_lora(const Projections *p, const uint16_t *x, int64_t K, uint16_t *const *ys, const int64_t *slots,
+                     const int64_t *adapted, int64_t n_adapted) {
+    if (n_adapted == 0 || p->lora_a[0] == NULL) return;
+    const int64_t rank = p->lora_rank;
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < p->count * n_adapted; item++) {  // (projection, adapted row) pairs
+        const int i = (int)(item / n_adapted);
+        const int64_t b = adapted[item % n_adapted], N = p->N[i], slot = slots[b];
+        add_lora_row(x + b * K, K, p->lora_a[i] + slot * rank * K, p->lora_b[i] + slot * rank * N, rank, N,
+                     ys[i] + b * N, ys[i] + b * N);
+    }
+}
+
+// y (B * T, N) = x's rows' LoRA updates added to y_in, all bfloat16, row m of x being a token of sequence m / T,
+// whose adapter is slots[m / T] (0: none, y_in's row copied); a (slots, rank, K), b (slots, rank, N) as in
+// Projections. The layer-by-layer path's, so that it rounds exactly as decode_layers.
+void lora_rows(const uint16_t *x, const uint16_t *y_in, uint16_t *y, int64_t B, int64_t T, int64_t K, int64_t N,
+               const float *a, const float *b, int64_t rank, const int64_t *slots, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (B * T > 1)
+    for (int64_t m = 0; m < B * T; m++) {
+        const int64_t slot = slots[m / T];
+        if (slot == 0)
+            memcpy(y + m * N, y_in + m * N, sizeof(uint16_t) * (size_t)N);
+        else
+            add_lora_row(x + m * K, K, a + slot * rank * K, b + slot * rank * N, rank, N, y_in + m * N, y + m * N);
+    }
+}
+
 // Run `n_layers` decoder layers on the hidden states x (B, dim) bfloat16, in place, for one new token of each of
 // B sequences: row b's token sits at positions[b], where each layer writes its key and value in row b of the cache
 // (rows kv_stride_b apart), and attends over that row's positions 0 .. positions[b]. cos and sin (B, D) are the
-// rows' RoPE tables in bfloat16. Every row's arithmetic is its own, whatever else is in the batch. Returns 0, or
-// -1 when out of memory.
+// rows' RoPE tables in bfloat16. slots (B) are the rows' LoRA adapters where the layers serve them (0: none; NULL:
+// no row has one). Every row's arithmetic is its own, whatever else is in the batch. Returns 0, or -1 when out of
+// memory.
 int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers, const Dims *d,
-                  const uint16_t *cos, const uint16_t *sin, const int64_t *positions, int n_threads) {
+                  const uint16_t *cos, const uint16_t *sin, const int64_t *positions, const int64_t *slots,
+                  int n_threads) {
     const int64_t dim = d->dim, hidden = d->hidden, H = d->H, D = d->D, HD = H * D, KVD = d->Hkv * D;
     const int64_t wider = dim > hidden ? dim : hidden, widest = wider > HD ? wider : HD;
     const int64_t blocks = B * ((widest + BLOCK - 1) / BLOCK);  // of the widest input a projection quantizes
@@ -169,10 +231,18 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
     QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
                                 (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
     uint16_t *padded = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * ((widest + LANES - 1) / LANES * LANES)));
-    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !padded || D > 256 || D % 16 != 0) {
+    int64_t *adapted = (int64_t *)malloc(sizeof(int64_t) * (size_t)B), n_adapted = 0;
+    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !padded || !adapted || D > 256
+            || D % 16 != 0) {
         free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded);
+        free(adapted);
         return -1;
     }
+    int64_t max_slot = 0;
+    for (int64_t b = 0; slots && b < B; b++) max_slot = slots[b] > max_slot ? slots[b] : max_slot;
+    for (int64_t slot = 1; slot <= max_slot; slot++)  // adapted rows, grouped by adapter
+        for (int64_t b = 0; b < B; b++)
+            if (slots[b] == slot) adapted[n_adapted++] = b;
     uint16_t *normed = buffer, *attn_out = normed + B * dim, *mlp_out = attn_out + B * dim, *q = mlp_out + B * dim;
     uint16_t *attended = q + B * HD, *k = attended + B * HD, *v = k + B * KVD, *gate = v + B * KVD;
     uint16_t *up = gate + B * hidden, *gated = up + B * hidden;
@@ -183,6 +253,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * dim, w->input_norm, normed + b * dim, dim, d->eps);
         uint16_t *qkv[3] = {q, k, v};
         project(&w->qkv, normed, B, dim, qkv, &act, padded);
+        add_lora(&w->qkv, normed, dim, qkv, slots, adapted, n_adapted);
         #pragma omp single
         for (int64_t b = 0; b < B; b++) {
             rope(q + b * HD, H, D, cos + b * D, sin + b * D);
@@ -200,6 +271,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
                         d->kv_stride_b, d->kv_stride_h, d->kv_stride_l, weights + item * Lp);
         }
         project(&w->o, attended, B, HD, &attn_out, &act, padded);
+        add_lora(&w->o, attended, HD, &attn_out, slots, adapted, n_adapted);
         #pragma omp single
         for (int64_t b = 0; b < B; b++) {
             add_residual(x + b * dim, attn_out + b * dim, dim);
@@ -207,12 +279,14 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
         }
         uint16_t *gate_up[2] = {gate, up};
         project(&w->gate_up, normed, B, dim, gate_up, &act, padded);
+        add_lora(&w->gate_up, normed, dim, gate_up, slots, adapted, n_adapted);
         #pragma omp single
         swiglu(gate, up, gated, B * hidden);
         project(&w->down, gated, B, hidden, &mlp_out, &act, padded);
+        add_lora(&w->down, gated, hidden, &mlp_out, slots, adapted, n_adapted);
         #pragma omp single
         add_residual(x, mlp_out, B * dim);
     }
-    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded);
+    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded); free(adapted);
     return 0;
 }

@@ -44,10 +44,7 @@ class FusedDecode:
                 and k.stride() == v.stride() and k.stride(-1) == 1):
             return False
         model = self.model
-        selection = getattr(model, "adapter_selection", None)
-        if selection is not None and selection.rows is not None:  # served LoRA adapters: the layers add them
-            return False
-        now = (_first_weight(model).data_ptr(), model.dtype, model.device)
+        now = (_first_weight(model).data_ptr(), _first_adapters(model), model.dtype, model.device)
         with self.lock:
             if now != self.built_for:
                 self.layers = (kernels.Layer * model.config.n_layers)(*map(_layer, model.model.layers)) \
@@ -76,9 +73,11 @@ class FusedDecode:
             layer.k_cache, layer.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         dims = kernels.Dims(config.dim, config.hidden_dim, config.n_heads, config.n_kv_heads, config.head_dim,
                             k.stride(0), k.stride(1), k.stride(2), config.norm_eps)
+        selection = getattr(model, "adapter_selection", None)  # served LoRA adapters (llamaforge/adapters.py)
+        slots = None if selection is None or selection.rows is None else selection.slot_ids
         status = kernels.native_decode().decode_layers(
             x.data_ptr(), x.shape[0], self.layers, len(self.layers), ctypes.byref(dims), cos.data_ptr(),
-            sin.data_ptr(), positions.data_ptr(), torch.get_num_threads())
+            sin.data_ptr(), positions.data_ptr(), None if slots is None else slots.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"the fused decode step could not allocate room for {x.shape[0]} rows")
         return model.lm_head(model.model.norm(x[:, 0]))
@@ -96,7 +95,9 @@ def fits_fused_decode(model: Llama) -> bool:
                   (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
         for group in groups:  # each group one kind the kernel takes: one call multiplies it
             schemes = {_scheme(linear) for linear in group}
-            if len(schemes) != 1 or None in schemes:
+            if len(schemes) != 1 or None in schemes or len(set(map(_adapters_dtype, group))) != 1:
+                return False
+            if _adapters_dtype(group[0]) not in (None, torch.float32):
                 return False
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if any(norm.dtype != torch.bfloat16 or not norm.is_contiguous() for norm in norms):
@@ -105,9 +106,14 @@ def fits_fused_decode(model: Llama) -> bool:
 
 
 def _base(linear: torch.nn.Module) -> torch.nn.Module:
-    """The base layer of a layer serving LoRA adapters (adapters.MultiLoraLinear: none is active when the fused path
-    runs); any other layer itself (a trained LoraLinear's update must not be dropped, so it does not fit)."""
+    """The base layer of a layer serving LoRA adapters (adapters.MultiLoraLinear: the kernel adds their updates);
+    any other layer itself (a trained LoraLinear's update must not be dropped, so it does not fit)."""
     return linear.base_layer if getattr(linear, "serves_adapters", False) else linear
+
+
+def _adapters_dtype(linear: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the LoRA matrices a layer serves (None: it serves none); the kernel takes float32 ones."""
+    return linear.lora_A.dtype if getattr(linear, "serves_adapters", False) else None
 
 
 def _scheme(linear: torch.nn.Module) -> tuple[int, int] | None:
@@ -133,15 +139,25 @@ def _first_weight(model: Llama) -> torch.Tensor:
     return q_proj.codes if type(q_proj) is QuantizedLinear else q_proj.weight
 
 
-def _projections(*linears: torch.nn.Module) -> kernels.Projections:
+def _first_adapters(model: Llama) -> int | None:
+    """Where the first layer's served LoRA matrices are (None: the model serves none)."""
+    q_proj = model.model.layers[0].self_attn.q_proj
+    return q_proj.lora_A.data_ptr() if getattr(q_proj, "serves_adapters", False) else None
+
+
+def _projections(*served: torch.nn.Module) -> kernels.Projections:
     pointers, sizes = kernels._PTR * 3, kernels._INT64 * 3
-    linears = tuple(map(_base, linears))
+    linears = tuple(map(_base, served))
     bits, group = _scheme(linears[0])
     quantized = bits != 16
+    adapted = [layer for layer in served if getattr(layer, "serves_adapters", False)]  # all or none: see fits
     return kernels.Projections(pointers(*(linear.codes.data_ptr() for linear in linears if quantized)),
                                pointers(*(linear.scales.data_ptr() for linear in linears if quantized)),
                                pointers(*(linear.weight.data_ptr() for linear in linears if not quantized)),
-                               sizes(*(linear.out_features for linear in linears)), len(linears), bits, group)
+                               sizes(*(linear.out_features for linear in linears)), len(linears), bits, group,
+                               pointers(*(layer.lora_A.data_ptr() for layer in adapted)),
+                               pointers(*(layer.lora_B.data_ptr() for layer in adapted)),
+                               adapted[0].lora_A.shape[1] if adapted else 0)
 
 
 def _layer(layer: torch.nn.Module) -> kernels.Layer:

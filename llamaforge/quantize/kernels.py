@@ -131,10 +131,11 @@ def native_bf16() -> ctypes.CDLL | None:
 
 class Projections(ctypes.Structure):
     """decode_layers.c's Projections: up to three weights of one kind (int8 / int4 of one scheme, or bfloat16: bits
-    16) that multiply one input."""
+    16) that multiply one input, and their served LoRA adapters' stacked matrices (NULL where there are none)."""
 
     _fields_ = [("codes", _PTR * 3), ("scales", _PTR * 3), ("dense", _PTR * 3), ("N", _INT64 * 3), ("count", _INT64),
-                ("bits", _INT64), ("group", _INT64)]
+                ("bits", _INT64), ("group", _INT64), ("lora_a", _PTR * 3), ("lora_b", _PTR * 3),
+                ("lora_rank", _INT64)]
 
 
 class Layer(ctypes.Structure):
@@ -162,12 +163,14 @@ def native_decode() -> ctypes.CDLL | None:
         log.warning("decode steps run layer by layer through torch: %s", exc)
         return None
     library.decode_layers.argtypes = [_PTR, _INT64, ctypes.POINTER(Layer), _INT64, ctypes.POINTER(Dims), _PTR, _PTR,
-                                      _PTR, ctypes.c_int]
+                                      _PTR, _PTR, ctypes.c_int]
     library.decode_layers.restype = ctypes.c_int
     library.rms_norm_rows.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_float, ctypes.c_int]
     library.rms_norm_rows.restype = None
     library.swiglu_rows.argtypes = [_PTR, _PTR, _PTR, _INT64, ctypes.c_int]
     library.swiglu_rows.restype = None
+    library.lora_rows.argtypes = [_PTR, _PTR, _PTR, *[_INT64] * 4, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
+    library.lora_rows.restype = None
     return library
 
 
@@ -214,6 +217,30 @@ def bf16_swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @bf16_swiglu_op.register_fake
 def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+def bf16_lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """y (B, T, N) plus each sequence's LoRA update of x (B, T, K), bfloat16 CPU tensors, by decode_layers.c, which
+    the fused decode layers round alike: a (slots, rank, K) and b (slots, rank, N) float32, slots (B) int64 (0:
+    none). A new tensor."""
+    x, y, slots = x.contiguous(), y.contiguous(), slots.contiguous()
+    out = torch.empty_like(y)
+    B, T, K = x.shape
+    native_decode().lora_rows(x.data_ptr(), y.data_ptr(), out.data_ptr(), B, T, K, y.shape[-1], a.data_ptr(),
+                              b.data_ptr(), a.shape[1], slots.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@torch.library.custom_op("llamaforge::bf16_lora", mutates_args=())
+def bf16_lora_op(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+    """`bf16_lora` as a torch operator, for torch.compile'd graphs."""
+    return bf16_lora(x, y, a, b, slots)
+
+
+@bf16_lora_op.register_fake
+def _(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def bf16_inference(*tensors: torch.Tensor) -> bool:
