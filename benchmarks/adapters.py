@@ -101,24 +101,28 @@ def main(argv: list[str] | None = None) -> None:
                for _ in range(args.requests)]
     params = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
     spread = [index % (args.adapters + 1) for index in range(args.requests)]  # slot 0: the base
-    engines = {side: Engine(llm, max_batch_size=args.clients, max_queue=args.requests).start()
-               for side, llm in models.items()}
     workloads = {"base alone": [0] * args.requests, "base + adapters": spread}
-    rates: dict[str, list[float]] = {side: [] for side in engines}
-    try:
-        for side, engine in engines.items():  # warm-up
-            run(engine, prompts[:args.clients], workloads[side][:args.clients], params)
-        for repeat in range(args.repeats):
-            for side in (list(engines) if repeat % 2 == 0 else list(engines)[::-1]):
-                seconds, answers = run(engines[side], prompts, workloads[side], params)
-                rates[side].append(sum(map(len, answers)) / seconds)
-        # The base's requests answer alike on both sides (the adapters' rows change nothing for them).
-        _, plain = run(engines["base alone"], prompts[:args.clients], [0] * args.clients, params)
-        _, mixed = run(engines["base + adapters"], prompts[:args.clients], spread[:args.clients], params)
-        same_base = all(a == b for a, b, slot in zip(plain, mixed, spread, strict=False) if slot == 0)
-    finally:
-        for engine in engines.values():
+    rates: dict[str, list[float]] = {side: [] for side in models}
+
+    def serve(side: str, count: int, slots: list[int]) -> tuple[float, list]:
+        # A new engine (and worker thread) each run: one OpenMP pool alive at a time, as in a server (two idle
+        # pools' spinning workers starve the running one under `chrt -f`), and no prefix cached from a run before.
+        engine = Engine(models[side], max_batch_size=args.clients, max_queue=args.requests).start()
+        try:
+            return run(engine, prompts[:count], slots[:count], params)
+        finally:
             engine.stop()
+
+    for side in models:  # warm-up
+        serve(side, args.clients, workloads[side])
+    for repeat in range(args.repeats):
+        for side in (list(models) if repeat % 2 == 0 else list(models)[::-1]):
+            seconds, answers = serve(side, args.requests, workloads[side])
+            rates[side].append(sum(map(len, answers)) / seconds)
+    # The base's requests answer alike on both sides (the adapters' rows change nothing for them).
+    _, plain = serve("base alone", args.clients, [0] * args.clients)
+    _, mixed = serve("base + adapters", args.clients, spread)
+    same_base = all(a == b for a, b, slot in zip(plain, mixed, spread, strict=False) if slot == 0)
     medians = {side: statistics.median(values) for side, values in rates.items()}
     report = {"requests": args.requests, "clients": args.clients, "adapters": args.adapters, "rank": args.rank,
               "tok_s": medians, "runs": rates, "ratio": medians["base + adapters"] / medians["base alone"],
