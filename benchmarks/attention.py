@@ -1,10 +1,13 @@
-"""Attention over the KV cache at decode: the bfloat16 C kernel against the torch ops it replaces, side by side.
+"""Attention over the KV cache: the bfloat16 C kernel against the torch ops it replaces, side by side.
 
-Two measurements, each alternating the two sides in one process (2 threads):
+Three measurements, each alternating the two sides in one process (2 threads):
 
 - one layer of TinyLlama-1.1B's heads (32 queries, 4 key-value heads, head size 64), one new token over 170, 1024
   and 4096 cached positions: `kernels.bf16_decode_attention` against `model.decode_attention` (two bfloat16
   matmuls, mask, float softmax), median of `--calls` alternating calls, with the share of equal outputs;
+- the same layer for a prompt's chunk of `--chunk` causal queries ending at each cached length (what a prefill
+  chunk or a cached prompt's suffix computes): the kernel against torch's SDPA (flash attention), which a bfloat16
+  model ran for chunks over 16 queries before the kernel took them all (its numbers do not depend on the split);
 - a whole decode step of the TinyLlama-shaped model (`--preset`; random weights, `--mode` int4 by default, 128
   cached tokens), eager and compiled, with each attention module's kernel switched on and off in `--rounds`
   alternating rounds of 20 steps: the median step time of each side.
@@ -22,21 +25,23 @@ import torch
 
 from llamaforge.config import PRESETS
 from llamaforge.generate import Decoder
-from llamaforge.model import Llama, decode_attention, init_weights
+from llamaforge.model import Llama, cached_attention, init_weights
 from llamaforge.quantize import kernels, quantize_model, use_bf16_kernel
 
 
-def one_layer(lengths: list[int], calls: int) -> None:
-    """Median microseconds of the kernel and of torch for one layer, per cached length."""
+def one_layer(lengths: list[int], calls: int, queries: int = 1) -> None:
+    """Median microseconds of the kernel and of torch (`model.cached_attention`: two matmuls for one query, SDPA for
+    a chunk) for one layer, `queries` causal queries ending at each cached length."""
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 32, 1, 64, generator=generator).bfloat16()
+    q = torch.randn(1, 32, queries, 64, generator=generator).bfloat16()
     cache = torch.randn(2, 1, 4, max(lengths), 64, generator=generator).bfloat16()
-    print("| cached tokens | torch us | kernel us | torch / kernel | equal outputs |")
+    print(f"| cached tokens ({queries} queries) | torch us | kernel us | torch / kernel | equal outputs |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for length in lengths:
         k, v = cache[0, :, :, :length], cache[1, :, :, :length]
-        mask = torch.ones(1, 1, 1, length, dtype=torch.bool)
-        sides = {"torch": decode_attention, "kernel": kernels.bf16_decode_attention}
+        positions = torch.arange(length - queries, length)
+        mask = (torch.arange(length)[None, :] <= positions[:, None])[None, None]  # (1, 1, queries, length)
+        sides = {"torch": cached_attention, "kernel": kernels.bf16_decode_attention}
         times: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(calls + 5):  # the first 5 of each side warm up
             for name, run in sides.items():
@@ -44,7 +49,7 @@ def one_layer(lengths: list[int], calls: int) -> None:
                 run(q, k, v, mask)
                 times[name].append(time.perf_counter() - started)
         torch_us, kernel_us = (statistics.median(times[name][5:]) * 1e6 for name in sides)
-        equal = (decode_attention(q, k, v, mask) == kernels.bf16_decode_attention(q, k, v, mask)).float().mean().item()
+        equal = (cached_attention(q, k, v, mask) == kernels.bf16_decode_attention(q, k, v, mask)).float().mean().item()
         print(f"| {length} | {torch_us:.0f} | {kernel_us:.0f} | {torch_us / kernel_us:.2f} | {equal:.4f} |")
 
 
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=50, help="alternating calls per side and length")
     parser.add_argument("--lengths", default="170,1024,4096", help="cached tokens, comma-separated")
+    parser.add_argument("--chunk", type=int, default=256, help="queries of the prompt-chunk case (0: skip)")
+    parser.add_argument("--chunk-lengths", default="256,512,1024,2048", help="its cached tokens, comma-separated")
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS), help="model of the step")
     parser.add_argument("--mode", default="int4", choices=("bf16", "int8", "int4"), help="weights of the step")
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds of 20 decode steps (0: skip)")
@@ -104,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     if kernels.native_bf16() is None:
         raise SystemExit("the bfloat16 kernel does not run here (it needs x86-64 AVX-512 BF16 and a C compiler)")
     one_layer([int(n) for n in args.lengths.split(",")], args.calls)
+    if args.chunk:
+        print()
+        one_layer([int(n) for n in args.chunk_lengths.split(",")], max(args.calls // 5, 3), args.chunk)
     if args.rounds:
         print()
         decode_steps(args.preset, args.mode, args.rounds)

@@ -137,6 +137,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return (weights @ v).view(B, H, T, D)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of queries (B, H, T, D) over a CPU cache's keys and values (B, Hkv, L, D) with a boolean mask
+    (B, 1, T, L): `decode_attention` for a few queries a row, torch's SDPA for a prompt's chunk."""
+    if q.shape[2] <= DECODE_QUERIES:
+        return decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     """Each of `linears` applied to x. Layers whose class has `forward_many(x, layers)` (the int8 / int4 layers)
     may compute them together: one kernel call for q, k and v reads x once and keeps every core busy."""
@@ -145,9 +153,10 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
 
 
 class Attention(nn.Module):
-    # Attention of a few queries over the cache on the CPU (`decode_attention`); loading a bfloat16 model puts the
-    # compiled kernel here instead (quantize.use_bf16_kernel), per module.
-    cached_attention = staticmethod(decode_attention)
+    # Attention over the cache on the CPU (`cached_attention`); loading a bfloat16 model puts the compiled kernel
+    # here instead (quantize.use_bf16_kernel), per module: it computes each query alike whatever the number of
+    # queries, so a prompt's numbers do not depend on how it is split into chunks, cached or decoded.
+    cached_attention = staticmethod(cached_attention)
 
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
@@ -169,7 +178,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
-        if kv_cache is not None and T <= DECODE_QUERIES and x.device.type == "cpu":
+        if kv_cache is not None and x.device.type == "cpu":
             y = self.cached_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(

@@ -166,9 +166,12 @@ def test_attention_benchmark_compares_the_kernel_with_torch() -> None:
     if kernels.native_bf16() is None:
         pytest.skip("the bfloat16 kernel needs x86-64 AVX-512 BF16 and a C compiler")
     result = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--calls", "3", "--lengths", "40,300",
-                             "--preset", "tiny", "--rounds", "1"], capture_output=True, text=True, timeout=600)
+                             "--chunk", "32", "--chunk-lengths", "64", "--preset", "tiny", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     lengths = [row for row in rows if row[0].strip() in ("40", "300")]
     assert len(lengths) == 2 and all(float(row[4]) > 0.99 for row in lengths)  # the kernel's outputs are torch's
+    chunk = [row for row in rows if row[0].strip() == "64"]  # against SDPA, which does not round the scores
+    assert len(chunk) == 1 and float(chunk[0][4]) > 0.2 and float(chunk[0][1]) > 0 and float(chunk[0][2]) > 0
     assert [row[0].strip() for row in rows if row[0].strip() in ("eager", "compiled")] == ["eager", "compiled"]

@@ -211,3 +211,32 @@ def test_a_position_past_the_cache_is_refused() -> None:
     assert model.fused_decode.takes(torch.tensor([5]), cache)
     with torch.inference_mode(), pytest.raises(IndexError, match="outside the KV cache's 8 positions"):
         model.fused_decode(torch.tensor([5]), torch.tensor([8]), cache)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_a_prompts_numbers_do_not_depend_on_how_it_is_split(mode: str) -> None:
+    """A prompt prefilled whole, in uneven chunks (as the prefix cache splits it), or token by token through the
+    fused decode layers: the same logits and keys and values to the bit. The int8 / int4 kernels compute each row
+    alike however many rows there are, and so does the attention kernel for each query, in chunks of any length."""
+    model = quantized_model(mode)
+    use_fused_decode(model)
+    length = 70
+    prompt = torch.tensor([[(13 * i + 5) % CONFIG.vocab_size for i in range(length)]])
+
+    def prefill(ends: list[int]) -> tuple[torch.Tensor, list[KVCache]]:
+        cache, start = model.new_kv_cache(1, 80), 0
+        with torch.inference_mode():
+            for end in ends:
+                if end - start == 1:
+                    logits = model.fused_decode(prompt[:, start], torch.tensor([start]), cache)
+                else:
+                    logits = model(prompt[:, start:end], torch.arange(start, end)[None], cache,
+                                   logits_at=torch.tensor([end - start - 1]), kv_len=end)
+                start = end
+        return logits, cache
+
+    whole, whole_cache = prefill([length])
+    for ends in ([23, 40, 69, 70], [1, 2, 50, 70], list(range(1, length + 1))):
+        logits, cache = prefill(ends)
+        assert torch.equal(logits, whole), ends
+        assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(cache, whole_cache, strict=True))

@@ -62,6 +62,56 @@ def test_a_chat_reuses_its_history_and_answers_as_without_the_cache(tiny_llm: LL
     assert stats.prefix_cache_hit_rate > 0.5
 
 
+def test_an_int4_chat_gets_the_same_log_probabilities_with_and_without_the_cache(tiny_model_dir) -> None:
+    """An int4 model with bfloat16 activations (where another order of sums shows): each answer's tokens and
+    log-probabilities to the bit, though the cached engine prefills only each turn's new tokens in one chunk and the
+    plain one the whole history in chunks of 24 (the kernels compute each row and query alike however it is split).
+    Also concurrent prompts sharing a start, whose cached suffixes are prefilled beside other rows."""
+    import llamaforge
+    from llamaforge.quantize import kernels
+
+    llm = llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize="int4")
+    if kernels.native_decode() is None:
+        pytest.skip("the int8 / int4 and attention kernels need AVX-512 VNNI and BF16 and a C compiler")
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    encode = llm.tokenizer.encode
+    words = "The llama hums over the hills"
+    turns = [encode(words, bos=True)] + [encode(f" {words} {i} times?", bos=False) for i in range(1, 4)]
+    assert len(turns[0]) > 16 and sum(map(len, turns)) + 6 * len(turns) <= llm.config.max_seq_len
+
+    def answer(engine: Engine, prompts: list[list[int]]) -> list[list[tuple]]:
+        events: list[list[tuple]] = [[] for _ in prompts]
+        done = threading.Semaphore(0)
+        for index, prompt in enumerate(prompts):
+            def emit(event, index=index) -> None:
+                assert not isinstance(event, BaseException), event
+                events[index].append((event.token_id, event.logprob, event.top_logprobs))
+                if event.finish_reason:
+                    done.release()
+            engine.submit(EngineRequest(prompt, params, emit))
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+        return events
+
+    def conversation(engine: Engine) -> list[list[tuple]]:
+        history, answers = [], []
+        for message in turns:
+            answers.append(answer(engine, [history + message])[0])
+            history = history + message + [token for token, _, _ in answers[-1]]
+        shared = history[:40]
+        return answers + answer(engine, [shared + encode(f" Question {i}?", bos=False) for i in range(4)])
+
+    cached = Engine(llm, max_batch_size=3, prefill_chunk=24).start()
+    plain = Engine(llm, max_batch_size=3, prefill_chunk=24, prefix_cache=False).start()
+    try:
+        with_cache, without = conversation(cached), conversation(plain)
+    finally:
+        cached.stop()
+        plain.stop()
+    assert cached.stats().prefix_cache_hits > 100
+    assert with_cache == without
+
+
 def test_concurrent_requests_share_a_long_prefix_and_answer_as_without_it(tiny_llm: LLM) -> None:
     """Requests with one system prompt, arriving together: the later ones copy it from a running slot."""
     encode = tiny_llm.tokenizer.encode

@@ -1,5 +1,5 @@
-// bfloat16 linear layers for a few activation rows, and attention over a KV cache for a few queries, on x86 CPUs
-// with AVX-512 BF16: the batch-1 decode path.
+// bfloat16 linear layers for a few activation rows, and attention over a KV cache, on x86 CPUs with AVX-512 BF16:
+// the batch-1 decode path (and every attention over the cache of a bfloat16 CPU model).
 //
 // y (M, N) = x (M, K) @ W.T with x, W and y in bfloat16. VDPBF16PS multiplies 32 bfloat16 pairs (exact in
 // float32) and adds them into 16 float32 lanes, so one 64-byte weight load feeds one instruction per activation
@@ -10,6 +10,7 @@
 // CPUs that have AVX-512 BF16; loaded with ctypes.
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -225,24 +226,27 @@ static inline void attend_item(int64_t item, const uint16_t *q, const uint16_t *
         _mm256_storeu_si256((__m256i *)(out + item * D + d), to_bf16_bits(acc[d / 16]));
 }
 
-// Attention of a few new queries over a KV cache, for decoding: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with
-// q (B, H, T, D) contiguous, k and v (B, Hkv, L, D) with the given strides (a cache's first L positions), and
-// mask (B, T, L) bytes, nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv).
-// It rounds where torch's two bfloat16 matmuls and float softmax do (model.decode_attention): scores to bfloat16
-// before scaling, the weights to bfloat16, the output once; sums are float32. D a multiple of 16, at most 256.
-// Returns 0, or -1 when out of memory (or D is not one of those).
+// Attention of new queries over a KV cache: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with q (B, H, T, D)
+// contiguous, k and v (B, Hkv, L, D) with the given strides (a cache's first L positions), and mask (B, T, L) bytes,
+// nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv). It rounds where torch's
+// two bfloat16 matmuls and float softmax do (model.decode_attention): scores to bfloat16 before scaling, the weights
+// to bfloat16, the output once; sums are float32. Each query's arithmetic is its own, in a fixed order over the
+// positions it sees: a prompt's chunk gets the numbers its tokens get decoded one by one. D a multiple of 16, at
+// most 256. Returns 0, or -1 when out of memory (or D is not one of those).
 int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
                           uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t L,
                           int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l, int n_threads) {
     if (D > 256 || D % 16 != 0) return -1;
     const int64_t Lp = (L + 15) / 16 * 16;
-    float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * H * T * Lp));
+    float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(n_threads * Lp));  // a row of weights each
     if (!scratch) return -1;
-    #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t item = 0; item < B * H * T; item++)
-        attend_item(item, q, k, v, mask, out, H, Hkv, T, D, L, kv_stride_b, kv_stride_h, kv_stride_l,
-                    scratch + item * Lp);
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *weights = scratch + omp_get_thread_num() * Lp;
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < B * H * T; item++)
+            attend_item(item, q, k, v, mask, out, H, Hkv, T, D, L, kv_stride_b, kv_stride_h, kv_stride_l, weights);
+    }
     free(scratch);
     return 0;
 }
-

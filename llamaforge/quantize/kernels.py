@@ -296,10 +296,10 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of a few queries (B, H, T, D) over cached keys and values (B, Hkv, L, D), bfloat16 CPU tensors,
-    with a boolean mask (B, 1, T, L), by the compiled kernel (bf16linear.c): (B, H, T, D) bfloat16. It rounds where
-    model.decode_attention's torch ops do. k and v are views of one cache layout (same strides, last one 1); the
-    head size is a multiple of 16, at most 256."""
+    """Attention of queries (B, H, T, D) over cached keys and values (B, Hkv, L, D), bfloat16 CPU tensors, with a
+    boolean mask (B, 1, T, L), by the compiled kernel (bf16linear.c): (B, H, T, D) bfloat16. It rounds where
+    model.decode_attention's torch ops do, and computes each query alike whatever the other queries. k and v are
+    views of one cache layout (same strides, last one 1); the head size is a multiple of 16, at most 256."""
     B, H, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     q, mask = q.contiguous(), mask.reshape(B, T, L).contiguous()
