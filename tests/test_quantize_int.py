@@ -359,6 +359,28 @@ def test_attention_kernel_rounds_where_torch_does(batch: int, heads: int, kv_hea
     assert bool((kernels.bf16_decode_attention(q, k, v, mask)[0, :, 0] == 0).all())
 
 
+@needs_bf16_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(32, 4, 64), (4, 4, 128), (8, 2, 48), (4, 2, 16)])
+def test_attention_kernel_gives_each_query_of_a_chunk_what_it_gets_alone(heads: int, kv_heads: int,
+                                                                         head_dim: int) -> None:
+    """A prompt's chunk of causal queries in one call against each query alone over the positions it sees: equal to
+    the bit (queries of one key-value head share each load of its values, but each sums alone, in its own order)."""
+    generator = torch.Generator().manual_seed(heads + head_dim)
+    batch, queries, length = 2, 37, 101
+    cache = torch.randn(2, batch, kv_heads, length + 8, head_dim, generator=generator).bfloat16()
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]
+    q = torch.randn(batch, heads, queries, head_dim, generator=generator).bfloat16()
+    last = torch.tensor([[length - 1], [length - 6]]) - torch.arange(queries).flip(0)  # (B, T): row 1 padded
+    mask = (torch.arange(length)[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, L)
+    chunk = kernels.bf16_decode_attention(q, k, v, mask)
+    for b in range(batch):
+        for t in range(queries):
+            seen = int(last[b, t]) + 1
+            alone = kernels.bf16_decode_attention(q[b:b + 1, :, t:t + 1], k[b:b + 1, :, :seen], v[b:b + 1, :, :seen],
+                                                  torch.ones(1, 1, 1, seen, dtype=torch.bool))
+            assert torch.equal(chunk[b:b + 1, :, t:t + 1], alone), (b, t)
+
+
 def test_a_bfloat16_model_decodes_alike_with_the_attention_kernel() -> None:
     """load() puts the kernel into a bfloat16 CPU model's attention (not a float32 one's); answers stay the same."""
     llm = llamaforge.load(dtype="bfloat16")

@@ -146,28 +146,22 @@ static inline __m512 sum16(__m512 v[16]) {
     return v[0];
 }
 
-// One query (item = (b * H + h) * T + t) of bf16_decode_attention, with `weights` room for Lp floats; a NULL
-// mask shows it all L positions.
-static inline void attend_item(int64_t item, const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                               const uint8_t *mask, uint16_t *out, int64_t H, int64_t Hkv, int64_t T, int64_t D,
-                               int64_t L, int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l,
-                               float *weights) {
-    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
-    const int64_t b = item / (H * T), h = item / T % H, t = item % T;
-    const int64_t kv_head = h / (H / Hkv);
-    const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
-    const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
-    const uint8_t *visible = mask == NULL ? NULL : mask + (b * T + t) * L;  // NULL: every position
-    // Positions past the last visible one are not read: they would add only zeros (a causal query of a prompt's
-    // chunk skips the later tokens), so a query's numbers are the same whatever follows it.
+// The attention weights of one query (item = (b * H + h) * T + t) of bf16_decode_attention, over the keys of its
+// key-value head, into `weights` (room for L rounded up to 16 floats), each rounded to bfloat16; `visible` is its
+// row of the mask (NULL: all L positions). Returns how many positions the query reads: those past its last visible
+// one would add only zeros (a causal query of a prompt's chunk skips the later tokens), so a query's numbers are the
+// same whatever follows it.
+static inline int64_t attention_weights(const uint16_t *query, const uint16_t *keys, const uint8_t *visible,
+                                        int64_t D, int64_t L, int64_t kv_stride_l, float *weights) {
     while (visible != NULL && L > 0 && !visible[L - 1]) L--;
     const int64_t Lp = (L + 15) / 16 * 16;
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
     // The query as bfloat16 pairs for VDPBF16PS (32 values a register), and its last 16 values as floats when
     // D is not a multiple of 32.
     const int64_t paired = D / 32 * 32;
-    __m512i query[8];
-    for (int64_t d = 0; d < paired; d += 32) query[d / 32] = _mm512_loadu_si512((const void *)(q + item * D + d));
-    const __m512 query_tail = paired < D ? bf16x16_to_float(q + item * D + paired) : _mm512_setzero_ps();
+    __m512i pairs[8];
+    for (int64_t d = 0; d < paired; d += 32) pairs[d / 32] = _mm512_loadu_si512((const void *)(query + d));
+    const __m512 tail = paired < D ? bf16x16_to_float(query + paired) : _mm512_setzero_ps();
     // Scores, 16 positions at a time (lane j: position l0 + j).
     __m512 top = minus_infinity;
     for (int64_t l0 = 0; l0 < Lp; l0 += 16) {
@@ -177,9 +171,9 @@ static inline void attend_item(int64_t item, const uint16_t *q, const uint16_t *
             if (l0 + j >= L) continue;
             const uint16_t *key = keys + (l0 + j) * kv_stride_l;
             for (int64_t d = 0; d < paired; d += 32)  // products of bfloat16 values are exact in float32
-                dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)query[d / 32],
+                dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)pairs[d / 32],
                                            (__m512bh)_mm512_loadu_si512((const void *)(key + d)));
-            if (paired < D) dots[j] = _mm512_fmadd_ps(query_tail, bf16x16_to_float(key + paired), dots[j]);
+            if (paired < D) dots[j] = _mm512_fmadd_ps(tail, bf16x16_to_float(key + paired), dots[j]);
         }
         const __mmask16 in_range = (__mmask16)(L - l0 >= 16 ? 0xFFFF : (1u << (L - l0)) - 1);
         const __mmask16 seen = visible == NULL ? in_range
@@ -202,28 +196,102 @@ static inline void attend_item(int64_t item, const uint16_t *q, const uint16_t *
     const __m512 inverse = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
     for (int64_t l = 0; l < Lp; l += 16)
         _mm512_store_ps(weights + l, round16_to_bf16(_mm512_mul_ps(_mm512_load_ps(weights + l), inverse)));
-    // Weighted values, two positions at a time: their values interleaved into bfloat16 pairs, times the pair of
-    // (bfloat16) weights, by VDPBF16PS; exact products, float32 sums. Weights past L are 0.
+    return L;
+}
+
+// Queries that read one key-value head share each loaded pair of its values, as long as their accumulators fit 16
+// registers: 4 of head size 64, 2 of 128, 1 of 256.
+#define GROUP_QUERIES 4
+
+static inline int64_t group_queries(int64_t D) {
+    const int64_t fit = 16 / (D / 16);
+    return fit < GROUP_QUERIES ? fit : GROUP_QUERIES;
+}
+
+// The groups of queries bf16_decode_attention splits its work into: per row and key-value head, its H / Hkv heads
+// at each of T positions, `group_queries(D)` at a time (position-major: one group's queries see the same positions
+// where their heads share a key-value head).
+static inline int64_t attention_groups(int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D) {
+    const int64_t queries = H / Hkv * T, per_group = group_queries(D);
+    return B * Hkv * ((queries + per_group - 1) / per_group);
+}
+
+// The weighted sums of values for `count` (<= `queries`) queries of one key-value head: query i's `lengths[i]`
+// weights at `weights + i * Lp`, its output at `outs[i]`. Two positions at a time: their values interleaved into
+// bfloat16 pairs once, then times each query's pair of (bfloat16) weights, by VDPBF16PS; exact products, float32
+// sums. A query skips the pairs where both its weights are 0, and its last pair's second value is 0 when its
+// length is odd: each query's sums are those it would get alone.
+static inline __attribute__((always_inline)) void weighted_values(const int chunks, const int queries, int count,
+                                                                  const float *weights, int64_t Lp,
+                                                                  const int64_t *lengths, const uint16_t *values,
+                                                                  int64_t kv_stride_l, uint16_t *const *outs) {
     __m512 acc[16];
-    for (int64_t d = 0; d < D; d += 16) acc[d / 16] = _mm512_setzero_ps();
-    for (int64_t l = 0; l < L; l += 2) {
-        const int pair = l + 1 < L;
-        if (weights[l] == 0.0f && (!pair || weights[l + 1] == 0.0f)) continue;
-        // The two weights as one bfloat16 pair (exact: they are bfloat16 values already), position l low.
-        const uint32_t second_weight = pair ? float_to_bf16(weights[l + 1]) : 0;
-        const uint32_t both = float_to_bf16(weights[l]) | second_weight << 16;
-        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)both);
-        const uint16_t *first = values + l * kv_stride_l, *second = pair ? first + kv_stride_l : first;
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
-            __m512i b = pair ? _mm512_slli_epi32(
-                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d))), 16)
-                             : _mm512_setzero_si512();
-            acc[d / 16] = _mm512_dpbf16_ps(acc[d / 16], (__m512bh)_mm512_or_si512(a, b), w);
+    for (int a = 0; a < queries * chunks; a++) acc[a] = _mm512_setzero_ps();
+    int64_t longest = 0;
+    for (int i = 0; i < count; i++) longest = lengths[i] > longest ? lengths[i] : longest;
+    for (int64_t l = 0; l < longest; l += 2) {
+        uint32_t both[GROUP_QUERIES];
+        int uses = 0;  // bit i: query i has a nonzero weight in this pair
+        for (int i = 0; i < queries; i++) {
+            const float first = i < count && l < lengths[i] ? weights[i * Lp + l] : 0.0f;
+            const float second = i < count && l + 1 < lengths[i] ? weights[i * Lp + l + 1] : 0.0f;
+            both[i] = float_to_bf16(first) | (uint32_t)float_to_bf16(second) << 16;
+            uses |= (first != 0.0f || second != 0.0f) << i;
+        }
+        if (!uses) continue;
+        const uint16_t *first = values + l * kv_stride_l, *second = first + kv_stride_l;
+        __m512i pairs[16];
+        for (int d = 0; d < chunks; d++) {
+            const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d * 16)));
+            pairs[d] = l + 1 >= longest ? low : _mm512_or_si512(low, _mm512_slli_epi32(
+                                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d * 16))), 16));
+        }
+        for (int i = 0; i < queries; i++) {
+            if (!(uses >> i & 1)) continue;
+            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)both[i]);
+            if (l + 1 >= lengths[i]) {  // its last position alone: the pair's second value 0
+                for (int d = 0; d < chunks; d++)
+                    acc[i * chunks + d] = _mm512_dpbf16_ps(acc[i * chunks + d], (__m512bh)_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256((const __m256i *)(first + d * 16))), w);
+                continue;
+            }
+            for (int d = 0; d < chunks; d++)
+                acc[i * chunks + d] = _mm512_dpbf16_ps(acc[i * chunks + d], (__m512bh)pairs[d], w);
         }
     }
-    for (int64_t d = 0; d < D; d += 16)
-        _mm256_storeu_si256((__m256i *)(out + item * D + d), to_bf16_bits(acc[d / 16]));
+    for (int i = 0; i < count; i++)
+        for (int d = 0; d < chunks; d++)
+            _mm256_storeu_si256((__m256i *)(outs[i] + d * 16), to_bf16_bits(acc[i * chunks + d]));
+}
+
+// One group of queries (see attention_groups) of bf16_decode_attention, with `weights` room for
+// group_queries(D) x (L rounded up to 16) floats.
+static inline void attend_group(int64_t group, const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                const uint8_t *mask, uint16_t *out, int64_t H, int64_t Hkv, int64_t T, int64_t D,
+                                int64_t L, int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l,
+                                float *weights) {
+    const int64_t G = H / Hkv, per_group = group_queries(D), groups = (G * T + per_group - 1) / per_group;
+    const int64_t b = group / (Hkv * groups), kv_head = group / groups % Hkv, first = group % groups * per_group;
+    const int count = (int)(G * T - first < per_group ? G * T - first : per_group);
+    const int64_t Lp = (L + 15) / 16 * 16;
+    const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
+    const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
+    int64_t lengths[GROUP_QUERIES];
+    uint16_t *outs[GROUP_QUERIES];
+    for (int i = 0; i < count; i++) {
+        const int64_t t = (first + i) / G, h = kv_head * G + (first + i) % G, item = (b * H + h) * T + t;
+        const uint8_t *visible = mask == NULL ? NULL : mask + (b * T + t) * L;
+        lengths[i] = attention_weights(q + item * D, keys, visible, D, L, kv_stride_l, weights + i * Lp);
+        outs[i] = out + item * D;
+    }
+    // Constant sizes for Llama's head sizes, so the accumulators live in registers.
+    if (D == 64 && per_group == 4)
+        weighted_values(4, 4, count, weights, Lp, lengths, values, kv_stride_l, outs);
+    else if (D == 128 && per_group == 2)
+        weighted_values(8, 2, count, weights, Lp, lengths, values, kv_stride_l, outs);
+    else
+        for (int i = 0; i < count; i++)
+            weighted_values((int)(D / 16), 1, 1, weights + i * Lp, Lp, lengths + i, values, kv_stride_l, outs + i);
 }
 
 // Attention of new queries over a KV cache: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with q (B, H, T, D)
@@ -237,15 +305,15 @@ int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
                           uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t L,
                           int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l, int n_threads) {
     if (D > 256 || D % 16 != 0) return -1;
-    const int64_t Lp = (L + 15) / 16 * 16;
-    float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(n_threads * Lp));  // a row of weights each
+    const int64_t room = group_queries(D) * ((L + 15) / 16 * 16);  // one group's weights
+    float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(n_threads * room));
     if (!scratch) return -1;
     #pragma omp parallel num_threads(n_threads)
     {
-        float *weights = scratch + omp_get_thread_num() * Lp;
+        float *weights = scratch + omp_get_thread_num() * room;
         #pragma omp for schedule(static)
-        for (int64_t item = 0; item < B * H * T; item++)
-            attend_item(item, q, k, v, mask, out, H, Hkv, T, D, L, kv_stride_b, kv_stride_h, kv_stride_l, weights);
+        for (int64_t group = 0; group < attention_groups(B, H, Hkv, T, D); group++)
+            attend_group(group, q, k, v, mask, out, H, Hkv, T, D, L, kv_stride_b, kv_stride_h, kv_stride_l, weights);
     }
     free(scratch);
     return 0;

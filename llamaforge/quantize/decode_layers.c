@@ -227,7 +227,8 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
     int64_t Lp = 16;  // room for the scores of the longest row's attention
     for (int64_t b = 0; b < B; b++) Lp = positions[b] + 1 > Lp ? (positions[b] + 16) / 16 * 16 : Lp;
     uint16_t *buffer = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * (3 * dim + 2 * HD + 2 * KVD + 3 * hidden)));
-    float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * H * Lp));
+    const int64_t groups = attention_groups(1, H, d->Hkv, 1, D), room = group_queries(D) * Lp;  // a row's
+    float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * groups * room));
     QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
                                 (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
     uint16_t *padded = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * ((widest + LANES - 1) / LANES * LANES)));
@@ -265,11 +266,10 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
             }
         }
         #pragma omp for schedule(static)
-        for (int64_t item = 0; item < B * H; item++) {  // (row, head) pairs
-            const int64_t b = item / H;
-            attend_item(item, q, w->k_cache, w->v_cache, NULL, attended, H, d->Hkv, 1, D, positions[b] + 1,
-                        d->kv_stride_b, d->kv_stride_h, d->kv_stride_l, weights + item * Lp);
-        }
+        for (int64_t group = 0; group < B * groups; group++)  // each row's heads, a few at a time
+            attend_group(group, q, w->k_cache, w->v_cache, NULL, attended, H, d->Hkv, 1, D,
+                         positions[group / groups] + 1, d->kv_stride_b, d->kv_stride_h, d->kv_stride_l,
+                         weights + group * room);
         project(&w->o, attended, B, HD, &attn_out, &act, padded);
         add_lora(&w->o, attended, HD, &attn_out, slots, adapted, n_adapted);
         #pragma omp single
