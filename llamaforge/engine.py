@@ -108,6 +108,8 @@ class EngineStats:
     accepted_tokens: int  # of those, the ones kept
     prefix_cache_queries: int  # prompt tokens of admitted requests (what the prefix cache was asked for)
     prefix_cache_hits: int  # of those, the ones whose keys and values were reused instead of computed
+    cached_tokens: int  # tokens whose keys and values free slots keep for later requests
+    adapters: int  # LoRA adapters loaded beside the base (llm.adapters)
 
     @property
     def acceptance_rate(self) -> float:
@@ -223,7 +225,8 @@ class Engine:
             return EngineStats(self.max_batch_size, self.max_context, len(self.free_slots), len(self.running),
                                len(self.waiting), self.peak_running, self.steps, self.batched_steps,
                                self.prompt_tokens, self.generated_tokens, self.draft_tokens, self.accepted_tokens,
-                               self.prefix_cache_queries, self.prefix_cache_hits)
+                               self.prefix_cache_queries, self.prefix_cache_hits, sum(map(len, self.kept)),
+                               len(self.llm.adapters.slots) if self.llm.adapters is not None else 0)
 
     def health(self) -> str | None:
         """None while the engine serves; otherwise why it does not (its worker died or is stuck in one step)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def adapter_server(tiny_model_dir: Path, adapters: dict[str, Path]):
     llm.adapters.add("colors", adapters["colors"])
     engine = Engine(llm, max_batch_size=4)
     with LiveServer(create_app(llm, engine, model_name="tiny")) as server:
-        server.llm = llm
+        server.llm, server.engine = llm, engine
         yield server
 
 
@@ -212,6 +213,54 @@ def test_adapters_load_and_unload_at_run_time(adapter_server, tiny_model_dir: Pa
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     stats = adapter_server.llm.adapters
     assert stats.free == [2, 3] and stats.selection.rows is None
+
+
+def test_a_run_of_failures_leaks_nothing(adapter_server, tmp_path: Path) -> None:
+    """Refused loads and requests, an unknown model, an uncompilable grammar, and a stream its client drops while an
+    adapter row decodes: afterwards /metrics shows every slot free, the same adapters loaded and nothing queued,
+    and the adapter answers as before."""
+    import re
+
+    import httpx
+    import openai
+
+    url, client = adapter_server.url, openai.OpenAI(base_url=f"{adapter_server.url}/v1", api_key="none")
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {name: float(value) for name, value in re.findall(r"^(llamaforge_\w+) ([0-9.e+-]+)$", text, re.M)}
+
+    def ask() -> str:
+        answer = client.completions.create(model="colors", prompt="The sky is", max_tokens=6, temperature=0)
+        return answer.choices[0].text
+
+    expected, before = ask(), gauges()
+    assert before["llamaforge_lora_adapters"] == len(adapter_server.llm.adapters.slots) >= 1
+    refused = [
+        httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "none")}),
+        httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "not-loaded"}),
+        httpx.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "x"}),
+        httpx.post(f"{url}/v1/completions", json={"model": "colors", "prompt": ["a", "b"], "n": 40}),
+        httpx.post(f"{url}/v1/chat/completions", json={"model": "colors", "messages": USER, "logit_bias": {"400": 1}}),
+        httpx.post(f"{url}/v1/chat/completions", json={"model": "colors", "messages": USER, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}}),
+    ]
+    assert [r.status_code for r in refused] == [400, 404, 404, 400, 400, 400], [r.text for r in refused]
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "colors", "prompt": "Once", "max_tokens": 100,
+                                                                "stream": True, "temperature": 0}) as stream:
+        for _ in zip(range(3), stream.iter_lines(), strict=False):
+            pass  # a few events, then the client goes away
+    deadline = time.monotonic() + 30
+    while (after := gauges())["llamaforge_running_batch_size"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after["llamaforge_running_batch_size"] == after["llamaforge_queue_depth"] == 0
+    assert after["llamaforge_free_slots"] == before["llamaforge_free_slots"] == adapter_server.engine.max_batch_size
+    assert after["llamaforge_lora_adapters"] == before["llamaforge_lora_adapters"]
+    assert adapter_server.llm.adapters.selection.rows is None
+    assert ask() == expected
+
+
+USER = [{"role": "user", "content": "hi"}]
 
 
 def test_serve_takes_named_and_merged_adapters(tiny_model_dir: Path, adapters: dict[str, Path], monkeypatch) -> None:

@@ -46,6 +46,9 @@ class Metrics:
                                              lambda: engine.stats().prefix_cache_hits),
             "llamaforge_prefix_cache_hit_rate": ("Reused / looked-up prompt tokens so far (0 before any request)",
                                                  lambda: engine.stats().prefix_cache_hit_rate),
+            "llamaforge_prefix_cache_tokens": ("Tokens whose keys and values free slots keep for later requests",
+                                               lambda: engine.stats().cached_tokens),
+            "llamaforge_lora_adapters": ("LoRA adapters loaded beside the base", lambda: engine.stats().adapters),
         }
         for name, (description, read) in gauges.items():
             Gauge(name, description, registry=self.registry).set_function(read)
