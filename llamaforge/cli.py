@@ -357,7 +357,8 @@ def _read_api_key_file(path: str | None) -> str | None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    """Fine-tune with LoRA, QLoRA or every weight; under torchrun the model is sharded with FSDP2."""
+    """Fine-tune with LoRA, QLoRA or every weight, on answers or preference pairs; under torchrun the model is
+    sharded with FSDP2."""
     from llamaforge.finetune.config import TrainConfig
     from llamaforge.finetune.trainer import finetune
 
@@ -545,7 +546,15 @@ def _tokenizer(args: argparse.Namespace) -> Tokenizer:
 
 def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     from llamaforge.config import LINEAR_LAYERS
-    from llamaforge.finetune.config import METHODS, ON_LONG, PRECISIONS, SCHEDULES, TrainConfig
+    from llamaforge.finetune.config import (
+        METHODS,
+        OBJECTIVES,
+        ON_LONG,
+        PRECISIONS,
+        PREFERENCE_LOSSES,
+        SCHEDULES,
+        TrainConfig,
+    )
 
     defaults = TrainConfig.__dataclass_fields__
 
@@ -560,6 +569,15 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet file, or a datasets id")
     parser.add_argument("--out", required=True, help="output directory (adapter, or model/ for --method full)")
     parser.add_argument("--method", choices=METHODS, default=default("method"))
+    parser.add_argument("--objective", choices=OBJECTIVES, default=default("objective"),
+                        help="sft: learn the answers in --data; dpo: learn from preference pairs (prompt, chosen, "
+                        "rejected) against the model as it was before")
+    parser.add_argument("--loss-type", choices=PREFERENCE_LOSSES, default=default("loss_type"),
+                        help="dpo's loss: sigmoid (DPO), ipo or robust (robust DPO)")
+    parser.add_argument("--beta", type=float, default=default("beta"),
+                        help="dpo: how far from the reference model the policy may move (higher: less far)")
+    parser.add_argument("--label-smoothing", type=float, default=default("label_smoothing"),
+                        help="dpo: the share of pairs assumed mislabelled (sigmoid: conservative DPO; robust)")
     parser.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per training row")
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack short examples into --seq-len rows, or one per row (default: pack when the packed "

@@ -150,9 +150,9 @@ def test_step_zero_equals_trl_dpo_trainer(tmp_path: Path, tiny_tokenizer_path: P
         row = tokenized[tuple(pair.prompt_ids)]
         assert (row["chosen_ids"], row["rejected_ids"]) == (pair.chosen_ids, pair.rejected_ids)
     inputs = pair_batch(encoded)
-    logps = answer_logps(ours_policy(inputs["input_ids"]), inputs["input_ids"], inputs["completion_mask"])
+    logps = answer_logps(ours_policy, inputs["input_ids"], inputs["completion_mask"])
     with torch.no_grad():
-        ref = answer_logps(ours_reference(inputs["input_ids"]), inputs["input_ids"], inputs["completion_mask"])
+        ref = answer_logps(ours_reference, inputs["input_ids"], inputs["completion_mask"])
     tokens = inputs["completion_mask"].sum(dim=1)
     ours_loss, ours_metrics = preference_loss(*logps.chunk(2), *ref.chunk(2), beta=0.5, loss_type=loss_type,
                                               label_smoothing=smoothing, chosen_tokens=tokens[:len(PAIRS)],
@@ -166,3 +166,48 @@ def test_step_zero_equals_trl_dpo_trainer(tmp_path: Path, tiny_tokenizer_path: P
     assert set(grads) == set(theirs)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def arithmetic_pairs(path: Path, count: int) -> Path:
+    """Preference pairs from the demo model's own skill: the right sum chosen over a sum one off."""
+    import json
+
+    lines = []
+    for i in range(count):
+        a, b = 3 + 7 * i % 40, 11 + 5 * i % 30
+        lines.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                      "rejected": f"{a} + {b} = {a + b + 1 + i % 3}."})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.slow
+def test_dpo_on_the_demo_model_widens_the_margin_and_resumes_exactly(tmp_path: Path) -> None:
+    """LoRA DPO on the demo model: the first step's loss is log 2 (the policy is the reference), the reward
+    margin and accuracy grow, held-out pairs' loss falls below log 2; a run resumed from its step-4 checkpoint gives
+    the uninterrupted run's losses and metrics; the adapter loads."""
+    import shutil
+
+    import llamaforge
+    from llamaforge.finetune.config import TrainConfig
+    from llamaforge.finetune.progress import read_metrics
+    from llamaforge.finetune.trainer import finetune
+
+    data = arithmetic_pairs(tmp_path / "pairs.jsonl", 24)
+    settings = {"data": str(data), "objective": "dpo", "beta": 0.5, "max_steps": 8, "batch_size": 4,
+                "val_fraction": 0.25, "seq_len": 128, "lr": 1e-3, "save_every": 4}
+    result = finetune(TrainConfig(out=str(tmp_path / "straight"), **settings))
+    records = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"] + 0.1
+    assert records[-1]["rewards/accuracies"] > 0.5 and records[-1]["loss"] < records[0]["loss"]
+    assert result.val_loss < math.log(2)
+    resumed_out = shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # as if killed after step 4's save
+    shutil.rmtree(resumed_out / "checkpoints" / "step-00000008")
+    finetune(TrainConfig(out=str(resumed_out), resume=True, **settings))
+    resumed = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
+    llm = llamaforge.load(adapter=tmp_path / "straight")
+    assert llm.chat([{"role": "user", "content": "What is 3 plus 11?"}], temperature=0.0, max_new_tokens=12).text

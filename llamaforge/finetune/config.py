@@ -13,6 +13,8 @@ from llamaforge.errors import LlamaforgeError
 ON_LONG = ("truncate", "drop", "error")  # what to do with an example longer than seq_len
 
 METHODS = ("lora", "qlora", "full")
+OBJECTIVES = ("sft", "dpo")  # supervised answers, or preference pairs (finetune.preference)
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "robust")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_VAL_FRACTION = 0.05
@@ -35,6 +37,10 @@ class TrainConfig:
     init: str | None = None  # a preset name or config.json: train from random weights (method full)
     tokenizer: str | None = None
     method: str = "lora"
+    objective: str = "sft"
+    loss_type: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
+    beta: float = 0.1  # dpo: how far from the reference model the policy may move
+    label_smoothing: float = 0.0  # dpo: the share of pairs assumed mislabelled (conservative / robust DPO)
     seq_len: int = 2048
     pack: bool | None = None  # None: when packed rows still make enough steps an epoch
     on_long: str = "truncate"
@@ -73,6 +79,12 @@ class TrainConfig:
                 raise TrainingError(message)
 
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        need(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, not "
+             f"{self.objective!r}")
+        need(self.loss_type in PREFERENCE_LOSSES, f"--loss-type must be one of {', '.join(PREFERENCE_LOSSES)}")
+        need(self.beta > 0, "--beta must be positive")
+        need(0 <= self.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)")
+        need(self.objective == "sft" or self.init is None, "--objective dpo tunes a trained model; drop --init")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         need(self.on_long in ON_LONG, f"--on-long must be one of {', '.join(ON_LONG)}")

@@ -24,6 +24,7 @@ and the flags that lengthen it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,10 @@ class Plan:
                 + ", ".join(self.notes[key] for key in ("validation", "packing", "length", "lr")))
 
 
-def plan_run(config: TrainConfig, examples: list[Example], global_batch: int, width: int) -> Plan:
-    """Split, pack (or not) and size a run of `examples` for a model `width` wide, `global_batch` rows a step."""
+def plan_run(config: TrainConfig, examples: list[Example], global_batch: int, width: int,
+             rows_of: Callable[[list], list] = unpacked_rows) -> Plan:
+    """Split, pack (or not) and size a run of `examples` for a model `width` wide, `global_batch` rows a step;
+    unpacked, `rows_of` makes the rows (preference pairs are rows of their own and never packed)."""
     notes: dict[str, str] = {}
     val_fraction = config.val_fraction
     if val_fraction is None:
@@ -81,7 +84,7 @@ def plan_run(config: TrainConfig, examples: list[Example], global_batch: int, wi
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed)).tolist()
         packed = pack_examples([train[i] for i in order], config.seq_len)
         pack = config.pack or math.ceil(len(packed) / global_batch) >= MIN_STEPS
-    rows = packed if pack else unpacked_rows(train)
+    rows = packed if pack else rows_of(train)
     if pack:
         notes["packing"] = f"packed into {plural(len(rows), 'row')} of up to {config.seq_len} tokens"
     elif config.pack is None:
@@ -115,7 +118,7 @@ def plan_run(config: TrainConfig, examples: list[Example], global_batch: int, wi
                    f"to learn anything (it takes {MIN_STEPS} or more): {plural(len(rows), 'row')} of data, "
                    f"{global_batch} rows per step, {span}; " + ", or ".join(fixes))
     lr, notes["lr"] = learning_rate(config.lr, config.method, width)
-    return Plan(len(examples), sum(len(e.input_ids) for e in examples), rows, unpacked_rows(val), val_fraction, pack,
+    return Plan(len(examples), sum(len(e.input_ids) for e in examples), rows, rows_of(val), val_fraction, pack,
                 steps_per_epoch, total_steps, epochs, lr, notes, warning)
 
 

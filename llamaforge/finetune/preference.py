@@ -154,10 +154,15 @@ def pair_batch(pairs: list[EncodedPair], pad_id: int = 0) -> dict[str, torch.Ten
     return {"input_ids": input_ids, "completion_mask": completion_mask}
 
 
-def answer_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its answer tokens: logits (R, T, V) of input_ids (R, T) -> (R,)."""
-    logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, input_ids[:, 1:, None])[..., 0]  # (R, T-1)
-    return (logps * completion_mask[:, 1:]).sum(dim=1)
+def answer_logps(model: torch.nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its answer tokens under `model`: input_ids (R, T) -> (R,). Logits are
+    computed only where the next token is an answer token (a 32k vocabulary's logits of whole rows would not fit)."""
+    predicts = F.pad(completion_mask[:, 1:] == 1, (0, 1), value=False)  # (R, T): token t predicts answer token t+1
+    logits = model(input_ids, logits_at=predicts)  # (N, V)
+    targets = input_ids[:, 1:][completion_mask[:, 1:] == 1]  # (N,), in the same row-major order
+    logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 1, targets[:, None])[:, 0]  # (N,)
+    rows = predicts.nonzero()[:, 0]  # (N,): the row of each
+    return torch.zeros(input_ids.shape[0], device=logps.device, dtype=logps.dtype).index_add(0, rows, logps)
 
 
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

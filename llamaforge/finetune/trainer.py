@@ -33,7 +33,7 @@ from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.finetune import checkpoints, distributed
 from llamaforge.finetune.config import TrainConfig, TrainingError
 from llamaforge.finetune.data import IGNORE_INDEX, Example, Row, collate, encode_records, load_records
-from llamaforge.finetune.plan import plan_run
+from llamaforge.finetune.plan import Plan, plan_run
 from llamaforge.finetune.progress import METRICS_FILE, PLOT_FILE, Progress, plot_losses, read_metrics
 from llamaforge.lora import LoraConfig, add_lora, save_adapter
 from llamaforge.model import Llama, init_weights
@@ -56,6 +56,10 @@ def finetune(config: TrainConfig) -> TrainResult:
     """Run one fine-tuning job end to end; only rank 0 writes files and prints."""
     info = distributed.setup(config.device)
     try:
+        if config.objective == "dpo":
+            from llamaforge.finetune.preference_trainer import PreferenceTrainer
+
+            return PreferenceTrainer(config, info).run()
         return Trainer(config, info).run()
     finally:
         distributed.teardown(info)
@@ -76,9 +80,8 @@ class Trainer:
             self._check_out_is_new()
         torch.manual_seed(config.seed)
         self.model, self.tokenizer, self.base_name = build_model(config, info.device, self.precision)
-        examples, self.data_notes = encode_data(config, self.tokenizer)
         self.global_batch = config.batch_size * config.grad_accum * info.world_size
-        self.plan = plan_run(config, examples, self.global_batch, self.model.config.dim)
+        self.plan = self._plan()
         self.train_rows, self.val_rows = self.plan.train_rows, self.plan.val_rows
         self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         if info.enabled:
@@ -88,6 +91,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, self.total_steps, config.schedule))
         self.step = 0
+
+    def _plan(self) -> Plan:
+        """The run's rows and length (`data_notes`: what encoding the data truncated or dropped)."""
+        examples, self.data_notes = encode_data(self.config, self.tokenizer)
+        return plan_run(self.config, examples, self.global_batch, self.model.config.dim)
+
+    def _collate(self, rows: list) -> dict[str, torch.Tensor]:
+        """A micro-batch of rows as tensors."""
+        return collate(rows, self.tokenizer.eos_id)
 
     def _check_out_is_new(self) -> None:
         if self.out.exists() and any(self.out.iterdir()):
@@ -196,7 +208,7 @@ class Trainer:
         for micro in range(self.config.grad_accum):
             micro_rows = rows[micro * per_micro:(micro + 1) * per_micro]
             local = micro_rows[self.info.rank * self.config.batch_size:(self.info.rank + 1) * self.config.batch_size]
-            batch = collate(local, self.tokenizer.eos_id)
+            batch = self._collate(local)
             tokens += sum(len(row.input_ids) for row in local)
             micro_sum = self._loss_sum(batch)
             # FSDP averages gradients over ranks: scale by world_size so the result is the global sum / labels.
@@ -239,7 +251,7 @@ class Trainer:
             chunk = self.val_rows[start:start + size * world]
             local = chunk[rank * size:(rank + 1) * size] or chunk[:1]  # every rank must run the forward
             counted = bool(chunk[rank * size:(rank + 1) * size])
-            batch = collate(local, self.tokenizer.eos_id)
+            batch = self._collate(local)
             value = float(self._loss_sum(batch))
             if counted:
                 loss_sum += value
