@@ -211,3 +211,24 @@ def test_dpo_on_the_demo_model_widens_the_margin_and_resumes_exactly(tmp_path: P
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
     llm = llamaforge.load(adapter=tmp_path / "straight")
     assert llm.chat([{"role": "user", "content": "What is 3 plus 11?"}], temperature=0.0, max_new_tokens=12).text
+
+
+def test_data_check_reports_pairs_and_their_problems_by_line(tmp_path: Path, tiny_llm) -> None:
+    import json
+
+    from llamaforge.finetune.inspect import check_data
+
+    rows = [PAIRS[0], {"prompt": "Hi", "chosen": "Same", "rejected": "Same"}, PAIRS[1],
+            {"prompt": "Hi", "chosen": "", "rejected": "Bye"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = check_data(str(path), tiny_llm.tokenizer, seq_len=2048)
+    assert report.schemas == {"preference": 4} and not report.ok
+    assert [(p.where, p.message) for p in report.problems] == [
+        ("line 2", "chosen and rejected are the same answer; the pair teaches nothing"), ("line 4", "chosen is empty")]
+    first = encode_pair(tiny_llm.tokenizer, to_pair(Record("line 1", PAIRS[0])))
+    assert report.sizes[0].tokens == len(first.prompt_ids) + max(len(first.chosen_ids), len(first.rejected_ids))
+    assert report.sizes[0].labelled == len(first.chosen_ids) + len(first.rejected_ids)
+    text = report.first_example.text  # loss on the chosen answer and its EOS only
+    assert text.startswith("<s>[INST] What is 2 + 3? [/INST][[ 2 + 3 = 5.") and text.endswith("</s>]]")
+    assert text.count("[[") == 1

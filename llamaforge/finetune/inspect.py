@@ -24,6 +24,7 @@ from llamaforge.finetune.data import (
     load_records,
     prepare_record,
 )
+from llamaforge.finetune.preference import encode_pair, is_pair, pair_of
 from llamaforge.tokenizer import Tokenizer
 
 LOSS_START, LOSS_END = "[[", "]]"  # around each run of tokens that carry loss
@@ -162,18 +163,31 @@ def check_data(source: str, tokenizer: Tokenizer, seq_len: int = 2048) -> DataRe
     first_example = None
     for record in records:
         try:
-            schema = detect_schema(record.data)
+            schema = "preference" if is_pair(record.data) else detect_schema(record.data)
             schemas[schema] += 1
-            example = prepare_record(tokenizer, record, schema)
+            example, size = prepare_record_sized(tokenizer, record, schema)
         except DataError as exc:
             problems.append(Problem(record.where, str(exc)))
             continue
-        labelled = sum(label != IGNORE_INDEX for label in example.labels)
-        sizes.append(ExampleSize(record.where, len(example.input_ids), labelled))
+        sizes.append(size)
         if first_example is None:
             first_example = ShownExample(record.where, schema, render_loss_mask(tokenizer, example))
-    ordered = {schema: schemas[schema] for schema in SCHEMA_FIELDS if schemas[schema]}
+    ordered = {schema: schemas[schema] for schema in (*SCHEMA_FIELDS, "preference") if schemas[schema]}
     return DataReport(str(source), seq_len, len(records), ordered, problems, sizes, first_example)
+
+
+def prepare_record_sized(tokenizer: Tokenizer, record, schema: str) -> tuple[Example, ExampleSize]:
+    """A record as training encodes it, and its size. A preference pair is shown as its chosen answer after the
+    prompt; its size is the prompt and its longer answer (one row of `--objective dpo`), its labelled tokens both
+    answers'."""
+    if schema != "preference":
+        example = prepare_record(tokenizer, record, schema)
+        labelled = sum(label != IGNORE_INDEX for label in example.labels)
+        return example, ExampleSize(record.where, len(example.input_ids), labelled)
+    pair = encode_pair(tokenizer, pair_of(record.data))
+    example = Example(pair.prompt_ids + pair.chosen_ids, [IGNORE_INDEX] * len(pair.prompt_ids) + pair.chosen_ids)
+    longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+    return example, ExampleSize(record.where, longest, len(pair.chosen_ids) + len(pair.rejected_ids))
 
 
 def token_stats(lengths: list[int]) -> dict:

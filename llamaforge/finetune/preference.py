@@ -54,9 +54,21 @@ class EncodedPair:
 
 def to_pair(record: Record) -> PreferencePair:
     """The pair in a record of any accepted layout; DataError naming the record's line and what is wrong."""
-    data = record.data
     try:
-        if not isinstance(data, dict) or "chosen" not in data or "rejected" not in data:
+        return pair_of(record.data)
+    except DataError as exc:
+        raise DataError(f"{record.where}: {exc}") from None
+
+
+def is_pair(data: object) -> bool:
+    """Whether a record is a preference pair (it has `chosen` and `rejected`)."""
+    return isinstance(data, dict) and "chosen" in data and "rejected" in data
+
+
+def pair_of(data: object) -> PreferencePair:
+    """The pair in a record's data; DataError saying what is wrong (without the record's place)."""
+    try:
+        if not is_pair(data):
             fields = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise DataError(f"a preference pair needs 'chosen' and 'rejected' (and usually 'prompt'); got {fields}")
         if "prompt" in data:
@@ -67,8 +79,8 @@ def to_pair(record: Record) -> PreferencePair:
         else:
             pair = _implicit_prompt(data["chosen"], data["rejected"])
         check_pair(pair)
-    except (DataError, ChatFormatError) as exc:
-        raise DataError(f"{record.where}: {exc}") from None
+    except ChatFormatError as exc:
+        raise DataError(str(exc)) from None
     return pair
 
 
