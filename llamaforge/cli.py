@@ -372,6 +372,30 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                      if result.train_losses else None, "validation_loss": result.val_loss})
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Rejection sampling: n answers to each prompt, the best by a reward kept as chat records for finetune."""
+    from llamaforge.finetune.rejection import load_reward_function, sample_best
+
+    reward = load_reward_function(args.reward_function)  # before the model loads: a typo costs nothing
+    out = Path(args.out)
+    if out.exists():
+        raise LlamaforgeError(f"--out {out} already exists; choose a new file")
+    llm = _load(args)
+    params = _sampling(args)
+    if params.seed is None:
+        params = dataclasses.replace(params, seed=0)
+    best = sample_best(llm, args.prompts, args.n, reward, params, args.max_batch_size)
+    partial = out.with_name(out.name + ".partial")  # renamed when whole: no half-written file under --out
+    partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in best))
+    partial.replace(out)
+    rewards = [record["reward"] for record in best]
+    if args.json:
+        _print_json({"out": str(out), "prompts": len(best), "mean_reward": sum(rewards) / len(rewards)})
+    else:
+        print(f"wrote {out}: the best of {args.n} answers to {len(best)} prompts, mean reward "
+              f"{sum(rewards) / len(rewards):.4g}")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     """Fold a LoRA adapter into its base model and write a full HF-format model."""
     from llamaforge.api import load
@@ -687,6 +711,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds running answers get to finish on Ctrl-C / SIGTERM (default 30)")
 
     _finetune_flags(add("finetune", cmd_finetune))
+
+    sample = add("sample", cmd_sample)
+    sample.add_argument("--prompts", required=True, help="prompts: .jsonl/.json/.csv/.parquet or a datasets id, "
+                        "each with 'prompt' (text or messages) or 'messages' ending with the user's turn")
+    sample.add_argument("--n", type=int, default=4, help="answers sampled per prompt (seeds --seed .. --seed + n - 1)")
+    sample.add_argument("--reward-function", required=True,
+                        help="module:function or file.py:function, called as function(messages, answer) -> number")
+    sample.add_argument("--out", required=True, help="JSONL file for the best answers (chat records with 'reward')")
+    sample.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    _model_flags(sample)
+    _adapter_flag(sample)
+    _sampling_flags(sample, max_new_tokens=256)
 
     merge = add("merge", cmd_merge)
     _model_flags(merge)
