@@ -372,6 +372,25 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                      if result.train_losses else None, "validation_loss": result.val_loss})
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    """Score answers with a reward model: each pair's chosen and rejected (and how often chosen wins), or each
+    chat record's last answer."""
+    from llamaforge.finetune.reward import load_reward_model, score_records
+
+    model, tokenizer = load_reward_model(args.reward_model, device=args.device or "cpu")
+    scored = score_records(model, tokenizer, args.data, args.batch_size)
+    pairs = [row for row in scored if "chosen" in row]
+    summary = {"records": len(scored), "pairs": len(pairs)}
+    if pairs:
+        summary["accuracy"] = sum(row["chosen"] > row["rejected"] for row in pairs) / len(pairs)
+        summary["mean_margin"] = sum(row["chosen"] - row["rejected"] for row in pairs) / len(pairs)
+    for row in scored:
+        print(json.dumps(row) if args.json else "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else
+                                                           f"{value}" for key, value in row.items()))
+    print(json.dumps(summary) if args.json else ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else
+                                                          f"{key} {value}" for key, value in summary.items()))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     """Rejection sampling: n answers to each prompt, the best by a reward kept as chat records for finetune."""
     from llamaforge.finetune.rejection import load_reward_function, sample_best
@@ -711,6 +730,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds running answers get to finish on Ctrl-C / SIGTERM (default 30)")
 
     _finetune_flags(add("finetune", cmd_finetune))
+
+    score = add("score", cmd_score)
+    score.add_argument("--reward-model", required=True, help="a reward model folder (finetune --objective reward, or "
+                       "transformers' LlamaForSequenceClassification with one label)")
+    score.add_argument("--data", required=True, help="preference pairs (both answers scored), or chat records "
+                       "ending with the answer to score")
+    score.add_argument("--device", help="cpu, cuda ...")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--json", action="store_true", help="one JSON line per record, then the summary")
 
     sample = add("sample", cmd_sample)
     sample.add_argument("--prompts", required=True, help="prompts: .jsonl/.json/.csv/.parquet or a datasets id, "

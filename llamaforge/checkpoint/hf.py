@@ -152,14 +152,15 @@ QUANTIZED_PARTS = (".codes", ".scales")  # an int8 / int4 layer's tensors (check
 def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: str | Path,
                 tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None,
                 max_shard_bytes: int = 5 * 2**30, chat_template: str | None = None,
-                quantization: dict | None = None) -> Path:
+                quantization: dict | None = None, extra_config: dict | None = None) -> Path:
     """Write an HF checkpoint (config.json, safetensors shards + index, tokenizer) atomically.
 
     With a tokenizer, tokenizer_config.json says how transformers should load it, and `chat_template` (a
     Jinja template, as chat.JINJA_TEMPLATE) lets its `apply_chat_template` format dialogs as llamaforge does.
 
     `quantization` (quantized.quantization_config) goes into config.json for a state holding int8 / int4 layers,
-    whose codes and scales `dtype` leaves as they are.
+    whose codes and scales `dtype` leaves as they are; `extra_config` is merged into config.json last (a reward
+    model's architecture and label count).
 
     Files go to a sibling temporary folder that is renamed into place at the end, so a crash never
     leaves a directory that looks complete but is not.
@@ -204,6 +205,7 @@ def save_hf_dir(state: dict[str, torch.Tensor], config: ModelArgs, directory: st
     hf_config = config.to_hf_config() | {"torch_dtype": str(floats).removeprefix("torch.")}
     if quantization is not None:
         hf_config["quantization_config"] = quantization
+    hf_config |= extra_config or {}
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         saved = tokenizer.save(staging)

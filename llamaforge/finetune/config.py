@@ -13,7 +13,7 @@ from llamaforge.errors import LlamaforgeError
 ON_LONG = ("truncate", "drop", "error")  # what to do with an example longer than seq_len
 
 METHODS = ("lora", "qlora", "full")
-OBJECTIVES = ("sft", "dpo")  # supervised answers, or preference pairs (finetune.preference)
+OBJECTIVES = ("sft", "dpo", "reward")  # answers; preference pairs for the policy, or for a reward model
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "robust")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -84,7 +84,10 @@ class TrainConfig:
         need(self.loss_type in PREFERENCE_LOSSES, f"--loss-type must be one of {', '.join(PREFERENCE_LOSSES)}")
         need(self.beta > 0, "--beta must be positive")
         need(0 <= self.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)")
-        need(self.objective == "sft" or self.init is None, "--objective dpo tunes a trained model; drop --init")
+        need(self.objective == "sft" or self.init is None, f"--objective {self.objective} tunes a trained model; "
+             "drop --init")
+        need(self.objective != "reward" or self.method == "full", "--objective reward trains every weight and the "
+             "new reward head: use --method full (LoRA reward models are not supported yet)")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         need(self.on_long in ON_LONG, f"--on-long must be one of {', '.join(ON_LONG)}")

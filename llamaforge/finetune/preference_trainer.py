@@ -22,6 +22,7 @@ from llamaforge.finetune import distributed
 from llamaforge.finetune.data import DataError, load_records
 from llamaforge.finetune.plan import Plan, plan_run
 from llamaforge.finetune.preference import EncodedPair, answer_logps, encode_pair, pair_batch, preference_loss, to_pair
+from llamaforge.finetune.reward import PAD_ID, add_reward_head, reward_loss, save_reward_model, sequence_rewards
 from llamaforge.finetune.trainer import Trainer
 
 
@@ -125,3 +126,37 @@ def encode_pairs(data: str, tokenizer, seq_len: int, on_long: str) -> tuple[list
     if not rows:
         raise DataError(f"no usable pairs in {data} (all longer than --seq-len {seq_len}?)")
     return rows, notes
+
+
+class RewardTrainer(PreferenceTrainer):
+    """`finetune --objective reward`: the model with a one-number head (finetune.reward), trained with the
+    Bradley-Terry loss on each pair's two whole sequences; written as an HF LlamaForSequenceClassification."""
+
+    def _plan(self) -> Plan:
+        add_reward_head(self.model, self.config.seed)  # before the optimizer is made: it trains with the rest
+        rows, self.data_notes = encode_pairs(self.config.data, self.tokenizer, self.config.seq_len,
+                                             self.config.on_long)
+        return plan_run(dataclasses.replace(self.config, pack=False), rows, self.global_batch,
+                        self.model.config.dim, rows_of=list)
+
+    def _collate(self, rows: list[PairRow]) -> dict[str, torch.Tensor]:
+        batch = pair_batch([row.pair for row in rows], PAD_ID)
+        ends = [len(row.pair.prompt_ids) + len(row.pair.chosen_ids) for row in rows]
+        ends += [len(row.pair.prompt_ids) + len(row.pair.rejected_ids) for row in rows]
+        return batch | {"lengths": torch.tensor(ends)}
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = self.info.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == torch.bfloat16 else (
+            contextlib.nullcontext())
+        with autocast:
+            rewards = sequence_rewards(self.model, batch["input_ids"].to(device), batch["lengths"].to(device))
+        pairs = rewards.shape[0] // 2
+        loss, metrics = reward_loss(rewards[:pairs], rewards[pairs:])
+        for name, value in metrics.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * pairs
+        self.metric_pairs += pairs
+        return loss * pairs
+
+    def _save_model(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        save_reward_model(state, self.model.config, self.tokenizer, self.out / "model", dtype)

@@ -56,10 +56,10 @@ def finetune(config: TrainConfig) -> TrainResult:
     """Run one fine-tuning job end to end; only rank 0 writes files and prints."""
     info = distributed.setup(config.device)
     try:
-        if config.objective == "dpo":
-            from llamaforge.finetune.preference_trainer import PreferenceTrainer
+        if config.objective in ("dpo", "reward"):
+            from llamaforge.finetune.preference_trainer import PreferenceTrainer, RewardTrainer
 
-            return PreferenceTrainer(config, info).run()
+            return (PreferenceTrainer if config.objective == "dpo" else RewardTrainer)(config, info).run()
         return Trainer(config, info).run()
     finally:
         distributed.teardown(info)
@@ -314,9 +314,7 @@ class Trainer:
             distributed.barrier(self.info)
             return
         if method == "full":
-            save_dtype = torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32
-            save_hf_dir(state, self.model.config, self.out / "model", self.tokenizer, save_dtype,
-                        chat_template=JINJA_TEMPLATE)
+            self._save_model(state, torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32)
         else:
             save_adapter(self.model, self.out, base_model=self.base_name, weights=weights)
         plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)
@@ -325,6 +323,10 @@ class Trainer:
         print(f"wrote {self.out / 'model' if method == 'full' else self.out} (steps {result.steps}, final train loss "
               + final + (f", validation loss {result.val_loss:.4g})" if result.val_loss is not None else ")"))
         distributed.barrier(self.info)
+
+    def _save_model(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Write every weight of a full run as an HF model in out/model."""
+        save_hf_dir(state, self.model.config, self.out / "model", self.tokenizer, dtype, chat_template=JINJA_TEMPLATE)
 
     def _full_state(self) -> dict[str, torch.Tensor]:
         """Every tensor of the model by name, gathered whole from the ranks' shards under FSDP (a collective)."""
