@@ -394,8 +394,11 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     """Rejection sampling: n answers to each prompt, the best by a reward kept as chat records for finetune."""
     from llamaforge.finetune.rejection import load_reward_function, sample_best
+    from llamaforge.finetune.reward import RewardModelScorer
 
-    reward = load_reward_function(args.reward_function)  # before the model loads: a typo costs nothing
+    # Before the model loads: a typo costs nothing.
+    reward = load_reward_function(args.reward_function) if args.reward_function else RewardModelScorer(
+        args.reward_model, args.device or "cpu")
     out = Path(args.out)
     if out.exists():
         raise LlamaforgeError(f"--out {out} already exists; choose a new file")
@@ -744,8 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompts", required=True, help="prompts: .jsonl/.json/.csv/.parquet or a datasets id, "
                         "each with 'prompt' (text or messages) or 'messages' ending with the user's turn")
     sample.add_argument("--n", type=int, default=4, help="answers sampled per prompt (seeds --seed .. --seed + n - 1)")
-    sample.add_argument("--reward-function", required=True,
-                        help="module:function or file.py:function, called as function(messages, answer) -> number")
+    rewards = sample.add_mutually_exclusive_group(required=True)
+    rewards.add_argument("--reward-function",
+                         help="module:function or file.py:function, called as function(messages, answer) -> number")
+    rewards.add_argument("--reward-model", help="a reward model folder (finetune --objective reward)")
     sample.add_argument("--out", required=True, help="JSONL file for the best answers (chat records with 'reward')")
     sample.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     _model_flags(sample)

@@ -185,7 +185,7 @@ def arithmetic_pairs(path: Path, count: int) -> Path:
 def test_dpo_on_the_demo_model_widens_the_margin_and_resumes_exactly(tmp_path: Path) -> None:
     """LoRA DPO on the demo model: the first step's loss is log 2 (the policy is the reference), the reward
     margin and accuracy grow, held-out pairs' loss falls below log 2; a run resumed from its step-4 checkpoint gives
-    the uninterrupted run's losses and metrics; the adapter loads."""
+    the uninterrupted run's losses and metrics; the adapter loads here and in HF peft with the same logits."""
     import shutil
 
     import llamaforge
@@ -211,6 +211,14 @@ def test_dpo_on_the_demo_model_widens_the_margin_and_resumes_exactly(tmp_path: P
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
     llm = llamaforge.load(adapter=tmp_path / "straight")
     assert llm.chat([{"role": "user", "content": "What is 3 plus 11?"}], temperature=0.0, max_new_tokens=12).text
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    demo = Path(llamaforge.__file__).parent / "data" / "demo"
+    hf = transformers.LlamaForCausalLM.from_pretrained(demo, dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(hf, tmp_path / "straight").eval()  # the DPO adapter is a peft adapter
+    ours = llamaforge.load(adapter=tmp_path / "straight", dtype="float32", merge_adapter=False)
+    probe = torch.randint(3, ours.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(probe).logits, ours.model(probe), atol=1e-4, rtol=0)
 
 
 def test_data_check_reports_pairs_and_their_problems_by_line(tmp_path: Path, tiny_llm) -> None:

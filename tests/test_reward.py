@@ -118,6 +118,42 @@ def test_a_reward_model_learns_to_rank_its_pairs_and_scores_them_from_disk(tmp_p
     assert json.loads(lines[0])["where"] == "line 1"
 
 
-def test_a_chat_model_is_not_a_reward_model(tiny_model_dir: Path) -> None:
+def test_a_chat_model_is_not_a_reward_model_nor_the_reverse(tiny_model_dir: Path, reward_dir: Path) -> None:
+    import llamaforge
+    from llamaforge.errors import CheckpointError
+
     with pytest.raises(RewardModelError, match="is not a reward model"):
         load_reward_model(tiny_model_dir)
+    with pytest.raises(CheckpointError, match=r"holds a reward model .*`llamaforge score --reward-model`"):
+        llamaforge.load(reward_dir)
+
+
+def test_sample_keeps_the_answer_a_reward_model_scores_highest(reward_dir: Path, tiny_model_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """A reward model as rejection sampling's reward: each kept answer is the best of its n by that model."""
+    import llamaforge
+    from llamaforge.cli import main
+    from llamaforge.engine import Engine
+    from llamaforge.finetune.rejection import generate_all
+    from llamaforge.finetune.reward import RewardModelScorer
+    from llamaforge.sampling import SamplingParams
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Story {i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "best.jsonl"
+    # The tiny model samples; a random reward model with its vocabulary scores.
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "3", "--reward-model",
+                 str(reward_dir), "--out", str(out), "--max-new-tokens", "6", "--temperature", "1.0"]) == 0
+    scorer, best = RewardModelScorer(reward_dir), [json.loads(line) for line in out.read_text().splitlines()]
+    llm = llamaforge.load(tiny_model_dir)
+    engine = Engine(llm, max_batch_size=4).start()
+    try:
+        answers = generate_all(engine, [llm.chat_tokens([{"role": "user", "content": f"Story {i}"}])
+                                        for i in range(3)], 3, SamplingParams(max_new_tokens=6, temperature=1.0), 0)
+    finally:
+        engine.stop()
+    for record, candidates in zip(best, answers, strict=True):
+        texts = [llm.tokenizer.decode(ids).strip() for ids in candidates]
+        scores = [scorer(record["messages"][:-1], text) for text in texts]
+        assert record["reward"] == pytest.approx(max(scores), abs=1e-6)
+        assert record["messages"][-1]["content"] == texts[scores.index(max(scores))]

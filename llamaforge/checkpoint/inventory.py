@@ -52,6 +52,10 @@ def check(config: ModelArgs, inventory: Inventory) -> None:
     check_layers(config, inventory)
     expected = expected_shapes(config)  # as many names as the checkpoint's own layers give: bounded by its size
     unexpected = [name for name in inventory.shapes if name not in expected]
+    if unexpected == ["score.weight"]:  # transformers' LlamaForSequenceClassification: a reward model
+        raise CheckpointError(f"{inventory.weights('holds')} a reward model (score.weight: one number, no vocabulary "
+                              "to generate from); use it with `llamaforge score --reward-model` or `llamaforge sample "
+                              "--reward-model`")
     if unexpected:
         raise CheckpointError(f"{inventory.weights('holds')} tensors a Llama model does not: "
                               f"{', '.join(unexpected[:5])}; it is not a Llama 2 checkpoint")

@@ -5,8 +5,8 @@ reproducible), a reward scores each, and the best is kept as a chat record (`mes
 
 The reward is a Python function `module:function` or `path/to/file.py:function`, called as
 `function(messages, answer) -> number` (messages: the prompt's dialog; answer: the sampled text), e.g. an
-exact-answer check. One that raises, or returns something other than a finite number, stops the run with an error
-naming the function and the prompt's line.
+exact-answer check, or a reward model (`finetune.reward.RewardModelScorer`). One that raises, or returns
+something other than a finite number, stops the run with an error naming the function and the prompt's line.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from llamaforge.checkpoint import read_tokenizer
 from llamaforge.checkpoint.hf import iter_tensors, read_config, save_hf_dir
 from llamaforge.config import ModelArgs
 from llamaforge.errors import LlamaforgeError
-from llamaforge.finetune.data import load_records, prepare_record
+from llamaforge.finetune.data import encode_chat, load_records, prepare_record
 from llamaforge.finetune.preference import encode_pair, is_pair, to_pair
 from llamaforge.model import Llama
 from llamaforge.tokenizer import Tokenizer
@@ -120,3 +120,18 @@ def score_records(model: Llama, tokenizer: Tokenizer, source: str, batch_size: i
         for (where, which, _), reward in zip(chunk, rewards, strict=True):
             scored.setdefault(where, {"where": where})[which] = reward
     return list(scored.values())
+
+
+class RewardModelScorer:
+    """A reward model as `llamaforge sample`'s reward: scorer(messages, answer) is its reward of the answer after
+    the prompt, encoded as training encodes it."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        self.model, self.tokenizer = load_reward_model(path, device)
+        self.spec = f"the reward model {path}"
+
+    @torch.no_grad()
+    def __call__(self, messages: list[dict], answer: str) -> float:
+        ids = encode_chat(self.tokenizer, [*messages, {"role": "assistant", "content": answer}]).input_ids
+        input_ids = torch.tensor([ids], device=self.model.lm_head.weight.device)
+        return float(sequence_rewards(self.model, input_ids, torch.tensor([len(ids)]))[0])
