@@ -12,7 +12,6 @@ loss.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from llamaforge.finetune.data import DataError, load_records
 from llamaforge.finetune.plan import Plan, plan_run
 from llamaforge.finetune.preference import EncodedPair, answer_logps, encode_pair, pair_batch, preference_loss, to_pair
 from llamaforge.finetune.reward import PAD_ID, add_reward_head, reward_loss, save_reward_model, sequence_rewards
-from llamaforge.finetune.trainer import Trainer
+from llamaforge.finetune.trainer import Trainer, autocast
 
 
 @dataclass
@@ -48,13 +47,13 @@ class PreferenceTrainer(Trainer):
     def _plan(self) -> Plan:
         rows, self.data_notes = encode_pairs(self.config.data, self.tokenizer, self.config.seq_len,
                                              self.config.on_long)
-        self._reference_logps(rows)
+        self._before_training(rows)
         return plan_run(dataclasses.replace(self.config, pack=False), rows, self.global_batch,
                         self.model.config.dim, rows_of=list)
 
     @torch.no_grad()
-    def _reference_logps(self, rows: list[PairRow]) -> None:
-        """Each pair's answers' log-probabilities under the model as it is now, before any step."""
+    def _before_training(self, rows: list[PairRow]) -> None:
+        """The reference: each pair's answers' log-probabilities under the model as it is now, before any step."""
         was_training = self.model.training
         self.model.eval()
         for start in range(0, len(rows), self.config.batch_size):
@@ -72,9 +71,7 @@ class PreferenceTrainer(Trainer):
 
     def _answer_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.info.device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == torch.bfloat16 else (
-            contextlib.nullcontext())
-        with autocast:
+        with autocast(device, self.precision):
             return answer_logps(self.model, batch["input_ids"].to(device), batch["completion_mask"].to(device))
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,10 +83,14 @@ class PreferenceTrainer(Trainer):
         loss, metrics = preference_loss(logps[:pairs], logps[pairs:], batch["ref_chosen"].to(logps.device),
                                         batch["ref_rejected"].to(logps.device), config.beta, config.loss_type,
                                         config.label_smoothing, tokens[:pairs], tokens[pairs:])
+        self._add_metrics(metrics, pairs)
+        return loss * pairs
+
+    def _add_metrics(self, metrics: dict[str, float], pairs: int) -> None:
+        """Add a micro-batch's metrics (means over its `pairs`) to the step's."""
         for name, value in metrics.items():
             self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * pairs
         self.metric_pairs += pairs
-        return loss * pairs
 
     def _train_step(self) -> dict:
         self.metric_sums: dict[str, float] = {}
@@ -132,12 +133,8 @@ class RewardTrainer(PreferenceTrainer):
     """`finetune --objective reward`: the model with a one-number head (finetune.reward), trained with the
     Bradley-Terry loss on each pair's two whole sequences; written as an HF LlamaForSequenceClassification."""
 
-    def _plan(self) -> Plan:
+    def _before_training(self, rows: list[PairRow]) -> None:
         add_reward_head(self.model, self.config.seed)  # before the optimizer is made: it trains with the rest
-        rows, self.data_notes = encode_pairs(self.config.data, self.tokenizer, self.config.seq_len,
-                                             self.config.on_long)
-        return plan_run(dataclasses.replace(self.config, pack=False), rows, self.global_batch,
-                        self.model.config.dim, rows_of=list)
 
     def _collate(self, rows: list[PairRow]) -> dict[str, torch.Tensor]:
         batch = pair_batch([row.pair for row in rows], PAD_ID)
@@ -147,15 +144,11 @@ class RewardTrainer(PreferenceTrainer):
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.info.device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == torch.bfloat16 else (
-            contextlib.nullcontext())
-        with autocast:
+        with autocast(device, self.precision):
             rewards = sequence_rewards(self.model, batch["input_ids"].to(device), batch["lengths"].to(device))
         pairs = rewards.shape[0] // 2
         loss, metrics = reward_loss(rewards[:pairs], rewards[pairs:])
-        for name, value in metrics.items():
-            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * pairs
-        self.metric_pairs += pairs
+        self._add_metrics(metrics, pairs)
         return loss * pairs
 
     def _save_model(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

@@ -352,11 +352,16 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: tor
     plain = bool((positions == torch.arange(positions.shape[1], device=device)).all())
     targets = labels[:, 1:]  # (B, T-1): token t predicts token t+1
     predict = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == torch.bfloat16 else (
-        contextlib.nullcontext())
-    with autocast:
+    with autocast(device, precision):
         return model(input_ids, None if plain else positions, logits_at=predict,
                      targets=targets[targets != IGNORE_INDEX])
+
+
+def autocast(device: torch.device, precision: torch.dtype) -> contextlib.AbstractContextManager:
+    """bf16 autocast when the run's precision is bf16, else nothing."""
+    if precision == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
