@@ -175,3 +175,13 @@ def test_attention_benchmark_compares_the_kernel_with_torch() -> None:
     chunk = [row for row in rows if row[0].strip() == "64"]  # against SDPA, which does not round the scores
     assert len(chunk) == 1 and float(chunk[0][4]) > 0.2 and float(chunk[0][1]) > 0 and float(chunk[0][2]) > 0
     assert [row[0].strip() for row in rows if row[0].strip() in ("eager", "compiled")] == ["eager", "compiled"]
+
+
+def test_cache_policy_benchmark_compares_slots_with_paged_blocks() -> None:
+    """One user: both reuse most of each prompt (slots a little more: blocks keep no partial tail); four users on
+    two slots: the slots lose conversations that the paged cache of the same memory keeps."""
+    report = run_json("cache_policy.py", "--users", "1,4", "--slots", "2", "--turns", "3")
+    one, four = report["rows"]
+    assert one["slots_hit_rate"] > 0.5 and one["paged_hit_rate"] > 0.5
+    assert one["slots_hit_rate"] >= one["paged_hit_rate"]
+    assert four["paged_hit_rate"] > four["slots_hit_rate"] + 0.1
