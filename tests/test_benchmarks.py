@@ -185,3 +185,12 @@ def test_cache_policy_benchmark_compares_slots_with_paged_blocks() -> None:
     assert one["slots_hit_rate"] > 0.5 and one["paged_hit_rate"] > 0.5
     assert one["slots_hit_rate"] >= one["paged_hit_rate"]
     assert four["paged_hit_rate"] > four["slots_hit_rate"] + 0.1
+
+
+@pytest.mark.slow
+def test_dpo_benchmark_trains_both_sides_from_the_same_start() -> None:
+    pytest.importorskip("trl")
+    report = run_json("dpo.py", "--layers", "2", "--dim", "128", "--steps", "2", "--warmup", "1", "--pairs", "8")
+    ours, theirs = report["results"]["llamaforge"], report["results"]["trl"]
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-5) == pytest.approx(0.693147, abs=1e-5)
+    assert ours["step_s"] > 0 and theirs["step_s"] > 0 and report["speedup"] > 0
