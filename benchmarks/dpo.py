@@ -5,7 +5,8 @@ One random-weight model (Llama's architecture, 12 layers x 768 by default, the d
 so that both sides can tokenize text) is written once as an HF folder with the demo tokenizer and llamaforge's chat
 template; both sides read it and the same conversational pairs (an arithmetic question padded to
 `--prompt-words` words, a right and a wrong answer), train LoRA r`--rank` on all seven projections, beta 0.1, the
-sigmoid loss, AdamW at 1e-4, `--batch-size` pairs a step, fp32. Each side runs in its own subprocess (peak RSS is
+sigmoid loss, AdamW at 1e-4, `--batch-size` pairs a step, fp32, gradient checkpointing on both sides unless
+`--no-gradient-checkpointing` (on is trl's default). Each side runs in its own subprocess (peak RSS is
 its own), `--warmup` steps then `--steps` timed ones:
 
 - step seconds: the median optimizer step (forward, backward, optimizer; trl's also runs the reference model, the
@@ -86,7 +87,7 @@ def run_llamaforge(args: argparse.Namespace) -> dict:
                          method="lora", lora_r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                          lr=1e-4, warmup_ratio=0.0, schedule="constant", batch_size=args.batch_size, beta=0.1,
                          max_steps=args.warmup + args.steps, val_fraction=0.0, save_every=0, seq_len=1024,
-                         precision="fp32")
+                         precision="fp32", gradient_checkpointing=args.gradient_checkpointing)
     info = distributed.setup("cpu")
     started = time.perf_counter()
     trainer = PreferenceTrainer(config, info)  # loads, encodes and computes the reference log-probs
@@ -117,7 +118,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     config = trl.DPOConfig(output_dir=str(Path(args.work) / "trl"), per_device_train_batch_size=args.batch_size,
                            learning_rate=1e-4, lr_scheduler_type="constant", beta=0.1, loss_type=["sigmoid"],
                            max_steps=args.warmup + args.steps, report_to=[], use_cpu=True, bf16=False,
-                           max_length=None, logging_steps=1, save_strategy="no", dataset_num_proc=None, seed=0)
+                           max_length=None, logging_steps=1, save_strategy="no", dataset_num_proc=None, seed=0,
+                           gradient_checkpointing=args.gradient_checkpointing)
     lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
                            task_type="CAUSAL_LM")
     times: list[float] = []
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="on both sides (default on: trl's default)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--side", choices=["llamaforge", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
