@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune import TARGETS, rss_mb  # noqa: E402
 
 
 def write_pairs(path: Path, count: int, prompt_words: int) -> Path:
@@ -60,11 +61,6 @@ def write_model(directory: Path, args: argparse.Namespace) -> Path:
                        hidden_dim=args.dim * 8 // 3 // 64 * 64, max_seq_len=1024)
     model = init_weights(Llama(config), seed=0)
     return save_hf_dir(model.state_dict(), config, directory / "model", demo.tokenizer, chat_template=JINJA_TEMPLATE)
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(f"{field}:"))
 
 
 def start_peak() -> float:

@@ -38,10 +38,11 @@ def model_args(preset: str | None) -> ModelArgs:
     return PRESETS[preset] if preset else CPU_SHAPE
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process' resident memory (VmRSS), or its peak since start or since reset (VmHWM), in MB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 

@@ -39,9 +39,8 @@ def reward_dir(tmp_path: Path, tiny_tokenizer_path: Path) -> Path:
 
 def batch_of(tokenizer, pairs: list[dict]) -> tuple[dict, torch.Tensor]:
     encoded = [encode_pair(tokenizer, to_pair(Record(f"row {i}", p))) for i, p in enumerate(pairs, start=1)]
-    lengths = [len(e.prompt_ids) + len(e.chosen_ids) for e in encoded]
-    lengths += [len(e.prompt_ids) + len(e.rejected_ids) for e in encoded]
-    return pair_batch(encoded, PAD_ID), torch.tensor(lengths)
+    batch = pair_batch(encoded, PAD_ID)
+    return batch, batch["lengths"]
 
 
 def test_transformers_reads_the_same_rewards(reward_dir: Path) -> None:

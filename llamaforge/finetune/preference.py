@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge.chat import encode_dialog, validate_dialog
+from llamaforge.engine import shared_prefix
 from llamaforge.errors import ChatFormatError
 from llamaforge.finetune.data import DataError, Record, encode_chat
 from llamaforge.tokenizer import Tokenizer
@@ -145,25 +146,21 @@ def encode_pair(tokenizer: Tokenizer, pair: PreferencePair) -> EncodedPair:
     prompt = encode_dialog(tokenizer, pair.prompt)
     chosen = encode_chat(tokenizer, [*pair.prompt, {"role": "assistant", "content": pair.chosen}]).input_ids
     rejected = encode_chat(tokenizer, [*pair.prompt, {"role": "assistant", "content": pair.rejected}]).input_ids
-    shared = min(_shared_length(prompt, chosen), _shared_length(prompt, rejected))
+    shared = min(shared_prefix(prompt, chosen), shared_prefix(prompt, rejected))
     return EncodedPair(prompt[:shared], chosen[shared:], rejected[shared:])
 
 
-def _shared_length(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
 def pair_batch(pairs: list[EncodedPair], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, prompt + answer, right-padded: input_ids (2B, T) and completion_mask (2B, T),
-    1 on the answer tokens (the ones scored)."""
+    """Chosen rows then rejected rows, prompt + answer, right-padded: input_ids (2B, T), completion_mask (2B, T), 1 on
+    the answer tokens (the ones scored), and lengths (2B,), each row's tokens before its padding."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(prompt) + len(answer) for prompt, answer in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    lengths = torch.tensor([len(prompt) + len(answer) for prompt, answer in rows])
+    input_ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros_like(input_ids)
     for row, (prompt, answer) in enumerate(rows):
         input_ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         completion_mask[row, len(prompt):len(prompt) + len(answer)] = 1
-    return {"input_ids": input_ids, "completion_mask": completion_mask}
+    return {"input_ids": input_ids, "completion_mask": completion_mask, "lengths": lengths}
 
 
 def answer_logps(model: torch.nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:

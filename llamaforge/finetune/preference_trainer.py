@@ -137,10 +137,7 @@ class RewardTrainer(PreferenceTrainer):
         add_reward_head(self.model, self.config.seed)  # before the optimizer is made: it trains with the rest
 
     def _collate(self, rows: list[PairRow]) -> dict[str, torch.Tensor]:
-        batch = pair_batch([row.pair for row in rows], PAD_ID)
-        ends = [len(row.pair.prompt_ids) + len(row.pair.chosen_ids) for row in rows]
-        ends += [len(row.pair.prompt_ids) + len(row.pair.rejected_ids) for row in rows]
-        return batch | {"lengths": torch.tensor(ends)}
+        return pair_batch([row.pair for row in rows], PAD_ID)
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.info.device
