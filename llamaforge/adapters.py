@@ -36,18 +36,27 @@ class AdapterSelection:
         self.slots, self.rank = slots, rank
         self.rows: list[int] | None = None
         self.slot_ids: torch.Tensor | None = None  # (B,) int64 on the CPU: what the C kernels read
-        self.mask: torch.Tensor | None = None  # (B, slots * rank): 1 on each row's own slot's block of ranks
+        self.device: torch.device | str = "cpu"
+        self._mask: torch.Tensor | None = None
 
     def select(self, rows: list[int] | None, device: torch.device | str) -> None:
         """Set the rows' slots for the next forward (None or all 0: the base model everywhere)."""
+        self._mask = None
         if rows is None or not any(rows):
-            self.rows, self.slot_ids, self.mask = None, None, None
+            self.rows, self.slot_ids = None, None
             return
-        self.rows = rows
+        self.rows, self.device = rows, device
         self.slot_ids = torch.tensor(rows, dtype=torch.int64)
-        mask = torch.zeros(len(rows), self.slots, self.rank, device=device)
-        mask[torch.arange(len(rows)), self.slot_ids.to(device)] = 1.0
-        self.mask = mask.flatten(1)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, slots * rank): 1 on each row's own slot's block of ranks, for the torch path; built on first use, as
+        bfloat16 CPU models (the C kernels read `slot_ids`) never need it. Only while rows are selected."""
+        if self._mask is None:
+            mask = torch.zeros(len(self.rows), self.slots, self.rank, device=self.device)
+            mask[torch.arange(len(self.rows)), self.slot_ids.to(self.device)] = 1.0
+            self._mask = mask.flatten(1)
+        return self._mask
 
 
 class MultiLoraLinear(nn.Module):
@@ -79,10 +88,9 @@ class MultiLoraLinear(nn.Module):
 
     def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus each row's adapter update of x: x (B, ..., in), y (B, ..., out)."""
-        mask = self.selection.mask  # (B, slots * rank)
-        if mask is None:
+        if self.selection.rows is None:
             return y
-        B = mask.shape[0]
+        B = len(self.selection.rows)
         # A bfloat16 CPU model: decode_layers.c's updates, rounded as the fused decode layers round them.
         if kernels.bf16_inference(x, y) and self.lora_A.dtype == torch.float32 and kernels.decode_available():
             out = kernels.eager_or_op(kernels.bf16_lora, kernels.bf16_lora_op, x.reshape(B, -1, self.in_features),
@@ -90,6 +98,7 @@ class MultiLoraLinear(nn.Module):
                                       self.selection.slot_ids)
             return out.reshape(y.shape)
         inputs = x.reshape(B, -1, self.in_features).float()  # (B, T, in)
+        mask = self.selection.mask  # (B, slots * rank)
         low = inputs @ self.lora_A.flatten(0, 1).T * mask[:, None]  # (B, T, slots * rank), other slots' zeroed
         update = low @ self.lora_B.flatten(0, 1)  # (B, T, out)
         return y + update.reshape(y.shape).to(y.dtype)
