@@ -392,8 +392,9 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    """Rejection sampling: n answers to each prompt, the best by a reward kept as chat records for finetune."""
-    from llamaforge.finetune.rejection import load_reward_function, sample_best
+    """Rejection sampling: n answers to each prompt, the best by a reward kept as chat records for finetune (or, with
+    --pairs, the best and the worst as preference pairs for DPO)."""
+    from llamaforge.finetune.rejection import best_record, load_reward_function, preference_record, sample_scored
     from llamaforge.finetune.reward import RewardModelScorer
 
     # Before the model loads: a typo costs nothing.
@@ -402,20 +403,33 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
         raise LlamaforgeError(f"--out {out} already exists; choose a new file")
+    if args.pairs and args.n < 2:
+        raise LlamaforgeError(f"--pairs needs two answers or more to compare: raise --n (got {args.n})")
     llm = _load(args)
     params = _sampling(args)
     if params.seed is None:
         params = dataclasses.replace(params, seed=0)
-    best = sample_best(llm, args.prompts, args.n, reward, params, args.max_batch_size)
+    scored = sample_scored(llm, args.prompts, args.n, reward, params, args.max_batch_size)
+    records = [preference_record(one) for one in scored] if args.pairs else [best_record(one) for one in scored]
+    records = [record for record in records if record is not None]
     partial = out.with_name(out.name + ".partial")  # renamed when whole: no half-written file under --out
-    partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in best))
+    partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     partial.replace(out)
-    rewards = [record["reward"] for record in best]
+    rewards = [reward for one in scored for reward in one.rewards]
+    summary = {"out": str(out), "prompts": len(scored), "answers": len(rewards),
+               "mean_reward": sum(rewards) / len(rewards),
+               "mean_best_reward": sum(max(one.rewards) for one in scored) / len(scored)}
+    if args.pairs:
+        summary["pairs"] = len(records)
     if args.json:
-        _print_json({"out": str(out), "prompts": len(best), "mean_reward": sum(rewards) / len(rewards)})
+        _print_json(summary)
+    elif args.pairs:
+        print(f"wrote {out}: {len(records)} preference pairs (best and worst of {args.n} answers) from "
+              f"{len(scored)} prompts; the other {len(scored) - len(records)} scored all their answers alike. "
+              f"Mean reward {summary['mean_reward']:.4g}, of the best {summary['mean_best_reward']:.4g}")
     else:
-        print(f"wrote {out}: the best of {args.n} answers to {len(best)} prompts, mean reward "
-              f"{sum(rewards) / len(rewards):.4g}")
+        print(f"wrote {out}: the best of {args.n} answers to {len(scored)} prompts, mean reward "
+              f"{summary['mean_best_reward']:.4g} (of all answers {summary['mean_reward']:.4g})")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -617,13 +631,16 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=default("method"))
     parser.add_argument("--objective", choices=OBJECTIVES, default=default("objective"),
                         help="sft: learn the answers in --data; dpo: learn from preference pairs (prompt, chosen, "
-                        "rejected) against the model as it was before")
+                        "rejected) against the model as it was before; reward: a reward model from the pairs")
     parser.add_argument("--loss-type", choices=PREFERENCE_LOSSES, default=default("loss_type"),
                         help="dpo's loss: sigmoid (DPO), ipo or robust (robust DPO)")
     parser.add_argument("--beta", type=float, default=default("beta"),
                         help="dpo: how far from the reference model the policy may move (higher: less far)")
     parser.add_argument("--label-smoothing", type=float, default=default("label_smoothing"),
                         help="dpo: the share of pairs assumed mislabelled (sigmoid: conservative DPO; robust)")
+    parser.add_argument("--rpo-alpha", type=float, default=default("rpo_alpha"),
+                        help="dpo: add this times the chosen answers' negative log-likelihood per token (RPO; keeps "
+                        "DPO from lowering the chosen answers too; 1.0 is the paper's; default 0: off)")
     parser.add_argument("--seq-len", type=int, default=default("seq_len"), help="tokens per training row")
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack short examples into --seq-len rows, or one per row (default: pack when the packed "
@@ -735,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_flags(add("finetune", cmd_finetune))
 
     score = add("score", cmd_score)
-    score.add_argument("--reward-model", required=True, help="a reward model folder (finetune --objective reward, or "
-                       "transformers' LlamaForSequenceClassification with one label)")
+    score.add_argument("--reward-model", required=True, help="a reward model folder (finetune --objective reward: "
+                       "model/ of a full run, or a LoRA run's adapter folder; or transformers' "
+                       "LlamaForSequenceClassification with one label)")
     score.add_argument("--data", required=True, help="preference pairs (both answers scored), or chat records "
                        "ending with the answer to score")
     score.add_argument("--device", help="cpu, cuda ...")
@@ -752,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="module:function or file.py:function, called as function(messages, answer) -> number")
     rewards.add_argument("--reward-model", help="a reward model folder (finetune --objective reward)")
     sample.add_argument("--out", required=True, help="JSONL file for the best answers (chat records with 'reward')")
+    sample.add_argument("--pairs", action="store_true", help="write preference pairs instead: each prompt's best "
+                        "answer as chosen and its worst as rejected (prompts whose answers all score alike are left "
+                        "out), for finetune --objective dpo")
     sample.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     _model_flags(sample)
     _adapter_flag(sample)

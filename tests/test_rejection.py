@@ -90,6 +90,42 @@ def test_sample_command_writes_sft_data_the_trainer_reads(prompts: Path, rewards
     assert sum(record.data["reward"] for record in records) >= 3  # the demo model adds well
 
 
+def test_pairs_are_each_prompts_best_and_worst_answer_and_train_dpo(prompts: Path, rewards: Path,
+                                                                    tmp_path: Path, capsys) -> None:
+    """--pairs keeps the longest and the shortest of the answers the seeds give alone, as pairs the DPO trainer
+    encodes; a prompt whose answers all score alike (the sums: the demo model says them one way) gives no pair."""
+    from llamaforge.finetune.preference_trainer import encode_pairs
+
+    with prompts.open("a") as file:  # comparing one-digit numbers, its weak spot, gets answers of many lengths
+        file.write("".join(json.dumps({"prompt": f"Which is smaller, {a} or {b}?"}) + "\n"
+                           for a, b in ((0, 2), (1, 4), (3, 7))))
+    out = tmp_path / "pairs.jsonl"
+    assert main(["sample", "--prompts", str(prompts), "--n", "3", "--reward-function", f"{rewards}:length",
+                 "--out", str(out), "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "5", "--pairs",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    llm = llamaforge.load()
+    expected = []
+    for row in load_records(prompts):
+        messages = [{"role": "user", "content": row.data["prompt"]}] if "prompt" in row.data else row.data["messages"]
+        alone = [llm.chat(messages, SamplingParams(max_new_tokens=24, temperature=1.0, seed=5 + i)).text.strip()
+                 for i in range(3)]
+        if len(set(map(len, alone))) > 1:
+            expected.append((messages, max(alone, key=len), min(alone, key=len)))
+    records = [record.data for record in load_records(out)]
+    assert summary["pairs"] == len(records) == len(expected) >= 2
+    for record, (messages, longest, shortest) in zip(records, expected, strict=True):
+        assert record["prompt"] == messages
+        assert record["chosen"] == [{"role": "assistant", "content": longest}]
+        assert record["rejected"] == [{"role": "assistant", "content": shortest}]
+        assert record["score_chosen"] == len(longest) > record["score_rejected"] == len(shortest)
+    rows, notes = encode_pairs(str(out), llm.tokenizer, 512, "error")
+    assert len(rows) == len(records) and not notes
+    assert main(["sample", "--prompts", str(prompts), "--n", "1", "--reward-function", f"{rewards}:length",
+                 "--out", str(tmp_path / "one.jsonl"), "--pairs"]) == 2
+    assert "--pairs needs two answers or more to compare: raise --n (got 1)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("function", "message"), [
     ("broken", r"the reward function .*:broken raised KeyError: 'no such field' \(prompt at line 1\)"),
     ("words", r"returned 'high' for the prompt at line 1; it must return a finite number"),

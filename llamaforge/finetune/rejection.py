@@ -1,7 +1,9 @@
 """`llamaforge sample`: rejection sampling, Llama 2-Chat's step between reward modelling and the next fine-tuning
 round. Each prompt gets K sampled answers from the batched engine (seeds seed .. seed + K - 1, so a run is
 reproducible), a reward scores each, and the best is kept as a chat record (`messages` ending with it, and its
-`reward`): supervised data for `llamaforge finetune`.
+`reward`): supervised data for `llamaforge finetune`. With `--pairs` it keeps the best and the worst answer of each
+prompt instead, as a preference pair (`finetune --objective dpo`): on-policy pairs, the model's own answers, the way
+iterative DPO rounds make them.
 
 The reward is a Python function `module:function` or `path/to/file.py:function`, called as
 `function(messages, answer) -> number` (messages: the prompt's dialog; answer: the sampled text), e.g. an
@@ -16,7 +18,7 @@ import importlib.util
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamaforge.api import LLM
@@ -88,10 +90,20 @@ def score(reward: Reward, messages: list[dict], answer: str, where: str) -> floa
     return float(value)
 
 
-def sample_best(llm: LLM, source: str, n: int, reward: Reward, params: SamplingParams,
-                max_batch_size: int = 8) -> list[dict]:
-    """For each prompt of `source`, n sampled answers (seeds params.seed + i) and the best by reward: a chat record
-    {"messages": prompt + [the answer], "reward": its score}, in the prompts' order."""
+@dataclass
+class Scored:
+    """One prompt's sampled answers and their rewards, in seed order."""
+
+    where: str
+    messages: list[dict]
+    answers: list[str]
+    rewards: list[float]
+
+
+def sample_scored(llm: LLM, source: str, n: int, reward: Reward, params: SamplingParams,
+                  max_batch_size: int = 8) -> list[Scored]:
+    """For each prompt of `source`, n sampled answers (seeds params.seed + i) and their rewards, in the prompts'
+    order; every prompt's answers decode together in the batched engine."""
     if n < 1:
         raise LlamaforgeError(f"--n must be at least 1, got {n}")
     prompts = [(record.where, prompt_of(record)) for record in load_records(source)]
@@ -101,13 +113,40 @@ def sample_best(llm: LLM, source: str, n: int, reward: Reward, params: SamplingP
         answers = generate_all(engine, [llm.chat_tokens(messages) for _, messages in prompts], n, params, base_seed)
     finally:
         engine.stop()
-    best = []
+    scored = []
     for (where, messages), candidates in zip(prompts, answers, strict=True):
         texts = [llm.tokenizer.decode(ids).strip() for ids in candidates]
-        scores = [score(reward, messages, text, where) for text in texts]
-        top = max(range(n), key=lambda i: scores[i])  # the first of equal scores: the lowest seed
-        best.append({"messages": [*messages, {"role": "assistant", "content": texts[top]}], "reward": scores[top]})
-    return best
+        scored.append(Scored(where, messages, texts, [score(reward, messages, text, where) for text in texts]))
+    return scored
+
+
+def best_record(scored: Scored) -> dict:
+    """The best answer as a chat record {"messages": prompt + [the answer], "reward": its score}; of equal scores,
+    the first (the lowest seed)."""
+    top = max(range(len(scored.answers)), key=lambda i: scored.rewards[i])
+    answer = {"role": "assistant", "content": scored.answers[top]}
+    return {"messages": [*scored.messages, answer], "reward": scored.rewards[top]}
+
+
+def preference_record(scored: Scored) -> dict | None:
+    """The best and the worst answer as a preference pair in trl's conversational layout, with their scores
+    (`score_chosen`, `score_rejected`, as UltraFeedback's pairs carry them); None when no answer scores below
+    another (nothing to prefer) or the two are the same text."""
+    order = range(len(scored.answers))
+    top = max(order, key=lambda i: scored.rewards[i])
+    bottom = min(order, key=lambda i: scored.rewards[i])
+    chosen, rejected = scored.answers[top], scored.answers[bottom]
+    if scored.rewards[top] == scored.rewards[bottom] or not chosen or not rejected or chosen == rejected:
+        return None
+    return {"prompt": scored.messages, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "score_chosen": scored.rewards[top], "score_rejected": scored.rewards[bottom]}
+
+
+def sample_best(llm: LLM, source: str, n: int, reward: Reward, params: SamplingParams,
+                max_batch_size: int = 8) -> list[dict]:
+    """For each prompt of `source`, the best of n sampled answers by reward as a chat record (`best_record`)."""
+    return [best_record(scored) for scored in sample_scored(llm, source, n, reward, params, max_batch_size)]
 
 
 def generate_all(engine: Engine, prompts: list[list[int]], n: int, params: SamplingParams,
