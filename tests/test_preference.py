@@ -103,11 +103,13 @@ def test_losses_follow_their_formulas() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("loss_type", "smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)])
+@pytest.mark.parametrize(("loss_type", "smoothing", "rpo_alpha"),
+                         [("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.1, 0.0), ("sigmoid", 0.0, 0.7)])
 def test_step_zero_equals_trl_dpo_trainer(tmp_path: Path, tiny_tokenizer_path: Path, loss_type: str,
-                                          smoothing: float) -> None:
+                                          smoothing: float, rpo_alpha: float) -> None:
     """The same tiny weights (a policy and a different reference) and pairs through trl 1.x's DPOTrainer and through
-    llamaforge: the same tokens, loss, rewards and policy gradients (1e-5)."""
+    llamaforge: the same tokens, loss, rewards and policy gradients (1e-5). rpo_alpha: trl's loss_type
+    ["sigmoid", "sft"] weighted [1, rpo_alpha]."""
     trl = pytest.importorskip("trl")
     transformers = pytest.importorskip("transformers")
     datasets = pytest.importorskip("datasets")
@@ -130,7 +132,9 @@ def test_step_zero_equals_trl_dpo_trainer(tmp_path: Path, tiny_tokenizer_path: P
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folders["policy"])
     hf_tokenizer.pad_token = hf_tokenizer.unk_token
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS), beta=0.5,
-                         loss_type=[loss_type], label_smoothing=smoothing, report_to=[], use_cpu=True, bf16=False,
+                         loss_type=[loss_type, "sft"] if rpo_alpha else [loss_type],
+                         loss_weights=[1.0, rpo_alpha] if rpo_alpha else None, label_smoothing=smoothing,
+                         report_to=[], use_cpu=True, bf16=False,
                          max_length=None, precompute_ref_log_probs=False, dataset_num_proc=None, seed=0)
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=hf_tokenizer,
                              train_dataset=datasets.Dataset.from_list(PAIRS))
@@ -156,7 +160,7 @@ def test_step_zero_equals_trl_dpo_trainer(tmp_path: Path, tiny_tokenizer_path: P
     tokens = inputs["completion_mask"].sum(dim=1)
     ours_loss, ours_metrics = preference_loss(*logps.chunk(2), *ref.chunk(2), beta=0.5, loss_type=loss_type,
                                               label_smoothing=smoothing, chosen_tokens=tokens[:len(PAIRS)],
-                                              rejected_tokens=tokens[len(PAIRS):])
+                                              rejected_tokens=tokens[len(PAIRS):], rpo_alpha=rpo_alpha)
     ours_loss.backward()
     assert ours_loss.item() == pytest.approx(loss.item(), abs=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -203,6 +207,10 @@ def test_dpo_on_the_demo_model_widens_the_margin_and_resumes_exactly(tmp_path: P
     assert records[-1]["rewards/margins"] > records[0]["rewards/margins"] + 0.1
     assert records[-1]["rewards/accuracies"] > 0.5 and records[-1]["loss"] < records[0]["loss"]
     assert result.val_loss < math.log(2)
+    held_out = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val_loss" in r]
+    assert len(held_out) == 1 and held_out[0]["val_loss"] == result.val_loss  # the held-out pairs' metrics too
+    assert held_out[0]["val_rewards/margins"] > 0.1 and held_out[0]["val_rewards/accuracies"] > 0.5
+    assert (tmp_path / "straight" / "loss.png").stat().st_size > 0
     resumed_out = shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # as if killed after step 4's save
     shutil.rmtree(resumed_out / "checkpoints" / "step-00000008")
     finetune(TrainConfig(out=str(resumed_out), resume=True, **settings))
@@ -244,7 +252,8 @@ def test_data_check_reports_pairs_and_their_problems_by_line(tmp_path: Path, tin
 
 @pytest.mark.slow
 def test_dpo_under_fsdp_on_two_processes_matches_one(tmp_path: Path) -> None:
-    """torchrun, gloo on CPU, full DPO on the demo model: 2 ranks x 2 pairs against 1 process x 4 pairs."""
+    """torchrun, gloo on CPU, full DPO (with RPO's NLL term, whose answers differ in length between the ranks) on the
+    demo model: 2 ranks x 2 pairs against 1 process x 4 pairs."""
     import os
     import shutil
     import subprocess
@@ -254,7 +263,7 @@ def test_dpo_under_fsdp_on_two_processes_matches_one(tmp_path: Path) -> None:
 
     data = arithmetic_pairs(tmp_path / "pairs.jsonl", 16)
     common = ["--data", str(data), "--objective", "dpo", "--method", "full", "--max-steps", "4", "--lr", "1e-4",
-              "--beta", "0.5", "--seq-len", "64", "--val-fraction", "0", "--save-every", "0"]
+              "--beta", "0.5", "--seq-len", "64", "--val-fraction", "0", "--save-every", "0", "--rpo-alpha", "0.5"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "llamaforge", "finetune", "--out", str(tmp_path / "one"),
                           "--batch-size", "4", *common], capture_output=True, text=True, env=env, timeout=300)
@@ -270,6 +279,28 @@ def test_dpo_under_fsdp_on_two_processes_matches_one(tmp_path: Path) -> None:
     assert len(records["one"]) == 4
     for a, b in zip(records["one"], records["two"], strict=True):
         assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-4, abs=1e-6)
+
+
+def test_a_steps_loss_does_not_depend_on_its_micro_batches(tmp_path: Path) -> None:
+    """DPO with RPO's NLL term (a mean over the step's chosen tokens, not each micro-batch's), no dropout, fp32:
+    4 pairs at once and 4 micro-batches of 1 give the same losses and metrics, and the NLL term is in the loss."""
+    from llamaforge.finetune.config import TrainConfig
+    from llamaforge.finetune.progress import read_metrics
+    from llamaforge.finetune.trainer import finetune
+
+    data = arithmetic_pairs(tmp_path / "pairs.jsonl", 8)
+    common = {"data": str(data), "objective": "dpo", "max_steps": 2, "seq_len": 64, "save_every": 0,
+              "val_fraction": 0.0, "lr": 1e-3, "lora_dropout": 0.0, "precision": "fp32"}
+    runs = {}
+    for name, batch, accum, alpha in (("whole", 4, 1, 1.0), ("split", 1, 4, 1.0), ("plain", 4, 1, 0.0)):
+        finetune(TrainConfig(out=str(tmp_path / name), batch_size=batch, grad_accum=accum, rpo_alpha=alpha, **common))
+        runs[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    keys = ("loss", "rewards/margins", "logps/chosen", "logps/rejected")
+    values = {name: [r[k] for r in runs[name] for k in keys] for name in ("whole", "split")}
+    assert values["split"] == pytest.approx(values["whole"], rel=1e-5, abs=1e-6)
+    first = runs["whole"][0]  # at step 0 the DPO part is log 2 and the NLL is the chosen answers' per token
+    assert first["loss"] == pytest.approx(math.log(2) + first["nll_loss"], abs=1e-5)
+    assert runs["plain"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and "nll_loss" not in runs["plain"][0]
 
 
 def test_qlora_dpo_runs_on_the_cpu(tmp_path: Path) -> None:

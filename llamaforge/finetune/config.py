@@ -41,6 +41,7 @@ class TrainConfig:
     loss_type: str = "sigmoid"  # dpo: sigmoid (DPO), ipo or robust
     beta: float = 0.1  # dpo: how far from the reference model the policy may move
     label_smoothing: float = 0.0  # dpo: the share of pairs assumed mislabelled (conservative / robust DPO)
+    rpo_alpha: float = 0.0  # dpo: weight of the chosen answers' NLL added to the loss (RPO); 0: off
     seq_len: int = 2048
     pack: bool | None = None  # None: when packed rows still make enough steps an epoch
     on_long: str = "truncate"
@@ -84,10 +85,9 @@ class TrainConfig:
         need(self.loss_type in PREFERENCE_LOSSES, f"--loss-type must be one of {', '.join(PREFERENCE_LOSSES)}")
         need(self.beta > 0, "--beta must be positive")
         need(0 <= self.label_smoothing < 0.5, "--label-smoothing must be in [0, 0.5)")
+        need(self.rpo_alpha >= 0, "--rpo-alpha must be 0 (off) or positive")
         need(self.objective == "sft" or self.init is None, f"--objective {self.objective} tunes a trained model; "
              "drop --init")
-        need(self.objective != "reward" or self.method == "full", "--objective reward trains every weight and the "
-             "new reward head: use --method full (LoRA reward models are not supported yet)")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         need(self.on_long in ON_LONG, f"--on-long must be one of {', '.join(ON_LONG)}")

@@ -14,7 +14,10 @@ training): with logratio = log pi(answer) - log pi_ref(answer) and delta = logra
   ipo:            (delta per answer token - 1 / (2 beta))^2
   robust:         (-(1 - e) log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e)
 as trl 1.x computes them (its `sigmoid` has no label smoothing; conservative DPO is trl 0.x's `sigmoid` with
-`label_smoothing`). The rewards trl logs are beta * logratio.
+`label_smoothing`). The rewards trl logs are beta * logratio. Any of them may add the chosen answers' negative
+log-likelihood per token times rpo_alpha (RPO, Pang et al. 2024; trl's loss_type ["sigmoid", "sft"]): DPO alone can
+lower the chosen answer's probability as long as the rejected one's falls faster, which on small or narrow data
+turns into answers the model never gave; the NLL term holds the chosen answers up.
 """
 
 from __future__ import annotations
@@ -177,15 +180,21 @@ def answer_logps(model: torch.nn.Module, input_ids: torch.Tensor, completion_mas
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
                     ref_rejected_logps: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
                     label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
-                    rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    rejected_tokens: torch.Tensor | None = None, rpo_alpha: float = 0.0,
+                    nll_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean loss over a batch of pairs (each argument (B,): summed answer log-probabilities; the token counts
-    for ipo) and the metrics trl logs for it. See the module docstring for the formulas."""
+    for ipo and rpo_alpha) and the metrics trl logs for it. See the module docstring for the formulas. rpo_alpha > 0
+    adds that times the chosen answers' negative log-likelihood per token, averaged over `nll_tokens` tokens (None:
+    the batch's chosen tokens, as trl does; the trainer gives the step's share, so that a step's loss does not
+    depend on how it is split into micro-batches)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be 0 (off) or positive, got {rpo_alpha}")
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     delta = chosen_logratios - rejected_logratios
@@ -199,10 +208,17 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, re
             raise ValueError("the ipo loss needs each answer's token count")
         per_token = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
         losses = (per_token - 1 / (2 * beta)) ** 2
+    loss = losses.mean()
     chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
     metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                "logps/chosen": chosen_logps.detach().mean().item(),
                "logps/rejected": rejected_logps.detach().mean().item()}
-    return losses.mean(), metrics
+    if rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha needs the chosen answers' token counts")
+        nll = -chosen_logps.sum()
+        loss = loss + rpo_alpha * nll / (float(chosen_tokens.sum()) if nll_tokens is None else nll_tokens)
+        metrics["nll_loss"] = nll.item() / max(float(chosen_tokens.sum()), 1.0)
+    return loss, metrics

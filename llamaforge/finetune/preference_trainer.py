@@ -6,8 +6,8 @@ micro-batches and ranks. The reference is the model before training: its log-pro
 computed once, before the first step (for LoRA and QLoRA that is the base, the new adapter's B being zero; for full
 training the initial weights), so no second copy of the model is kept. A resumed run computes them again from the
 same initial weights, before it loads its checkpoint. The metrics trl logs (rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies, logps/chosen, logps/rejected) go into metrics.jsonl and TensorBoard beside the
-loss.
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected; nll_loss with --rpo-alpha) go into metrics.jsonl and
+TensorBoard beside the loss, and the held-out pairs' into the validation records (val_rewards/accuracies ...).
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from llamaforge.finetune import distributed
 from llamaforge.finetune.data import DataError, load_records
 from llamaforge.finetune.plan import Plan, plan_run
 from llamaforge.finetune.preference import EncodedPair, answer_logps, encode_pair, pair_batch, preference_loss, to_pair
-from llamaforge.finetune.reward import PAD_ID, add_reward_head, reward_loss, save_reward_model, sequence_rewards
+from llamaforge.finetune.reward import (
+    PAD_ID,
+    add_reward_head,
+    reward_loss,
+    save_reward_adapter,
+    save_reward_model,
+    sequence_rewards,
+)
 from llamaforge.finetune.trainer import Trainer, autocast
 
 
@@ -80,9 +87,13 @@ class PreferenceTrainer(Trainer):
         pairs = logps.shape[0] // 2
         tokens = batch["completion_mask"].sum(dim=1).to(logps.device)
         config = self.config
+        # The NLL term's tokens: this micro-batch's share of the step's chosen tokens, so that after the step's
+        # division by its pairs it is the step's mean per chosen token.
+        nll_tokens = self.step_chosen_tokens * pairs / self.step_pairs
         loss, metrics = preference_loss(logps[:pairs], logps[pairs:], batch["ref_chosen"].to(logps.device),
                                         batch["ref_rejected"].to(logps.device), config.beta, config.loss_type,
-                                        config.label_smoothing, tokens[:pairs], tokens[pairs:])
+                                        config.label_smoothing, tokens[:pairs], tokens[pairs:], config.rpo_alpha,
+                                        nll_tokens)
         self._add_metrics(metrics, pairs)
         return loss * pairs
 
@@ -95,14 +106,32 @@ class PreferenceTrainer(Trainer):
     def _train_step(self) -> dict:
         self.metric_sums: dict[str, float] = {}
         self.metric_pairs = 0
-        record = super()._train_step()
-        pairs = distributed.all_sum(self.metric_pairs, self.info)
-        return record | {name: distributed.all_sum(value, self.info) / pairs
-                         for name, value in sorted(self.metric_sums.items())}
+        self._count_chosen(self._step_rows(self.step))
+        return super()._train_step() | self._metric_means()
 
-    def evaluate(self) -> float:
+    def _count_chosen(self, rows: list[PairRow]) -> None:
+        """The pairs and chosen answer tokens of a step (or of the validation rows), over every rank."""
+        self.step_pairs = len(rows)
+        self.step_chosen_tokens = sum(len(row.pair.chosen_ids) for row in rows)
+
+    def _eval_loss(self, rows: list[PairRow], counted: bool) -> float:
+        sums, pairs = dict(self.metric_sums), self.metric_pairs
+        value = super()._eval_loss(rows, counted)
+        if not counted:  # a stand-in batch's metrics are not the validation's
+            self.metric_sums, self.metric_pairs = sums, pairs
+        return value
+
+    def _validation(self) -> dict[str, float]:
+        """The validation loss and the step metrics on the held-out pairs (val_rewards/accuracies ...)."""
         self.metric_sums, self.metric_pairs = {}, 0
-        return super().evaluate()
+        self._count_chosen(self.val_rows)
+        return super()._validation() | self._metric_means("val_")
+
+    def _metric_means(self, prefix: str = "") -> dict[str, float]:
+        """Each metric's mean over the pairs added since the sums were reset, over every rank."""
+        pairs = distributed.all_sum(self.metric_pairs, self.info)
+        return {prefix + name: distributed.all_sum(value, self.info) / pairs
+                for name, value in sorted(self.metric_sums.items())}
 
 
 def encode_pairs(data: str, tokenizer, seq_len: int, on_long: str) -> tuple[list[PairRow], list[str]]:
@@ -134,7 +163,8 @@ class RewardTrainer(PreferenceTrainer):
     Bradley-Terry loss on each pair's two whole sequences; written as an HF LlamaForSequenceClassification."""
 
     def _before_training(self, rows: list[PairRow]) -> None:
-        add_reward_head(self.model, self.config.seed)  # before the optimizer is made: it trains with the rest
+        # Before the optimizer is made: the head trains with the rest (in float32 beside adapters, as they do).
+        add_reward_head(self.model, self.config.seed, dtype=torch.float32 if self.config.method != "full" else None)
 
     def _collate(self, rows: list[PairRow]) -> dict[str, torch.Tensor]:
         return pair_batch([row.pair for row in rows], PAD_ID)
@@ -150,3 +180,6 @@ class RewardTrainer(PreferenceTrainer):
 
     def _save_model(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         save_reward_model(state, self.model.config, self.tokenizer, self.out / "model", dtype)
+
+    def _save_adapter(self, weights: dict[str, torch.Tensor]) -> None:
+        save_reward_adapter(self.model, weights, self.base_name, self.out)

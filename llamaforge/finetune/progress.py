@@ -107,7 +107,8 @@ def keep_until(path: Path, step: int) -> str | None:
 
 
 def plot_losses(metrics: Path, out: Path) -> Path | None:
-    """Draw train and validation loss against step into a PNG (None when matplotlib is not installed)."""
+    """Draw train and validation loss against step into a PNG, beside the reward margins and accuracies of a
+    preference run (None when matplotlib is not installed)."""
     try:
         import matplotlib
 
@@ -116,19 +117,33 @@ def plot_losses(metrics: Path, out: Path) -> Path | None:
     except ImportError:
         return None
     records = read_metrics(metrics)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        axes.plot(*zip(*train, strict=True), label="train", linewidth=1)
-    if val:
-        axes.plot(*zip(*val, strict=True), "o-", label="validation")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_yscale("log")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    preference = any(PREFERENCE_METRICS[0] in r for r in records)
+    figure, panels = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100,
+                                  squeeze=False)
+    _plot(panels[0][0], records, "loss", log=True)
+    if preference:
+        for name in PREFERENCE_METRICS:
+            _plot(panels[0][1], records, name, log=False)
     figure.tight_layout()
     figure.savefig(out)
     plt.close(figure)
     return out
+
+
+# What a preference run's plot shows beside its loss: how far the chosen answers pull ahead, and how often.
+PREFERENCE_METRICS = ("rewards/margins", "rewards/accuracies")
+
+
+def _plot(axes, records: list[dict], name: str, log: bool) -> None:
+    """One metric's training curve and its validation points ("val_" + name) on `axes`."""
+    train = [(r["step"], r[name]) for r in records if name in r]
+    val = [(r["step"], r["val_" + name]) for r in records if "val_" + name in r]
+    if train:
+        axes.plot(*zip(*train, strict=True), label=f"train {name}", linewidth=1)
+    if val:
+        axes.plot(*zip(*val, strict=True), "o-", label=f"validation {name}")
+    axes.set_xlabel("step")
+    if log:
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend()

@@ -143,6 +143,7 @@ class Trainer:
                 print(self.plan.warning, flush=True)
         progress = Progress(self.out, self.total_steps, self.step, self.info.is_main)
         result = TrainResult(self.out, self.step)
+        validation: dict = {}
         stop = StopRequest()
         try:
             with stop.installed():
@@ -153,7 +154,8 @@ class Trainer:
                     progress.log(record)
                     result.train_losses.append(record["loss"])
                     if self.config.eval_every and self.step % self.config.eval_every == 0 and self.val_rows:
-                        progress.log({"step": self.step, "val_loss": self.evaluate()})
+                        validation = {"step": self.step, **self._validation()}
+                        progress.log(validation)
                     if self.config.save_every and self.step % self.config.save_every == 0:
                         self._save_checkpoint(rng_at_step_start)
                     # Every rank stops at the same step, or the checkpoint's collectives would hang.
@@ -169,9 +171,10 @@ class Trainer:
             return result
         result.steps = self.step
         if self.val_rows:
-            result.val_loss = self.evaluate()
-            if not (self.config.eval_every and self.step % self.config.eval_every == 0):
-                progress.log({"step": self.step, "val_loss": result.val_loss})
+            if validation.get("step") != self.step:
+                validation = {"step": self.step, **self._validation()}
+                progress.log(validation)
+            result.val_loss = validation["val_loss"]
         progress.close()
         self._write_outputs(result)
         return result
@@ -241,6 +244,10 @@ class Trainer:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     @torch.no_grad()
+    def _validation(self) -> dict[str, float]:
+        """What a validation pass logs: the loss (and, in subclasses, their metrics on the validation rows)."""
+        return {"val_loss": self.evaluate()}
+
     def evaluate(self) -> float:
         """Mean loss per labelled token over the validation rows."""
         self.model.eval()
@@ -251,12 +258,16 @@ class Trainer:
             chunk = self.val_rows[start:start + size * world]
             local = chunk[rank * size:(rank + 1) * size] or chunk[:1]  # every rank must run the forward
             counted = bool(chunk[rank * size:(rank + 1) * size])
-            batch = self._collate(local)
-            value = float(self._loss_sum(batch))
+            value = self._eval_loss(local, counted)
             if counted:
                 loss_sum += value
                 labels += sum(row.n_labels for row in local)
         return distributed.all_sum(loss_sum, self.info) / max(distributed.all_sum(labels, self.info), 1)
+
+    def _eval_loss(self, rows: list, counted: bool) -> float:
+        """The summed loss of validation rows; `counted` False: a rank's stand-in batch, run only so that every
+        rank joins the forward's collectives."""
+        return float(self._loss_sum(self._collate(rows)))
 
     # -- checkpoints and outputs -------------------------------------------------------------------------
 
@@ -316,13 +327,17 @@ class Trainer:
         if method == "full":
             self._save_model(state, torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32)
         else:
-            save_adapter(self.model, self.out, base_model=self.base_name, weights=weights)
+            self._save_adapter(weights)
         plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)
         write_manifest(self, result)
         final = f"{result.train_losses[-1]:.4g}" if result.train_losses else "n/a"
         print(f"wrote {self.out / 'model' if method == 'full' else self.out} (steps {result.steps}, final train loss "
               + final + (f", validation loss {result.val_loss:.4g})" if result.val_loss is not None else ")"))
         distributed.barrier(self.info)
+
+    def _save_adapter(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write the trained adapters (`weights`: the trainable tensors) as a peft adapter in out/."""
+        save_adapter(self.model, self.out, base_model=self.base_name, weights=weights)
 
     def _save_model(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Write every weight of a full run as an HF model in out/model."""
