@@ -73,23 +73,29 @@ class LoraConfig:
         """Rank of the adapter at `name`, after rank_pattern."""
         return _pattern_value(self.rank_pattern, name, self.r)
 
-    def to_peft(self, base_model: str | None) -> dict:
-        """adapter_config.json as peft writes it."""
+    def to_peft(self, base_model: str | None, task_type: str = "CAUSAL_LM",
+                saved_modules: list[str] | None = None) -> dict:
+        """adapter_config.json as peft writes it (`saved_modules`: whole modules saved beside the adapters, peft's
+        modules_to_save, e.g. a reward model's `score` head)."""
         targets = self.target_modules if isinstance(self.target_modules, str) else sorted(self.target_modules)
         return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": targets,
             "use_rslora": self.use_rslora, "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern,
             "init_lora_weights": True, "inference_mode": True, "revision": None, **UNSUPPORTED,
+            "modules_to_save": saved_modules or None,
         }
 
     @classmethod
-    def from_peft(cls, data: dict, source: str) -> LoraConfig:
-        """Read peft's adapter_config.json, refusing settings that would change the maths silently."""
+    def from_peft(cls, data: dict, source: str, saved_modules: tuple[str, ...] = ()) -> LoraConfig:
+        """Read peft's adapter_config.json, refusing settings that would change the maths silently
+        (`saved_modules`: the modules_to_save the caller loads itself)."""
         if data.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{source} is a {data.get('peft_type')} adapter; llamaforge loads LoRA adapters")
         for key, default in UNSUPPORTED.items():
             value = data.get(key, default)
+            if key == "modules_to_save" and value and set(value) <= set(saved_modules):
+                continue
             if value not in (default, [], {}) and not (key == "bias" and value is None):
                 raise AdapterError(f"{source} sets {key}={value!r}, which llamaforge does not support yet; "
                                    "merge the adapter with peft (merge_and_unload) and load the merged model")
@@ -185,10 +191,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None,
-                 weights: dict[str, torch.Tensor] | None = None) -> Path:
+                 weights: dict[str, torch.Tensor] | None = None, task_type: str = "CAUSAL_LM",
+                 saved: dict[str, torch.Tensor] | None = None) -> Path:
     """Write peft's adapter directory (config + safetensors) for a model with LoRA layers.
 
-    `weights` (the model's own names) replaces the model's tensors, e.g. gathered from FSDP shards.
+    `weights` (the model's own names) replaces the model's tensors, e.g. gathered from FSDP shards. `saved`: whole
+    modules' tensors by their peft name (`score.weight`), written beside the adapters as peft's modules_to_save.
     """
     config: LoraConfig = getattr(model, "lora_config", None)
     if config is None:
@@ -196,22 +204,26 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
     weights = lora_state_dict(model) if weights is None else weights
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + name: value.detach().cpu().contiguous() for name, value in weights.items()
-               if _is_lora(name)}
+    saved = saved or {}
+    tensors = {PEFT_PREFIX + name: value.detach().cpu().contiguous()
+               for name, value in [*((n, v) for n, v in weights.items() if _is_lora(n)), *saved.items()]}
     save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model), indent=2) + "\n")
+    modules = sorted({name.rsplit(".", 1)[0] for name in saved})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model, task_type, modules), indent=2) + "\n")
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """An adapter directory's config and tensors, keyed by module name (`...q_proj.lora_A.weight`)."""
+def read_adapter(directory: str | Path,
+                 saved_modules: tuple[str, ...] = ()) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter directory's config and tensors, keyed by module name (`...q_proj.lora_A.weight`; `score.weight` for
+    the modules_to_save named in `saved_modules`, which the caller loads)."""
     directory = Path(directory)
     config_path = directory / ADAPTER_CONFIG
     if not config_path.is_file():
         raise AdapterError(f"{directory} has no {ADAPTER_CONFIG}; an adapter directory holds {ADAPTER_CONFIG} "
                            f"and {ADAPTER_WEIGHTS} (what peft's save_pretrained and llamaforge finetune write)")
     try:
-        config = LoraConfig.from_peft(json.loads(config_path.read_text()), str(directory))
+        config = LoraConfig.from_peft(json.loads(config_path.read_text()), str(directory), saved_modules)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise AdapterError(f"{config_path} is not a valid peft LoRA config: {exc}") from None
     if (directory / ADAPTER_WEIGHTS).is_file():
@@ -230,6 +242,12 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Put a peft LoRA adapter on the model (in place), checking every tensor against the layers it targets."""
     config, tensors = read_adapter(directory)
+    return apply_adapter(model, config, tensors, directory)
+
+
+def apply_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                  directory: str | Path) -> nn.Module:
+    """Put the adapter `read_adapter` read from `directory` on the model (in place), checking every tensor."""
     modules = dict(model.named_modules())
     unknown = sorted({name.rsplit(".lora_", 1)[0] for name in tensors} - set(modules))
     if unknown:

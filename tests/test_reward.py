@@ -117,6 +117,58 @@ def test_a_reward_model_learns_to_rank_its_pairs_and_scores_them_from_disk(tmp_p
     assert json.loads(lines[0])["where"] == "line 1"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_lora_reward_model_is_a_peft_adapter_with_the_same_rewards(tmp_path: Path, method: str, capsys) -> None:
+    """LoRA (and QLoRA) reward training on the demo model: the loss falls; the folder is a peft SEQ_CLS adapter with
+    the head as `score.weight`, which transformers' LlamaForSequenceClassification of the base plus peft load with
+    the rewards llamaforge reads from it (LoRA; a QLoRA base is 4-bit, so only its own rewards are compared);
+    `llamaforge score` takes the folder."""
+    import llamaforge
+    from llamaforge.cli import main
+    from llamaforge.finetune.config import TrainConfig
+    from llamaforge.finetune.progress import read_metrics
+    from llamaforge.finetune.trainer import finetune
+
+    train = arithmetic_pairs(tmp_path / "train.jsonl", 24)
+    out = tmp_path / "rm"
+    finetune(TrainConfig(data=str(train), out=str(out), objective="reward", method=method, max_steps=12,
+                         batch_size=8, lr=2e-3, seq_len=64, val_fraction=0.0, save_every=0, lora_dropout=0.0))
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1
+    settings = json.loads((out / "adapter_config.json").read_text())
+    assert settings["task_type"] == "SEQ_CLS" and settings["modules_to_save"] == ["score"]
+    model, tokenizer = load_reward_model(out)
+    probe = torch.randint(3, model.config.vocab_size, (3, 17))
+    with torch.no_grad():
+        ours = sequence_rewards(model, probe, torch.tensor([17, 17, 17]))
+    assert ours.std() > 0  # the head reads the sequence, not a constant
+    if method == "lora":
+        transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+        demo = Path(llamaforge.__file__).parent / "data" / "demo"
+        base = transformers.LlamaForSequenceClassification.from_pretrained(demo, num_labels=1, pad_token_id=PAD_ID,
+                                                                           dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(probe).logits[:, 0], ours, atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    assert main(["score", "--reward-model", str(out), "--data", str(train), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["pairs"] == 24 and summary["accuracy"] > 0.5
+
+
+def test_an_adapter_that_is_no_reward_model_is_named(tmp_path: Path) -> None:
+    from factories import random_model
+
+    from llamaforge.config import ModelArgs
+    from llamaforge.lora import LoraConfig, add_lora, save_adapter
+
+    model = add_lora(random_model(ModelArgs(**CONFIG)), LoraConfig(r=2))
+    save_adapter(model, tmp_path / "chat", base_model="demo")
+    with pytest.raises(RewardModelError, match="is an adapter of task 'CAUSAL_LM', not a reward model's"):
+        load_reward_model(tmp_path / "chat")
+
+
 def test_a_chat_model_is_not_a_reward_model_nor_the_reverse(tiny_model_dir: Path, reward_dir: Path) -> None:
     import llamaforge
     from llamaforge.errors import CheckpointError

@@ -3,7 +3,9 @@ what trl's RewardTrainer trains), read at a sequence's last token, trained on pr
 Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)).
 
 Here the model is llamaforge's Llama with `lm_head` a (1, dim) layer; saved, that layer is `score.weight` and
-config.json says `LlamaForSequenceClassification`, `num_labels` 1, so transformers and trl load it as theirs.
+config.json says `LlamaForSequenceClassification`, `num_labels` 1, so transformers and trl load it as theirs. A LoRA
+or QLoRA reward model is a peft adapter of task SEQ_CLS with the head as modules_to_save (`score.weight`), as peft
+saves trl's: transformers' LlamaForSequenceClassification of the base (num_labels 1) and peft's PeftModel load it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from llamaforge.config import ModelArgs
 from llamaforge.errors import LlamaforgeError
 from llamaforge.finetune.data import encode_chat, load_records, prepare_record
 from llamaforge.finetune.preference import encode_pair, is_pair, to_pair
+from llamaforge.lora import ADAPTER_CONFIG, apply_adapter, merge_lora, read_adapter, save_adapter
 from llamaforge.model import Llama
 from llamaforge.tokenizer import Tokenizer
 
 ARCHITECTURE = "LlamaForSequenceClassification"
 HEAD = "score.weight"  # the output layer's name in HF's reward models
+ADAPTER_TASK = "SEQ_CLS"  # peft's task type of a LoRA reward model
 PAD_ID = 0  # Llama's unknown token: padding a reward model reads past (EOS must stay the token the reward is read at)
 
 
@@ -34,11 +38,11 @@ class RewardModelError(LlamaforgeError):
     """A folder that is not a reward model, or one that does not fit."""
 
 
-def add_reward_head(model: Llama, seed: int = 0, std: float = 0.02) -> Llama:
+def add_reward_head(model: Llama, seed: int = 0, std: float = 0.02, dtype: torch.dtype | None = None) -> Llama:
     """Replace the model's output layer by a fresh (1, dim) one (normal(0, std), as transformers initialises
-    `score`), in place: the model then gives one number per position."""
-    head = nn.Linear(model.config.dim, 1, bias=False, device=model.lm_head.weight.device,
-                     dtype=model.lm_head.weight.dtype)
+    `score`; in `dtype`, default the embeddings'), in place: the model then gives one number per position."""
+    head = nn.Linear(model.config.dim, 1, bias=False, device=model.model.embed_tokens.weight.device,
+                     dtype=dtype or model.model.embed_tokens.weight.dtype)
     with torch.no_grad():
         head.weight.normal_(0.0, std, generator=torch.Generator(head.weight.device).manual_seed(seed))
     model.lm_head = head
@@ -71,11 +75,21 @@ def save_reward_model(state: dict[str, torch.Tensor], config: ModelArgs, tokeniz
                        extra_config=extra)
 
 
+def save_reward_adapter(model: Llama, weights: dict[str, torch.Tensor], base_model: str, directory: str | Path) -> Path:
+    """Write a LoRA reward model (`weights`: its trainable tensors by our names) as peft saves one: the adapters and
+    the head as `score.weight`, task SEQ_CLS."""
+    return save_adapter(model, directory, base_model=base_model, weights=weights, task_type=ADAPTER_TASK,
+                        saved={HEAD: weights["lm_head.weight"]})
+
+
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> tuple[Llama, Tokenizer]:
-    """A reward model folder (ours, or transformers' / trl's `LlamaForSequenceClassification` with one label) and its
-    tokenizer; RewardModelError when it is something else."""
+    """A reward model folder (ours, or transformers' / trl's `LlamaForSequenceClassification` with one label; or a
+    LoRA reward model's peft adapter, on its base) and its tokenizer; RewardModelError when it is something else."""
     path = Path(path)
+    adapter_config = path / ADAPTER_CONFIG
+    if adapter_config.is_file():
+        return _load_reward_adapter(path, json.loads(adapter_config.read_text()), device, dtype)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise RewardModelError(f"{path} is not a model folder (no config.json)")
@@ -96,6 +110,30 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
     if tokenizer is None:
         raise RewardModelError(f"{path} has no tokenizer beside its weights")
     return model.to(device).eval(), tokenizer
+
+
+def _load_reward_adapter(path: Path, settings: dict, device: str | torch.device,
+                         dtype: torch.dtype) -> tuple[Llama, Tokenizer]:
+    """A LoRA reward model: its base loaded, the adapters merged into it and its head put on."""
+    from llamaforge.api import load
+
+    base = settings.get("base_model_name_or_path")
+    if settings.get("task_type") != ADAPTER_TASK or not base:
+        raise RewardModelError(f"{path} is an adapter of task {settings.get('task_type')!r}, not a reward model's "
+                               f"({ADAPTER_TASK!r}, with its base model named in {ADAPTER_CONFIG})")
+    config, tensors = read_adapter(path, saved_modules=("classifier", "score"))
+    head = tensors.pop(HEAD, None)
+    if head is None:
+        raise RewardModelError(f"{path} has no {HEAD} (the reward head) beside its adapters")
+    llm = load(base, dtype=dtype, device="cpu")
+    model = merge_lora(apply_adapter(llm.model, config, tensors, path))
+    if tuple(head.shape) != (1, model.config.dim):
+        raise RewardModelError(f"{path}'s {HEAD} has shape {tuple(head.shape)}; its base {base} needs "
+                               f"(1, {model.config.dim})")
+    add_reward_head(model, dtype=dtype)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head)
+    return model.to(device).eval(), llm.tokenizer
 
 
 @torch.no_grad()
