@@ -83,10 +83,14 @@ def subtraction(rng: random.Random) -> Problem:
 
 
 def compare(rng: random.Random) -> Problem:
+    return compare_pair(rng, *rng.sample(range(1000), 2))
+
+
+def compare_pair(rng: random.Random, a: int, b: int) -> Problem:
+    """Which of a and b is larger (or smaller), asked one of four ways."""
     # The answer first restates the pair in the question's order with < or >, then names the one asked
     # for: copying in order is easy for a small model, picking one of two numbers to copy is not, and
     # here that pick comes from a short, regular distance.
-    a, b = rng.sample(range(1000), 2)
     relation = f"{a} {'>' if a > b else '<'} {b}"
     if rng.random() < 0.5:
         question = rng.choice(["Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"])
