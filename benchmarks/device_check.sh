@@ -14,3 +14,10 @@ python3 -m pytest -q -p no:cacheprovider -rs tests/test_quantize.py tests/test_f
 timeout 400 python3 benchmarks/finetune.py --preset 7B --seq-len 2048 --batch-size 4 --gradient-checkpointing \
   --steps 5 --warmup 2 --sides hf,llamaforge-compiled,llamaforge,llamaforge-qlora-compiled --json > "$OUT/finetune_7b.json"
 cat "$OUT/finetune_7b.json"
+# LoRA DPO against trl's DPOTrainer + peft on a 1.1B shape (the image lacks trl: carry its wheel, see
+# ../.library/device/README.md, and `pip install --no-deps` it first; skipped without it).
+if python3 -c "import trl" 2>/dev/null; then
+  timeout 300 python3 benchmarks/dpo.py --layers 22 --dim 2048 --batch-size 8 --prompt-words 200 --pairs 64 \
+    --steps 5 --warmup 2 --json > "$OUT/dpo_1b.json"
+  cat "$OUT/dpo_1b.json"
+fi

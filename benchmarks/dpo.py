@@ -6,8 +6,9 @@ so that both sides can tokenize text) is written once as an HF folder with the d
 template; both sides read it and the same conversational pairs (an arithmetic question padded to
 `--prompt-words` words, a right and a wrong answer), train LoRA r`--rank` on all seven projections, beta 0.1, the
 sigmoid loss, AdamW at 1e-4, `--batch-size` pairs a step, fp32, gradient checkpointing on both sides unless
-`--no-gradient-checkpointing` (on is trl's default). Each side runs in its own subprocess (peak RSS is
-its own), `--warmup` steps then `--steps` timed ones:
+`--no-gradient-checkpointing` (on is trl's default). On a GPU both sides train in bf16 (llamaforge's
+`--precision bf16`, trl's `bf16=True`) and memory is torch's peak allocation. Each side runs in its own subprocess
+(peak memory is its own), `--warmup` steps then `--steps` timed ones:
 
 - step seconds: the median optimizer step (forward, backward, optimizer; trl's also runs the reference model, the
   base with the adapter off, every step; llamaforge computed the reference log-probs once before the first step);
@@ -15,8 +16,9 @@ its own), `--warmup` steps then `--steps` timed ones:
 - pairs/s: batch / median step; peak RSS growth over the set-up trainer; the first and last losses (the first is
   log 2 on both sides: the policy starts as the reference).
 
-    python benchmarks/dpo.py                     # about 3 minutes on 2 cores
+    python benchmarks/dpo.py                     # about 7 minutes on 2 cores
     python benchmarks/dpo.py --layers 2 --dim 128 --steps 2 --warmup 1 --json   # smoke test
+    python benchmarks/dpo.py --layers 22 --dim 2048 --batch-size 8 --prompt-words 200 --json  # a GPU, 1.1B
 """
 
 from __future__ import annotations
@@ -60,18 +62,34 @@ def write_model(directory: Path, args: argparse.Namespace) -> Path:
     config = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, vocab_size=demo.config.vocab_size,
                        hidden_dim=args.dim * 8 // 3 // 64 * 64, max_seq_len=1024)
     model = init_weights(Llama(config), seed=0)
-    return save_hf_dir(model.state_dict(), config, directory / "model", demo.tokenizer, chat_template=JINJA_TEMPLATE)
+    # bf16 on disk for a GPU run (each side trains in bf16 there): a 1B model's file halves.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return save_hf_dir(model.state_dict(), config, directory / "model", demo.tokenizer, dtype,
+                       chat_template=JINJA_TEMPLATE)
 
 
 def start_peak() -> float:
-    """Reset the process' peak RSS (VmHWM) to its current RSS, so set-up's peak does not count; that RSS."""
+    """Reset the peak memory so set-up's does not count: torch's peak allocation on a GPU, else the process' peak RSS
+    (VmHWM) to its current RSS; the baseline in MB."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
     Path("/proc/self/clear_refs").write_text("5")
     return rss_mb()
 
 
 def peak_since(baseline: float) -> float:
-    """MB the peak RSS rose over `baseline` since `start_peak`."""
+    """MB the peak memory rose over `baseline` since `start_peak`."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20 - baseline
     return rss_mb("VmHWM") - baseline
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so a step's time is its own."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_llamaforge(args: argparse.Namespace) -> dict:
@@ -83,8 +101,9 @@ def run_llamaforge(args: argparse.Namespace) -> dict:
                          method="lora", lora_r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                          lr=1e-4, warmup_ratio=0.0, schedule="constant", batch_size=args.batch_size, beta=0.1,
                          max_steps=args.warmup + args.steps, val_fraction=0.0, save_every=0, seq_len=1024,
-                         precision="fp32", gradient_checkpointing=args.gradient_checkpointing)
-    info = distributed.setup("cpu")
+                         precision="bf16" if torch.cuda.is_available() else "fp32",
+                         gradient_checkpointing=args.gradient_checkpointing)
+    info = distributed.setup("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     trainer = PreferenceTrainer(config, info)  # loads, encodes and computes the reference log-probs
     setup = time.perf_counter() - started
@@ -94,10 +113,11 @@ def run_llamaforge(args: argparse.Namespace) -> dict:
         step_started = time.perf_counter()
         losses.append(trainer._train_step()["loss"])
         trainer.step += 1
+        sync()
         times.append(time.perf_counter() - step_started)
     peak = peak_since(baseline)
     return {"side": "llamaforge", "step_s": statistics.median(times[args.warmup:]), "setup_s": setup,
-            "peak_rss_mb": peak, "first_loss": losses[0], "last_loss": losses[-1]}
+            "peak_mb": peak, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -107,13 +127,16 @@ def run_trl(args: argparse.Namespace) -> dict:
     import trl
 
     started = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    gpu = torch.cuda.is_available()
+    # On a GPU a LoRA user loads the base in bf16, as llamaforge keeps it.
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model,
+                                                              dtype=torch.bfloat16 if gpu else torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     tokenizer.pad_token = tokenizer.unk_token
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     config = trl.DPOConfig(output_dir=str(Path(args.work) / "trl"), per_device_train_batch_size=args.batch_size,
                            learning_rate=1e-4, lr_scheduler_type="constant", beta=0.1, loss_type=["sigmoid"],
-                           max_steps=args.warmup + args.steps, report_to=[], use_cpu=True, bf16=False,
+                           max_steps=args.warmup + args.steps, report_to=[], use_cpu=not gpu, bf16=gpu,
                            max_length=None, logging_steps=1, save_strategy="no", dataset_num_proc=None, seed=0,
                            gradient_checkpointing=args.gradient_checkpointing)
     lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
@@ -122,9 +145,11 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *_, **__):
+            sync()
             self.started = time.perf_counter()
 
         def on_step_end(self, *_, **__):
+            sync()
             times.append(time.perf_counter() - self.started)
 
     trainer = trl.DPOTrainer(model=model, args=config, processing_class=tokenizer, peft_config=lora,
@@ -135,7 +160,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     peak = peak_since(baseline)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"side": "trl", "step_s": statistics.median(times[args.warmup:]), "setup_s": setup,
-            "peak_rss_mb": peak, "first_loss": losses[0] if losses else None,
+            "peak_mb": peak, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}
 
 
@@ -177,14 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     ours, theirs = results["llamaforge"], results["trl"]
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("side", "model", "data", "work", "json")},
               "results": results, "speedup": theirs["step_s"] / ours["step_s"],
-              "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"] if theirs["peak_rss_mb"] > 0 else None,
+              "memory_ratio": ours["peak_mb"] / theirs["peak_mb"] if theirs["peak_mb"] > 0 else None,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if args.json:
         print(json.dumps(report, indent=2))
         return
     for side, row in results.items():
         print(f"{side:10} {row['step_s']:.3f} s a step ({args.batch_size / row['step_s']:.2f} pairs/s), setup "
-              f"{row['setup_s']:.2f} s, peak RSS +{row['peak_rss_mb']:.0f} MB, loss {row['first_loss']:.4f} -> "
+              f"{row['setup_s']:.2f} s, peak memory +{row['peak_mb']:.0f} MB, loss {row['first_loss']:.4f} -> "
               f"{row['last_loss']:.4f}")
     print(f"llamaforge / trl: {report['speedup']:.2f}x the speed, {report['memory_ratio'] or float('nan'):.2f}x the "
           "memory")
