@@ -9,6 +9,11 @@ layers and the output projection, each a separate tensor, called in model order 
 kernel takes several weights, gate and up likewise), which streams them from memory as decoding does.
 
     python benchmarks/linear_kernels.py            # as root, `chrt -f 10` first keeps other load off the cores
+    python benchmarks/linear_kernels.py --rows 4,8,16,64,512   # the bf16 kernel on many rows against torch's GEMM
+
+`--rows` times the bfloat16 kernel and torch's bfloat16 GEMM side by side (alternating, medians of 5 rounds) on
+activation rows of each count, for the FFN's two shapes: what a batched decode step (up to 16 rows take the kernel)
+and a prompt's chunk cost; GMAC/s = rows x N x K / time.
 """
 
 from __future__ import annotations
@@ -92,14 +97,40 @@ def step_candidates(layers: int) -> list[tuple[str, Callable[[], None], int]]:
     return rows
 
 
+def many_rows(counts: list[int], repeats: int) -> None:
+    """The bfloat16 kernel against torch's bfloat16 GEMM at each row count, alternating, as a Markdown table."""
+    print("| rows | weight | llamaforge bf16 ms | torch bf16 ms | GMAC/s ours / torch | torch / ours time |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for count in counts:
+        for N, K in ((5632, 2048), (2048, 5632)):
+            generator = torch.Generator().manual_seed(0)
+            weight = (torch.randn(N, K, generator=generator) * 0.02).bfloat16()
+            x = torch.randn(count, K, generator=generator).bfloat16()
+            calls = max(repeats // max(count // 16, 1), 3)
+            times: dict[str, list[float]] = {"ours": [], "torch": []}
+            for _ in range(5):
+                times["ours"].append(bench(lambda x=x, w=weight: kernels.bf16_linear(x, w), calls)[0])
+                times["torch"].append(bench(lambda x=x, w=weight: F.linear(x, w), calls)[0])
+            ours, theirs = statistics.median(times["ours"]), statistics.median(times["torch"])
+            macs = count * N * K
+            print(f"| {count} | {N}x{K} | {ours * 1e3:.2f} | {theirs * 1e3:.2f} | {macs / ours / 1e9:.0f} / "
+                  f"{macs / theirs / 1e9:.0f} | {theirs / ours:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--step", action="store_true", help="also time a whole decode step's linear layers")
     parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers in --step (TinyLlama: 22)")
+    parser.add_argument("--rows", help="comma-separated row counts: only the bf16 kernel against torch's GEMM on them")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.rows:
+        if kernels.native_bf16() is None:
+            raise SystemExit("the bfloat16 kernel does not run here (it needs AVX-512 BF16 and a C compiler)")
+        many_rows([int(count) for count in args.rows.split(",")], args.repeats)
+        return
     print("| weight | kernel | ms (min-max) | GB/s |")
     print("| --- | --- | ---: | ---: |")
     if args.step:

@@ -117,22 +117,27 @@ void swiglu_rows(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_
 }
 
 // The M rows of x times bfloat16 weights: x padded to whole registers (one thread), then the weights' rows shared
-// out (all threads), as bf16linear.c's bf16_linear.
+// out in fours (all threads), as bf16linear.c's bf16_linear computes them.
 static void project_dense(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
                           uint16_t *padded) {
     const int64_t Kp = (K + LANES - 1) / LANES * LANES;
-    int64_t first_row[4] = {0};
-    for (int i = 0; i < p->count; i++) first_row[i + 1] = first_row[i] + p->N[i];
+    int64_t first_quad[4] = {0};
+    for (int i = 0; i < p->count; i++) first_quad[i + 1] = first_quad[i] + (p->N[i] + QUAD - 1) / QUAD;
     #pragma omp single
     for (int64_t m = 0; m < M; m++) {
         memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
         memset(padded + m * Kp + K, 0, sizeof(uint16_t) * (size_t)(Kp - K));
     }
     #pragma omp for schedule(static)
-    for (int64_t joint = 0; joint < first_row[p->count]; joint++) {
-        const int i = joint_owner(joint, (int)p->count, first_row);
-        const int64_t n = joint - first_row[i];
-        weight_row(p->dense[i] + n * K, padded, K, Kp, M, p->N[i], n, ys[i]);
+    for (int64_t joint = 0; joint < first_quad[p->count]; joint++) {
+        const int i = joint_owner(joint, (int)p->count, first_quad);
+        const int64_t n0 = (joint - first_quad[i]) * QUAD;
+        if (M > QUAD_MIN_ROWS && n0 + QUAD <= p->N[i]) {
+            weight_quad(p->dense[i], n0, padded, K, Kp, M, p->N[i], ys[i]);
+            continue;
+        }
+        for (int64_t n = n0; n < n0 + QUAD && n < p->N[i]; n++)
+            weight_row(p->dense[i] + n * K, padded, K, Kp, M, p->N[i], n, ys[i]);
     }
 }
 
