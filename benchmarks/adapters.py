@@ -113,15 +113,16 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             engine.stop()
 
+    together = min(args.clients, args.requests)  # one batch's worth
     for side in models:  # warm-up
-        serve(side, args.clients, workloads[side])
+        serve(side, together, workloads[side])
     for repeat in range(args.repeats):
         for side in (list(models) if repeat % 2 == 0 else list(models)[::-1]):
             seconds, answers = serve(side, args.requests, workloads[side])
             rates[side].append(sum(map(len, answers)) / seconds)
     # The base's requests answer alike on both sides (the adapters' rows change nothing for them).
-    _, plain = serve("base alone", args.clients, [0] * args.clients)
-    _, mixed = serve("base + adapters", args.clients, spread)
+    _, plain = serve("base alone", together, [0] * together)
+    _, mixed = serve("base + adapters", together, spread)
     same_base = all(a == b for a, b, slot in zip(plain, mixed, spread, strict=False) if slot == 0)
     medians = {side: statistics.median(values) for side, values in rates.items()}
     report = {"requests": args.requests, "clients": args.clients, "adapters": args.adapters, "rank": args.rank,
