@@ -295,7 +295,7 @@ def test_a_steps_loss_does_not_depend_on_its_micro_batches(tmp_path: Path) -> No
     for name, batch, accum, alpha in (("whole", 4, 1, 1.0), ("split", 1, 4, 1.0), ("plain", 4, 1, 0.0)):
         finetune(TrainConfig(out=str(tmp_path / name), batch_size=batch, grad_accum=accum, rpo_alpha=alpha, **common))
         runs[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
-    keys = ("loss", "rewards/margins", "logps/chosen", "logps/rejected")
+    keys = ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss")
     values = {name: [r[k] for r in runs[name] for k in keys] for name in ("whole", "split")}
     assert values["split"] == pytest.approx(values["whole"], rel=1e-5, abs=1e-6)
     first = runs["whole"][0]  # at step 0 the DPO part is log 2 and the NLL is the chosen answers' per token
