@@ -219,6 +219,7 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, re
         if chosen_tokens is None:
             raise ValueError("rpo_alpha needs the chosen answers' token counts")
         nll = -chosen_logps.sum()
-        loss = loss + rpo_alpha * nll / (float(chosen_tokens.sum()) if nll_tokens is None else nll_tokens)
-        metrics["nll_loss"] = nll.item() / max(float(chosen_tokens.sum()), 1.0)
+        per = max(float(chosen_tokens.sum()), 1.0) if nll_tokens is None else nll_tokens
+        loss = loss + rpo_alpha * nll / per
+        metrics["nll_loss"] = nll.item() / per  # the term's own mean, over the same tokens
     return loss, metrics

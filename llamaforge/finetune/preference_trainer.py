@@ -94,8 +94,6 @@ class PreferenceTrainer(Trainer):
                                         batch["ref_rejected"].to(logps.device), config.beta, config.loss_type,
                                         config.label_smoothing, tokens[:pairs], tokens[pairs:], config.rpo_alpha,
                                         nll_tokens)
-        if config.rpo_alpha:  # as the loss term: the step's chosen NLL per chosen token, whatever the micro-batches
-            metrics["nll_loss"] = float(-logps[:pairs].detach().sum()) / nll_tokens
         self._add_metrics(metrics, pairs)
         return loss * pairs
 
