@@ -243,11 +243,11 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    @torch.no_grad()
     def _validation(self) -> dict[str, float]:
         """What a validation pass logs: the loss (and, in subclasses, their metrics on the validation rows)."""
         return {"val_loss": self.evaluate()}
 
+    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per labelled token over the validation rows."""
         self.model.eval()
