@@ -99,6 +99,14 @@ class Scored:
     answers: list[str]
     rewards: list[float]
 
+    def best(self) -> int:
+        """The index of the highest-scoring answer; of equal scores, the first (the lowest seed)."""
+        return max(range(len(self.answers)), key=lambda i: self.rewards[i])
+
+    def worst(self) -> int:
+        """The index of the lowest-scoring answer; of equal scores, the first."""
+        return min(range(len(self.answers)), key=lambda i: self.rewards[i])
+
 
 def sample_scored(llm: LLM, source: str, n: int, reward: Reward, params: SamplingParams,
                   max_batch_size: int = 8) -> list[Scored]:
@@ -121,9 +129,8 @@ def sample_scored(llm: LLM, source: str, n: int, reward: Reward, params: Samplin
 
 
 def best_record(scored: Scored) -> dict:
-    """The best answer as a chat record {"messages": prompt + [the answer], "reward": its score}; of equal scores,
-    the first (the lowest seed)."""
-    top = max(range(len(scored.answers)), key=lambda i: scored.rewards[i])
+    """The best answer as a chat record {"messages": prompt + [the answer], "reward": its score}."""
+    top = scored.best()
     answer = {"role": "assistant", "content": scored.answers[top]}
     return {"messages": [*scored.messages, answer], "reward": scored.rewards[top]}
 
@@ -132,9 +139,7 @@ def preference_record(scored: Scored) -> dict | None:
     """The best and the worst answer as a preference pair in trl's conversational layout, with their scores
     (`score_chosen`, `score_rejected`, as UltraFeedback's pairs carry them); None when no answer scores below
     another (nothing to prefer) or the two are the same text."""
-    order = range(len(scored.answers))
-    top = max(order, key=lambda i: scored.rewards[i])
-    bottom = min(order, key=lambda i: scored.rewards[i])
+    top, bottom = scored.best(), scored.worst()
     chosen, rejected = scored.answers[top], scored.answers[bottom]
     if scored.rewards[top] == scored.rewards[bottom] or not chosen or not rejected or chosen == rejected:
         return None
