@@ -124,11 +124,11 @@ def final_metrics(run: Path) -> dict:
     return {key: round(value, 4) for key, value in (last | held).items() if key in keep}
 
 
-def evaluate(model: list[str], out: Path, held_out: dict[str, Path], limit: int | None) -> dict[str, float]:
+def evaluate(model: list[str], out: Path, held_out_sets: dict[str, Path], limit: int | None) -> dict[str, float]:
     """Exact-match accuracy of the model (flags) on the held-out compare problems (small and large numbers) and on
     every skill's shipped problems (`limit` of each: smoke mode), each eval's results in out/."""
     scores = {name: accuracy(model, out, "demo_compare", f"compare-{name}", folder)["demo_compare"]
-              for name, folder in held_out.items()}
+              for name, folder in held_out_sets.items()}
     return scores | {"skills": accuracy(model, out, "demo", "skills", limit=limit)["demo"]}
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     out.mkdir(parents=True)
     started = time.time()
     train_size, eval_size, limit = (100, 100, 10) if args.smoke else (3000, 1000, None)
-    prompts, held_out = make_problems(out, train_size, eval_size)
+    prompts, held_out_sets = make_problems(out, train_size, eval_size)
     rewards = f"{HERE / 'rewards.py'}:compare"
     dpo = ["--epochs", "2", "--beta", "0.5", "--lr", "3e-4", "--rpo-alpha", "1.0", "--batch-size", "8",
            "--seed", str(SEED)]
@@ -154,8 +154,8 @@ def main() -> None:
     model: list[str] = []  # the shipped demo model
     summary = {"prompts": sum(1 for _ in prompts.open()),
                "held_out": {name: sum(1 for _ in (folder / "demo" / "test.jsonl").open())
-                            for name, folder in held_out.items()},
-               "before": evaluate(model, out, held_out, limit), "rounds": []}
+                            for name, folder in held_out_sets.items()},
+               "before": evaluate(model, out, held_out_sets, limit), "rounds": []}
     for round_number in range(1, args.rounds + 1):
         here = out / f"round{round_number}"
         here.mkdir()
@@ -167,7 +167,7 @@ def main() -> None:
         llamaforge("finetune", *model, "--objective", "dpo", "--data", str(pairs), "--out", str(here / "run"),
                    "--method", "lora", *dpo)
         tuned = [*model, "--adapter", str(here / "run")]
-        after = evaluate(tuned, here, held_out, limit)
+        after = evaluate(tuned, here, held_out_sets, limit)
         print(llamaforge("eval", "--compare", str(out / "compare-small.json"), str(here / "compare-small.json"),
                          "--plot", str(here / "compare.png")))
         summary["rounds"].append({"pairs": sampled["pairs"], "sampled_accuracy": round(sampled["mean_reward"], 4),
