@@ -205,8 +205,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     saved = saved or {}
-    tensors = {PEFT_PREFIX + name: value.detach().cpu().contiguous()
-               for name, value in [*((n, v) for n, v in weights.items() if _is_lora(n)), *saved.items()]}
+    kept = {name: value for name, value in weights.items() if _is_lora(name)} | saved
+    tensors = {PEFT_PREFIX + name: value.detach().cpu().contiguous() for name, value in kept.items()}
     save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     modules = sorted({name.rsplit(".", 1)[0] for name in saved})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model, task_type, modules), indent=2) + "\n")
