@@ -166,8 +166,8 @@ static inline __attribute__((always_inline)) void weight_row(const uint16_t *row
 // y (M, N) = x (M, K) @ W.T, all bfloat16 (raw uint16 bits). Returns 0, or -1 when out of memory. Rows of x go in
 // blocks of about ROW_BLOCK_BYTES, so that a block stays in each core's L2 while every weight row passes over it (a
 // prompt's 2,048 rows would not); weight rows go in fours (quad_dot) for more than QUAD_MIN_ROWS rows, else in pairs.
-// The many-row paths are 1.4-2x the one-row-at-a-time loop they replaced (16-512 rows), and at 16 rows as fast as
-// torch's GEMM (docs/benchmarks.md); every output is the same bits either way.
+// The many-row paths are 1.4-2x the one-row-at-a-time loop they replaced (8-512 rows) and within 0.8-1.0x of
+// torch's GEMM up to 16 rows (docs/benchmarks.md); every output is the same bits either way.
 int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int n_threads) {
     const int64_t Kp = (K + LANES - 1) / LANES * LANES;
     // The activations padded with zeros to whole registers, so the tail reads no garbage from x.
