@@ -37,7 +37,10 @@ drift on the machine hits all alike; medians are reported with every run in the 
     python benchmarks/decode.py --preset tiny --repeats 1 --modes fp32,int4 --json  # smoke test, seconds
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 (llamaforge before torch, below)
+
+# Before torch: llamaforge asks it for huge pages, as every llamaforge command has them (llamaforge/hugepages.py).
+import llamaforge  # noqa: F401
 
 import argparse
 import copy

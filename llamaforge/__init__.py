@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from llamaforge import hugepages  # noqa: F401  (first: asks torch for huge pages before it is imported)
+
 if TYPE_CHECKING:
     from llamaforge.api import LLM, load
     from llamaforge.config import ModelArgs

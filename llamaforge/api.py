@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llamaforge import hugepages
 from llamaforge.adapters import AdapterStack
 from llamaforge.chat import encode_dialog
 from llamaforge.checkpoint import DEMO, load_checkpoint, resolve
@@ -28,6 +31,8 @@ from llamaforge.quantize import (
 )
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -156,6 +161,14 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
         raise GenerationError(f"unknown generation option: {exc}") from None
 
 
+@functools.cache
+def _advise_huge_pages() -> None:
+    """Say once per process how to put the weights on huge pages, where they are not (llamaforge/hugepages.py)."""
+    advice = hugepages.advice()
+    if advice is not None:
+        log.warning(advice)
+
+
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto",
@@ -220,6 +233,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         quantize_model(checkpoint.model, quantize, group_size)
     use_bf16_kernel(checkpoint.model)  # dense bfloat16 CPU layers decode through the AVX-512 BF16 kernel
     use_fused_decode(checkpoint.model)  # bfloat16 CPU models (int8 / int4 too): one C call a step for all layers
+    if checkpoint.model.device.type == "cpu":
+        _advise_huge_pages()
     draft = None
     if draft_model is not None:
         draft = load_checkpoint(draft_model, checkpoint.model.dtype, checkpoint.model.device).model
