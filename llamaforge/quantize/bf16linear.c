@@ -18,7 +18,6 @@
 
 #define LANES 32   // bfloat16 values per 64-byte register
 #define M_TILE 4   // activation rows that share each loaded weight chunk
-#define N_TILE 2   // weight rows that share each loaded activation chunk
 #define QUAD 4     // weight rows of the many-row path (quad_dot)
 #define QUAD_MIN_ROWS 4  // more activation rows than this take quad_dot
 #define ROW_BLOCK_BYTES (384 * 1024)  // activation rows a block: their bytes stay in a core's L2 (1 MB on Zen 4)
@@ -30,84 +29,61 @@ static inline uint16_t float_to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
-// Dot products of weight rows n0 .. n0 + nt - 1 (w: N rows of K) with activation rows m0 .. m0 + tile - 1 (x padded
-// to Kp with zeros) into out[j][t]. Every sum runs in one order whatever nt, tile, M or the blocking: two
-// accumulators over alternate 32-value chunks, a masked tail into the first, then one reduction. So a row's outputs
-// do not depend on the other rows computed with it (a prompt's numbers do not depend on its chunking or batching).
-static inline __attribute__((always_inline)) void rows_dot(const uint16_t *w, int64_t n0, const int nt,
-                                                           const uint16_t *x, int64_t K, int64_t Kp, int64_t m0,
-                                                           const int tile, float out[N_TILE][M_TILE]) {
-    __m512 acc[N_TILE][M_TILE], acc2[N_TILE][M_TILE];
-    for (int j = 0; j < nt; j++)
-        for (int t = 0; t < tile; t++) acc[j][t] = acc2[j][t] = _mm512_setzero_ps();
+// Dot products of one weight row (K values) with activation rows m0 .. m0 + tile - 1 (x padded to Kp with zeros)
+// into out[t]. Every sum runs in one order whatever tile, M or the blocking: two accumulators over alternate
+// 32-value chunks, a masked tail into the first, then one reduction. So a row's outputs do not depend on the other
+// rows computed with it (a prompt's numbers do not depend on its chunking or batching). One weight row at a time
+// streams fastest: two or four rows read side by side made a batch-1 product 1.4-2x slower (docs/benchmarks.md).
+static inline __attribute__((always_inline)) void row_dot(const uint16_t *row, const uint16_t *x, int64_t K,
+                                                          int64_t Kp, int64_t m0, const int tile, float out[M_TILE]) {
+    __m512 acc[M_TILE], acc2[M_TILE];
+    for (int t = 0; t < tile; t++) acc[t] = acc2[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 2 * LANES <= K; k += 2 * LANES) {  // two chunks a step: two independent accumulators
-        __m512i w0[N_TILE], w1[N_TILE];
-        for (int j = 0; j < nt; j++) {
-            w0[j] = _mm512_loadu_si512((const void *)(w + (n0 + j) * K + k));
-            w1[j] = _mm512_loadu_si512((const void *)(w + (n0 + j) * K + k + LANES));
-        }
-        for (int t = 0; t < tile; t++) {  // each activation chunk loaded once for the nt weight rows
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(row + k));
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(row + k + LANES));
+        for (int t = 0; t < tile; t++) {  // each weight chunk loaded once for the tile's activation rows
             const uint16_t *xr = x + (m0 + t) * Kp + k;
-            const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)xr);
-            const __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(xr + LANES));
-            for (int j = 0; j < nt; j++) {
-                acc[j][t] = _mm512_dpbf16_ps(acc[j][t], x0, (__m512bh)w0[j]);
-                acc2[j][t] = _mm512_dpbf16_ps(acc2[j][t], x1, (__m512bh)w1[j]);
-            }
+            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512((const void *)xr), w0);
+            acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_loadu_si512((const void *)(xr + LANES)), w1);
         }
     }
     for (; k < K; k += LANES) {  // the tail: masked so nothing past the row is read
         __mmask32 keep = K - k >= LANES ? 0xFFFFFFFFu : (__mmask32)((1ull << (K - k)) - 1);
-        for (int j = 0; j < nt; j++) {
-            __m512i wt = _mm512_maskz_loadu_epi16(keep, (const void *)(w + (n0 + j) * K + k));
-            for (int t = 0; t < tile; t++) {
-                const uint16_t *xr = x + (m0 + t) * Kp + k;
-                acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)_mm512_loadu_si512((const void *)xr),
-                                             (__m512bh)wt);
-            }
-        }
+        const __m512bh wt = (__m512bh)_mm512_maskz_loadu_epi16(keep, (const void *)(row + k));
+        for (int t = 0; t < tile; t++)
+            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512((const void *)(x + (m0 + t) * Kp + k)),
+                                      wt);
     }
-    for (int j = 0; j < nt; j++)
-        for (int t = 0; t < tile; t++) out[j][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][t], acc2[j][t]));
+    for (int t = 0; t < tile; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t]));
 }
 
-// Columns n0 .. n0 + nt - 1 of y (M, N): those weight rows dotted with the M rows of x, padded with zeros to Kp.
-static inline __attribute__((always_inline)) void weight_rows(const uint16_t *w, int64_t n0, const int nt,
-                                                              const uint16_t *padded, int64_t K, int64_t Kp,
-                                                              int64_t M, int64_t N, uint16_t *y) {
+// Column n of y (M, N): weight row n (`row`) dotted with the M rows of x, padded with zeros to Kp.
+static inline __attribute__((always_inline)) void weight_row(const uint16_t *row, const uint16_t *padded, int64_t K,
+                                                             int64_t Kp, int64_t M, int64_t N, int64_t n,
+                                                             uint16_t *y) {
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-        float out[N_TILE][M_TILE];
+        float out[M_TILE];
         // Constant tile sizes per call, so the accumulators live in registers.
         const int tile = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
-        if (nt == 2) {
-            switch (tile) {
-                case 1: rows_dot(w, n0, 2, padded, K, Kp, m0, 1, out); break;
-                case 2: rows_dot(w, n0, 2, padded, K, Kp, m0, 2, out); break;
-                case 3: rows_dot(w, n0, 2, padded, K, Kp, m0, 3, out); break;
-                default: rows_dot(w, n0, 2, padded, K, Kp, m0, 4, out); break;
-            }
-        } else {
-            switch (tile) {
-                case 1: rows_dot(w, n0, 1, padded, K, Kp, m0, 1, out); break;
-                case 2: rows_dot(w, n0, 1, padded, K, Kp, m0, 2, out); break;
-                case 3: rows_dot(w, n0, 1, padded, K, Kp, m0, 3, out); break;
-                default: rows_dot(w, n0, 1, padded, K, Kp, m0, 4, out); break;
-            }
+        switch (tile) {
+            case 1: row_dot(row, padded, K, Kp, m0, 1, out); break;
+            case 2: row_dot(row, padded, K, Kp, m0, 2, out); break;
+            case 3: row_dot(row, padded, K, Kp, m0, 3, out); break;
+            default: row_dot(row, padded, K, Kp, m0, 4, out); break;
         }
-        for (int j = 0; j < nt; j++)
-            for (int t = 0; t < tile; t++) y[(m0 + t) * N + n0 + j] = float_to_bf16(out[j][t]);
+        for (int t = 0; t < tile; t++) y[(m0 + t) * N + n] = float_to_bf16(out[t]);
     }
 }
 
-// Weight rows n0 .. n0 + 3 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in rows_dot's order
-// but with one register per sum: rows_dot's two accumulators take the even and the odd 32-value chunks, and they
+// Weight rows n0 .. n0 + 3 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in row_dot's order
+// but with one register per sum: row_dot's two accumulators take the even and the odd 32-value chunks, and they
 // are independent until the end, so the even chunks (and the tail) go first, the odd ones second, then the same add
 // and reduction. Sixteen sums in registers share each load of 4 weight and 4 activation chunks.
 static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, int64_t n0, const uint16_t *x,
                                                            int64_t K, int64_t Kp, int64_t m0, const int tile,
                                                            float out[QUAD][M_TILE]) {
-    const int64_t K2 = K / (2 * LANES) * (2 * LANES);  // where rows_dot's two-chunk steps end
+    const int64_t K2 = K / (2 * LANES) * (2 * LANES);  // where row_dot's two-chunk steps end
     __m512 even[QUAD][M_TILE], acc[QUAD][M_TILE];
     for (int pass = 0; pass < 2; pass++) {
         for (int j = 0; j < QUAD; j++)
@@ -121,7 +97,7 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
             }
         }
         if (pass == 0) {
-            for (int64_t k = K2; k < K; k += LANES) {  // the tail, into the first accumulator as in rows_dot
+            for (int64_t k = K2; k < K; k += LANES) {  // the tail, into the first accumulator as in row_dot
                 __mmask32 keep = K - k >= LANES ? 0xFFFFFFFFu : (__mmask32)((1ull << (K - k)) - 1);
                 __m512i wk[QUAD];
                 for (int j = 0; j < QUAD; j++)
@@ -139,7 +115,7 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
         for (int t = 0; t < tile; t++) out[j][t] = _mm512_reduce_add_ps(_mm512_add_ps(even[j][t], acc[j][t]));
 }
 
-// Columns n0 .. n0 + 3 of y (M, N), as weight_rows computes them.
+// Columns n0 .. n0 + 3 of y (M, N), as weight_row computes them.
 static void weight_quad(const uint16_t *w, int64_t n0, const uint16_t *padded, int64_t K, int64_t Kp, int64_t M,
                         int64_t N, uint16_t *y) {
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
@@ -156,16 +132,10 @@ static void weight_quad(const uint16_t *w, int64_t n0, const uint16_t *padded, i
     }
 }
 
-// Column n of y (M, N): weight row n (`row`) dotted with the M rows of x (the fused decode layers' unit of work).
-static inline __attribute__((always_inline)) void weight_row(const uint16_t *row, const uint16_t *padded, int64_t K,
-                                                             int64_t Kp, int64_t M, int64_t N, int64_t n,
-                                                             uint16_t *y) {
-    weight_rows(row - n * K, n, 1, padded, K, Kp, M, N, y);
-}
-
 // y (M, N) = x (M, K) @ W.T, all bfloat16 (raw uint16 bits). Returns 0, or -1 when out of memory. Rows of x go in
 // blocks of about ROW_BLOCK_BYTES, so that a block stays in each core's L2 while every weight row passes over it (a
-// prompt's 2,048 rows would not); weight rows go in fours (quad_dot) for more than QUAD_MIN_ROWS rows, else in pairs.
+// prompt's 2,048 rows would not); weight rows go in fours (quad_dot) for more than QUAD_MIN_ROWS rows, else one at
+// a time (row_dot).
 // The many-row paths are 1.4-2x the one-row-at-a-time loop they replaced (8-512 rows) and within 0.8-1.0x of
 // torch's GEMM up to 16 rows (docs/benchmarks.md); every output is the same bits either way.
 int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int n_threads) {
@@ -176,7 +146,6 @@ int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
     for (int64_t m = 0; m < M; m++) memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
     int64_t block = ROW_BLOCK_BYTES / (2 * Kp) / M_TILE * M_TILE;
     if (block < M_TILE) block = M_TILE;
-    const int64_t pairs = (N + 1) / 2;
     for (int64_t b0 = 0; b0 < M; b0 += block) {
         const int64_t rows = M - b0 < block ? M - b0 : block;
         const uint16_t *xb = padded + b0 * Kp;
@@ -185,14 +154,11 @@ int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
             const int64_t quads = N / QUAD;
             #pragma omp parallel for num_threads(n_threads) schedule(static)
             for (int64_t q = 0; q < quads; q++) weight_quad(w, q * QUAD, xb, K, Kp, rows, N, yb);
-            for (int64_t n = quads * QUAD; n < N; n++) weight_rows(w, n, 1, xb, K, Kp, rows, N, yb);
+            for (int64_t n = quads * QUAD; n < N; n++) weight_row(w + n * K, xb, K, Kp, rows, N, n, yb);
             continue;
         }
         #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t p = 0; p < pairs; p++) {
-            if (2 * p + 1 < N) weight_rows(w, 2 * p, 2, xb, K, Kp, rows, N, yb);
-            else weight_rows(w, 2 * p, 1, xb, K, Kp, rows, N, yb);
-        }
+        for (int64_t n = 0; n < N; n++) weight_row(w + n * K, xb, K, Kp, rows, N, n, yb);
     }
     free(padded);
     return 0;
