@@ -194,3 +194,14 @@ def test_dpo_benchmark_trains_both_sides_from_the_same_start() -> None:
     ours, theirs = report["results"]["llamaforge"], report["results"]["trl"]
     assert ours["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-5) == pytest.approx(0.693147, abs=1e-5)
     assert ours["step_s"] > 0 and theirs["step_s"] > 0 and report["speedup"] > 0
+
+
+def test_hugepages_benchmark_times_the_same_model_on_both_page_sizes() -> None:
+    from llamaforge.quantize import kernels
+
+    if kernels.native_decode() is None:
+        pytest.skip("the fused decode layers need x86-64 AVX-512 VNNI and BF16 and a C compiler")
+    report = run_json("hugepages.py", "--preset", "tiny", "--rounds", "1", "--steps", "1")
+    rows = report["results"]
+    assert [row["mode"] for row in rows] == ["bf16", "int8", "int4"] and all(row["same_logits"] for row in rows)
+    assert all(row["4 KB pages"]["huge_page_kb"] == 0 and row["speedup"] > 0 for row in rows)
