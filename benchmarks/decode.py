@@ -68,7 +68,7 @@ from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.generate import generate_events
 from llamaforge.model import Llama, init_weights
-from llamaforge.quantize import linear_bytes, quantize_model, use_bf16_kernel, use_fused_decode
+from llamaforge.quantize import Bf16Linear, linear_bytes, quantize_model, use_bf16_kernel, use_fused_decode
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(its compile happens in the warm-up run)")
     parser.add_argument("--layered", action="store_true", help="also measure int8 / int4 llamaforge with the fused "
                         "decode layers off (each step layer by layer through torch, as without the C kernels)")
+    parser.add_argument("--batch-invariant", action="store_true", help="also measure bf16 llamaforge loaded "
+                        "batch-invariant (its linears on the kernel for prompts too; JSON only)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -295,6 +297,18 @@ def run_layered(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float
         model.fused_decode = fused
 
 
+def run_batch_invariant(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """`run_ours` with the bfloat16 linears batch-invariant (as `load(..., batch_invariant=True)` makes them)."""
+    layers = [module for module in model.modules() if isinstance(module, Bf16Linear)]
+    for layer in layers:
+        layer.kernel_max_tokens = None
+    try:
+        return run_ours(model, prompt, new_tokens)
+    finally:
+        for layer in layers:
+            del layer.kernel_max_tokens  # back to the class's default
+
+
 def gguf_step_bytes(path: Path) -> int:
     """Bytes of a GGUF file's tensors that a decode step reads: all but the token embeddings."""
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
@@ -317,6 +331,8 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
         runs["llamaforge --compile"] = lambda: run_ours(ours, prompt, args.new_tokens, compile=True)
     if args.layered and getattr(ours, "fused_decode", None) is not None:
         runs["llamaforge layered"] = lambda: run_layered(ours, prompt, args.new_tokens)
+    if args.batch_invariant and mode == "bf16":
+        runs["llamaforge batch-invariant"] = lambda: run_batch_invariant(ours, prompt, args.new_tokens)
     if llamacpp is not None:
         llamacpp.load(gguf_paths[mode], args.threads, args.prompt_len + args.new_tokens + 8)
         runs["llama.cpp"] = lambda: llamacpp.run(prompt, args.new_tokens)

@@ -23,6 +23,7 @@ from llamaforge.lora import AdapterError, load_adapter, merge_lora
 from llamaforge.model import Llama
 from llamaforge.quantize import (
     MODES,
+    check_batch_invariant,
     parse_mode,
     quantize_linears_nf4,
     quantize_model,
@@ -173,7 +174,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
          device: str | torch.device | None = None, tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, merge_adapter: bool = True, quantize: str | None = "auto",
          group_size: int | None = None, compile: bool = False, speculate: int = 0,
-         draft_model: str | Path | None = None) -> LLM:
+         draft_model: str | Path | None = None, batch_invariant: bool = False) -> LLM:
     """Load a Llama 2 model: HF directory, hub repo id, Meta directory or llama2.c .bin; with no source
     (or "demo"), the small demo chat model built into the package, which needs no download.
 
@@ -192,6 +193,10 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     to K tokens a step when one prompt is generated (greedy output unchanged, sampling's distribution unchanged):
     with `draft_model` (a smaller model of the same vocabulary, loaded like this one; K defaults to 4), else by
     prompt lookup. The server's engine speculates the same way for every request it runs.
+
+    `batch_invariant=True` (bfloat16 or int8 / int4 CPU models) makes every row's numbers independent of how its
+    prompt is chunked, cached or batched, to the last bit (int8 / int4 models are so already): bfloat16 linears
+    then run the AVX-512 BF16 kernel for prompts too, 1.5-1.8x slower there than torch's GEMM (docs/benchmarks.md).
     """
     if draft_model is not None and not speculate:
         speculate = 4
@@ -231,7 +236,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         checkpoint.model.eval()
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
-    use_bf16_kernel(checkpoint.model)  # dense bfloat16 CPU layers decode through the AVX-512 BF16 kernel
+    use_bf16_kernel(checkpoint.model, batch_invariant)  # dense bfloat16 CPU linears: the AVX-512 BF16 kernel
+    if batch_invariant:
+        try:
+            check_batch_invariant(checkpoint.model)
+        except ValueError as exc:
+            raise GenerationError(str(exc)) from None
     use_fused_decode(checkpoint.model)  # bfloat16 CPU models (int8 / int4 too): one C call a step for all layers
     if checkpoint.model.device.type == "cpu":
         _advise_huge_pages()

@@ -104,6 +104,7 @@ def test_chat_session(tiny_model_dir: Path) -> None:
     (["chat", "--device", "meta"], "device 'meta': llamaforge runs on cpu, cuda or mps"),
     (["finetune", "--data", "x.jsonl", "--out", "/tmp/never", "--device", "tpu"], "device 'tpu' is not one"),
     (["generate", "--max-new-tokens", "100000", "Hi"], "max_new_tokens is 100000: 100002 tokens exceed"),
+    (["generate", "--batch-invariant", "--dtype", "float32", "Hi"], "batch-invariant inference runs the bfloat16"),
 ])
 def test_user_errors_are_one_line(args: list[str], message: str) -> None:
     result = run(*args)

@@ -62,15 +62,17 @@ def test_a_chat_reuses_its_history_and_answers_as_without_the_cache(tiny_llm: LL
     assert stats.prefix_cache_hit_rate > 0.5
 
 
-def test_an_int4_chat_gets_the_same_log_probabilities_with_and_without_the_cache(tiny_model_dir) -> None:
-    """An int4 model with bfloat16 activations (where another order of sums shows): each answer's tokens and
-    log-probabilities to the bit, though the cached engine prefills only each turn's new tokens in one chunk and the
-    plain one the whole history in chunks of 24 (the kernels compute each row and query alike however it is split).
-    Also concurrent prompts sharing a start, whose cached suffixes are prefilled beside other rows."""
+@pytest.mark.parametrize("quantize", ["int4", None], ids=["int4", "bfloat16-batch-invariant"])
+def test_a_chat_gets_the_same_log_probabilities_with_and_without_the_cache(tiny_model_dir, quantize) -> None:
+    """An int4 model with bfloat16 activations, and a bfloat16 one loaded batch-invariant (where another order of
+    sums shows): each answer's tokens and log-probabilities to the bit, though the cached engine prefills only each
+    turn's new tokens in one chunk and the plain one the whole history in chunks of 24 (the kernels compute each row
+    and query alike however it is split). Also concurrent prompts sharing a start, whose cached suffixes are
+    prefilled beside other rows."""
     import llamaforge
     from llamaforge.quantize import kernels
 
-    llm = llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize="int4")
+    llm = llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize=quantize, batch_invariant=True)
     if kernels.native_decode() is None:
         pytest.skip("the int8 / int4 and attention kernels need AVX-512 VNNI and BF16 and a C compiler")
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)

@@ -18,7 +18,7 @@ from torch import nn
 import llamaforge
 from llamaforge.api import LLM
 from llamaforge.config import ModelArgs
-from llamaforge.errors import CheckpointError
+from llamaforge.errors import CheckpointError, GenerationError
 from llamaforge.model import Llama, init_weights, project
 from llamaforge.quantize import (
     MODES,
@@ -317,8 +317,8 @@ def test_bf16_kernel_is_the_float32_product_rounded_once(width: int, rows: int) 
 
 @needs_bf16_kernel
 def test_bf16_kernel_gives_each_row_what_it_gets_alone() -> None:
-    """Rows computed together (pairs, fours of weight rows, blocks of activation rows: 70 rows of width 5,000 make
-    two blocks) equal each row computed alone, to the bit: a prompt's numbers do not depend on its chunking."""
+    """Rows computed together (fours of weight rows, blocks of activation rows: 70 rows of width 5,000 make two
+    blocks) equal each row computed alone, to the bit: a prompt's numbers do not depend on its chunking."""
     torch.manual_seed(0)
     for rows, outputs, width in ((70, 43, 5000), (17, 41, 172), (5, 8, 2048 + 32)):
         weight = torch.randn(outputs, width).bfloat16()
@@ -328,6 +328,36 @@ def test_bf16_kernel_gives_each_row_what_it_gets_alone() -> None:
         assert torch.equal(together, alone), (rows, outputs, width)
         exact = x.float() @ weight.float().T
         assert bool(((together.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all())
+
+
+@needs_bf16_kernel
+def test_a_batch_invariant_bf16_layer_gives_each_token_the_same_bits_in_any_chunk() -> None:
+    """A 40-token prompt through a 2048-wide layer, whole or 8 tokens at a time: the same bits when the layer is
+    batch-invariant (the kernel at any length); by default the whole prompt takes torch's GEMM, whose sums run in
+    another order than the kernel's that the 8-token chunks take, and some outputs differ in the last bit."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 40, 2048).bfloat16()
+    outputs = {}
+    for batch_invariant in (False, True):
+        layer = nn.Sequential(nn.Linear(2048, 512, bias=False).bfloat16())
+        torch.manual_seed(1)
+        nn.init.normal_(layer[0].weight, std=0.02)
+        use_bf16_kernel(layer, batch_invariant=batch_invariant)
+        with torch.inference_mode():
+            whole = layer(x)
+            chunks = torch.cat([layer(x[:, start:start + 8]) for start in range(0, 40, 8)], dim=1)
+        outputs[batch_invariant] = (whole, chunks)
+    assert torch.equal(*outputs[True])
+    assert not torch.equal(*outputs[False])  # what the mode is for: without it, the chunking shows
+    assert torch.equal(outputs[True][1], outputs[False][1])  # chunks of 8 take the kernel either way
+
+
+@needs_bf16_kernel
+def test_batch_invariance_refuses_layers_it_cannot_keep_invariant(tiny_model_dir) -> None:
+    with pytest.raises(GenerationError, match="model.layers.0.self_attn.q_proj is a NF4Linear"):
+        llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize="nf4", batch_invariant=True)
+    with pytest.raises(GenerationError, match="runs the bfloat16 CPU kernels .* this model is torch.float32"):
+        llamaforge.load(tiny_model_dir, dtype="float32", batch_invariant=True)
 
 
 def test_bf16_linear_layer_paths(monkeypatch) -> None:

@@ -6,6 +6,7 @@ from llamaforge.quantize.linear import (
     MODES,
     Bf16Linear,
     QuantizedLinear,
+    check_batch_invariant,
     dense_state_dict,
     linear_bytes,
     parse_mode,
@@ -27,8 +28,7 @@ from llamaforge.quantize.nf4 import (
 
 __all__ = [
     "Bf16Linear", "FusedDecode", "MODES", "NF4Linear", "NF4Weight", "NF4_CODE", "QuantizedLinear", "QuantizedWeight",
-    "dense_state_dict", "dequantize_nf4", "dequantize_nf4_blockwise", "dequantize_weight", "from_gguf_blocks",
-    "linear_bytes", "pack_4bit", "parse_mode", "quantize_linears_nf4", "quantize_model", "quantize_nf4",
-    "quantize_nf4_blockwise", "quantize_weight", "unpack_4bit", "use_bf16_kernel",
-    "use_fused_decode",
+    "check_batch_invariant", "dense_state_dict", "dequantize_nf4", "dequantize_nf4_blockwise", "dequantize_weight",
+    "from_gguf_blocks", "linear_bytes", "pack_4bit", "parse_mode", "quantize_linears_nf4", "quantize_model",
+    "quantize_nf4", "quantize_nf4_blockwise", "quantize_weight", "unpack_4bit", "use_bf16_kernel", "use_fused_decode",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from llamaforge.quantize import kernels
 from llamaforge.quantize.formats import QuantizedWeight, check_scheme, from_stored, quantize_weight, stored_codes
+from llamaforge.quantize.nf4 import NF4Linear
 
 # Up to this many tokens per sequence the bfloat16 kernel runs (decoding, short prompts); above, torch's GEMM is
 # faster (docs/benchmarks.md). The choice looks at each sequence's own token count, not at the batch, so a
@@ -109,26 +110,36 @@ class QuantizedLinear(nn.Module):
 class Bf16Linear(nn.Linear):
     """nn.Linear whose bfloat16 CPU decode steps run the AVX-512 BF16 kernel (same weight, same state dict)."""
 
+    # Sequences of more tokens a call take torch's GEMM; None: every call takes the kernel (batch-invariant models).
+    kernel_max_tokens: int | None = KERNEL_MAX_TOKENS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() > 2 else 1
-        if (tokens > KERNEL_MAX_TOKENS or self.bias is not None or not kernels.bf16_inference(x, self.weight)
-                or not kernels.bf16_available()):
+        limit = self.kernel_max_tokens
+        if ((limit is not None and tokens > limit) or self.bias is not None
+                or not kernels.bf16_inference(x, self.weight) or not kernels.bf16_available()):
             return super().forward(x)
         rows = x.reshape(-1, self.in_features)
         return kernels.eager_or_op(kernels.bf16_linear, kernels.bf16_linear_op, rows,
                                    self.weight).view(*x.shape[:-1], self.out_features)
 
 
-def use_bf16_kernel(model: nn.Module) -> int:
+def use_bf16_kernel(model: nn.Module, batch_invariant: bool = False) -> int:
     """Make every bias-free bfloat16 CPU nn.Linear of `model` a Bf16Linear in place (sharing its weight), and, in a
     bfloat16 CPU model, its attention over the KV cache, its norms and its SwiGLU the compiled kernels (per module:
-    any module with one of KERNEL_HOOKS); how many linears changed (none in a float32 or GPU model)."""
+    any module with one of KERNEL_HOOKS); how many linears changed (none in a float32 or GPU model).
+
+    `batch_invariant`: the linears take the kernel for prompts too (torch's GEMM is 1.5-1.8x faster there, but may
+    round a row differently with the rows beside it), so a sequence's numbers do not depend on how its prompt is
+    chunked, cached or batched; `check_batch_invariant` says whether the whole model then is."""
     changed = 0
     for module in model.modules():
         if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
                 and module.weight.device.type == "cpu"):
             module.__class__ = Bf16Linear  # a subclass adding only forward: no state to move or copy
             changed += 1
+        if batch_invariant and isinstance(module, Bf16Linear):
+            module.kernel_max_tokens = None
     dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
     if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
         for module in model.modules():
@@ -136,6 +147,23 @@ def use_bf16_kernel(model: nn.Module) -> int:
                 if hasattr(type(module), name):
                     setattr(module, name, functools.partial(kernel, fallback=getattr(type(module), name)))
     return changed
+
+
+def check_batch_invariant(model: nn.Module) -> None:
+    """ValueError naming the fix unless every row of `model` is computed alike however it is batched, chunked or
+    cached: a bfloat16 CPU model (the attention, norm and SwiGLU kernels) whose linears all run the kernels at any
+    row count (Bf16Linear made batch-invariant by `use_bf16_kernel`, or int8 / int4 QuantizedLinear)."""
+    dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
+    if dtype != torch.bfloat16 or device is None or device.type != "cpu" or not kernels.bf16_available():
+        raise ValueError(f"batch-invariant inference runs the bfloat16 CPU kernels (AVX-512 BF16); this model is "
+                         f"{dtype} on {device}{'' if kernels.bf16_available() else ' and this CPU lacks them'}: "
+                         "load it with dtype bfloat16 on the CPU, or drop batch_invariant")
+    for name, module in model.named_modules():
+        invariant = (isinstance(module, Bf16Linear) and module.kernel_max_tokens is None) or (
+            isinstance(module, QuantizedLinear) and kernels.available())
+        if isinstance(module, (nn.Linear, QuantizedLinear, NF4Linear)) and not invariant:
+            raise ValueError(f"batch-invariant inference needs every linear layer on the bfloat16 or int8 / int4 "
+                             f"kernels; {name} is a {type(module).__name__}: drop batch_invariant (or nf4)")
 
 
 # model.py's per-module hooks and the CPU kernels that replace them in bfloat16 models (each falls back to the
