@@ -2,8 +2,8 @@
 
 Decoding streams every weight from memory once a token. On 4 KB pages that is a TLB miss every 4 KB, and the CPU's
 hardware prefetchers stop at each page boundary; on 2 MB pages a weight streams without either. Measured on this
-project's 2-core machine (same process, alternating, TinyLlama-1.1B shape): a decode step's layers 5-15% faster in
-bfloat16, int8 and int4 (docs/benchmarks.md).
+project's 2-core machine (benchmarks/hugepages.py: same process, alternating, TinyLlama-1.1B shape, three runs):
+decode steps in bfloat16 -4% to +11% faster, int8 +3% to +5%, int4 within 2% (docs/benchmarks.md).
 
 torch puts its CPU allocations of 2 MB and more on huge pages when THP_MEM_ALLOC_ENABLE=1, a variable it reads once,
 when it first allocates (on `import torch`). `import llamaforge` sets it when torch is not imported yet; where torch
@@ -49,4 +49,4 @@ def advice() -> str | None:
     if in_effect() or not available():
         return None
     return (f"model weights are on 4 KB pages (torch was imported before llamaforge): import llamaforge first, or "
-            f"set {VARIABLE}=1 before starting Python, for 5-15% faster CPU decoding")
+            f"set {VARIABLE}=1 before starting Python, for a few percent faster CPU decoding")

@@ -64,11 +64,12 @@ def test_a_chat_reuses_its_history_and_answers_as_without_the_cache(tiny_llm: LL
 
 @pytest.mark.parametrize("quantize", ["int4", None], ids=["int4", "bfloat16-batch-invariant"])
 def test_a_chat_gets_the_same_log_probabilities_with_and_without_the_cache(tiny_model_dir, quantize) -> None:
-    """An int4 model with bfloat16 activations, and a bfloat16 one loaded batch-invariant (where another order of
-    sums shows): each answer's tokens and log-probabilities to the bit, though the cached engine prefills only each
-    turn's new tokens in one chunk and the plain one the whole history in chunks of 24 (the kernels compute each row
-    and query alike however it is split). Also concurrent prompts sharing a start, whose cached suffixes are
-    prefilled beside other rows."""
+    """An int4 model with bfloat16 activations (where another order of sums shows), and a bfloat16 one loaded
+    batch-invariant: each answer's tokens and log-probabilities to the bit, though the cached engine prefills only
+    each turn's new tokens in one chunk and the plain one the whole history in chunks of 24 (the kernels compute each
+    row and query alike however it is split). Also concurrent prompts sharing a start, whose cached suffixes are
+    prefilled beside other rows. (At this model's width torch's GEMM happens to agree with the kernel too; the
+    bfloat16 case that differs without the mode is test_quantize_int's 2048-wide layer.)"""
     import llamaforge
     from llamaforge.quantize import kernels
 
