@@ -117,9 +117,10 @@ def test_quantization_error_is_within_a_step(bits: int, group: int | None, width
 @needs_kernel
 @pytest.mark.parametrize(("bits", "group"), SCHEMES)
 @pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 11])
 def test_kernel_equals_its_torch_reference(bits: int, group: int | None, width: int, rows: int) -> None:
-    """The compiled kernel computes exactly the reference's integer block dot products (sums in float32)."""
+    """The compiled kernel computes exactly the reference's integer block dot products (sums in float32), each row
+    as it would alone (11 rows: a tile of 8 activation rows and one of 3)."""
     q = quantize_weight(torch.randn(40, width), bits, group)
     x = torch.randn(rows, width)
     x[0, :32] = 0.0  # an all-zero activation block
@@ -127,6 +128,7 @@ def test_kernel_equals_its_torch_reference(bits: int, group: int | None, width: 
     out = kernels.qlinear(x, q)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    assert torch.equal(out, torch.cat([kernels.qlinear(x[i:i + 1], q) for i in range(rows)]))
     # bfloat16 in and out: the same computation on the rounded input, the output rounded once.
     x16 = x.bfloat16()
     out16 = kernels.qlinear(x16, q)
