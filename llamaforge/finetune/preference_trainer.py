@@ -103,10 +103,12 @@ class PreferenceTrainer(Trainer):
             self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * pairs
         self.metric_pairs += pairs
 
-    def _train_step(self) -> dict:
+    def _start_step(self, rows: list[PairRow]) -> None:
         self.metric_sums: dict[str, float] = {}
         self.metric_pairs = 0
-        self._count_chosen(self._step_rows(self.step))
+        self._count_chosen(rows)
+
+    def _train_step(self) -> dict:
         return super()._train_step() | self._metric_means()
 
     def _count_chosen(self, rows: list[PairRow]) -> None:

@@ -197,10 +197,14 @@ class Trainer:
         start = index * self.global_batch
         return [self.train_rows[int(order[(start + i) % n])] for i in range(self.global_batch)]
 
+    def _start_step(self, rows: list[Row]) -> None:
+        """Hook: a step's global batch, before its micro-batches run (the preference trainer counts it)."""
+
     def _train_step(self) -> dict:
         started = time.perf_counter()
         self.model.train()
         rows = self._step_rows(self.step)
+        self._start_step(rows)
         total_labels = sum(row.n_labels for row in rows)
         if total_labels == 0:
             raise TrainingError(f"step {self.step + 1} has no labelled tokens: every row's answer was cut off; "
