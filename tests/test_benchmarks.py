@@ -205,3 +205,20 @@ def test_hugepages_benchmark_times_the_same_model_on_both_page_sizes() -> None:
     rows = report["results"]
     assert [row["mode"] for row in rows] == ["bf16", "int8", "int4"] and all(row["same_logits"] for row in rows)
     assert all(row["4 KB pages"]["huge_page_kb"] == 0 and row["speedup"] > 0 for row in rows)
+
+
+def test_kernel_ab_benchmark_builds_each_variant_and_tells_which_keep_the_logits(tmp_path: Path) -> None:
+    from llamaforge.quantize import kernels
+
+    if kernels.native_decode() is None:
+        pytest.skip("the kernels need x86-64 AVX-512 VNNI and BF16 and a C compiler")
+    variants = tmp_path / "variants.py"
+    variants.write_text('''VARIANTS = {
+    "4 rows a tile": [("qlinear.c", "#define Q_M_TILE 8 ", "#define Q_M_TILE 4 ")],
+    "other rounding": [("qlinear.c", "float scale = amax / 127.0f;", "float scale = amax / 126.0f;")],
+}''')
+    report = run_json("kernel_ab.py", str(variants), "--preset", "tiny", "--rounds", "1", "--calls", "1")
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["base"]["same_logits"] and rows["4 rows a tile"]["same_logits"]  # the same sums in another tiling
+    assert not rows["other rounding"]["same_logits"]  # activations quantized to another scale
+    assert all(row["ms"] > 0 for row in rows.values())

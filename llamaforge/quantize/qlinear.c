@@ -32,7 +32,7 @@
 
 #define TILE 16    // weight rows interleaved together: one per 32-bit lane
 #define BLOCK 32   // weights (and activations) that share one scale
-#define Q_M_TILE 8  // activation rows that share each unpacked weight block (4: int4 prefill 7-12% slower)
+#define Q_M_TILE 8  // activation rows that share each unpacked weight block (4: int4 prefill 2-12% slower)
 
 // The activations of one call, quantized: everything the inner loop needs that does not depend on weights.
 typedef struct {
