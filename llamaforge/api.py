@@ -196,7 +196,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
 
     `batch_invariant=True` (bfloat16 or int8 / int4 CPU models) makes every row's numbers independent of how its
     prompt is chunked, cached or batched, to the last bit (int8 / int4 models are so already): bfloat16 linears
-    then run the AVX-512 BF16 kernel for prompts too, 1.5-1.8x slower there than torch's GEMM (docs/benchmarks.md).
+    then run the AVX-512 BF16 kernel for prompts too: prefill 1.4-1.7x slower (docs/benchmarks.md).
     """
     if draft_model is not None and not speculate:
         speculate = 4

@@ -47,7 +47,7 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
                         "(default: one scale per row)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="bfloat16 / int8 / int4 CPU models: each answer's numbers to the last bit whatever its "
-                        "prompt is batched, chunked or cached with (bfloat16 prompts prefill 1.5-1.8x slower)")
+                        "prompt is batched, chunked or cached with (bfloat16 prompts prefill 1.4-1.7x slower)")
 
 
 def _compile_flag(parser: argparse.ArgumentParser) -> None:
