@@ -16,6 +16,7 @@ import torch
 
 from llamaforge.errors import GenerationError
 from llamaforge.model import KVCache, Llama
+from llamaforge.quantize import kernels
 from llamaforge.sampling import (
     SamplingParams,
     TokenHistory,
@@ -486,6 +487,7 @@ def compiled_decode(cuda: bool) -> Callable[..., torch.Tensor]:
     The model is an argument, not a closure: torch treats its weights as inputs, so models of one shape and
     dtype share the compiled graphs, and a copy of a model never calls into its original.
     """
+    kernels.mark_constants_for_compile()
     # emulate_precision_casts: round where eager rounds to bfloat16 between fused ops, so compiled tokens are
     # eager's tokens, not a near-tie away from them.
     return torch.compile(decode_one_token, mode="reduce-overhead" if cuda else None,

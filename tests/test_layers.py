@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llamaforge"
@@ -68,3 +70,11 @@ def test_core_never_imports_heavy_optional_libraries() -> None:
     offenders = [f"{p.relative_to(PACKAGE)}: {m}" for p in PACKAGE.rglob("*.py") for m in imports_of(p)
                  if m.split(".")[0] in OPTIONAL_HEAVY and component(p) not in ALLOWED_HEAVY.get(m.split(".")[0], ())]
     assert not offenders
+
+
+def test_loading_the_api_does_not_import_torch_compile_machinery() -> None:
+    """torch._dynamo (and sympy with it) costs 1.5 s and ~80 MB: `load` and the CLI import it only to compile."""
+    code = "import sys, llamaforge.api, llamaforge.cli, llamaforge.engine; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -37,7 +37,7 @@ from llamaforge.finetune.plan import Plan, plan_run
 from llamaforge.finetune.progress import METRICS_FILE, PLOT_FILE, Progress, plot_losses, read_metrics
 from llamaforge.lora import LoraConfig, add_lora, save_adapter
 from llamaforge.model import Llama, init_weights
-from llamaforge.quantize import quantize_linears_nf4
+from llamaforge.quantize import kernels, quantize_linears_nf4
 from llamaforge.tokenizer import Tokenizer
 
 
@@ -421,6 +421,7 @@ def prepare(model: Llama, config: TrainConfig, device: torch.device) -> Llama:
     """Gradient checkpointing and compilation as configured; training mode."""
     model.gradient_checkpointing = config.gradient_checkpointing
     if config.compile if config.compile is not None else device.type == "cuda":
+        kernels.mark_constants_for_compile()
         model.compile_layers()
     return model.train()
 

@@ -174,7 +174,13 @@ def native_decode() -> ctypes.CDLL | None:
     return library
 
 
-@torch.compiler.assume_constant_result
+def mark_constants_for_compile() -> None:
+    """Tell torch.compile that whether the kernels loaded is a constant, so it never traces into ctypes. Called where
+    compiling starts rather than at import: torch.compiler's marker imports torch._dynamo (1.5 s and ~80 MB)."""
+    for check in (available, bf16_available, decode_available):
+        torch.compiler.assume_constant_result(check)  # marks the function itself: every caller sees it
+
+
 def decode_available() -> bool:
     """Whether the fused decode library loaded (a constant to torch.compile)."""
     return native_decode() is not None
@@ -267,7 +273,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, fallback: Callable[..., torch.T
     return eager_or_op(bf16_swiglu, bf16_swiglu_op, gate, up)
 
 
-@torch.compiler.assume_constant_result
 def bf16_available() -> bool:
     """Whether the bfloat16 kernel loaded (a constant to torch.compile)."""
     return native_bf16() is not None
@@ -333,7 +338,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return eager_or_op(bf16_decode_attention, bf16_decode_attention_op, q, k, v, mask)
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the compiled kernel loaded (a constant to torch.compile, which then never traces ctypes)."""
     return native() is not None
