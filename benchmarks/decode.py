@@ -299,14 +299,13 @@ def run_layered(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float
 
 def run_batch_invariant(model: Llama, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
     """`run_ours` with the bfloat16 linears batch-invariant (as `load(..., batch_invariant=True)` makes them)."""
-    layers = [module for module in model.modules() if isinstance(module, Bf16Linear)]
-    for layer in layers:
-        layer.kernel_max_tokens = None
+    use_bf16_kernel(model, batch_invariant=True)
     try:
         return run_ours(model, prompt, new_tokens)
     finally:
-        for layer in layers:
-            del layer.kernel_max_tokens  # back to the class's default
+        for layer in model.modules():
+            if isinstance(layer, Bf16Linear):
+                del layer.kernel_max_tokens  # back to the class's default
 
 
 def gguf_step_bytes(path: Path) -> int:

@@ -19,13 +19,17 @@ import copy
 import json
 import mmap
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from llamaforge.config import PRESETS
-from llamaforge.model import KVCache, Llama, init_weights
-from llamaforge.quantize import quantize_model, use_bf16_kernel, use_fused_decode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import model_in_mode  # noqa: E402  (the model as llamaforge.load makes it in each mode)
+
+from llamaforge.config import PRESETS  # noqa: E402
+from llamaforge.model import KVCache, Llama, init_weights  # noqa: E402
 
 PAGE = 4096
 
@@ -71,16 +75,6 @@ def moved(model: Llama, huge: bool) -> tuple[Llama, Arena]:
         for tensor in tensors:
             tensor.data = arena.take(tensor)
     return twin, arena
-
-
-def model_in_mode(base: Llama, mode: str) -> Llama:
-    """The model as `llamaforge.load` makes it in `mode`: bfloat16, or int8 / int4 weights; the kernels on."""
-    model = copy.deepcopy(base)
-    if mode != "bf16":
-        quantize_model(model, mode)
-    use_bf16_kernel(model)
-    use_fused_decode(model)
-    return model
 
 
 def compare(base: Llama, mode: str, args: argparse.Namespace) -> dict:

@@ -24,6 +24,7 @@ import ctypes
 import json
 import runpy
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,9 +32,12 @@ from pathlib import Path
 
 import torch
 
-from llamaforge.config import PRESETS
-from llamaforge.model import KVCache, Llama, init_weights
-from llamaforge.quantize import kernels, quantize_model, use_bf16_kernel, use_fused_decode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import model_in_mode  # noqa: E402  (the model as llamaforge.load makes it in each mode)
+
+from llamaforge.config import PRESETS  # noqa: E402
+from llamaforge.model import KVCache, Llama, init_weights  # noqa: E402
+from llamaforge.quantize import kernels  # noqa: E402
 
 SOURCES = Path(kernels.__file__).parent
 # kernels.py's library loaders: (source, compiler flags, sources it includes)
@@ -74,11 +78,7 @@ def use(libraries: dict[str, ctypes.CDLL]) -> None:
 def workload(args: argparse.Namespace) -> Callable[[], torch.Tensor]:
     """One decode step (all layers and the output layer) or one prefill of `args.prefill` tokens: its logits."""
     config = PRESETS[args.preset]
-    model = init_weights(Llama(config), seed=0).eval().to(torch.bfloat16)
-    if args.mode != "bf16":
-        quantize_model(model, args.mode)
-    use_bf16_kernel(model)
-    use_fused_decode(model)
+    model = model_in_mode(init_weights(Llama(config), seed=0).eval(), args.mode)
     positions = max(256, args.prefill + 1)
     caches = [KVCache.allocate(1, positions, config.n_kv_heads, config.head_dim, torch.bfloat16, "cpu")
               for _ in range(config.n_layers)]
