@@ -60,14 +60,14 @@ def decode_steps(preset: str, mode: str, rounds: int) -> None:
         quantize_model(model, mode)
     use_bf16_kernel(model)
     attention = [layer.self_attn for layer in model.model.layers]
-    kernel = attention[0].cached_attention
+    kernel = attention[0].attend_cache
 
     def use_kernel(on: bool) -> None:
         for module in attention:
             if on:
-                module.cached_attention = kernel
+                module.attend_cache = kernel
             else:
-                vars(module).pop("cached_attention", None)  # the class's torch version
+                vars(module).pop("attend_cache", None)  # the class's torch version
 
     print(f"| {mode} decode step | torch attention ms | kernel ms | torch / kernel | rounds the kernel won |")
     print("| --- | ---: | ---: | ---: | ---: |")

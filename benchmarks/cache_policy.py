@@ -1,15 +1,18 @@
-"""Prefix caching by slots (what the engine does) against paged blocks (vLLM's design) at equal KV memory: the share
-of prompt tokens each reuses when more users chat at once than the engine has slots.
+"""Prefix caching in the engine's paged KV pool against vLLM's policy at equal KV memory: the share of prompt tokens
+each reuses when more users chat at once than the engine decodes together.
 
 `--users` users each hold a `--turns`-turn chat (a system prompt all share, `--message-tokens` a message,
 `--answer-tokens` an answer, random token ids), their turns interleaved round-robin, one request at a time:
 
-- slots: the real engine (`--slots` slots of `--context` positions; a freed slot keeps its tokens, the next request
-  takes the free slot that shares most with it, else the least recently used), its own prefix-cache counters;
-- paged: the same requests through a model of a paged cache with the same memory (slots x context positions in
-  blocks of `--block` tokens, each block keyed by its tokens and all before it, reused whole, the least recently
-  used unreferenced block evicted first), as vLLM's automatic prefix caching keeps them. Simulated: no kernel here
-  reads paged blocks, so this measures what the policy would reuse, not its speed.
+- engine: the real engine (`--slots` sequences at once, a KV pool of slots x `--context` positions in blocks of
+  `--block`; full blocks shared, the start of a partly shared block copied, least recently used blocks evicted), its
+  own prefix-cache counters;
+- full blocks: the same requests through a model of vLLM's automatic prefix caching with the same memory (each
+  block keyed by its tokens and all before it, reused whole, the least recently used unreferenced block evicted).
+
+Until 2026-12-07 the engine kept finished sequences in their slots (one conversation per free slot): 70 / 67 / 69 /
+31 / 32% at 1 / 2 / 4 / 8 / 16 users over 4 slots, where the paged model kept 68 / 70 / 71 / 72 / 39% (docs/
+benchmarks.md): the reason the KV cache is paged now.
 
 The model (random weights, `--preset`, default tiny) only answers: hit rates do not depend on it.
 
@@ -37,8 +40,9 @@ from llamaforge.engine import Engine  # noqa: E402
 from llamaforge.model import Llama, init_weights  # noqa: E402
 
 
-class PagedCache:
-    """The reuse of a paged prefix cache of `blocks` blocks of `block` tokens (LRU over unreferenced blocks)."""
+class FullBlocksCache:
+    """The reuse of vLLM's prefix cache: `blocks` blocks of `block` tokens, whole blocks only (LRU over unreferenced
+    blocks)."""
 
     def __init__(self, blocks: int, block: int) -> None:
         self.capacity, self.block = blocks, block
@@ -75,21 +79,21 @@ def trace(args: argparse.Namespace, users: int, vocab_size: int) -> list[tuple[i
 def measure(args: argparse.Namespace, llm: LLM, users: int) -> dict:
     system = [1, *torch.randint(3, llm.config.vocab_size, (args.system_tokens,),
                                 generator=torch.Generator().manual_seed(0)).tolist()]
-    paged = PagedCache(args.slots * args.context // args.block, args.block)
-    engine = Engine(llm, max_batch_size=args.slots, max_context=args.context).start()
+    full_blocks = FullBlocksCache(args.slots * args.context // args.block, args.block)
+    engine = Engine(llm, max_batch_size=args.slots, max_context=args.context, block_len=args.block).start()
     histories = {user: list(system) for user in range(users)}
     started = time.perf_counter()
     try:
         for user, message in trace(args, users, llm.config.vocab_size):
             prompt = histories[user] + message
             _, answer = ask(engine, prompt, args.answer_tokens)
-            paged.request(prompt, answer)
+            full_blocks.request(prompt, answer)
             histories[user] = prompt + answer
         stats = engine.stats()
     finally:
         engine.stop()
-    return {"users": users, "slots_hit_rate": stats.prefix_cache_hit_rate,
-            "paged_hit_rate": paged.hits / paged.queries, "prompt_tokens": stats.prefix_cache_queries,
+    return {"users": users, "engine_hit_rate": stats.prefix_cache_hit_rate,
+            "full_blocks_hit_rate": full_blocks.hits / full_blocks.queries, "prompt_tokens": stats.prefix_cache_queries,
             "conversation_tokens": len(next(iter(histories.values()))), "seconds": time.perf_counter() - started}
 
 
@@ -97,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--users", default="1,2,4,8,16", help="comma-separated user counts")
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--context", type=int, default=256, help="positions per slot")
-    parser.add_argument("--block", type=int, default=16, help="tokens per block of the paged cache")
+    parser.add_argument("--slots", type=int, default=4, help="sequences the engine decodes together")
+    parser.add_argument("--context", type=int, default=256, help="positions per sequence (the pool: slots x this)")
+    parser.add_argument("--block", type=int, default=16, help="positions per KV block")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=24)
     parser.add_argument("--message-tokens", type=int, default=16)
@@ -117,12 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.slots} slots x {args.context} positions (= {args.slots * args.context // args.block} blocks of "
-          f"{args.block}); {args.turns} turns a user, conversations of {rows[0]['conversation_tokens']} tokens")
-    print("| users | slots (engine) | paged (simulated, same memory) |")
+    print(f"{args.slots} sequences, a pool of {args.slots * args.context // args.block} blocks of {args.block}; "
+          f"{args.turns} turns a user, conversations of {rows[0]['conversation_tokens']} tokens")
+    print("| users | engine | full blocks only (vLLM's policy, simulated, same memory) |")
     print("| ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['users']} | {row['slots_hit_rate']:.0%} | {row['paged_hit_rate']:.0%} |")
+        print(f"| {row['users']} | {row['engine_hit_rate']:.0%} | {row['full_blocks_hit_rate']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -301,7 +301,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_context=args.max_context,
           api_key=api_key, max_queue=args.max_queue, allowed_hosts=allowed_hosts,
-          shutdown_timeout=args.shutdown_timeout, prefix_cache=args.prefix_cache)
+          shutdown_timeout=args.shutdown_timeout, prefix_cache=args.prefix_cache, kv_cache_tokens=args.kv_cache_tokens)
 
 
 def _served_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -739,12 +739,16 @@ def build_parser() -> argparse.ArgumentParser:
     _speculate_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (KV-cache slots)")
-    serve.add_argument("--max-context", type=int, help="tokens per slot (default: the model's context)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-context", type=int, help="tokens a sequence may reach, prompt and answer (default: the "
+                                                       "model's context)")
+    serve.add_argument("--kv-cache-tokens", type=int, help="the KV cache's size in tokens, in blocks of 16 shared by "
+                                                           "all sequences and the prefix cache (default: "
+                                                           "max-batch-size x max-context)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="recompute every prompt whole (default: reuse the keys and values of a prompt's start "
-                            "that a slot already holds: a chat's history, a shared system prompt)")
+                            "that the KV cache still holds: a chat's history, a shared system prompt)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in `ps`: prefer "
                                          "--api-key-file or $LLAMAFORGE_API_KEY)")
     serve.add_argument("--api-key-file", help="read the API key from this file")

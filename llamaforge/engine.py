@@ -3,20 +3,22 @@
 One worker thread owns the model. Each step it (1) drops cancelled requests and frees their slots,
 (2) admits waiting requests into free slots, (3) prefills one chunk of at most `prefill_chunk` tokens
 of one prompt, so a long prompt never stalls running sequences for long, and (4) decodes one token for
-every running sequence in one batched forward over a view of the slots that hold them. With speculation
+every running sequence in one batched forward over the blocks that hold them. With speculation
 (`LLM.speculate` K > 0) that forward checks each sequence's drafted tokens too: up to K per sequence, by prompt
 lookup or from the LLM's draft model, kept where the model agrees (`verify_draft`), so a step can emit several
 tokens a sequence with greedy output unchanged and sampled output of the same distribution. The KV cache
-is a fixed pool of `max_batch_size` rows, each `max_context` long; a row's positions are its own (see
-model.py), so a sequence's tokens do not depend on what else shares the batch. Token events go back
-through each request's `emit` callback, called on the worker thread.
+is paged (llamaforge/kv_blocks.py): one pool of blocks of `block_len` positions, `kv_cache_tokens` in all, from
+which each sequence takes blocks as it grows; a request waits in the queue until the pool can promise it the
+blocks its prompt and `max_new_tokens` may need, so none runs out halfway. A row's positions are its own (see
+model.py), so a sequence's tokens do not depend on what else shares the batch. Token events go back through each
+request's `emit` callback, called on the worker thread.
 
-Prefix caching: a freed row keeps its keys and values, and the engine remembers which tokens they are. A new
-request takes the free row whose tokens start its prompt the longest way (else the least recently used one), and
-skips prefilling what any row, free or running, already holds of its prompt's start: copied over from a running
-row (a memory copy, far cheaper than the forward it saves). So the next turn of a chat recomputes only the new
-turn, and requests sharing a system prompt or few-shot examples compute it once. Rows are the cache's unit: it
-needs no memory of its own, and holds as many earlier conversations as there are free rows.
+Prefix caching: a sequence's full blocks are indexed by the tokens they hold (and all before them), and a finished
+sequence's blocks stay in the pool, least recently used first, until the memory is needed. A new request reads
+the blocks that hold its prompt's start instead of computing them (and copies the start of a block it shares only
+partly), looked up again before its first forward so that requests arriving together find what the ones
+prefilled before them computed. So the next turn of a chat computes only the new turn, requests sharing a system
+prompt or few-shot examples compute it once, and the pool keeps as many earlier conversations as fit in it.
 
 A request's failure ends that request only. Per-request work (admission, prefill, event emission) is
 guarded one request at a time; batched work (the decode forward, sampling) that raises is run again
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaforge.api import LLM
-from llamaforge.errors import LlamaforgeError
+from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.generate import (
     Decoder,
     DraftModel,
@@ -49,6 +51,8 @@ from llamaforge.generate import (
     draft_tokens,
     fit_prompt,
 )
+from llamaforge.kv_blocks import SCRATCH, BlockPool, Sequence
+from llamaforge.model import BlockTable
 from llamaforge.openmp import release_thread_pool
 from llamaforge.sampling import SamplingParams, TokenHistory, check_logit_bias, sample, token_logprobs
 from llamaforge.structured import Constraint, constrain
@@ -75,7 +79,9 @@ class EngineRequest:
     submitted_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     # Set by the engine:
-    slot: int | None = None
+    slot: int | None = None  # its row of the repetition-penalty memory while it runs
+    blocks: Sequence | None = None  # its KV blocks
+    positions: int = 0  # the positions its blocks may reach (prompt, new tokens, drafts)
     prefilled: int = 0
     state: SequenceState | None = None
     last_token: int | None = None
@@ -96,7 +102,7 @@ class EngineStats:
 
     max_batch_size: int
     max_context: int
-    free_slots: int
+    free_slots: int  # of max_batch_size: sequences that may still join the batch
     running: int
     waiting: int
     peak_running: int
@@ -108,8 +114,11 @@ class EngineStats:
     accepted_tokens: int  # of those, the ones kept
     prefix_cache_queries: int  # prompt tokens of admitted requests (what the prefix cache was asked for)
     prefix_cache_hits: int  # of those, the ones whose keys and values were reused instead of computed
-    cached_tokens: int  # tokens whose keys and values free slots keep for later requests
+    cached_tokens: int  # tokens whose keys and values free blocks keep for later requests
     adapters: int  # LoRA adapters loaded beside the base (llm.adapters)
+    kv_blocks: int  # blocks of the KV pool sequences can hold (the scratch block not counted)
+    kv_blocks_used: int  # of those, the blocks running sequences hold (the rest are free, maybe caching)
+    kv_block_len: int  # positions a block holds
 
     @property
     def acceptance_rate(self) -> float:
@@ -126,9 +135,14 @@ class Engine:
     """Serve many requests from one model with continuous batching; start() runs the worker thread."""
 
     def __init__(self, llm: LLM, max_batch_size: int = 8, max_context: int | None = None, max_queue: int = 256,
-                 prefill_chunk: int = 256, stall_timeout: float = 120.0, prefix_cache: bool = True) -> None:
+                 prefill_chunk: int = 256, stall_timeout: float = 120.0, prefix_cache: bool = True,
+                 kv_cache_tokens: int | None = None, block_len: int = 16) -> None:
+        """`kv_cache_tokens`: the KV pool's size in positions (default max_batch_size x max_context, the memory each
+        sequence needs at its longest); `block_len`: positions a block holds (vLLM's 16 by default)."""
         if max_batch_size < 1:
             raise LlamaforgeError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if block_len < 1:
+            raise LlamaforgeError(f"block_len must be >= 1, got {block_len}")
         self.llm = llm
         self.model = llm.model
         self.device = llm.device
@@ -138,20 +152,19 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.stall_timeout = stall_timeout  # a step longer than this makes health() report the engine stuck
         self.eos_id = llm.tokenizer.eos_id if llm.tokenizer is not None else llm.config.eos_token_id
-        self.kv_cache_bytes = kv_cache_bytes(llm, max_batch_size, self.max_context)
-        _check_memory(self.kv_cache_bytes, self.device, max_batch_size, self.max_context)
-        self.kv_cache = self.model.new_kv_cache(max_batch_size, self.max_context)
+        tokens = kv_cache_tokens or max_batch_size * self.max_context
+        if tokens < 1:
+            raise LlamaforgeError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
+        n_blocks = -(-tokens // block_len) + 1  # and the scratch block
+        self.kv_cache_bytes = kv_cache_bytes(llm, n_blocks * block_len)
+        _check_memory(self.kv_cache_bytes, self.device, n_blocks * block_len)
+        self.kv_pool = self.model.new_kv_pool(n_blocks, block_len)
+        self.blocks = BlockPool(n_blocks, block_len, self._copy_block)
         self.decoder = Decoder(self.model, llm.compile)  # decode steps, compiled when the LLM asks for it
         # Each slot's tokens so far, for the penalties.
         self.history = TokenHistory.empty(max_batch_size, llm.config.vocab_size, self.device)
         self.free_slots = list(range(max_batch_size))
         self.prefix_cache = prefix_cache
-        # The tokens whose keys and values a free slot still holds (positions 0 .. len - 1), and when it was freed
-        # (for least-recently-used reuse; never-used slots count as freed before any other, lowest index first).
-        self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]
-        self.kept_adapter = [0] * max_batch_size  # whose keys and values they are: the base's or an adapter's
-        self.freed_at = list(range(-max_batch_size, 0))
-        self.releases = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.waiting: deque[EngineRequest] = deque()
@@ -180,6 +193,12 @@ class Engine:
         """
         fit_prompt(request.prompt_ids, request.params.max_new_tokens, self.max_context, truncate=False)
         check_logit_bias(request.params, self.llm.config.vocab_size)
+        request.positions = min(len(request.prompt_ids) + request.params.max_new_tokens + self.speculate,
+                                self.max_context)
+        if self.blocks.blocks_for(request.positions) > self.blocks.usable:
+            raise GenerationError(
+                f"the prompt and max_new_tokens need {request.positions} positions of KV cache, more than the server's "
+                f"{self.blocks.usable * self.blocks.block_len}; ask for fewer tokens, or raise --kv-cache-tokens")
         request.state = SequenceState(request.prompt_ids, request.params, self.llm.tokenizer, self.eos_id,
                                       self.device, request.prompt_as_context)
         with self.wakeup:
@@ -225,8 +244,9 @@ class Engine:
             return EngineStats(self.max_batch_size, self.max_context, len(self.free_slots), len(self.running),
                                len(self.waiting), self.peak_running, self.steps, self.batched_steps,
                                self.prompt_tokens, self.generated_tokens, self.draft_tokens, self.accepted_tokens,
-                               self.prefix_cache_queries, self.prefix_cache_hits, sum(map(len, self.kept)),
-                               len(self.llm.adapters.slots) if self.llm.adapters is not None else 0)
+                               self.prefix_cache_queries, self.prefix_cache_hits, self.blocks.cached_tokens,
+                               len(self.llm.adapters.slots) if self.llm.adapters is not None else 0,
+                               self.blocks.usable, self.blocks.used, self.blocks.block_len)
 
     def health(self) -> str | None:
         """None while the engine serves; otherwise why it does not (its worker died or is stuck in one step)."""
@@ -299,35 +319,27 @@ class Engine:
             self._release(request)
 
     def _admit(self) -> None:
+        """Move waiting requests into the batch, in order, while a sequence slot is free and the KV pool can promise
+        the next one its blocks (else it waits for running sequences to finish)."""
         while self.free_slots and self.waiting:
-            request = self.waiting.popleft()
-            request.slot = self._free_slot_for(request)
-            self.free_slots.remove(request.slot)
+            request = self.waiting[0]
+            reuse = self.prefix_cache and request.prompt_logprobs is None  # a scored prompt computes every position
+            admitted = self.blocks.admit(request.prompt_ids, request.positions, request.adapter, reuse)
+            if admitted is None:
+                break
+            self.waiting.popleft()
+            request.blocks, found = admitted
+            request.slot = self.free_slots.pop(0)
             self.running.append(request)
-            self._guarded(request, self._admit_one, request)
+            self._guarded(request, self._admit_one, request, found)
         self.peak_running = max(self.peak_running, len(self.running))
 
-    def _free_slot_for(self, request: EngineRequest) -> int:
-        """The free slot for a prompt: the one whose kept tokens it reuses most, net of the kept tokens it would throw
-        away (so a chat's next turn finds its conversation, and a prompt sharing only a template's first tokens does
-        not evict one); where none gains, the least recently used (an empty slot before any)."""
-        if not self.prefix_cache:
-            return self.free_slots[0]
-
-        def gain(slot: int) -> tuple[int, int]:
-            reused = self._kept_prefix(slot, request)
-            return max(reused - (len(self.kept[slot]) - reused), 0), -self.freed_at[slot]
-
-        return max(self.free_slots, key=gain)
-
-    def _admit_one(self, request: EngineRequest) -> None:
-        """Start the prompt past what its slot kept of it; make the slot's repetition-penalty memory the prompt."""
+    def _admit_one(self, request: EngineRequest, found: int) -> None:
+        """Start the prompt past what the cache held of it; make the slot's repetition-penalty memory the prompt."""
         if self.prefix_cache and request.prompt_logprobs is None:
-            request.prefilled = min(self._kept_prefix(request.slot, request),
-                                    len(request.prompt_ids) - 1)  # the last prompt token gives the logits
+            request.prefilled = min(found, len(request.prompt_ids) - 1)  # the last prompt token gives the logits
             self.prefix_cache_queries += len(request.prompt_ids)
-        request.prefix_checked = request.prompt_logprobs is not None  # a scored prompt computes every position
-        self.kept[request.slot] = []  # the slot's tokens are now the request's
+        request.prefix_checked = request.prompt_logprobs is not None
         self.history.start(request.slot, request.prompt_ids if request.params.repetition_penalty != 1.0 else None)
 
     def forget_adapter(self, slot: int) -> None:
@@ -336,33 +348,27 @@ class Engine:
         users = [r for r in [*self.running, *self.waiting] if r.adapter == slot]
         if users:
             raise LlamaforgeError(f"the adapter is in use by {len(users)} requests; unload it when they have finished")
-        for kept_slot, adapter in enumerate(self.kept_adapter):
-            if adapter == slot:
-                self.kept[kept_slot], self.kept_adapter[kept_slot] = [], 0
-
-    def _kept_prefix(self, slot: int, request: EngineRequest) -> int:
-        """How much of the request's prompt a free slot's kept tokens hold (keys and values of the same adapter)."""
-        if self.kept_adapter[slot] != request.adapter:
-            return 0
-        return shared_prefix(self.kept[slot], request.prompt_ids)
+        self.blocks.forget(slot)
 
     def _reuse_prefix(self, request: EngineRequest) -> None:
-        """Before a prompt's first chunk: copy in a longer start of it from another slot, if one holds it (a free
-        slot its kept tokens, a running one what it has fed). Looked up now rather than at admission, so that
-        requests arriving together find what the ones prefilled before them computed."""
-        prompt = request.prompt_ids
-        # (tokens of the prompt's start held, slot); keys and values are the adapter's own
-        held = [(self._kept_prefix(slot, request), slot) for slot in self.free_slots] + \
-            [(shared_prefix(self._fed_tokens(r), prompt), r.slot) for r in self.running
-             if r is not request and r.adapter == request.adapter]
-        shared, source = max(held, default=(0, request.slot))
-        reuse = min(shared, len(prompt) - 1)
-        if reuse > request.prefilled:
-            for layer in self.kv_cache:
-                layer.copy_prefix(source, request.slot, reuse)
-            request.prefilled = reuse
+        """Before a prompt's first chunk: take a longer start of it from the cache if sequences prefilled since its
+        admission computed one."""
+        request.prefilled = self.blocks.reattach(request.blocks, request.prompt_ids, request.prefilled,
+                                                 request.positions)
         request.prefix_checked = True
         self.prefix_cache_hits += request.prefilled
+
+    def _copy_block(self, source: int, target: int, length: int) -> None:
+        """Every layer's keys and values at a block's first `length` positions into another block."""
+        for layer in self.kv_pool:
+            layer.k[target, :, :length] = layer.k[source, :, :length]
+            layer.v[target, :, :length] = layer.v[source, :, :length]
+
+    def _index(self, request: EngineRequest) -> None:
+        """Index the request's blocks that its fed tokens now fill, for later prompts to read."""
+        fed = self._next_position(request)
+        if self.prefix_cache and fed // self.blocks.block_len > len(request.blocks.keys):
+            self.blocks.index(request.blocks, self._fed_tokens(request))
 
     def _guarded(self, request: EngineRequest, work: Callable, *args) -> None:
         """Run one request's work; an exception ends that request (with the error), not the step."""
@@ -395,16 +401,14 @@ class Engine:
         self._release(request, keep=False)
 
     def _release(self, request: EngineRequest, keep: bool = True) -> None:
-        """Free the request's slot; with `keep` (and the prefix cache on) the slot keeps the tokens it fed."""
+        """Free the request's slot and blocks; with `keep` (and the prefix cache on) its blocks stay cached."""
         with self.wakeup:
             if request in self.running:
                 self.running.remove(request)
                 self.free_slots.append(request.slot)
                 self.free_slots.sort()
-                self.kept[request.slot] = self._fed_tokens(request) if keep and self.prefix_cache else []
-                self.kept_adapter[request.slot] = request.adapter
-                self.releases += 1
-                self.freed_at[request.slot] = self.releases
+                keep = keep and self.prefix_cache
+                self.blocks.release(request.blocks, self._fed_tokens(request) if keep else None)
 
     def _fed_tokens(self, request: EngineRequest) -> list[int]:
         """The tokens whose keys and values the request's slot holds: its prompt, then what it generated, up to
@@ -437,9 +441,10 @@ class Engine:
         start = request.prefilled
         chunk = request.prompt_ids[start:start + self.prefill_chunk]
         scored = request.prompt_logprobs is not None
-        logits = self._run_slots({request.slot: (chunk, start)}, every_position=scored)[request.slot]
+        logits = self._forward({request: (chunk, start)}, every_position=scored)[request]
         request.prefilled += len(chunk)
         self.prompt_tokens += len(chunk)
+        self._index(request)
         if scored:  # logits (T, V): row j predicts the token at start + j + 1, a prompt token but after the last
             self._score_prompt(request, logits[:len(request.prompt_ids) - start - 1], start + 1)
             logits = logits[-1]
@@ -458,8 +463,7 @@ class Engine:
 
     def _decode(self, requests: list[EngineRequest]) -> dict[EngineRequest, torch.Tensor]:
         """One batched forward of each request's last token; each request's logits (V,)."""
-        logits = self._run_slots({r.slot: ([r.last_token], self._next_position(r)) for r in requests}, decode=True)
-        return {r: logits[r.slot] for r in requests}
+        return self._forward({r: ([r.last_token], self._next_position(r)) for r in requests}, decode=True)
 
     def _speculate(self, requests: list[EngineRequest]) -> None:
         """One decode step with drafts: draft for each request, check every draft in one batched forward, emit
@@ -481,9 +485,8 @@ class Engine:
     def _check(self, requests: list[EngineRequest],
                drafts: dict[EngineRequest, tuple[list[int], torch.Tensor | None]]) -> dict[EngineRequest, torch.Tensor]:
         """One batched forward of each request's last token and its drafts; each request's logits (1 + d, V)."""
-        inputs = {r.slot: ([r.last_token, *drafts[r][0]], self._next_position(r)) for r in requests}
-        logits = self._run_slots(inputs, every_position=True)
-        return {r: logits[r.slot] for r in requests}
+        inputs = {r: ([r.last_token, *drafts[r][0]], self._next_position(r)) for r in requests}
+        return self._forward(inputs, every_position=True)
 
     def _accept(self, request: EngineRequest, logits: torch.Tensor, draft: list[int],
                 draft_probs: torch.Tensor | None) -> None:
@@ -516,57 +519,54 @@ class Engine:
             return request.prefilled
         return len(request.prompt_ids) + request.state.produced - 1
 
-    def _run_slots(self, inputs: dict[int, tuple[list[int], int]], decode: bool = False,
-                   every_position: bool = False) -> dict[int, torch.Tensor]:
-        """One forward over the run of slots holding `inputs` (slot -> tokens, first position).
+    def _forward(self, inputs: dict[EngineRequest, tuple[list[int], int]], decode: bool = False,
+                 every_position: bool = False) -> dict[EngineRequest, torch.Tensor]:
+        """One forward over the requests of `inputs` (request -> tokens, first position), a row each, reading and
+        writing their KV blocks through a block table.
 
-        Returns each slot's logits (V,) after its last token, or with `every_position` after each of its
-        tokens (T, V). The cache rows are a view, not a copy.
-        Rows are right-padded to one width, and slots of the run with no input ride along as padding.
-        Every padding token is written at or after its row's next position, which that row overwrites
-        before it ever attends there (or at the last position, clamped, which no prompt reaches and a
-        sequence reaches only by writing it), so nothing real is touched.
+        Returns each request's logits (V,) after its last token, or with `every_position` after each of its tokens
+        (T, V). Rows are right-padded to one width; padding tokens sit after their row's real ones, at positions the
+        row writes again before it attends there, or in the scratch block where the row has no block (positions
+        clamped to the context, which no prompt reaches and a sequence reaches only by writing it).
         """
-        first, last = min(inputs), max(inputs)
+        requests = list(inputs)
         width = max(len(tokens) for tokens, _ in inputs.values())
-        # Where rows without input write their padding: past what they hold (a free slot's kept tokens too).
-        idle = {slot: len(tokens) for slot, tokens in enumerate(self.kept)}
-        idle.update({r.slot: self._next_position(r) for r in self.running})
-        tokens = torch.zeros(last - first + 1, width, dtype=torch.long)
-        positions = torch.zeros(last - first + 1, width, dtype=torch.long)
-        last_index = torch.zeros(last - first + 1, dtype=torch.long)
-        for slot in range(first, last + 1):
-            row = slot - first
-            if slot in inputs:
-                ids, start = inputs[slot]
-                tokens[row, :len(ids)] = torch.tensor(ids)
-                last_index[row] = len(ids) - 1
-            else:
-                start = idle[slot]
+        tokens = torch.zeros(len(requests), width, dtype=torch.long)
+        positions = torch.zeros(len(requests), width, dtype=torch.long)
+        last_index = torch.zeros(len(requests), dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids, start = inputs[request]
+            tokens[row, :len(ids)] = torch.tensor(ids)
+            last_index[row] = len(ids) - 1
             positions[row] = (start + torch.arange(width)).clamp(max=self.max_context - 1)
-        cache = [layer.rows(first, last + 1) for layer in self.kv_cache]
+            self.blocks.grow(request.blocks, start + len(ids))
         kv_len = int(positions.max()) + 1  # on the host: no device sync
-        with self._adapters_of(first, last):
+        table = torch.full((len(requests), self.blocks.blocks_for(kv_len)), SCRATCH, dtype=torch.long)
+        for row, request in enumerate(requests):
+            held = request.blocks.blocks[:table.shape[1]]
+            table[row, :len(held)] = torch.tensor(held)
+        pages = BlockTable(table.to(self.device), self.blocks.block_len)
+        cache = [layer.paged(pages) for layer in self.kv_pool]
+        with self._adapters_of(requests):
             if decode:  # one token per row: the (maybe compiled) decode step
                 logits = self.decoder(tokens[:, 0].to(self.device), positions[:, 0].to(self.device), cache, kv_len)
             elif every_position:
                 logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
                                     kv_len=kv_len)  # (rows, T, V)
-                return {slot: logits[slot - first, :len(inputs[slot][0])] for slot in inputs}
+                return {r: logits[row, :len(inputs[r][0])] for row, r in enumerate(requests)}
             else:
                 logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
                                     logits_at=last_index.to(self.device), kv_len=kv_len)  # (rows, V)
-        return {slot: logits[slot - first] for slot in inputs}
+        return {r: logits[row] for row, r in enumerate(requests)}
 
     @contextlib.contextmanager
-    def _adapters_of(self, first: int, last: int) -> Iterator[None]:
-        """During a forward over slots first .. last: each row's served LoRA adapter (the base where none is)."""
-        adapters = self.llm.adapters
-        by_slot = {r.slot: r.adapter for r in self.running} if adapters is not None else {}
-        rows = [by_slot.get(slot, 0) for slot in range(first, last + 1)]
+    def _adapters_of(self, requests: list[EngineRequest]) -> Iterator[None]:
+        """During a forward over `requests` (a row each): each row's served LoRA adapter (the base where none is)."""
+        rows = [r.adapter for r in requests]
         if not any(rows):
             yield
             return
+        adapters = self.llm.adapters
         adapters.selection.select(rows, self.device)
         try:
             yield
@@ -611,24 +611,16 @@ class Engine:
         request.last_token = token_id
         request.generated.append(token_id)
         self.generated_tokens += 1
+        self._index(request)
         request.emit(event)
         if event.finish_reason is not None:
             self._release(request)
 
 
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many tokens the two lists share from their start."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the common case (a whole earlier turn) in one comparison
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
-
-
-def kv_cache_bytes(llm: LLM, batch_size: int, max_context: int) -> int:
-    """Bytes of keys and values for `batch_size` slots of `max_context` tokens."""
+def kv_cache_bytes(llm: LLM, tokens: int) -> int:
+    """Bytes of keys and values for `tokens` positions."""
     config = llm.config
-    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * llm.dtype.itemsize
-    return batch_size * max_context * per_token
+    return tokens * 2 * config.n_layers * config.n_kv_heads * config.head_dim * llm.dtype.itemsize
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -643,11 +635,11 @@ def _available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _check_memory(needed: int, device: torch.device, batch_size: int, max_context: int) -> None:
+def _check_memory(needed: int, device: torch.device, tokens: int) -> None:
     """Refuse, with the numbers and the fix, a KV cache that would not fit (rather than die allocating it)."""
     available = _available_bytes(device)
     if available is not None and needed > available:
         raise LlamaforgeError(
-            f"the KV cache for {batch_size} slots of {max_context} tokens needs {needed / 2**30:.1f} GiB, but only "
-            f"{available / 2**30:.1f} GiB is free on {device}; lower --max-batch-size or --max-context"
+            f"the KV cache of {tokens} tokens needs {needed / 2**30:.1f} GiB, but only {available / 2**30:.1f} GiB is "
+            f"free on {device}; lower --kv-cache-tokens (or --max-batch-size or --max-context)"
         )

@@ -470,7 +470,7 @@ class Decoder:
             return fused(token_ids, input_pos, kv_cache)
         if self.compiled is None:
             return decode_one_token(self.model, token_ids, input_pos, kv_cache, kv_len)
-        bucket = min(-(-kv_len // KV_BUCKET) * KV_BUCKET, kv_cache[0].k.shape[2])
+        bucket = min(-(-kv_len // KV_BUCKET) * KV_BUCKET, kv_cache[0].capacity)
         graphs = compiled_graph_count()
         started = time.perf_counter()
         logits = self.compiled(self.model, token_ids, input_pos, kv_cache, bucket)

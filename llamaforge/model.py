@@ -84,15 +84,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-class KVCache:
-    """One layer's preallocated keys and values, written at explicit positions.
+class BlockTable:
+    """Which blocks of a paged cache's pool hold each row's positions: row b's position p lies in block
+    `blocks[b, p // block_len]` at offset p % block_len. Shared by every layer's view of one step (their pools have
+    one layout), so the element offsets the kernels read are computed once a step."""
 
-    Buffers are (B, n_kv_heads, max_len, head_dim). Row b's entry at position p is valid once a
-    forward has passed p in `input_pos[b]`; the attention mask hides everything later than the query.
+    def __init__(self, blocks: torch.Tensor, block_len: int) -> None:
+        self.blocks = blocks  # (B, blocks per row) int64
+        self.block_len = block_len
+        self.offsets_for: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def offsets(self, pool: torch.Tensor) -> torch.Tensor:
+        """(B, blocks per row x block_len) int64: where each row's positions start in `pool` (blocks, Hkv, block_len,
+        D), in elements (key-value head 0; head h is h * pool.stride(1) further)."""
+        if self.offsets_for is None or self.offsets_for[0] != pool.stride():
+            within = torch.arange(self.block_len, device=self.blocks.device) * pool.stride(2)  # (block_len,)
+            starts = self.blocks * pool.stride(0)  # (B, n)
+            self.offsets_for = (pool.stride(), (starts[:, :, None] + within).flatten(1))
+        return self.offsets_for[1]
+
+
+class KVCache:
+    """One layer's keys and values, written at explicit positions.
+
+    Contiguous (`allocate`, no table): buffers (B, n_kv_heads, max_len, head_dim), row b's positions in k[b]. Paged
+    (`pool`, then `paged` for a step): buffers (blocks, n_kv_heads, block_len, head_dim) that rows share through a
+    `BlockTable`, as in vLLM, so memory goes to the tokens sequences hold, and rows whose prompts start alike can read
+    the same blocks. Row b's entry at position p is valid once a forward has passed p in `input_pos[b]`; the
+    attention mask hides everything later than the query.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, table: BlockTable | None = None) -> None:
         self.k, self.v = k, v
+        self.table = table
+        self.row_offsets: torch.Tensor | None = None  # a contiguous cache's `offsets`, once asked for
 
     @classmethod
     def allocate(cls, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -100,23 +125,70 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    @classmethod
+    def pool(cls, blocks: int, block_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+             device: torch.device | str) -> KVCache:
+        """A paged cache's memory: `blocks` blocks of `block_len` positions, read through `paged` views."""
+        return cls.allocate(blocks, block_len, n_kv_heads, head_dim, dtype, device)
+
+    def paged(self, table: BlockTable) -> KVCache:
+        """This pool's blocks as rows, as `table` says (a step's view; the memory is shared)."""
+        return KVCache(self.k, self.v, table)
+
+    @property
+    def rows_count(self) -> int:
+        """How many rows (sequences) the cache holds."""
+        return self.k.shape[0] if self.table is None else self.table.blocks.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row can hold."""
+        return self.k.shape[2] if self.table is None else self.table.blocks.shape[1] * self.table.block_len
+
     def rows(self, start: int, stop: int) -> KVCache:
-        """Rows start..stop-1 as a cache of their own, sharing memory (a server's run of slots)."""
+        """Rows start..stop-1 of a contiguous cache as a cache of their own, sharing memory."""
         return KVCache(self.k[start:stop], self.v[start:stop])
 
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Row `source`'s first `length` positions into row `target` (a shared prompt prefix)."""
-        self.k[target, :, :length] = self.k[source, :, :length]
-        self.v[target, :, :length] = self.v[source, :, :length]
+    def offsets(self) -> torch.Tensor:
+        """(rows, capacity) int64: where each row's positions start in k (and v: same layout), in elements, for
+        key-value head 0 (head h is h * k.stride(1) further). What the C kernels read the cache through."""
+        if self.table is not None:
+            return self.table.offsets(self.k)
+        if self.row_offsets is None:
+            self.row_offsets = BlockTable(torch.arange(self.k.shape[0], device=self.k.device)[:, None],
+                                          self.k.shape[2]).offsets(self.k)
+        return self.row_offsets
+
+    def write(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (B, Hkv, T, D) at input_pos (B, T)."""
+        # Advanced indices on dims 0 and 2 address a (B, T) grid, so the written block is (B, T, Hkv, D).
+        if self.table is None:
+            rows, places = torch.arange(k.shape[0], device=k.device)[:, None], input_pos
+        else:
+            rows = self.table.blocks.gather(1, input_pos // self.table.block_len)
+            places = input_pos % self.table.block_len
+        self.k[rows, :, places] = k.transpose(1, 2)
+        self.v[rows, :, places] = v.transpose(1, 2)
+
+    def read(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's first kv_len positions, keys and values (B, Hkv, kv_len, D): views of a contiguous cache,
+        gathered from a paged one's blocks."""
+        if self.table is None:
+            return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        blocks = self.table.blocks[:, :-(-kv_len // self.table.block_len)]  # (B, n)
+        B, n = blocks.shape
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            rows = pool[blocks].transpose(1, 2)  # (B, Hkv, n, block_len, D)
+            return rows.reshape(B, pool.shape[1], n * self.table.block_len, pool.shape[3])[:, :, :kv_len]
+
+        return gather(self.k), gather(self.v)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the first kv_len positions of the cache."""
-        # Advanced indices on dims 0 and 2 address a (B, T) grid, so the written block is (B, T, Hkv, D).
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, :, input_pos] = k.transpose(1, 2)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        self.write(input_pos, k, v)
+        return self.read(kv_len)
 
 
 # Up to this many new tokens per row, CPU attention over the cache runs as two batched matmuls (decode_attention):
@@ -145,6 +217,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def attend_cache(q: torch.Tensor, cache: KVCache, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Attention of queries (B, H, T, D) over a CPU cache's first kv_len positions with a boolean mask (B, 1, T,
+    kv_len), by `cached_attention`."""
+    return cached_attention(q, *cache.read(kv_len), mask)
+
+
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     """Each of `linears` applied to x. Layers whose class has `forward_many(x, layers)` (the int8 / int4 layers)
     may compute them together: one kernel call for q, k and v reads x once and keeps every core busy."""
@@ -153,10 +231,11 @@ def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
 
 
 class Attention(nn.Module):
-    # Attention over the cache on the CPU (`cached_attention`); loading a bfloat16 model puts the compiled kernel
+    # Attention over the cache on the CPU (`attend_cache`); loading a bfloat16 model puts the compiled kernel
     # here instead (quantize.use_bf16_kernel), per module: it computes each query alike whatever the number of
-    # queries, so a prompt's numbers do not depend on how it is split into chunks, cached or decoded.
-    cached_attention = staticmethod(cached_attention)
+    # queries, so a prompt's numbers do not depend on how it is split into chunks, cached or decoded, and it reads
+    # a paged cache's blocks where they are.
+    attend_cache = staticmethod(attend_cache)
 
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
@@ -176,11 +255,12 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
         if kv_cache is not None and x.device.type == "cpu":
-            y = self.cached_attention(q, k, v, mask)
+            kv_cache.write(input_pos, k, v)
+            y = self.attend_cache(q, kv_cache, mask, kv_len)
         else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, kv_len, D)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
             )  # (B, H, T, D)
@@ -287,6 +367,14 @@ class Llama(nn.Module):
         return [
             KVCache.allocate(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim, self.dtype,
                              self.device)
+            for _ in self.model.layers
+        ]
+
+    def new_kv_pool(self, blocks: int, block_len: int) -> list[KVCache]:
+        """Allocate one paged cache's pool per layer (`blocks` blocks of `block_len` positions), on the model's
+        device and dtype."""
+        return [
+            KVCache.pool(blocks, block_len, self.config.n_kv_heads, self.config.head_dim, self.dtype, self.device)
             for _ in self.model.layers
         ]
 

@@ -255,6 +255,7 @@ def test_a_run_of_failures_leaks_nothing(adapter_server, tmp_path: Path) -> None
         time.sleep(0.05)
     assert after["llamaforge_running_batch_size"] == after["llamaforge_queue_depth"] == 0
     assert after["llamaforge_free_slots"] == before["llamaforge_free_slots"] == adapter_server.engine.max_batch_size
+    assert after["llamaforge_kv_cache_blocks_used"] == 0 < after["llamaforge_kv_cache_blocks"]
     assert after["llamaforge_lora_adapters"] == before["llamaforge_lora_adapters"]
     assert adapter_server.llm.adapters.selection.rows is None
     assert ask() == expected

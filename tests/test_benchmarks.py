@@ -177,14 +177,15 @@ def test_attention_benchmark_compares_the_kernel_with_torch() -> None:
     assert [row[0].strip() for row in rows if row[0].strip() in ("eager", "compiled")] == ["eager", "compiled"]
 
 
-def test_cache_policy_benchmark_compares_slots_with_paged_blocks() -> None:
-    """One user: both reuse most of each prompt (slots a little more: blocks keep no partial tail); four users on
-    two slots: the slots lose conversations that the paged cache of the same memory keeps."""
+def test_cache_policy_benchmark_compares_the_engine_with_full_block_reuse() -> None:
+    """One user: both reuse most of each prompt, the engine a little more (it copies the start of a partly shared
+    block); four users over two sequences: the engine's pool keeps every conversation (a slot per sequence kept only
+    two: 31% where blocks kept 72% in the measurement that made the cache paged)."""
     report = run_json("cache_policy.py", "--users", "1,4", "--slots", "2", "--turns", "3")
     one, four = report["rows"]
-    assert one["slots_hit_rate"] > 0.5 and one["paged_hit_rate"] > 0.5
-    assert one["slots_hit_rate"] >= one["paged_hit_rate"]
-    assert four["paged_hit_rate"] > four["slots_hit_rate"] + 0.1
+    assert one["full_blocks_hit_rate"] > 0.5
+    assert one["engine_hit_rate"] > one["full_blocks_hit_rate"]
+    assert four["engine_hit_rate"] > four["full_blocks_hit_rate"] > 0.5
 
 
 @pytest.mark.slow

@@ -83,13 +83,14 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(tiny_llm: LLM, 
     import llamaforge.engine as engine_module
 
     config = tiny_llm.config  # 2 layers x 2 KV heads x 16 dims, float32: 512 bytes a token
-    assert engine_module.kv_cache_bytes(tiny_llm, 4, 128) == 4 * 128 * 2 * config.n_layers * config.n_kv_heads * \
+    assert engine_module.kv_cache_bytes(tiny_llm, 512) == 512 * 2 * config.n_layers * config.n_kv_heads * \
         config.head_dim * 4
     monkeypatch.setattr(engine_module, "_available_bytes", lambda device: 100_000)
-    with pytest.raises(LlamaforgeError, match=r"KV cache for 4 slots of 128 tokens needs .* GiB, but only .* GiB "
-                                              r"is free on cpu; lower --max-batch-size or --max-context"):
-        Engine(tiny_llm, max_batch_size=4)
-    assert Engine(tiny_llm, max_batch_size=1, max_context=64).kv_cache_bytes == 64 * 512
+    with pytest.raises(LlamaforgeError, match=r"KV cache of 528 tokens needs .* GiB, but only .* GiB is free on cpu; "
+                                              r"lower --kv-cache-tokens \(or --max-batch-size or --max-context\)"):
+        Engine(tiny_llm, max_batch_size=4)  # 4 x 128 positions, in blocks of 16, and the scratch block
+    assert Engine(tiny_llm, max_batch_size=1, max_context=64).kv_cache_bytes == (64 + 16) * 512
+    assert Engine(tiny_llm, max_batch_size=8, kv_cache_tokens=100, block_len=8).kv_cache_bytes == (104 + 8) * 512
 
 
 # --- one request's failure ends that request only --------------------------------------------------------
@@ -122,24 +123,24 @@ def _strikes_victim(requests) -> bool:
 def inject_admission(monkeypatch, engine: Engine, victim: Collector) -> Emit:
     original = engine._admit_one
 
-    def admit_one(request):
+    def admit_one(request, found):
         if request.params.seed == VICTIM_SEED:
             raise RuntimeError("injected")
-        original(request)
+        original(request, found)
     monkeypatch.setattr(engine, "_admit_one", admit_one)
     return victim
 
 
 def _fail_forwards(monkeypatch, engine: Engine, strikes) -> None:
-    """Make a forward over slots `inputs` raise where strikes(victim request, inputs) says, the victim in it."""
-    original = engine._run_slots
+    """Make a forward over requests `inputs` raise where strikes(victim request, inputs) says, the victim in it."""
+    original = engine._forward
 
-    def run_slots(inputs, decode=False, every_position=False):
-        victim = next((r for r in engine.running if r.slot in inputs and r.params.seed == VICTIM_SEED), None)
+    def forward(inputs, decode=False, every_position=False):
+        victim = next((r for r in inputs if r.params.seed == VICTIM_SEED), None)
         if victim is not None and strikes(victim, inputs):
             raise RuntimeError("injected")
         return original(inputs, decode, every_position)
-    monkeypatch.setattr(engine, "_run_slots", run_slots)
+    monkeypatch.setattr(engine, "_forward", forward)
 
 
 def inject_prefill(monkeypatch, engine: Engine, victim: Collector) -> Emit:

@@ -51,6 +51,31 @@ def test_fused_steps_equal_the_layered_forward(mode: str, group_size: int | None
         assert torch.equal(fused_layer.k, layered_layer.k) and torch.equal(fused_layer.v, layered_layer.v)
 
 
+@pytest.mark.parametrize("mode", ["int4", "bf16"])
+def test_fused_steps_read_and_write_a_paged_cache_where_its_blocks_are(mode: str) -> None:
+    """Two rows decoded through the fused layers with their positions in scattered blocks of a pool: the logits, and
+    every position's keys and values, of the layer-by-layer forward over contiguous rows."""
+    from llamaforge.model import BlockTable
+
+    model = quantized_model(mode)
+    assert use_fused_decode(model)
+    blocks = [[6, 2, 9, 4, 1, 11, 3, 8], [5, 10, 7, 12, 13, 14, 15, 16]]
+    pool = model.new_kv_pool(17, 4)
+    paged = [layer.paged(BlockTable(torch.tensor(blocks), 4)) for layer in pool]
+    contiguous = model.new_kv_cache(2, 32)
+    with torch.inference_mode():
+        for step in range(30):
+            tokens = torch.tensor([(step * 37 + 11) % CONFIG.vocab_size, (step * 13 + 5) % CONFIG.vocab_size])
+            positions = torch.tensor([step, step])
+            fused = model.fused_decode(tokens, positions, paged)
+            layered = model(tokens[:, None], positions[:, None], contiguous,
+                            logits_at=torch.zeros(2, dtype=torch.long), kv_len=int(positions.max()) + 1)
+            assert torch.equal(fused, layered), f"step {step}"
+    for layer, reference in zip(paged, contiguous, strict=True):
+        k, v = layer.read(32)
+        assert torch.equal(k[:, :, :30], reference.k[:, :, :30]) and torch.equal(v[:, :, :30], reference.v[:, :, :30])
+
+
 class Counting:
     """A model's fused decode, counting the steps it runs."""
 

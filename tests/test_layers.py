@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llamaforge"
 # Lower numbers are lower layers; a module may import only from strictly lower layers (or its own package).
 LAYERS = {
     "errors": 0, "openmp": 0, "hugepages": 0,
-    "config": 1, "progress": 1,
+    "config": 1, "progress": 1, "kv_blocks": 1,
     "model": 2, "tokenizer": 2, "sampling": 2,
     "quantize": 3,  # its fused decode runs a model
     "structured": 3,  # grammars over a tokenizer's vocabulary

@@ -7,7 +7,7 @@ import torch
 from factories import random_model
 
 from llamaforge.config import PRESETS, ModelArgs
-from llamaforge.model import Llama
+from llamaforge.model import BlockTable, KVCache, Llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,6 +130,40 @@ def test_cache_row_views_address_slots_of_a_shared_cache() -> None:
                      [c.rows(1, 4) for c in cache])
     torch.testing.assert_close(step[2, -1], expected_a, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(step[0, -1], expected_b, atol=5e-5, rtol=1e-5)
+
+
+def paged_views(model: Llama, rows: list[list[int]], block_len: int) -> list[KVCache]:
+    """A step's views of a fresh paged pool in which row r holds the blocks rows[r] (in that order)."""
+    pool = model.new_kv_pool(1 + max(max(blocks) for blocks in rows), block_len)
+    table = BlockTable(torch.tensor(rows), block_len)
+    return [layer.paged(table) for layer in pool]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_paged_cache_gives_a_contiguous_caches_logits(dtype: torch.dtype) -> None:
+    """Two sequences prefilled together (one padded) and decoded, their positions in scattered blocks of 4 of a pool:
+    the same logits as with contiguous rows (bfloat16: through the C attention kernel where the CPU has it, which
+    reads each position where its block is)."""
+    from llamaforge.quantize import use_bf16_kernel
+
+    model = random_model(small_config(n_kv_heads=2)).to(dtype)
+    use_bf16_kernel(model)
+    tokens = torch.randint(0, 300, (2, 23))
+    lengths = [23, 9]
+    paged = paged_views(model, [[7, 2, 11, 4, 9, 1, 13, 3], [5, 12, 8, 6, 10, 0, 0, 0]], block_len=4)
+    contiguous = model.new_kv_cache(2, 32)
+    outputs = {}
+    with torch.inference_mode():
+        for name, cache in (("paged", paged), ("contiguous", contiguous)):
+            prefill = model(tokens[:, :lengths[1]], torch.arange(lengths[1]).expand(2, -1), cache, kv_len=lengths[1])
+            rest = model(tokens[:1, lengths[1]:], torch.arange(lengths[1], 23)[None],
+                         [c.rows(0, 1) if c.table is None else c.paged(BlockTable(c.table.blocks[:1], 4))
+                          for c in cache], kv_len=23)
+            steps = [model(torch.tensor([[5], [6 + i]]), torch.tensor([[23 + i], [lengths[1] + i]]), cache,
+                           kv_len=24 + i) for i in range(5)]
+            outputs[name] = [prefill, rest, *steps]
+    for got, expected in zip(outputs["paged"], outputs["contiguous"], strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_packed_examples_do_not_attend_to_each_other() -> None:

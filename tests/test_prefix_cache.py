@@ -10,6 +10,7 @@ from factories import submit_all
 
 from llamaforge.api import LLM
 from llamaforge.engine import Engine, EngineRequest
+from llamaforge.kv_blocks import root_key
 from llamaforge.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
@@ -73,9 +74,9 @@ def test_a_chat_gets_the_same_log_probabilities_with_and_without_the_cache(tiny_
     import llamaforge
     from llamaforge.quantize import kernels
 
-    llm = llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize=quantize, batch_invariant=True)
     if kernels.native_decode() is None:
         pytest.skip("the int8 / int4 and attention kernels need AVX-512 VNNI and BF16 and a C compiler")
+    llm = llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize=quantize, batch_invariant=True)
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
     encode = llm.tokenizer.encode
     words = "The llama hums over the hills"
@@ -135,40 +136,51 @@ def test_concurrent_requests_share_a_long_prefix_and_answer_as_without_it(tiny_l
     assert cached.stats().prefix_cache_hits >= 5 * len(system)
 
 
-def test_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_llm: LLM) -> None:
-    """After mixed traffic (free slots riding along in batched steps), each free slot's cache rows hold exactly
-    what a fresh forward of its kept tokens computes."""
+def test_cached_blocks_hold_the_keys_and_values_of_their_tokens(tiny_llm: LLM) -> None:
+    """After mixed traffic (batched steps, padding, shared and copied blocks, evictions), every block the prefix
+    cache keeps holds exactly what a fresh forward of the tokens up to its end computes at its positions."""
     encode = tiny_llm.tokenizer.encode
     prompts = [encode(f"Story {i}: " + "the llama walks " * (i % 4 + 1), bos=True) for i in range(9)]
     params = SamplingParams(max_new_tokens=9, temperature=0.8, seed=3)
-    engine = Engine(tiny_llm, max_batch_size=4, prefill_chunk=5).start()
+    engine = Engine(tiny_llm, max_batch_size=4, prefill_chunk=5, block_len=4, kv_cache_tokens=160).start()
     try:
         run(engine, prompts, params)
-        run(engine, prompts[:2], GREEDY)  # two slots busy again, two free ones ride along in their steps
+        run(engine, prompts[:2], GREEDY)
     finally:
         engine.stop()
-    model = tiny_llm.model
+    pool, model = engine.blocks, tiny_llm.model
+    assert pool.used == 0 and pool.reserved == 0
     checked = 0
-    for slot, kept in enumerate(engine.kept):
-        if not kept:
-            continue
-        fresh = model.new_kv_cache(1, len(kept) + 1)
+    for block, entry in pool.cached.items():
+        before: list[int] = []  # the tokens of the blocks it follows, if they are still cached
+        parent = entry.parent
+        while parent in pool.by_key:
+            before = list(pool.cached[pool.by_key[parent]].tokens) + before
+            parent = pool.cached[pool.by_key[parent]].parent
+        if parent != root_key(0):
+            continue  # a block whose chain start was evicted: unreachable until it is computed again
+        tokens = before + list(entry.tokens)
+        fresh = model.new_kv_cache(1, len(tokens))
         with torch.inference_mode():
-            model(torch.tensor([kept]), torch.arange(len(kept))[None], fresh, kv_len=len(kept))
-        for layer, reference in zip(engine.kv_cache, fresh, strict=True):
-            torch.testing.assert_close(layer.k[slot, :, :len(kept)], reference.k[0, :, :len(kept)])
-            torch.testing.assert_close(layer.v[slot, :, :len(kept)], reference.v[0, :, :len(kept)])
+            model(torch.tensor([tokens]), torch.arange(len(tokens))[None], fresh, kv_len=len(tokens))
+        for layer, reference in zip(engine.kv_pool, fresh, strict=True):
+            n = len(entry.tokens)
+            torch.testing.assert_close(layer.k[block, :, :n], reference.k[0, :, len(before):])
+            torch.testing.assert_close(layer.v[block, :, :n], reference.v[0, :, len(before):])
         checked += 1
-    assert checked == 4
+    assert checked >= 20
 
 
 def test_the_least_recently_used_conversation_is_evicted_first(tiny_llm: LLM) -> None:
+    """A pool that holds two conversations: the third one's blocks come from the least recently used one."""
     encode = tiny_llm.tokenizer.encode
     a, b, c = (encode(f"Conversation {name} is about " + topic, bos=True)
                for name, topic in (("A", "rivers"), ("B", "mountains and snow"), ("C", "the sea")))
-    engine = Engine(tiny_llm, max_batch_size=2, prefill_chunk=16).start()
+    new = GREEDY.max_new_tokens
+    room = sum(-(-(len(p) + new) // 4) * 4 for p in (a, b))  # the blocks of 4 that A and B each take
+    engine = Engine(tiny_llm, max_batch_size=2, prefill_chunk=16, block_len=4, kv_cache_tokens=room).start()
     try:
-        answer_a, answer_b, _ = (run(engine, [p])[0] for p in (a, b, c))  # C evicts A, the least recently used
+        answer_a, answer_b, _ = (run(engine, [p])[0] for p in (a, b, c))  # C takes A's blocks, least recently used
         before = engine.stats().prefix_cache_hits
         run(engine, [b + answer_b + encode("And then?", bos=False)])
         reused_b = engine.stats().prefix_cache_hits - before
@@ -178,6 +190,63 @@ def test_the_least_recently_used_conversation_is_evicted_first(tiny_llm: LLM) ->
         engine.stop()
     assert reused_b == len(b) + len(answer_b) - 1
     assert reused_a < len(encode("Conversation A", bos=True))  # at most the start every prompt here shares
+
+
+def test_the_pool_keeps_more_conversations_than_sequences(tiny_llm: LLM) -> None:
+    """One sequence at a time, three users taking turns: each user's next turn reuses all of its history (the pool
+    keeps every conversation), and answers as without the cache."""
+    encode = tiny_llm.tokenizer.encode
+    users = [encode(f"User {name} asks about " + topic, bos=True)
+             for name, topic in (("A", "rivers"), ("B", "snow on mountains"), ("C", "the sea"))]
+    cached = Engine(tiny_llm, max_batch_size=1, block_len=4, kv_cache_tokens=256).start()
+    plain = Engine(tiny_llm, max_batch_size=1, prefix_cache=False).start()
+    try:
+        histories = {engine: list(users) for engine in (cached, plain)}
+        hits = []
+        for turn in range(3):
+            for user in range(len(users)):
+                for engine in (cached, plain):
+                    before = engine.stats().prefix_cache_hits
+                    prompt = histories[engine][user] + (encode(f" And {turn}?", bos=False) if turn else [])
+                    answer = run(engine, [prompt])[0]
+                    histories[engine][user] = prompt + answer
+                    if engine is cached:
+                        hits.append((engine.stats().prefix_cache_hits - before, len(prompt)))
+    finally:
+        cached.stop()
+        plain.stop()
+    assert histories[cached] == histories[plain]
+    history = [len(p) + GREEDY.max_new_tokens for p in users]  # tokens of each conversation so far
+    for turn in range(1, 3):  # every later turn: the whole history but the last answer's last token
+        for user in range(len(users)):
+            hit, length = hits[turn * len(users) + user]
+            assert hit == history[user] - 1
+            history[user] = length + GREEDY.max_new_tokens
+    assert cached.stats().kv_blocks_used == 0 and cached.stats().cached_tokens >= max(history)
+
+
+def test_requests_wait_for_kv_blocks_and_all_finish(tiny_llm: LLM) -> None:
+    """A pool that holds one request at a time, four sequence slots: the others wait in the queue (none fails), and
+    each answers as alone."""
+    encode = tiny_llm.tokenizer.encode
+    prompts = [encode(f"Waiting prompt number {i}", bos=True) for i in range(3)]
+    room = max(len(p) for p in prompts) + GREEDY.max_new_tokens
+    engine = Engine(tiny_llm, max_batch_size=4, block_len=4, kv_cache_tokens=room, prefix_cache=False).start()
+    try:
+        assert run(engine, prompts) == [tiny_llm.generate(p, params=GREEDY).token_ids for p in prompts]
+    finally:
+        engine.stop()
+    stats = engine.stats()
+    assert stats.peak_running == 1 and stats.kv_blocks_used == 0 and stats.free_slots == 4
+
+
+def test_a_request_larger_than_the_pool_is_refused_with_the_fix(tiny_llm: LLM) -> None:
+    from llamaforge.errors import GenerationError
+
+    engine = Engine(tiny_llm, max_batch_size=2, kv_cache_tokens=32)
+    with pytest.raises(GenerationError, match=r"need 40 positions of KV cache, more than the server's 32; ask for "
+                                              r"fewer tokens, or raise --kv-cache-tokens"):
+        engine.submit(EngineRequest([1] * 30, SamplingParams(max_new_tokens=10), lambda event: None))
 
 
 def test_a_failed_request_leaves_nothing_in_the_cache(tiny_llm: LLM) -> None:
@@ -194,7 +263,7 @@ def test_a_failed_request_leaves_nothing_in_the_cache(tiny_llm: LLM) -> None:
     try:
         engine.submit(EngineRequest(prompt, GREEDY, broken))
         assert failed.wait(60)
-        assert engine.kept == [[]]
+        assert engine.stats().cached_tokens == 0 and engine.stats().kv_blocks_used == 0
         before = engine.stats().prefix_cache_hits
         assert run(engine, [prompt]) == [tiny_llm.generate(prompt, params=GREEDY).token_ids]
         assert engine.stats().prefix_cache_hits == before

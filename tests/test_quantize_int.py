@@ -432,11 +432,11 @@ def test_a_bfloat16_model_decodes_alike_with_the_attention_kernel() -> None:
     """load() puts the kernel into a bfloat16 CPU model's attention (not a float32 one's); answers stay the same."""
     llm = llamaforge.load(dtype="bfloat16")
     attention = llm.model.model.layers[0].self_attn
-    assert isinstance(attention.cached_attention, functools.partial)
-    assert "cached_attention" not in vars(llamaforge.load(dtype="float32").model.model.layers[0].self_attn)
+    assert isinstance(attention.attend_cache, functools.partial)
+    assert "attend_cache" not in vars(llamaforge.load(dtype="float32").model.model.layers[0].self_attn)
     plain = LLM(llm.model, llm.tokenizer)
     for module in llm.model.modules():
-        vars(module).pop("cached_attention", None)  # back to the class's torch implementation
+        vars(module).pop("attend_cache", None)  # back to the class's torch implementation
     questions = ("What is 37 + 45?", "Spell the word 'banana'.", "Which is larger, 512 or 215?")
     expected = [plain.chat([{"role": "user", "content": q}], temperature=0.0).token_ids for q in questions]
     use_bf16_kernel(llm.model)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge.chat import encode_dialog, validate_dialog
-from llamaforge.engine import shared_prefix
 from llamaforge.errors import ChatFormatError
 from llamaforge.finetune.data import DataError, Record, encode_chat
+from llamaforge.kv_blocks import shared_prefix
 from llamaforge.tokenizer import Tokenizer
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust")

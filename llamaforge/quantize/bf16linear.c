@@ -230,9 +230,9 @@ static inline __m512 sum16(__m512 v[16]) {
 // key-value head, into `weights` (room for L rounded up to 16 floats), each rounded to bfloat16; `visible` is its
 // row of the mask (NULL: all L positions). Returns how many positions the query reads: those past its last visible
 // one would add only zeros (a causal query of a prompt's chunk skips the later tokens), so a query's numbers are the
-// same whatever follows it.
-static inline int64_t attention_weights(const uint16_t *query, const uint16_t *keys, const uint8_t *visible,
-                                        int64_t D, int64_t L, int64_t kv_stride_l, float *weights) {
+// same whatever follows it. Position l's key is at keys + offsets[l].
+static inline int64_t attention_weights(const uint16_t *query, const uint16_t *keys, const int64_t *offsets,
+                                        const uint8_t *visible, int64_t D, int64_t L, float *weights) {
     while (visible != NULL && L > 0 && !visible[L - 1]) L--;
     const int64_t Lp = (L + 15) / 16 * 16;
     const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D)), minus_infinity = _mm512_set1_ps(-INFINITY);
@@ -249,7 +249,7 @@ static inline int64_t attention_weights(const uint16_t *query, const uint16_t *k
         for (int j = 0; j < 16; j++) {
             dots[j] = _mm512_setzero_ps();
             if (l0 + j >= L) continue;
-            const uint16_t *key = keys + (l0 + j) * kv_stride_l;
+            const uint16_t *key = keys + offsets[l0 + j];
             for (int64_t d = 0; d < paired; d += 32)  // products of bfloat16 values are exact in float32
                 dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)pairs[d / 32],
                                            (__m512bh)_mm512_loadu_si512((const void *)(key + d)));
@@ -300,11 +300,11 @@ static inline int64_t attention_groups(int64_t B, int64_t H, int64_t Hkv, int64_
 // weights at `weights + i * Lp`, its output at `outs[i]`. Two positions at a time: their values interleaved into
 // bfloat16 pairs once, then times each query's pair of (bfloat16) weights, by VDPBF16PS; exact products, float32
 // sums. A query skips the pairs where both its weights are 0, and its last pair's second value is 0 when its
-// length is odd: each query's sums are those it would get alone.
+// length is odd: each query's sums are those it would get alone. Position l's value is at values + offsets[l].
 static inline __attribute__((always_inline)) void weighted_values(const int chunks, const int queries, int count,
                                                                   const float *weights, int64_t Lp,
                                                                   const int64_t *lengths, const uint16_t *values,
-                                                                  int64_t kv_stride_l, uint16_t *const *outs) {
+                                                                  const int64_t *offsets, uint16_t *const *outs) {
     __m512 acc[16];
     for (int a = 0; a < queries * chunks; a++) acc[a] = _mm512_setzero_ps();
     int64_t longest = 0;
@@ -319,7 +319,7 @@ static inline __attribute__((always_inline)) void weighted_values(const int chun
             uses |= (first != 0.0f || second != 0.0f) << i;
         }
         if (!uses) continue;
-        const uint16_t *first = values + l * kv_stride_l, *second = first + kv_stride_l;
+        const uint16_t *first = values + offsets[l], *second = l + 1 < longest ? values + offsets[l + 1] : first;
         __m512i pairs[16];
         for (int d = 0; d < chunks; d++) {
             const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d * 16)));
@@ -345,45 +345,46 @@ static inline __attribute__((always_inline)) void weighted_values(const int chun
 }
 
 // One group of queries (see attention_groups) of bf16_decode_attention, with `weights` room for
-// group_queries(D) x (L rounded up to 16) floats.
+// group_queries(D) x (L rounded up to 16) floats. Row b's position l holds key-value head h at
+// k + offsets[b * offsets_stride + l] + h * kv_stride_h (v alike): a contiguous cache's rows or a paged one's blocks.
 static inline void attend_group(int64_t group, const uint16_t *q, const uint16_t *k, const uint16_t *v,
                                 const uint8_t *mask, uint16_t *out, int64_t H, int64_t Hkv, int64_t T, int64_t D,
-                                int64_t L, int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l,
+                                int64_t L, const int64_t *offsets, int64_t offsets_stride, int64_t kv_stride_h,
                                 float *weights) {
     const int64_t G = H / Hkv, per_group = group_queries(D), groups = (G * T + per_group - 1) / per_group;
     const int64_t b = group / (Hkv * groups), kv_head = group / groups % Hkv, first = group % groups * per_group;
     const int count = (int)(G * T - first < per_group ? G * T - first : per_group);
     const int64_t Lp = (L + 15) / 16 * 16;
-    const uint16_t *keys = k + b * kv_stride_b + kv_head * kv_stride_h;
-    const uint16_t *values = v + b * kv_stride_b + kv_head * kv_stride_h;
+    const uint16_t *keys = k + kv_head * kv_stride_h, *values = v + kv_head * kv_stride_h;
+    const int64_t *row_offsets = offsets + b * offsets_stride;
     int64_t lengths[GROUP_QUERIES];
     uint16_t *outs[GROUP_QUERIES];
     for (int i = 0; i < count; i++) {
         const int64_t t = (first + i) / G, h = kv_head * G + (first + i) % G, item = (b * H + h) * T + t;
         const uint8_t *visible = mask == NULL ? NULL : mask + (b * T + t) * L;
-        lengths[i] = attention_weights(q + item * D, keys, visible, D, L, kv_stride_l, weights + i * Lp);
+        lengths[i] = attention_weights(q + item * D, keys, row_offsets, visible, D, L, weights + i * Lp);
         outs[i] = out + item * D;
     }
     // Constant sizes for Llama's head sizes, so the accumulators live in registers.
     if (D == 64 && per_group == 4)
-        weighted_values(4, 4, count, weights, Lp, lengths, values, kv_stride_l, outs);
+        weighted_values(4, 4, count, weights, Lp, lengths, values, row_offsets, outs);
     else if (D == 128 && per_group == 2)
-        weighted_values(8, 2, count, weights, Lp, lengths, values, kv_stride_l, outs);
+        weighted_values(8, 2, count, weights, Lp, lengths, values, row_offsets, outs);
     else
         for (int i = 0; i < count; i++)
-            weighted_values((int)(D / 16), 1, 1, weights + i * Lp, Lp, lengths + i, values, kv_stride_l, outs + i);
+            weighted_values((int)(D / 16), 1, 1, weights + i * Lp, Lp, lengths + i, values, row_offsets, outs + i);
 }
 
 // Attention of new queries over a KV cache: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with q (B, H, T, D)
-// contiguous, k and v (B, Hkv, L, D) with the given strides (a cache's first L positions), and mask (B, T, L) bytes,
-// nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv). It rounds where torch's
+// contiguous; row b's first L positions of k and v at the element offsets (B, L) (plus h * kv_stride_h for key-value
+// head h: see attend_group); and mask (B, T, L) bytes, nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv). It rounds where torch's
 // two bfloat16 matmuls and float softmax do (model.decode_attention): scores to bfloat16 before scaling, the weights
 // to bfloat16, the output once; sums are float32. Each query's arithmetic is its own, in a fixed order over the
 // positions it sees: a prompt's chunk gets the numbers its tokens get decoded one by one. D a multiple of 16, at
 // most 256. Returns 0, or -1 when out of memory (or D is not one of those).
 int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
                           uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t L,
-                          int64_t kv_stride_b, int64_t kv_stride_h, int64_t kv_stride_l, int n_threads) {
+                          const int64_t *offsets, int64_t kv_stride_h, int n_threads) {
     if (D > 256 || D % 16 != 0) return -1;
     const int64_t room = group_queries(D) * ((L + 15) / 16 * 16);  // one group's weights
     float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(n_threads * room));
@@ -393,7 +394,7 @@ int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
         float *weights = scratch + omp_get_thread_num() * room;
         #pragma omp for schedule(static)
         for (int64_t group = 0; group < attention_groups(B, H, Hkv, T, D); group++)
-            attend_group(group, q, k, v, mask, out, H, Hkv, T, D, L, kv_stride_b, kv_stride_h, kv_stride_l, weights);
+            attend_group(group, q, k, v, mask, out, H, Hkv, T, D, L, offsets, L, kv_stride_h, weights);
     }
     free(scratch);
     return 0;

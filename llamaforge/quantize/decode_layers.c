@@ -34,11 +34,11 @@ typedef struct {
 typedef struct {
     Projections qkv, o, gate_up, down;
     const uint16_t *input_norm, *post_attention_norm;  // (dim) bfloat16
-    uint16_t *k_cache, *v_cache;  // this layer's keys and values: (B, Hkv, positions, D) by Dims' strides
+    uint16_t *k_cache, *v_cache;  // this layer's keys and values, addressed as decode_layers says
 } Layer;
 
 typedef struct {
-    int64_t dim, hidden, H, Hkv, D, kv_stride_b, kv_stride_h, kv_stride_l;
+    int64_t dim, hidden, H, Hkv, D, kv_stride_h;
     float eps;
 } Dims;
 
@@ -218,14 +218,16 @@ void lora_rows(const uint16_t *x, const uint16_t *y_in, uint16_t *y, int64_t B, 
 }
 
 // Run `n_layers` decoder layers on the hidden states x (B, dim) bfloat16, in place, for one new token of each of
-// B sequences: row b's token sits at positions[b], where each layer writes its key and value in row b of the cache
-// (rows kv_stride_b apart), and attends over that row's positions 0 .. positions[b]. cos and sin (B, D) are the
+// B sequences: row b's token sits at positions[b], where each layer writes its key and value, and attends over that
+// row's positions 0 .. positions[b]. Row b's position l of key-value head h is at element offsets[b * offsets_stride
+// + l] + h * kv_stride_h of each layer's k_cache and v_cache (rows of a contiguous cache, or the blocks of a paged
+// one), offsets_stride > every position. cos and sin (B, D) are the
 // rows' RoPE tables in bfloat16. slots (B) are the rows' LoRA adapters where the layers serve them (0: none; NULL:
 // no row has one). Every row's arithmetic is its own, whatever else is in the batch. Returns 0, or -1 when out of
 // memory.
 int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers, const Dims *d,
-                  const uint16_t *cos, const uint16_t *sin, const int64_t *positions, const int64_t *slots,
-                  int n_threads) {
+                  const uint16_t *cos, const uint16_t *sin, const int64_t *positions, const int64_t *offsets,
+                  int64_t offsets_stride, const int64_t *slots, int n_threads) {
     const int64_t dim = d->dim, hidden = d->hidden, H = d->H, D = d->D, HD = H * D, KVD = d->Hkv * D;
     const int64_t wider = dim > hidden ? dim : hidden, widest = wider > HD ? wider : HD;
     const int64_t blocks = B * ((widest + BLOCK - 1) / BLOCK);  // of the widest input a projection quantizes
@@ -265,7 +267,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
             rope(q + b * HD, H, D, cos + b * D, sin + b * D);
             rope(k + b * KVD, d->Hkv, D, cos + b * D, sin + b * D);
             for (int64_t h = 0; h < d->Hkv; h++) {
-                const int64_t at = b * d->kv_stride_b + h * d->kv_stride_h + positions[b] * d->kv_stride_l;
+                const int64_t at = offsets[b * offsets_stride + positions[b]] + h * d->kv_stride_h;
                 memcpy(w->k_cache + at, k + b * KVD + h * D, sizeof(uint16_t) * (size_t)D);
                 memcpy(w->v_cache + at, v + b * KVD + h * D, sizeof(uint16_t) * (size_t)D);
             }
@@ -273,7 +275,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
         #pragma omp for schedule(static)
         for (int64_t group = 0; group < B * groups; group++)  // each row's heads, a few at a time
             attend_group(group, q, w->k_cache, w->v_cache, NULL, attended, H, d->Hkv, 1, D,
-                         positions[group / groups] + 1, d->kv_stride_b, d->kv_stride_h, d->kv_stride_l,
+                         positions[group / groups] + 1, offsets, offsets_stride, d->kv_stride_h,
                          weights + group * room);
         project(&w->o, attended, B, HD, &attn_out, &act, padded);
         add_lora(&w->o, attended, HD, &attn_out, slots, adapted, n_adapted);

@@ -40,7 +40,7 @@ class FusedDecode:
         """Whether the kernel can run this step: a cache it can write, with a row per token, and a model that still
         fits (its weights' addresses are rebuilt when they moved or changed dtype or device: `.to()`, a copy)."""
         k, v = kv_cache[0].k, kv_cache[0].v
-        if not (token_ids.shape[0] == k.shape[0] and k.dtype == torch.bfloat16 and k.device.type == "cpu"
+        if not (token_ids.shape[0] == kv_cache[0].rows_count and k.dtype == torch.bfloat16 and k.device.type == "cpu"
                 and k.stride() == v.stride() and k.stride(-1) == 1):
             return False
         model = self.model
@@ -63,21 +63,23 @@ class FusedDecode:
             raise ValueError("the fused decode layers do not take this model or cache; decode layer by layer")
         model, config = self.model, self.model.config
         positions = input_pos.to(torch.int64).contiguous()
-        k = kv_cache[0].k  # (B, Hkv, cache positions, D), every layer's alike
-        if int(positions.min()) < 0 or int(positions.max()) >= k.shape[2]:
-            raise IndexError(f"positions {positions.tolist()} reach outside the KV cache's {k.shape[2]} positions")
+        capacity = kv_cache[0].capacity  # every layer's cache is laid out alike
+        if int(positions.min()) < 0 or int(positions.max()) >= capacity:
+            raise IndexError(f"positions {positions.tolist()} reach outside the KV cache's {capacity} positions")
+        offsets = kv_cache[0].offsets()  # (B, capacity)
         x = model.model.embed_tokens(token_ids[:, None]).contiguous()  # (B, 1, dim)
         cos, sin = model.model.rotary_emb(positions[:, None], int(positions.max()) + 1, x.dtype)  # (B, 1, D) each
         cos, sin = cos.contiguous(), sin.contiguous()
         for layer, cache in zip(self.layers, kv_cache, strict=True):
             layer.k_cache, layer.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         dims = kernels.Dims(config.dim, config.hidden_dim, config.n_heads, config.n_kv_heads, config.head_dim,
-                            k.stride(0), k.stride(1), k.stride(2), config.norm_eps)
+                            kv_cache[0].k.stride(1), config.norm_eps)
         selection = getattr(model, "adapter_selection", None)  # served LoRA adapters (llamaforge/adapters.py)
         slots = None if selection is None or selection.rows is None else selection.slot_ids
         status = kernels.native_decode().decode_layers(
             x.data_ptr(), x.shape[0], self.layers, len(self.layers), ctypes.byref(dims), cos.data_ptr(),
-            sin.data_ptr(), positions.data_ptr(), None if slots is None else slots.data_ptr(), torch.get_num_threads())
+            sin.data_ptr(), positions.data_ptr(), offsets.data_ptr(), offsets.stride(0),
+            None if slots is None else slots.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"the fused decode step could not allocate room for {x.shape[0]} rows")
         return model.lm_head(model.model.norm(x[:, 0]))

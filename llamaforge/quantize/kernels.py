@@ -22,11 +22,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from llamaforge.quantize.formats import BLOCK, QuantizedWeight, dequantize_weight, unpack_codes
+
+if TYPE_CHECKING:
+    from llamaforge.model import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,8 @@ def native_bf16() -> ctypes.CDLL | None:
         return None
     library.bf16_linear.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int]
     library.bf16_linear.restype = ctypes.c_int
-    library.bf16_decode_attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, *[_INT64] * 9, ctypes.c_int]
+    library.bf16_decode_attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, *[_INT64] * 6, _PTR, _INT64, _INT64,
+                                              ctypes.c_int]
     library.bf16_decode_attention.restype = ctypes.c_int
     return library
 
@@ -146,10 +151,10 @@ class Layer(ctypes.Structure):
 
 
 class Dims(ctypes.Structure):
-    """decode_layers.c's Dims: the model's sizes and the cache's strides (in elements)."""
+    """decode_layers.c's Dims: the model's sizes and the cache's key-value-head stride (in elements)."""
 
     _fields_ = [("dim", _INT64), ("hidden", _INT64), ("H", _INT64), ("Hkv", _INT64), ("D", _INT64),
-                ("kv_stride_b", _INT64), ("kv_stride_h", _INT64), ("kv_stride_l", _INT64), ("eps", ctypes.c_float)]
+                ("kv_stride_h", _INT64), ("eps", ctypes.c_float)]
 
 
 @cache
@@ -163,7 +168,7 @@ def native_decode() -> ctypes.CDLL | None:
         log.warning("decode steps run layer by layer through torch: %s", exc)
         return None
     library.decode_layers.argtypes = [_PTR, _INT64, ctypes.POINTER(Layer), _INT64, ctypes.POINTER(Dims), _PTR, _PTR,
-                                      _PTR, _PTR, ctypes.c_int]
+                                      _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
     library.decode_layers.restype = ctypes.c_int
     library.rms_norm_rows.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_float, ctypes.c_int]
     library.rms_norm_rows.restype = None
@@ -305,37 +310,50 @@ def bf16_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     boolean mask (B, 1, T, L), by the compiled kernel (bf16linear.c): (B, H, T, D) bfloat16. It rounds where
     model.decode_attention's torch ops do, and computes each query alike whatever the other queries. k and v are
     views of one cache layout (same strides, last one 1); the head size is a multiple of 16, at most 256."""
+    L = k.shape[2]
+    rows = torch.arange(k.shape[0])[:, None] * k.stride(0) + torch.arange(L) * k.stride(2)  # (B, L)
+    return bf16_cache_attention(q, k, v, rows, mask)
+
+
+def bf16_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """`bf16_decode_attention` reading row b's position l of k and v at element offsets[b, l] (plus the key-value
+    head's stride): a contiguous cache's rows or a paged cache's blocks (model.KVCache.offsets); mask (B, 1, T, L),
+    offsets (B, >= L) int64 with unit last stride."""
     B, H, T, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
+    L = mask.shape[-1]
     q, mask = q.contiguous(), mask.reshape(B, T, L).contiguous()
     out = torch.empty_like(q)
     status = native_bf16().bf16_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(),
-                                                 out.data_ptr(), B, H, Hkv, T, D, L, k.stride(0), k.stride(1),
-                                                 k.stride(2), torch.get_num_threads())
+                                                 out.data_ptr(), B, H, k.shape[1], T, D, L, offsets.data_ptr(),
+                                                 offsets.stride(0), k.stride(1), torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"the attention kernel could not allocate room for {B * H * T} x {L} scores")
     return out
 
 
-@torch.library.custom_op("llamaforge::bf16_decode_attention", mutates_args=())
-def bf16_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`bf16_decode_attention` as a torch operator, for torch.compile'd graphs."""
-    return bf16_decode_attention(q, k, v, mask)
+@torch.library.custom_op("llamaforge::bf16_cache_attention", mutates_args=())
+def bf16_cache_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """`bf16_cache_attention` as a torch operator, for torch.compile'd graphs."""
+    return bf16_cache_attention(q, k, v, offsets, mask)
 
 
-@bf16_decode_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@bf16_cache_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """`bf16_decode_attention` where it takes these tensors (bfloat16 on the CPU, no autograd, k and v alike in
-    layout, head size a multiple of 16 up to 256), else `fallback(q, k, v, mask)`: attention over a cache."""
+def attend_cache(q: torch.Tensor, cache: KVCache, mask: torch.Tensor, kv_len: int,
+                 fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`bf16_cache_attention` over the cache's first kv_len positions where it takes these tensors (bfloat16 on the
+    CPU, no autograd, k and v alike in layout, head size a multiple of 16 up to 256), else `fallback(q, cache, mask,
+    kv_len)` (model.attend_cache)."""
+    k, v = cache.k, cache.v
     if (not bf16_inference(q, k) or k.stride() != v.stride() or k.stride(-1) != 1 or q.shape[-1] > 256
             or q.shape[-1] % 16 or not bf16_available()):
-        return fallback(q, k, v, mask)
-    return eager_or_op(bf16_decode_attention, bf16_decode_attention_op, q, k, v, mask)
+        return fallback(q, cache, mask, kv_len)
+    return eager_or_op(bf16_cache_attention, bf16_cache_attention_op, q, k, v, cache.offsets(), mask)
 
 
 def available() -> bool:

@@ -169,7 +169,7 @@ def check_batch_invariant(model: nn.Module) -> None:
 # model.py's per-module hooks and the CPU kernels that replace them in bfloat16 models (each falls back to the
 # hook's torch version for tensors it does not take). The norm and SwiGLU kernels are the ones the fused decode
 # layers run, so a sequence's numbers do not depend on which of the two paths a step takes.
-KERNEL_HOOKS = {"cached_attention": kernels.cached_attention, "normalize": kernels.rms_norm,
+KERNEL_HOOKS = {"attend_cache": kernels.attend_cache, "normalize": kernels.rms_norm,
                 "activation": kernels.swiglu}
 
 

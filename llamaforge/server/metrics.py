@@ -30,7 +30,11 @@ class Metrics:
             "llamaforge_queue_depth": ("Requests waiting for a slot", lambda: engine.stats().waiting),
             "llamaforge_running_batch_size": ("Sequences in the running batch", lambda: engine.stats().running),
             "llamaforge_peak_batch_size": ("Largest running batch so far", lambda: engine.stats().peak_running),
-            "llamaforge_free_slots": ("KV-cache slots free", lambda: engine.stats().free_slots),
+            "llamaforge_free_slots": ("Sequences that may still join the batch", lambda: engine.stats().free_slots),
+            "llamaforge_kv_cache_blocks": ("Blocks of the KV cache", lambda: engine.stats().kv_blocks),
+            "llamaforge_kv_cache_blocks_used": ("KV-cache blocks held by running sequences (the rest are free, maybe "
+                                                "keeping a finished sequence's tokens)",
+                                                lambda: engine.stats().kv_blocks_used),
             "llamaforge_engine_steps": ("Engine steps run", lambda: engine.stats().steps),
             "llamaforge_batched_decode_steps": ("Decode steps that ran more than one sequence",
                                                 lambda: engine.stats().batched_steps),
@@ -46,7 +50,7 @@ class Metrics:
                                              lambda: engine.stats().prefix_cache_hits),
             "llamaforge_prefix_cache_hit_rate": ("Reused / looked-up prompt tokens so far (0 before any request)",
                                                  lambda: engine.stats().prefix_cache_hit_rate),
-            "llamaforge_prefix_cache_tokens": ("Tokens whose keys and values free slots keep for later requests",
+            "llamaforge_prefix_cache_tokens": ("Tokens whose keys and values free blocks keep for later requests",
                                                lambda: engine.stats().cached_tokens),
             "llamaforge_lora_adapters": ("LoRA adapters loaded beside the base", lambda: engine.stats().adapters),
         }
