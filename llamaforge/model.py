@@ -93,6 +93,7 @@ class BlockTable:
         self.blocks = blocks  # (B, blocks per row) int64
         self.block_len = block_len
         self.offsets_for: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self.rows_for: tuple[tuple[int, ...], int, torch.Tensor] | None = None
 
     def offsets(self, pool: torch.Tensor) -> torch.Tensor:
         """(B, blocks per row x block_len) int64: where each row's positions start in `pool` (blocks, Hkv, block_len,
@@ -102,6 +103,15 @@ class BlockTable:
             starts = self.blocks * pool.stride(0)  # (B, n)
             self.offsets_for = (pool.stride(), (starts[:, :, None] + within).flatten(1))
         return self.offsets_for[1]
+
+    def rows(self, pool: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """(B x Hkv x kv_len,) int64: which rows of the contiguous `pool` viewed as (-1, D) hold each row's first
+        kv_len positions, head by head: an index_select by it gathers the step's keys (or values) in one copy."""
+        if self.rows_for is None or self.rows_for[:2] != (pool.stride(), kv_len):
+            heads = torch.arange(pool.shape[1], device=self.blocks.device) * pool.stride(1)  # (Hkv,)
+            starts = self.offsets(pool)[:, None, :kv_len] + heads[:, None]  # (B, Hkv, kv_len)
+            self.rows_for = (pool.stride(), kv_len, starts.flatten() // pool.stride(2))
+        return self.rows_for[2]
 
 
 class KVCache:
@@ -175,14 +185,10 @@ class KVCache:
         gathered from a paged one's blocks."""
         if self.table is None:
             return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
-        blocks = self.table.blocks[:, :-(-kv_len // self.table.block_len)]  # (B, n)
-        B, n = blocks.shape
-
-        def gather(pool: torch.Tensor) -> torch.Tensor:
-            rows = pool[blocks].transpose(1, 2)  # (B, Hkv, n, block_len, D)
-            return rows.reshape(B, pool.shape[1], n * self.table.block_len, pool.shape[3])[:, :, :kv_len]
-
-        return gather(self.k), gather(self.v)
+        rows = self.table.rows(self.k, kv_len)
+        shape = (self.rows_count, self.k.shape[1], kv_len, self.k.shape[3])
+        return (self.k.view(-1, shape[3]).index_select(0, rows).view(shape),
+                self.v.view(-1, shape[3]).index_select(0, rows).view(shape))
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
