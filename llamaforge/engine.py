@@ -152,9 +152,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.stall_timeout = stall_timeout  # a step longer than this makes health() report the engine stuck
         self.eos_id = llm.tokenizer.eos_id if llm.tokenizer is not None else llm.config.eos_token_id
-        tokens = kv_cache_tokens or max_batch_size * self.max_context
+        tokens = max_batch_size * self.max_context if kv_cache_tokens is None else kv_cache_tokens
         if tokens < 1:
-            raise LlamaforgeError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
+            raise LlamaforgeError(f"kv_cache_tokens (--kv-cache-tokens) must be >= 1, got {kv_cache_tokens}")
         n_blocks = -(-tokens // block_len) + 1  # and the scratch block
         self.kv_cache_bytes = kv_cache_bytes(llm, n_blocks * block_len)
         _check_memory(self.kv_cache_bytes, self.device, n_blocks * block_len)

@@ -162,8 +162,8 @@ def test_serve_refuses_a_port_in_use_before_loading() -> None:
     assert "serving" not in result.stdout
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-prefix-cache"]])
-def test_serve_passes_the_prefix_cache_choice_to_the_server(tiny_model_dir: Path, monkeypatch, flags) -> None:
+@pytest.mark.parametrize("flags", [[], ["--no-prefix-cache", "--kv-cache-tokens", "4096"]])
+def test_serve_passes_the_kv_cache_choices_to_the_server(tiny_model_dir: Path, monkeypatch, flags) -> None:
     from factories import free_port
 
     import llamaforge.server
@@ -172,6 +172,7 @@ def test_serve_passes_the_prefix_cache_choice_to_the_server(tiny_model_dir: Path
     monkeypatch.setattr(llamaforge.server, "serve", lambda llm, **options: calls.append(options))
     assert main(["serve", "--model", str(tiny_model_dir), "--port", str(free_port()), *flags]) == 0
     assert calls[0]["prefix_cache"] is (not flags)
+    assert calls[0]["kv_cache_tokens"] == (4096 if flags else None)
 
 
 def test_bad_sampling_value_from_cli(tiny_model_dir: Path) -> None:

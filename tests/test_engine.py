@@ -91,6 +91,8 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(tiny_llm: LLM, 
         Engine(tiny_llm, max_batch_size=4)  # 4 x 128 positions, in blocks of 16, and the scratch block
     assert Engine(tiny_llm, max_batch_size=1, max_context=64).kv_cache_bytes == (64 + 16) * 512
     assert Engine(tiny_llm, max_batch_size=8, kv_cache_tokens=100, block_len=8).kv_cache_bytes == (104 + 8) * 512
+    with pytest.raises(LlamaforgeError, match=r"kv_cache_tokens \(--kv-cache-tokens\) must be >= 1, got 0"):
+        Engine(tiny_llm, kv_cache_tokens=0)
 
 
 # --- one request's failure ends that request only --------------------------------------------------------
