@@ -376,15 +376,16 @@ static inline void attend_group(int64_t group, const uint16_t *q, const uint16_t
 }
 
 // Attention of new queries over a KV cache: out (B, H, T, D) = softmax(q k^T / sqrt(D)) v with q (B, H, T, D)
-// contiguous; row b's first L positions of k and v at the element offsets (B, L) (plus h * kv_stride_h for key-value
-// head h: see attend_group); and mask (B, T, L) bytes, nonzero where a query sees a position. Query head h reads key-value head h / (H / Hkv). It rounds where torch's
+// contiguous; row b's position l of k and v at element offsets[b * offsets_stride + l] (plus h * kv_stride_h for
+// key-value head h: see attend_group), offsets_stride >= L; and mask (B, T, L) bytes, nonzero where a query sees a
+// position. Query head h reads key-value head h / (H / Hkv). It rounds where torch's
 // two bfloat16 matmuls and float softmax do (model.decode_attention): scores to bfloat16 before scaling, the weights
 // to bfloat16, the output once; sums are float32. Each query's arithmetic is its own, in a fixed order over the
 // positions it sees: a prompt's chunk gets the numbers its tokens get decoded one by one. D a multiple of 16, at
 // most 256. Returns 0, or -1 when out of memory (or D is not one of those).
 int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
                           uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t L,
-                          const int64_t *offsets, int64_t kv_stride_h, int n_threads) {
+                          const int64_t *offsets, int64_t offsets_stride, int64_t kv_stride_h, int n_threads) {
     if (D > 256 || D % 16 != 0) return -1;
     const int64_t room = group_queries(D) * ((L + 15) / 16 * 16);  // one group's weights
     float *scratch = (float *)aligned_alloc(64, sizeof(float) * (size_t)(n_threads * room));
@@ -394,7 +395,7 @@ int bf16_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
         float *weights = scratch + omp_get_thread_num() * room;
         #pragma omp for schedule(static)
         for (int64_t group = 0; group < attention_groups(B, H, Hkv, T, D); group++)
-            attend_group(group, q, k, v, mask, out, H, Hkv, T, D, L, offsets, L, kv_stride_h, weights);
+            attend_group(group, q, k, v, mask, out, H, Hkv, T, D, L, offsets, offsets_stride, kv_stride_h, weights);
     }
     free(scratch);
     return 0;
