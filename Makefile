@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 MODEL ?= demo
 
-.PHONY: setup test lint browser serve chat bench demo-model
+.PHONY: setup test lint browser simde serve chat bench demo-model
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,21 @@ browser:
 	@if [ -n "$$CI" ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; fi
 
-test: lint browser
+# In CI, also install SIMDe (headers only): on a CPU without AVX-512 the C kernels' tests run a second time with the
+# kernels emulated (LLAMAFORGE_KERNELS=emulate), so their code is tested on every machine, not only where it is fast.
+simde:
+	@if [ -n "$$CI" ] && [ ! -d /usr/include/simde ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq libsimde-dev >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq libsimde-dev >/dev/null); fi
+
+KERNEL_TESTS := tests/test_fused_decode.py tests/test_quantize_int.py tests/test_prefix_cache.py tests/test_model.py \
+	tests/test_adapters.py
+
+test: lint browser simde
 	$(BIN)/python -m pytest -q
+	@if ! grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && [ -d /usr/include/simde ]; then \
+		echo "This CPU lacks AVX-512: the kernels' tests again, the kernels emulated (LLAMAFORGE_KERNELS=emulate)"; \
+		LLAMAFORGE_KERNELS=emulate $(BIN)/python -m pytest -q $(KERNEL_TESTS); fi
 
 serve: setup
 	$(BIN)/llamaforge serve --model $(MODEL)

@@ -188,6 +188,15 @@ def test_cache_policy_benchmark_compares_the_engine_with_full_block_reuse() -> N
     assert four["engine_hit_rate"] > four["full_blocks_hit_rate"] > 0.5
 
 
+def test_engine_ab_benchmark_runs_each_checkout_in_its_own_process() -> None:
+    """The same checkout on both sides: the same tokens, and a throughput for every run of each side."""
+    root = str(BENCHMARKS.parent)
+    report = run_json("engine_ab.py", "--before", root, "--after", root, "--dim", "64", "--layers", "2", "--heads",
+                      "4", "--prompts", "3", "--new-tokens", "4", "--rounds", "1", "--repeats", "1")
+    assert report["same_tokens"] and len(report["runs"]["before"]) == len(report["runs"]["after"]) == 1
+    assert report["ratio"] > 0 and all(v > 0 for v in report["medians"].values())
+
+
 @pytest.mark.slow
 def test_dpo_benchmark_trains_both_sides_from_the_same_start() -> None:
     pytest.importorskip("trl")

@@ -381,6 +381,13 @@ def test_bf16_linear_layer_paths(monkeypatch) -> None:
     assert calls == [(2, 172)]
 
 
+@pytest.mark.skipif(not kernels.emulated(), reason="only where the kernels are emulated (LLAMAFORGE_KERNELS=emulate)")
+def test_every_kernel_library_builds_emulated() -> None:
+    """`make test`'s emulated pass (a CPU without AVX-512) must run the kernels, not skip them for a failed build."""
+    assert kernels.native() is not None and kernels.native_bf16() is not None
+    assert kernels.native_decode() is not None
+
+
 @needs_bf16_kernel
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "queries", "length", "head_dim"),
                          [(1, 32, 4, 1, 170, 64), (3, 8, 2, 4, 37, 48), (2, 4, 4, 16, 300, 128), (2, 8, 1, 3, 17, 16)])

@@ -9,7 +9,9 @@
 // Built by llamaforge/quantize/kernels.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -fopenmp, only on
 // CPUs that have AVX-512 BF16; loaded with ctypes.
 
+#ifndef LLAMAFORGE_EMULATE_AVX512  // kernels.py builds an emulated copy for tests (avx512_emulation.h)
 #include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>

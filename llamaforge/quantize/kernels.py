@@ -46,6 +46,12 @@ BF16_COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx
 DECODE_SOURCE = Path(__file__).with_name("decode_layers.c")
 DECODE_CPU_FLAGS = tuple(dict.fromkeys(CPU_FLAGS + BF16_CPU_FLAGS))
 DECODE_COMPILE_FLAGS = tuple(dict.fromkeys(COMPILE_FLAGS + BF16_COMPILE_FLAGS))
+# LLAMAFORGE_KERNELS=emulate (tests only): build every kernel with its AVX-512 instructions emulated by SIMDe, so a
+# CPU without AVX-512 runs the kernels' code under the tests. Slow: never for measurement. (=0: no kernels at all.)
+EMULATION_HEADER = Path(__file__).with_name("avx512_emulation.h")
+# -march=native: SIMDe then emulates each instruction with this CPU's own (fused multiply-adds stay fused).
+EMULATION_FLAGS = ("-O2", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi", "-DLLAMAFORGE_EMULATE_AVX512",
+                   "-include", str(EMULATION_HEADER))
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -54,8 +60,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamaforge" / "kernels"
 
 
+def emulated() -> bool:
+    """Whether the kernels are built emulated (LLAMAFORGE_KERNELS=emulate: tests on a CPU without AVX-512)."""
+    return os.environ.get("LLAMAFORGE_KERNELS") == "emulate"
+
+
+def load(source: Path, flags: tuple[str, ...], includes: tuple[Path, ...] = ()) -> ctypes.CDLL:
+    """Build (once) and load a kernel library, emulated where `emulated()` says; RuntimeError or OSError if not."""
+    if emulated():
+        flags, includes = EMULATION_FLAGS, (*includes, EMULATION_HEADER)
+    return ctypes.CDLL(str(build(source, flags=flags, includes=includes)))
+
+
 def missing_cpu_flags(needed: tuple[str, ...] = CPU_FLAGS) -> list[str]:
-    """The instruction sets of `needed` that this CPU lacks (all of them off x86-64 Linux)."""
+    """The instruction sets of `needed` that this CPU lacks (all of them off x86-64 Linux; none when emulated)."""
+    if emulated():
+        return []
     if platform.machine() not in ("x86_64", "AMD64"):
         return list(needed)
     try:
@@ -104,7 +124,7 @@ def native() -> ctypes.CDLL | None:
         log.info("int8/int4 layers use the torch fallback: this CPU lacks %s", ", ".join(missing))
         return None
     try:
-        library = ctypes.CDLL(str(build()))
+        library = load(SOURCE, COMPILE_FLAGS)
     except (RuntimeError, OSError) as exc:
         log.warning("int8/int4 layers use the slower torch fallback: %s", exc)
         return None
@@ -122,7 +142,7 @@ def native_bf16() -> ctypes.CDLL | None:
     if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0" or missing_cpu_flags(BF16_CPU_FLAGS):
         return None
     try:
-        library = ctypes.CDLL(str(build(BF16_SOURCE, flags=BF16_COMPILE_FLAGS)))
+        library = load(BF16_SOURCE, BF16_COMPILE_FLAGS)
     except (RuntimeError, OSError) as exc:
         log.warning("bfloat16 layers use torch's GEMM: %s", exc)
         return None
@@ -163,7 +183,7 @@ def native_decode() -> ctypes.CDLL | None:
     if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0" or missing_cpu_flags(DECODE_CPU_FLAGS):
         return None
     try:
-        library = ctypes.CDLL(str(build(DECODE_SOURCE, flags=DECODE_COMPILE_FLAGS, includes=(SOURCE, BF16_SOURCE))))
+        library = load(DECODE_SOURCE, DECODE_COMPILE_FLAGS, includes=(SOURCE, BF16_SOURCE))
     except (RuntimeError, OSError) as exc:
         log.warning("decode steps run layer by layer through torch: %s", exc)
         return None

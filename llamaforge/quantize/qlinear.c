@@ -25,7 +25,9 @@
 // Built by llamaforge/quantize/kernels.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mf16c -fopenmp;
 // loaded with ctypes. Threads come from the process' OpenMP runtime (the one torch loaded).
 
+#ifndef LLAMAFORGE_EMULATE_AVX512  // kernels.py builds an emulated copy for tests (avx512_emulation.h)
 #include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
