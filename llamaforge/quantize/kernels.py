@@ -22,15 +22,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from llamaforge.model import KVCache
 from llamaforge.quantize.formats import BLOCK, QuantizedWeight, dequantize_weight, unpack_codes
-
-if TYPE_CHECKING:
-    from llamaforge.model import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +327,7 @@ def bf16_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     boolean mask (B, 1, T, L), by the compiled kernel (bf16linear.c): (B, H, T, D) bfloat16. It rounds where
     model.decode_attention's torch ops do, and computes each query alike whatever the other queries. k and v are
     views of one cache layout (same strides, last one 1); the head size is a multiple of 16, at most 256."""
-    L = k.shape[2]
-    rows = torch.arange(k.shape[0])[:, None] * k.stride(0) + torch.arange(L) * k.stride(2)  # (B, L)
-    return bf16_cache_attention(q, k, v, rows, mask)
+    return bf16_cache_attention(q, k, v, KVCache(k, v).offsets(), mask)
 
 
 def bf16_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
