@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if kernels.native_bf16() is None:
-        raise SystemExit("the bfloat16 kernel does not run here (it needs x86-64 AVX-512 BF16 and a C compiler)")
+        raise SystemExit("the bfloat16 kernel does not run here (it needs AVX-512 BF16 or AVX2 and a C compiler)")
     one_layer([int(n) for n in args.lengths.split(",")], args.calls)
     if args.chunk:
         print()

@@ -6,8 +6,8 @@ bandwidth allows; a prompt's tokens share each weight read, so prefill is bounde
 in the same run as the implementations and reports how close each side comes; they tell which speed ratio is
 still possible on a machine (docs/benchmarks.md).
 
-The C (ceilings.c) is built like llamaforge's kernels, on x86-64 CPUs with AVX-512 VNNI and BF16; elsewhere
-`Ceilings.load()` is None.
+The C (ceilings.c) is built like llamaforge's kernels, for AVX-512 VNNI and BF16 or for AVX2 (where the dot products
+are the instructions the kernels use instead); elsewhere, and with the kernels emulated, `Ceilings.load()` is None.
 
     python benchmarks/ceilings.py --threads 2
 """
@@ -43,11 +43,12 @@ class Ceilings:
 
     @classmethod
     def load(cls, threads: int) -> Ceilings | None:
-        """The measurements, or None where this CPU lacks AVX-512 VNNI / BF16 or there is no C compiler."""
-        if kernels.missing_cpu_flags(kernels.DECODE_CPU_FLAGS):
+        """The measurements, built as the kernels are for this CPU; None where they are not built (no AVX-512 or AVX2,
+        or emulated: nothing to measure) or there is no C compiler."""
+        if kernels.instruction_set() not in ("avx512", "avx2"):
             return None
         try:
-            return cls(ctypes.CDLL(str(kernels.build(SOURCE, flags=kernels.DECODE_COMPILE_FLAGS))), threads)
+            return cls(kernels.load(SOURCE, kernels.DECODE_CPU_FLAGS, kernels.DECODE_COMPILE_FLAGS), threads)
         except (RuntimeError, OSError):
             return None
 
@@ -57,11 +58,11 @@ class Ceilings:
         return self.library.read_words(data.data_ptr(), data.numel() * data.element_size(), self.threads)
 
     def int8_dots(self, rounds: int) -> int:
-        """Run rounds x 12 VPDPBUSD per thread; what they summed."""
+        """Run rounds x 12 VPDPBUSD (or their AVX2 equivalent) per thread; what they summed."""
         return self.library.int8_dots(rounds, self.threads)
 
     def bf16_dots(self, rounds: int) -> float:
-        """Run rounds x 12 VDPBF16PS per thread; what they summed."""
+        """Run rounds x 12 VDPBF16PS (or their AVX2 equivalent) per thread; what they summed."""
         return self.library.bf16_dots(rounds, self.threads)
 
     def read_gb_s(self, megabytes: int = 1024, repeats: int = 3) -> float:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ceilings = Ceilings.load(args.threads)
     if ceilings is None:
-        raise SystemExit("ceilings.py needs an x86-64 CPU with AVX-512 VNNI and BF16 and a C compiler")
+        raise SystemExit("ceilings.py needs an x86-64 CPU with AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
     print(json.dumps({"threads": args.threads, "read_gb_s": ceilings.read_gb_s(),
                       "int8_gmac_s": ceilings.int8_gmac_s(), "bf16_gmac_s": ceilings.bf16_gmac_s()}, indent=2))
 

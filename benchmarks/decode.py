@@ -385,7 +385,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         gguf_paths = gguf_files(base, args.modes, Path(workdir), llamacpp) if llamacpp is not None else {}
         ceilings = Ceilings.load(args.threads)
         if ceilings is None:
-            log("the machine's ceilings: skipped (benchmarks/ceilings.c needs AVX-512 VNNI and BF16 and a C compiler)")
+            log("the machine's ceilings: skipped (ceilings.c needs AVX-512 (VNNI, BF16) or AVX2 and a C compiler)")
         # float32 first: the other modes cast the same weights down.
         for mode in sorted(args.modes, key=lambda m: m != "fp32"):
             results.append(compare(base, mode, prompt, args, llamacpp, gguf_paths, ceilings))

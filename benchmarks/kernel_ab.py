@@ -40,10 +40,10 @@ from llamaforge.model import KVCache, Llama, init_weights  # noqa: E402
 from llamaforge.quantize import kernels  # noqa: E402
 
 SOURCES = Path(kernels.__file__).parent
-# kernels.py's library loaders: (source, compiler flags, sources it includes)
-LOADERS = {"native": (kernels.SOURCE, kernels.COMPILE_FLAGS, ()),
-           "native_bf16": (kernels.BF16_SOURCE, kernels.BF16_COMPILE_FLAGS, ()),
-           "native_decode": (kernels.DECODE_SOURCE, kernels.DECODE_COMPILE_FLAGS,
+# kernels.py's library loaders: (source, its AVX-512 build's CPU and compiler flags, sources it includes)
+LOADERS = {"native": (kernels.SOURCE, kernels.CPU_FLAGS, kernels.COMPILE_FLAGS, ()),
+           "native_bf16": (kernels.BF16_SOURCE, kernels.BF16_CPU_FLAGS, kernels.BF16_COMPILE_FLAGS, ()),
+           "native_decode": (kernels.DECODE_SOURCE, kernels.DECODE_CPU_FLAGS, kernels.DECODE_COMPILE_FLAGS,
                              (kernels.SOURCE, kernels.BF16_SOURCE))}
 
 
@@ -59,9 +59,10 @@ def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[st
                 text = text.replace(old, new)
         (directory / path.name).write_text(text)
     libraries = {}
-    for loader, (source, flags, includes) in LOADERS.items():
+    for loader, (source, cpu_flags, flags, includes) in LOADERS.items():
+        flags, headers = kernels.build_flags(cpu_flags, flags)  # this CPU's build, as llamaforge makes it
         library = ctypes.CDLL(str(kernels.build(directory / source.name, directory, flags,
-                                                tuple(directory / path.name for path in includes))))
+                                                (*(directory / path.name for path in includes), *headers))))
         for name, function in vars(getattr(kernels, loader)()).items():  # the functions llamaforge typed
             if isinstance(function, ctypes._CFuncPtr):
                 getattr(library, name).argtypes, getattr(library, name).restype = function.argtypes, function.restype
@@ -87,7 +88,7 @@ def workload(args: argparse.Namespace) -> Callable[[], torch.Tensor]:
         last = torch.tensor([args.prefill - 1])
         return lambda: model(ids, torch.arange(args.prefill)[None], caches, logits_at=last)
     if model.fused_decode is None:
-        raise SystemExit("the fused decode layers do not run here (they need AVX-512 VNNI and BF16); use --prefill")
+        raise SystemExit("the fused decode layers do not run here (they need AVX-512 or AVX2); use --prefill")
     token, position = torch.tensor([5]), torch.tensor([160])
     return lambda: model.fused_decode(token, position, caches)
 
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args()
     if kernels.native() is None or kernels.native_bf16() is None or kernels.native_decode() is None:
-        raise SystemExit("the kernels do not build or run on this machine (AVX-512 VNNI and BF16, a C compiler)")
+        raise SystemExit("the kernels do not build or run on this machine (AVX-512 or AVX2, a C compiler)")
     torch.set_num_threads(args.threads)
     variants = {"base": [], **runpy.run_path(args.variants)["VARIANTS"]}
     with tempfile.TemporaryDirectory(prefix="llamaforge-kernel-ab-") as scratch:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.rows:
         if kernels.native_bf16() is None:
-            raise SystemExit("the bfloat16 kernel does not run here (it needs AVX-512 BF16 and a C compiler)")
+            raise SystemExit("the bfloat16 kernel does not run here (it needs AVX-512 BF16 or AVX2 and a C compiler)")
         many_rows([int(count) for count in args.rows.split(",")], args.repeats)
         return
     print("| weight | kernel | ms (min-max) | GB/s |")

@@ -96,7 +96,7 @@ def test_a_bfloat16_model_decodes_adapter_rows_on_its_fused_path(tmp_path: Path,
     layers, which add each row's update; each answers as the model with that adapter alone (unmerged, torch)."""
     llm = llamaforge.load()
     if llm.model.fused_decode is None:
-        pytest.skip("this CPU has no fused decode path (AVX-512 VNNI / BF16)")
+        pytest.skip("this CPU has no fused decode path (AVX-512 or AVX2)")
     path = write_adapter(tmp_path / "demo-adapter", llm.config, 5, 4, ("q_proj", "v_proj", "down_proj"))
     question = [{"role": "user", "content": "What is 12 plus 30?"}]
     prompt = llm.chat_tokens(question)
@@ -117,7 +117,7 @@ def test_a_bfloat16_model_decodes_adapter_rows_on_its_fused_path(tmp_path: Path,
         engine.stop()
 
 
-@pytest.mark.skipif(kernels.native_decode() is None, reason="the bfloat16 LoRA kernel needs AVX-512 and a C compiler")
+@pytest.mark.skipif(kernels.native_decode() is None, reason="the bfloat16 LoRA kernel needs AVX-512 or AVX2, and cc")
 def test_the_bfloat16_kernel_adds_the_updates_torch_computes() -> None:
     """kernels.bf16_lora (what bfloat16 CPU models use, fused or not) against the update in float64: within one
     bfloat16 step (float32 sums in another order), and base rows untouched."""

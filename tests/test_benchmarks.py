@@ -56,7 +56,7 @@ def test_ceilings_do_all_the_work_they_time(monkeypatch: pytest.MonkeyPatch) -> 
 
     ceilings = Ceilings.load(threads=2)
     if ceilings is None:
-        pytest.skip("benchmarks/ceilings.c needs an x86-64 CPU with AVX-512 VNNI and BF16 and a C compiler")
+        pytest.skip("benchmarks/ceilings.c needs an x86-64 CPU with AVX-512 VNNI and BF16 or AVX2, and a C compiler")
     generator = torch.Generator().manual_seed(0)
     data = torch.randint(-2**31, 2**31, (3 * 1024 * 64,), dtype=torch.int64, generator=generator).to(torch.int32)
     assert ceilings.read_words(data) == int(data.to(torch.int64).sum()) % 2**32
@@ -164,7 +164,7 @@ def test_attention_benchmark_compares_the_kernel_with_torch() -> None:
     from llamaforge.quantize import kernels
 
     if kernels.native_bf16() is None:
-        pytest.skip("the bfloat16 kernel needs x86-64 AVX-512 BF16 and a C compiler")
+        pytest.skip("the bfloat16 kernel needs x86-64 AVX-512 BF16 or AVX2 and a C compiler")
     result = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--calls", "3", "--lengths", "40,300",
                              "--chunk", "32", "--chunk-lengths", "64", "--preset", "tiny", "--rounds", "1"],
                             capture_output=True, text=True, timeout=600)
@@ -210,7 +210,7 @@ def test_hugepages_benchmark_times_the_same_model_on_both_page_sizes() -> None:
     from llamaforge.quantize import kernels
 
     if kernels.native_decode() is None:
-        pytest.skip("the fused decode layers need x86-64 AVX-512 VNNI and BF16 and a C compiler")
+        pytest.skip("the fused decode layers need x86-64 AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
     report = run_json("hugepages.py", "--preset", "tiny", "--rounds", "1", "--steps", "1")
     rows = report["results"]
     assert [row["mode"] for row in rows] == ["bf16", "int8", "int4"] and all(row["same_logits"] for row in rows)
@@ -221,7 +221,7 @@ def test_kernel_ab_benchmark_builds_each_variant_and_tells_which_keep_the_logits
     from llamaforge.quantize import kernels
 
     if kernels.native_decode() is None:
-        pytest.skip("the kernels need x86-64 AVX-512 VNNI and BF16 and a C compiler")
+        pytest.skip("the kernels need x86-64 AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
     variants = tmp_path / "variants.py"
     variants.write_text('''VARIANTS = {
     "4 rows a tile": [("qlinear.c", "#define Q_M_TILE 8 ", "#define Q_M_TILE 4 ")],

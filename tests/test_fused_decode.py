@@ -19,7 +19,7 @@ from llamaforge.quantize import QuantizedLinear, kernels, quantize_model, use_bf
 from llamaforge.quantize.fused import fits_fused_decode
 
 pytestmark = pytest.mark.skipif(kernels.native_decode() is None,
-                                reason="the fused decode layers need AVX-512 VNNI and BF16 and a C compiler")
+                                reason="the fused decode layers need AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
 
 # Grouped-query attention; an FFN width that int4's groups do not divide (down_proj stays int8 beside int4
 # layers) and that is not a multiple of 32; a vocabulary that is not a multiple of 16 rows.

@@ -75,7 +75,7 @@ def test_a_chat_gets_the_same_log_probabilities_with_and_without_the_cache(tiny_
     from llamaforge.quantize import kernels
 
     if kernels.native_decode() is None:
-        pytest.skip("the int8 / int4 and attention kernels need AVX-512 VNNI and BF16 and a C compiler")
+        pytest.skip("the int8 / int4 and attention kernels need AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
     llm = llamaforge.load(tiny_model_dir, dtype="bfloat16", quantize=quantize, batch_invariant=True)
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
     encode = llm.tokenizer.encode

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ from llamaforge.sampling import SamplingParams
 
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(kernels.native() is None,
-                                  reason="the int8/int4 kernel needs x86-64 AVX-512 VNNI and a C compiler")
+                                  reason="the int8/int4 kernel needs x86-64 AVX-512 VNNI or AVX2 and a C compiler")
 SCHEMES = [(8, None), (8, 32), (4, 32), (4, 64), (4, 128)]
 WIDTHS = [64, 172, 2048 + 32]  # a multiple of 128; stories260K's FFN width (no group divides it); a ragged tail
 
@@ -301,7 +302,7 @@ def test_cli_quantize_flags() -> None:
 
 
 needs_bf16_kernel = pytest.mark.skipif(kernels.native_bf16() is None,
-                                       reason="the bfloat16 kernel needs x86-64 AVX-512 BF16 and a C compiler")
+                                       reason="the bfloat16 kernel needs x86-64 AVX-512 BF16 or AVX2 and a C compiler")
 
 
 @needs_bf16_kernel
@@ -381,11 +382,48 @@ def test_bf16_linear_layer_paths(monkeypatch) -> None:
     assert calls == [(2, 172)]
 
 
-@pytest.mark.skipif(not kernels.emulated(), reason="only where the kernels are emulated (LLAMAFORGE_KERNELS=emulate)")
-def test_every_kernel_library_builds_emulated() -> None:
-    """`make test`'s emulated pass (a CPU without AVX-512) must run the kernels, not skip them for a failed build."""
+@pytest.mark.skipif(os.environ.get("LLAMAFORGE_KERNELS") not in ("emulate", "avx2"),
+                    reason="only in make test's second pass (LLAMAFORGE_KERNELS=emulate or avx2)")
+def test_every_kernel_library_builds_in_the_second_pass() -> None:
+    """`make test`'s second pass (the kernels' other build: AVX-512 emulated, or AVX2) must run the kernels, not skip
+    them for a failed build."""
+    assert kernels.instruction_set() == {"emulate": "emulated", "avx2": "avx2"}[os.environ["LLAMAFORGE_KERNELS"]]
     assert kernels.native() is not None and kernels.native_bf16() is not None
     assert kernels.native_decode() is not None
+
+
+@pytest.mark.parametrize(("cpu", "setting", "expected"), [
+    ("avx512", "1", "avx512"), ("avx512", "avx2", "avx2"), ("avx2", "1", "avx2"), ("sse", "1", None),
+    ("avx512", "0", None), ("avx2", "0", None), ("sse", "emulate", "emulated")])
+def test_each_cpu_gets_the_build_it_runs(cpu: str, setting: str, expected: str | None, monkeypatch) -> None:
+    """AVX-512 CPUs the AVX-512 build (AVX2 when asked), AVX2 ones the AVX2 build with its header, others none."""
+    has = {"avx512": set(kernels.DECODE_CPU_FLAGS) | set(kernels.AVX2_CPU_FLAGS), "avx2": set(kernels.AVX2_CPU_FLAGS),
+           "sse": set()}[cpu]
+    monkeypatch.setattr(kernels, "missing_cpu_flags", lambda needed: [flag for flag in needed if flag not in has])
+    monkeypatch.setenv("LLAMAFORGE_KERNELS", setting)
+    assert kernels.instruction_set() == expected
+    flags = kernels.build_flags(kernels.DECODE_CPU_FLAGS, kernels.DECODE_COMPILE_FLAGS)
+    if expected is None:
+        assert flags is None
+    elif expected == "avx2":
+        assert "-mavx2" in flags[0] and "-mavx512f" not in flags[0] and flags[1] == (kernels.AVX2_HEADER,)
+    elif expected == "avx512":
+        assert flags == (kernels.DECODE_COMPILE_FLAGS, ())
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_sums_the_extreme_codes_exactly(bits: int) -> None:
+    """The largest products the formats hold (codes at both ends, activations at +-127) sum exactly: none of the
+    AVX2 build's 16-bit partial sums saturates (int4 adds a block's 16 products of up to 15 x 127 in 16 bits)."""
+    low, high = (-128, 127) if bits == 8 else (-8, 7)
+    signs = torch.randint(0, 2, (2, 256), generator=torch.Generator().manual_seed(0)).bool()
+    values = torch.stack([torch.full((256,), high), torch.full((256,), low), torch.where(signs[0], high, low),
+                          torch.where(signs[1], high, low)]).to(torch.int16)
+    q = pack(values, torch.ones(4, 8, dtype=torch.float16), bits, 32)
+    x = torch.stack([torch.full((256,), 127.0), torch.full((256,), -127.0), torch.where(signs[0], 127.0, -127.0),
+                     torch.where(signs[1], -127.0, 127.0)])  # scales of exactly 1: the codes are x itself
+    assert torch.equal(kernels.qlinear(x, q).double(), x.double() @ values.double().T)
 
 
 @needs_bf16_kernel

@@ -203,6 +203,22 @@ static inline __m256i to_bf16_bits(__m512 values) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round16_to_bf16(values)), 16));
 }
 
+#ifdef LLAMAFORGE_AVX2
+// The lane sums of 16 vectors, lane j holding v[j]'s, by AVX2's horizontal adds (it has no two-source permute):
+// each vector's halves added, then eight at a time transposed by pairwise sums.
+static inline __m512 sum16(__m512 v[16]) {
+    __m256 halves[16];
+    for (int j = 0; j < 16; j++) halves[j] = _mm256_add_ps(v[j].h[0], v[j].h[1]);
+    __m512 sums;
+    for (int i = 0; i < 2; i++) {
+        const __m256 *s = halves + 8 * i;  // low 128 bits: sums of lanes 0-3 of s[0..3]; high: lanes 4-7
+        const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+        const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+        sums.h[i] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+    return sums;
+}
+#else
 // The lane sums of 16 vectors, lane j holding v[j]'s: each round adds the halves of pairs of vectors, so 16
 // horizontal sums cost 45 instructions instead of 16 reductions.
 static inline __m512 sum16(__m512 v[16]) {
@@ -227,6 +243,7 @@ static inline __m512 sum16(__m512 v[16]) {
     }
     return v[0];
 }
+#endif
 
 // The attention weights of one query (item = (b * H + h) * T + t) of bf16_decode_attention, over the keys of its
 // key-value head, into `weights` (room for L rounded up to 16 floats), each rounded to bfloat16; `visible` is its
@@ -282,11 +299,16 @@ static inline int64_t attention_weights(const uint16_t *query, const uint16_t *k
 }
 
 // Queries that read one key-value head share each loaded pair of its values, as long as their accumulators fit 16
-// registers: 4 of head size 64, 2 of 128, 1 of 256.
+// registers: 4 of head size 64, 2 of 128, 1 of 256 (AVX2, whose 16 registers hold half as much: 2 of 64, 1 of 128).
 #define GROUP_QUERIES 4
+#ifdef LLAMAFORGE_AVX2
+#define ACCUMULATORS 8
+#else
+#define ACCUMULATORS 16
+#endif
 
 static inline int64_t group_queries(int64_t D) {
-    const int64_t fit = 16 / (D / 16);
+    const int64_t fit = D > 16 * ACCUMULATORS ? 1 : ACCUMULATORS / (D / 16);
     return fit < GROUP_QUERIES ? fit : GROUP_QUERIES;
 }
 
@@ -370,8 +392,12 @@ static inline void attend_group(int64_t group, const uint16_t *q, const uint16_t
     // Constant sizes for Llama's head sizes, so the accumulators live in registers.
     if (D == 64 && per_group == 4)
         weighted_values(4, 4, count, weights, Lp, lengths, values, row_offsets, outs);
+    else if (D == 64 && per_group == 2)
+        weighted_values(4, 2, count, weights, Lp, lengths, values, row_offsets, outs);
     else if (D == 128 && per_group == 2)
         weighted_values(8, 2, count, weights, Lp, lengths, values, row_offsets, outs);
+    else if (D == 128 && per_group == 1)
+        weighted_values(8, 1, count, weights, Lp, lengths, values, row_offsets, outs);
     else
         for (int i = 0; i < count; i++)
             weighted_values((int)(D / 16), 1, 1, weights + i * Lp, Lp, lengths + i, values, row_offsets, outs + i);

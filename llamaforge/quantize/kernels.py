@@ -1,9 +1,12 @@
-"""The int8 / int4 linear kernels: `qlinear.c` built for this CPU on first use, or plain torch where it cannot be.
+"""The C kernels (int8 / int4 and bfloat16 linears, attention over the KV cache, fused decode layers), built for this
+CPU on first use, or plain torch where they cannot be.
 
-The C kernel needs x86-64 with AVX-512 (F, BW, VL, VNNI) and a C compiler; it is compiled once per source
-and compiler into llamaforge's cache folder (`$XDG_CACHE_HOME/llamaforge/kernels`, else `~/.cache/...`) and
-loaded with ctypes, which releases the GIL while it runs. Anywhere else, and with LLAMAFORGE_KERNELS=0, the
-weight is dequantized and multiplied in torch: the same weights, slower, with unquantized activations.
+They need x86-64 with AVX-512 (F, BW, VL, with VNNI for int8 / int4 and BF16 for bfloat16) or, built from the same
+sources with `avx2_vectors.h`, AVX2 with FMA and F16C; and a C compiler. Each library is compiled once per source,
+flags and compiler into llamaforge's cache folder (`$XDG_CACHE_HOME/llamaforge/kernels`, else `~/.cache/...`) and
+loaded with ctypes, which releases the GIL while it runs. Anywhere else, and with LLAMAFORGE_KERNELS=0, torch runs
+the layers: an int8 / int4 weight is dequantized and multiplied, the same weights, slower, with unquantized
+activations. LLAMAFORGE_KERNELS=avx2 builds the AVX2 libraries on a CPU with AVX-512 too (to test them there).
 
 `qlinear_reference` is the kernel's arithmetic written in torch (activations quantized to int8 in blocks
 of 32, integer dot products, then the scales), which the tests hold the compiled kernel to.
@@ -43,6 +46,12 @@ BF16_COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx
 DECODE_SOURCE = Path(__file__).with_name("decode_layers.c")
 DECODE_CPU_FLAGS = tuple(dict.fromkeys(CPU_FLAGS + BF16_CPU_FLAGS))
 DECODE_COMPILE_FLAGS = tuple(dict.fromkeys(COMPILE_FLAGS + BF16_COMPILE_FLAGS))
+# CPUs with AVX2 but no AVX-512 (AMD Zen 2 and 3, most Intel desktop parts) build the same sources with this header
+# forced in: each 512-bit operation as two 256-bit ones, and the byte dot products as AVX2 can do them.
+AVX2_HEADER = Path(__file__).with_name("avx2_vectors.h")
+AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
+AVX2_COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-Wno-psabi",
+                      "-DLLAMAFORGE_AVX2", "-include", str(AVX2_HEADER))
 # LLAMAFORGE_KERNELS=emulate (tests only): build every kernel with its AVX-512 instructions emulated by SIMDe, so a
 # CPU without AVX-512 runs the kernels' code under the tests. Slow: never for measurement. (=0: no kernels at all.)
 EMULATION_HEADER = Path(__file__).with_name("avx512_emulation.h")
@@ -62,11 +71,51 @@ def emulated() -> bool:
     return os.environ.get("LLAMAFORGE_KERNELS") == "emulate"
 
 
-def load(source: Path, flags: tuple[str, ...], includes: tuple[Path, ...] = ()) -> ctypes.CDLL:
-    """Build (once) and load a kernel library, emulated where `emulated()` says; RuntimeError or OSError if not."""
+def instruction_set(cpu_flags: tuple[str, ...] = DECODE_CPU_FLAGS) -> str | None:
+    """Which build of a library needing `cpu_flags` (its AVX-512 sets) runs here: "avx512", "avx2", "emulated" (tests
+    only), or None (no kernels: LLAMAFORGE_KERNELS=0, or a CPU with neither)."""
+    choice = os.environ.get("LLAMAFORGE_KERNELS", "1")
+    if choice == "0":
+        return None
     if emulated():
-        flags, includes = EMULATION_FLAGS, (*includes, EMULATION_HEADER)
-    return ctypes.CDLL(str(build(source, flags=flags, includes=includes)))
+        return "emulated"
+    if choice != "avx2" and not missing_cpu_flags(cpu_flags):
+        return "avx512"
+    return None if missing_cpu_flags(AVX2_CPU_FLAGS) else "avx2"
+
+
+def build_flags(cpu_flags: tuple[str, ...],
+                flags: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[Path, ...]] | None:
+    """The compiler flags of the build of a library that runs here (`instruction_set(cpu_flags)`), `flags` being its
+    AVX-512 build's, and the headers they force in; None where none runs."""
+    isa = instruction_set(cpu_flags)
+    if isa == "emulated":
+        return EMULATION_FLAGS, (EMULATION_HEADER,)
+    if isa == "avx2":
+        return AVX2_COMPILE_FLAGS, (AVX2_HEADER,)
+    return None if isa is None else (flags, ())
+
+
+def load(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...],
+         includes: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
+    """Build (once) and load the build of a kernel library that runs here (see `build_flags`), `includes` being the
+    sources it includes; None where none runs. RuntimeError or OSError when it cannot be built or loaded."""
+    chosen = build_flags(cpu_flags, flags)
+    if chosen is None:
+        return None
+    return ctypes.CDLL(str(build(source, flags=chosen[0], includes=(*includes, *chosen[1]))))
+
+
+def _load_or_log(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...], includes: tuple[Path, ...],
+                 without: str) -> ctypes.CDLL | None:
+    """`load`, or None with the reason logged once: `without` says what runs instead."""
+    if instruction_set(cpu_flags) is None and os.environ.get("LLAMAFORGE_KERNELS", "1") != "0":
+        log.info("%s: this CPU has neither AVX-512 (%s) nor AVX2 with FMA and F16C", without, ", ".join(cpu_flags))
+    try:
+        return load(source, cpu_flags, flags, includes)
+    except (RuntimeError, OSError) as exc:
+        log.warning("%s: %s", without, exc)
+        return None
 
 
 def missing_cpu_flags(needed: tuple[str, ...] = CPU_FLAGS) -> list[str]:
@@ -94,8 +143,11 @@ def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    # -march=native compiles for this CPU, so its library is this CPU's (a cache folder shared between machines).
+    cpu = Path("/proc/cpuinfo").read_text() if "-march=native" in flags and Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in (source, *includes)) + " ".join(flags).encode()
-                            + version.encode()).hexdigest()
+                            + version.encode() + cpu.encode()).hexdigest()
     directory = directory or cache_dir()
     library = directory / f"{source.stem}-{digest[:16]}.so"
     if library.exists():
@@ -114,16 +166,8 @@ def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str
 @cache
 def native() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (the reason logged once) where it cannot run."""
-    if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0":
-        return None
-    missing = missing_cpu_flags()
-    if missing:
-        log.info("int8/int4 layers use the torch fallback: this CPU lacks %s", ", ".join(missing))
-        return None
-    try:
-        library = load(SOURCE, COMPILE_FLAGS)
-    except (RuntimeError, OSError) as exc:
-        log.warning("int8/int4 layers use the slower torch fallback: %s", exc)
+    library = _load_or_log(SOURCE, CPU_FLAGS, COMPILE_FLAGS, (), "int8/int4 layers use the slower torch fallback")
+    if library is None:
         return None
     library.qlinear_many.argtypes = [_PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64,
                                      ctypes.c_int, ctypes.c_int]
@@ -136,12 +180,8 @@ def native() -> ctypes.CDLL | None:
 @cache
 def native_bf16() -> ctypes.CDLL | None:
     """The compiled bfloat16 kernel library, or None (the reason logged once) where it cannot run."""
-    if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0" or missing_cpu_flags(BF16_CPU_FLAGS):
-        return None
-    try:
-        library = load(BF16_SOURCE, BF16_COMPILE_FLAGS)
-    except (RuntimeError, OSError) as exc:
-        log.warning("bfloat16 layers use torch's GEMM: %s", exc)
+    library = _load_or_log(BF16_SOURCE, BF16_CPU_FLAGS, BF16_COMPILE_FLAGS, (), "bfloat16 layers use torch's GEMM")
+    if library is None:
         return None
     library.bf16_linear.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int]
     library.bf16_linear.restype = ctypes.c_int
@@ -177,12 +217,9 @@ class Dims(ctypes.Structure):
 @cache
 def native_decode() -> ctypes.CDLL | None:
     """The compiled fused decode layers (decode_layers.c), or None (the reason logged once) where they cannot run."""
-    if os.environ.get("LLAMAFORGE_KERNELS", "1") == "0" or missing_cpu_flags(DECODE_CPU_FLAGS):
-        return None
-    try:
-        library = load(DECODE_SOURCE, DECODE_COMPILE_FLAGS, includes=(SOURCE, BF16_SOURCE))
-    except (RuntimeError, OSError) as exc:
-        log.warning("decode steps run layer by layer through torch: %s", exc)
+    library = _load_or_log(DECODE_SOURCE, DECODE_CPU_FLAGS, DECODE_COMPILE_FLAGS, (SOURCE, BF16_SOURCE),
+                           "decode steps run layer by layer through torch")
+    if library is None:
         return None
     library.decode_layers.argtypes = [_PTR, _INT64, ctypes.POINTER(Layer), _INT64, ctypes.POINTER(Dims), _PTR, _PTR,
                                       _PTR, _PTR, _INT64, _PTR, ctypes.c_int]

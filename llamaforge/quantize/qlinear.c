@@ -99,6 +99,67 @@ static void quantize_activations(const void *x, int is_bf16, int64_t M, const Sh
     }
 }
 
+#ifdef LLAMAFORGE_AVX2
+// AVX2 has no VPDPBUSD. A tile's 16 rows are two halves of 8 (the low and high 32 bytes of each 64-byte vector), and
+// the byte products come from VPMADDUBSW (unsigned times signed bytes, pairs summed into 16 bits, saturating) and
+// VPMADDWD (16-bit pairs summed into 32 bits), exact for both widths:
+//  - 4 bits: codes 0 .. 15 times activations -127 .. 127 make pairs of at most 3,810, so a block's 8 vectors add up
+//    in 16 bits (at most 30,480) before one VPMADDWD; the codes' offset goes as on AVX-512 (negbias).
+//  - 8 bits: a code minus 128 is the signed value, and VPSIGNB moves each value's sign onto its activation so that
+//    the unsigned side is |value| <= 128 (llama.cpp's Q8_0 route): pairs of at most 32,512, each vector its own
+//    VPMADDWD, and no offset to remove.
+static inline __attribute__((always_inline)) void tile_dot(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int count, const int bits, const Shape *s, __m512 out[Q_M_TILE]) {
+    __m256 acc[Q_M_TILE][2];
+    for (int t = 0; t < count; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    const int64_t block_bytes = s->tile_bytes / s->blocks;
+    const __m256i ones = _mm256_set1_epi16(1), low_nibbles = _mm256_set1_epi8(0x0F);
+    const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < s->blocks; b++) {
+        const uint8_t *block = tile_codes + b * block_bytes;
+        const int64_t group = s->group >= s->K ? 0 : b * BLOCK / s->group;
+        const __m512 w_scales = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + group * TILE)));
+        for (int half = 0; half < 2; half++) {
+            __m256i w[8];  // vector v pairs with activation bytes 4v .. 4v + 3
+            if (bits == 8) {
+                for (int v = 0; v < 8; v++)
+                    w[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half)),
+                                            sign_bit);
+            } else {
+                for (int v = 0; v < 4; v++) {
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
+                    w[v] = _mm256_and_si256(packed, low_nibbles);
+                    w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+                }
+            }
+            for (int t = 0; t < count; t++) {
+                const int64_t m = m0 + t;
+                const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
+                __m256i sums;
+                if (bits == 8) {
+                    sums = _mm256_setzero_si256();
+                    for (int v = 0; v < 8; v++)
+                        sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                            _mm256_abs_epi8(w[v]), _mm256_sign_epi8(_mm256_set1_epi32(x4[v]), w[v])), ones));
+                } else {
+                    __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x4[0]));
+                    for (int v = 1; v < 8; v++)
+                        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[v], _mm256_set1_epi32(x4[v])));
+                    sums = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones),
+                                            _mm256_set1_epi32(act->negbias[m * s->blocks + b]));
+                }
+                const __m256 scales = _mm256_mul_ps(w_scales.h[half], _mm256_set1_ps(act->scales[m * s->blocks + b]));
+                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[t][half]);
+            }
+        }
+    }
+    for (int t = 0; t < count; t++) {
+        out[t].h[0] = acc[t][0];
+        out[t].h[1] = acc[t][1];
+    }
+}
+#else
 // The 8 vectors of a block's weight codes, unsigned: vector v pairs with activation bytes 4v .. 4v + 3.
 static inline __attribute__((always_inline)) void load_block(const uint8_t *block, const int bits, __m512i w[8]) {
     if (bits == 8) {
@@ -140,6 +201,8 @@ static inline __attribute__((always_inline)) void tile_dot(
     }
     for (int t = 0; t < count; t++) out[t] = acc[t];
 }
+
+#endif
 
 static Shape shape_of(int64_t K, int bits, int64_t group) {
     Shape s;
