@@ -43,9 +43,10 @@ int64_t int8_dots(int64_t rounds, int n_threads) {
         for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_setzero_si256();
         for (int64_t r = 0; r < rounds; r++) {
             for (int half = 0; half < 2; half++)
-                for (int i = 0; i < CHAINS; i++)
+                for (int i = 0; i < CHAINS; i++) {
                     acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, ones), pairs));
-            __asm__ volatile("" : "+x"(ones));  // not a loop invariant: the products are made every round
+                    __asm__ volatile("" : "+x"(ones));  // no common subexpression: each product is made
+                }
         }
         for (int i = 0; i < CHAINS; i++) total += (int64_t)(uint32_t)llf_reduce_add_epi32((__m512i){{acc[i],
                                                                                _mm256_setzero_si256()}});

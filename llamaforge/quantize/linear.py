@@ -1,6 +1,6 @@
 """`QuantizedLinear`, an int8 / int4 linear layer, and `quantize_model`, which puts them into a Llama in place.
 
-On CPUs with AVX-512 VNNI every input goes through the compiled kernel: decoding reads each weight byte once at
+On CPUs with AVX-512 VNNI or AVX2 every input goes through the compiled kernel: decoding reads each weight byte once at
 memory speed, and a prompt's many rows run at integer dot-product speed, faster here than dequantizing the weight
 for torch's bfloat16 GEMM at every row count measured (docs/benchmarks.md). Elsewhere the weight is dequantized
 to the activations' dtype, one layer at a time, and multiplied by torch.
@@ -19,8 +19,10 @@ from llamaforge.quantize.formats import QuantizedWeight, check_scheme, from_stor
 from llamaforge.quantize.nf4 import NF4Linear
 
 # Up to this many tokens per sequence the bfloat16 kernel runs (decoding, short prompts); above, torch's GEMM is
-# faster (docs/benchmarks.md). The choice looks at each sequence's own token count, not at the batch, so a
-# sequence's numbers never depend on what it is batched with.
+# faster on CPUs with AVX-512 BF16 (docs/benchmarks.md). The choice looks at each sequence's own token count, not at
+# the batch, so a sequence's numbers never depend on what it is batched with. On AVX2 CPUs the kernel's AVX2 build
+# takes every call: torch's bfloat16 GEMM there widens each value in a slow loop (the kernel is 3-4x faster at 17-512
+# rows).
 KERNEL_MAX_TOKENS = 16
 MODES = {"int8": 8, "int4": 4}
 
@@ -108,7 +110,7 @@ class QuantizedLinear(nn.Module):
 
 
 class Bf16Linear(nn.Linear):
-    """nn.Linear whose bfloat16 CPU decode steps run the AVX-512 BF16 kernel (same weight, same state dict)."""
+    """nn.Linear whose bfloat16 CPU decode steps run the bfloat16 kernel (same weight, same state dict)."""
 
     # Sequences of more tokens a call take torch's GEMM; None: every call takes the kernel (batch-invariant models).
     kernel_max_tokens: int | None = KERNEL_MAX_TOKENS
@@ -129,16 +131,18 @@ def use_bf16_kernel(model: nn.Module, batch_invariant: bool = False) -> int:
     bfloat16 CPU model, its attention over the KV cache, its norms and its SwiGLU the compiled kernels (per module:
     any module with one of KERNEL_HOOKS); how many linears changed (none in a float32 or GPU model).
 
-    `batch_invariant`: the linears take the kernel for prompts too (torch's GEMM is 1.5-1.8x faster there, but may
-    round a row differently with the rows beside it), so a sequence's numbers do not depend on how its prompt is
-    chunked, cached or batched; `check_batch_invariant` says whether the whole model then is."""
+    `batch_invariant`: the linears take the kernel for prompts too (torch's GEMM is 1.5-1.8x faster there with AVX-512
+    BF16, but may round a row differently with the rows beside it), so a sequence's numbers do not depend on how its
+    prompt is chunked, cached or batched; `check_batch_invariant` says whether the whole model then is. (On AVX2
+    CPUs the linears take the kernel for prompts anyway: it is the faster there.)"""
     changed = 0
     for module in model.modules():
         if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
                 and module.weight.device.type == "cpu"):
             module.__class__ = Bf16Linear  # a subclass adding only forward: no state to move or copy
             changed += 1
-        if batch_invariant and isinstance(module, Bf16Linear):
+        if isinstance(module, Bf16Linear) and (batch_invariant or kernels.instruction_set(kernels.BF16_CPU_FLAGS)
+                                               == "avx2"):
             module.kernel_max_tokens = None
     dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
     if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
@@ -155,7 +159,8 @@ def check_batch_invariant(model: nn.Module) -> None:
     row count (Bf16Linear made batch-invariant by `use_bf16_kernel`, or int8 / int4 QuantizedLinear)."""
     dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
     if dtype != torch.bfloat16 or device is None or device.type != "cpu" or not kernels.bf16_available():
-        raise ValueError(f"batch-invariant inference runs the bfloat16 CPU kernels (AVX-512 BF16); this model is "
+        raise ValueError("batch-invariant inference runs the bfloat16 CPU kernels (AVX-512 BF16 or AVX2); this model "
+                         f"is "
                          f"{dtype} on {device}{'' if kernels.bf16_available() else ' and this CPU lacks them'}: "
                          "load it with dtype bfloat16 on the CPU, or drop batch_invariant")
     for name, module in model.named_modules():
