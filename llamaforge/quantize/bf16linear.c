@@ -20,7 +20,11 @@
 
 #define LANES 32   // bfloat16 values per 64-byte register
 #define M_TILE 4   // activation rows that share each loaded weight chunk
+#ifdef LLAMAFORGE_AVX2
+#define QUAD 2     // weight rows of quad_dot: AVX2's registers hold half as many sums (4 was 1.23x slower)
+#else
 #define QUAD 4     // weight rows of the many-row path (quad_dot)
+#endif
 #define QUAD_MIN_ROWS 4  // more activation rows than this take quad_dot
 #define ROW_BLOCK_BYTES (384 * 1024)  // activation rows a block: their bytes stay in a core's L2 (1 MB on Zen 4)
 
@@ -78,10 +82,10 @@ static inline __attribute__((always_inline)) void weight_row(const uint16_t *row
     }
 }
 
-// Weight rows n0 .. n0 + 3 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in row_dot's order
+// Weight rows n0 .. n0 + QUAD - 1 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in row_dot's order
 // but with one register per sum: row_dot's two accumulators take the even and the odd 32-value chunks, and they
 // are independent until the end, so the even chunks (and the tail) go first, the odd ones second, then the same add
-// and reduction. Sixteen sums in registers share each load of 4 weight and 4 activation chunks.
+// and reduction. QUAD x M_TILE sums in registers share each load of QUAD weight and M_TILE activation chunks.
 static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, int64_t n0, const uint16_t *x,
                                                            int64_t K, int64_t Kp, int64_t m0, const int tile,
                                                            float out[QUAD][M_TILE]) {
