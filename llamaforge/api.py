@@ -196,7 +196,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
 
     `batch_invariant=True` (bfloat16 or int8 / int4 CPU models) makes every row's numbers independent of how its
     prompt is chunked, cached or batched, to the last bit (int8 / int4 models are so already): bfloat16 linears
-    then run the AVX-512 BF16 kernel for prompts too: prefill 1.4-1.7x slower (docs/benchmarks.md).
+    then run the bfloat16 kernel for prompts too: prefill 1.4-1.7x slower on AVX-512 CPUs (docs/benchmarks.md;
+    on AVX2 ones they take it anyway).
     """
     if draft_model is not None and not speculate:
         speculate = 4
@@ -236,7 +237,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         checkpoint.model.eval()
     if quantize in MODES:
         quantize_model(checkpoint.model, quantize, group_size)
-    use_bf16_kernel(checkpoint.model, batch_invariant)  # dense bfloat16 CPU linears: the AVX-512 BF16 kernel
+    use_bf16_kernel(checkpoint.model, batch_invariant)  # dense bfloat16 CPU linears: the bfloat16 kernel
     if batch_invariant:
         try:
             check_batch_invariant(checkpoint.model)

@@ -1,7 +1,7 @@
 """`QuantizedLinear`, an int8 / int4 linear layer, and `quantize_model`, which puts them into a Llama in place.
 
-On CPUs with AVX-512 VNNI or AVX2 every input goes through the compiled kernel: decoding reads each weight byte once at
-memory speed, and a prompt's many rows run at integer dot-product speed, faster here than dequantizing the weight
+On CPUs with AVX-512 VNNI or AVX2 every input goes through the compiled kernel: decoding reads each weight byte once
+at memory speed, and a prompt's many rows run at integer dot-product speed, faster here than dequantizing the weight
 for torch's bfloat16 GEMM at every row count measured (docs/benchmarks.md). Elsewhere the weight is dequantized
 to the activations' dtype, one layer at a time, and multiplied by torch.
 """
