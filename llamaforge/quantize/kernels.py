@@ -109,26 +109,30 @@ def load(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...],
 def _load_or_log(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...], includes: tuple[Path, ...],
                  without: str) -> ctypes.CDLL | None:
     """`load`, or None with the reason logged once: `without` says what runs instead."""
-    if instruction_set(cpu_flags) is None and os.environ.get("LLAMAFORGE_KERNELS", "1") != "0":
-        log.info("%s: this CPU has neither AVX-512 (%s) nor AVX2 with FMA and F16C", without, ", ".join(cpu_flags))
     try:
-        return load(source, cpu_flags, flags, includes)
+        library = load(source, cpu_flags, flags, includes)
     except (RuntimeError, OSError) as exc:
         log.warning("%s: %s", without, exc)
         return None
+    if library is None and os.environ.get("LLAMAFORGE_KERNELS", "1") != "0":
+        log.info("%s: this CPU has neither AVX-512 (%s) nor AVX2 with FMA and F16C", without, ", ".join(cpu_flags))
+    return library
+
+
+def cpu_flags() -> set[str]:
+    """The instruction sets /proc/cpuinfo lists for this CPU (none where it cannot be read)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
 
 
 def missing_cpu_flags(needed: tuple[str, ...] = CPU_FLAGS) -> list[str]:
     """The instruction sets of `needed` that this CPU lacks (all of them off x86-64 Linux; none when emulated)."""
     if emulated():
         return []
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return list(needed)
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return list(needed)
-    present = set(flags.split(":", 1)[1].split())
+    present = cpu_flags() if platform.machine() in ("x86_64", "AMD64") else set()
     return [flag for flag in needed if flag not in present]
 
 
@@ -144,8 +148,7 @@ def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     # -march=native compiles for this CPU, so its library is this CPU's (a cache folder shared between machines).
-    cpu = Path("/proc/cpuinfo").read_text() if "-march=native" in flags and Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
+    cpu = " ".join(sorted(cpu_flags())) if "-march=native" in flags else ""
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in (source, *includes)) + " ".join(flags).encode()
                             + version.encode() + cpu.encode()).hexdigest()
     directory = directory or cache_dir()
@@ -245,6 +248,15 @@ def decode_available() -> bool:
     return native_decode() is not None
 
 
+def compiled_op(kernel: Callable[..., torch.Tensor], like: int) -> Callable[..., torch.Tensor]:
+    """`kernel` as the torch operator `llamaforge::<its name>` (the schema from its annotations), so that a
+    torch.compile'd graph calls it as one opaque node; tracing takes its output to be a contiguous tensor shaped like
+    its argument number `like`."""
+    op = torch.library.custom_op(f"llamaforge::{kernel.__name__}", mutates_args=())(kernel)
+    op.register_fake(lambda *args: torch.empty_like(args[like], memory_format=torch.contiguous_format))
+    return op
+
+
 def bf16_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model.rms_norm of bfloat16 CPU tensors by decode_layers.c, which the fused decode layers round alike."""
     x = x.contiguous()
@@ -254,15 +266,7 @@ def bf16_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return out
 
 
-@torch.library.custom_op("llamaforge::bf16_rms_norm", mutates_args=())
-def bf16_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`bf16_rms_norm` as a torch operator, for torch.compile'd graphs."""
-    return bf16_rms_norm(x, weight, eps)
-
-
-@bf16_rms_norm_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+bf16_rms_norm_op = compiled_op(bf16_rms_norm, like=0)
 
 
 def bf16_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -273,15 +277,7 @@ def bf16_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("llamaforge::bf16_swiglu", mutates_args=())
-def bf16_swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`bf16_swiglu` as a torch operator, for torch.compile'd graphs."""
-    return bf16_swiglu(gate, up)
-
-
-@bf16_swiglu_op.register_fake
-def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+bf16_swiglu_op = compiled_op(bf16_swiglu, like=0)
 
 
 def bf16_lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -296,16 +292,7 @@ def bf16_lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return out
 
 
-@torch.library.custom_op("llamaforge::bf16_lora", mutates_args=())
-def bf16_lora_op(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 slots: torch.Tensor) -> torch.Tensor:
-    """`bf16_lora` as a torch operator, for torch.compile'd graphs."""
-    return bf16_lora(x, y, a, b, slots)
-
-
-@bf16_lora_op.register_fake
-def _(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
+bf16_lora_op = compiled_op(bf16_lora, like=1)
 
 
 def bf16_inference(*tensors: torch.Tensor) -> bool:
@@ -384,16 +371,7 @@ def bf16_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offs
     return out
 
 
-@torch.library.custom_op("llamaforge::bf16_cache_attention", mutates_args=())
-def bf16_cache_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                            mask: torch.Tensor) -> torch.Tensor:
-    """`bf16_cache_attention` as a torch operator, for torch.compile'd graphs."""
-    return bf16_cache_attention(q, k, v, offsets, mask)
-
-
-@bf16_cache_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+bf16_cache_attention_op = compiled_op(bf16_cache_attention, like=0)
 
 
 def attend_cache(q: torch.Tensor, cache: KVCache, mask: torch.Tensor, kv_len: int,

@@ -136,13 +136,13 @@ def use_bf16_kernel(model: nn.Module, batch_invariant: bool = False) -> int:
     prompt is chunked, cached or batched; `check_batch_invariant` says whether the whole model then is. (On AVX2
     CPUs the linears take the kernel for prompts anyway: it is the faster there.)"""
     changed = 0
+    prompts_too = batch_invariant or kernels.instruction_set(kernels.BF16_CPU_FLAGS) == "avx2"
     for module in model.modules():
         if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
                 and module.weight.device.type == "cpu"):
             module.__class__ = Bf16Linear  # a subclass adding only forward: no state to move or copy
             changed += 1
-        if isinstance(module, Bf16Linear) and (batch_invariant or kernels.instruction_set(kernels.BF16_CPU_FLAGS)
-                                               == "avx2"):
+        if prompts_too and isinstance(module, Bf16Linear):
             module.kernel_max_tokens = None
     dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
     if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
