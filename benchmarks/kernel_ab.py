@@ -50,6 +50,9 @@ LOADERS = {"native": (kernels.SOURCE, kernels.CPU_FLAGS, kernels.COMPILE_FLAGS, 
 def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[str, ctypes.CDLL]:
     """The three kernel libraries built from the sources with `edits` applied, typed as llamaforge's are."""
     directory.mkdir(parents=True)
+    unknown = {name for name, _, _ in edits} - {path.name for path in SOURCES.glob("*.c")}
+    if unknown:  # the headers are forced in from the package (kernels.build_flags), never from a copy
+        raise SystemExit(f"edits can name only the kernels' .c sources, not {', '.join(sorted(unknown))}")
     for path in SOURCES.glob("*.c"):
         text = path.read_text()
         for name, old, new in edits:
