@@ -22,8 +22,10 @@
 #define M_TILE 4   // activation rows that share each loaded weight chunk
 #ifdef LLAMAFORGE_AVX2
 #define QUAD 2     // weight rows of quad_dot: AVX2's registers hold half as many sums (4 was 1.23x slower)
+#define PANEL 8    // quads a task (weight_quads): 1.1-1.3x faster than 1 on Zen 3, whose L1 cannot keep a quad's rows
 #else
 #define QUAD 4     // weight rows of the many-row path (quad_dot)
+#define PANEL 1    // quads a task (weight_quads); more is unmeasured on AVX-512
 #endif
 #define QUAD_MIN_ROWS 4  // more activation rows than this take quad_dot
 #define ROW_BLOCK_BYTES (384 * 1024)  // activation rows a block: their bytes stay in a core's L2 (1 MB on Zen 4)
@@ -82,6 +84,73 @@ static inline __attribute__((always_inline)) void weight_row(const uint16_t *row
     }
 }
 
+#ifdef LLAMAFORGE_AVX2
+// Sixteen bfloat16s (one 16-value half of a 32-value chunk) as float32: the odd ones (the high halves of their
+// 32-bit pairs) and the even ones, the operands of VDPBF16PS's two FMAs.
+static inline __attribute__((always_inline)) void unpack_bf16(__m256i values, __m256 *odd, __m256 *even) {
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(values, _mm256_set1_epi32((int)0xFFFF0000)));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(values, 16));
+}
+
+// One step of one chain: sums[j][t] += weight half-chunk wv[j] . activation half-chunk of row t (at xk, rows Kp
+// apart), the odd pair first, as avx2_vectors.h's VDPBF16PS.
+static inline __attribute__((always_inline)) void chain_step(const __m256i wv[QUAD], const uint16_t *xk, int64_t Kp,
+                                                             const int tile, __m256 sums[QUAD][M_TILE]) {
+    __m256 odd_w[QUAD], even_w[QUAD];
+    for (int j = 0; j < QUAD; j++) unpack_bf16(wv[j], &odd_w[j], &even_w[j]);
+    for (int t = 0; t < tile; t++) {
+        __m256 odd_x, even_x;
+        unpack_bf16(_mm256_loadu_si256((const __m256i *)(xk + t * Kp)), &odd_x, &even_x);
+        for (int j = 0; j < QUAD; j++)
+            sums[j][t] = _mm256_fmadd_ps(even_x, even_w[j], _mm256_fmadd_ps(odd_x, odd_w[j], sums[j][t]));
+    }
+}
+
+// quad_dot on AVX2, where row_dot's __m512 accumulators are pairs of 8-lane halves: each of its two accumulators is
+// two chains (the low and the high 16 values of each chunk) that never meet until the reduction. One chain runs at
+// a time, so its QUAD x M_TILE sums, the unpacked weights and one unpacked activation half fit AVX2's 16
+// registers (both halves at once, as the AVX-512 code below, spill: 1.24x slower on one 96x2048 by 256x2048
+// product); then row_dot's add and reduction, so every sum has row_dot's bits.
+static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, int64_t n0, const uint16_t *x,
+                                                           int64_t K, int64_t Kp, int64_t m0, const int tile,
+                                                           float out[QUAD][M_TILE]) {
+    const int64_t K2 = K / (2 * LANES) * (2 * LANES);  // where row_dot's two-chunk steps end
+    const uint16_t *rows = w + n0 * K, *xs = x + m0 * Kp;
+    __m256 chains[2][2][QUAD][M_TILE];  // [odd chunks][high half]
+    for (int parity = 0; parity < 2; parity++) {
+        for (int half = 0; half < 2; half++) {
+            __m256 sums[QUAD][M_TILE];
+            for (int j = 0; j < QUAD; j++)
+                for (int t = 0; t < tile; t++) sums[j][t] = _mm256_setzero_ps();
+            const int64_t offset = half * (LANES / 2);
+            for (int64_t k = parity * LANES + offset; k < K2; k += 2 * LANES) {
+                __m256i wv[QUAD];
+                for (int j = 0; j < QUAD; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(rows + j * K + k));
+                chain_step(wv, xs + k, Kp, tile, sums);
+            }
+            for (int64_t chunk = K2; parity == 0 && chunk < K; chunk += LANES) {  // the tail, as row_dot's
+                const int64_t k = chunk + offset, valid = K - k < LANES / 2 ? K - k : LANES / 2;
+                __m256i wv[QUAD];
+                for (int j = 0; j < QUAD; j++) {  // zeros past the row's end (never the next row's values)
+                    uint16_t buffer[LANES / 2] = {0};
+                    if (valid > 0) memcpy(buffer, rows + j * K + k, sizeof(uint16_t) * (size_t)valid);
+                    wv[j] = _mm256_loadu_si256((const __m256i *)buffer);
+                }
+                chain_step(wv, xs + k, Kp, tile, sums);
+            }
+            for (int j = 0; j < QUAD; j++)
+                for (int t = 0; t < tile; t++) chains[parity][half][j][t] = sums[j][t];
+        }
+    }
+    for (int j = 0; j < QUAD; j++)
+        for (int t = 0; t < tile; t++) {
+            __m512 sum;  // row_dot's _mm512_add_ps(acc, acc2), half by half
+            sum.h[0] = _mm256_add_ps(chains[0][0][j][t], chains[1][0][j][t]);
+            sum.h[1] = _mm256_add_ps(chains[0][1][j][t], chains[1][1][j][t]);
+            out[j][t] = _mm512_reduce_add_ps(sum);
+        }
+}
+#else
 // Weight rows n0 .. n0 + QUAD - 1 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in row_dot's order
 // but with one register per sum: row_dot's two accumulators take the even and the odd 32-value chunks, and they
 // are independent until the end, so the even chunks (and the tail) go first, the odd ones second, then the same add
@@ -120,21 +189,25 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
     for (int j = 0; j < QUAD; j++)
         for (int t = 0; t < tile; t++) out[j][t] = _mm512_reduce_add_ps(_mm512_add_ps(even[j][t], acc[j][t]));
 }
+#endif
 
-// Columns n0 .. n0 + 3 of y (M, N), as weight_row computes them.
-static void weight_quad(const uint16_t *w, int64_t n0, const uint16_t *padded, int64_t K, int64_t Kp, int64_t M,
-                        int64_t N, uint16_t *y) {
+// Columns n0 .. n0 + quads * QUAD - 1 of y (M, N), as weight_row computes them: every quad's product with one tile of
+// activation rows before the next tile, so the tile stays in L1 while the panel's weight rows pass over it.
+static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uint16_t *padded, int64_t K, int64_t Kp,
+                         int64_t M, int64_t N, uint16_t *y) {
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-        float out[QUAD][M_TILE];
         const int tile = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
-        switch (tile) {
-            case 1: quad_dot(w, n0, padded, K, Kp, m0, 1, out); break;
-            case 2: quad_dot(w, n0, padded, K, Kp, m0, 2, out); break;
-            case 3: quad_dot(w, n0, padded, K, Kp, m0, 3, out); break;
-            default: quad_dot(w, n0, padded, K, Kp, m0, 4, out); break;
+        for (int64_t n = n0; n < n0 + quads * QUAD; n += QUAD) {
+            float out[QUAD][M_TILE];
+            switch (tile) {
+                case 1: quad_dot(w, n, padded, K, Kp, m0, 1, out); break;
+                case 2: quad_dot(w, n, padded, K, Kp, m0, 2, out); break;
+                case 3: quad_dot(w, n, padded, K, Kp, m0, 3, out); break;
+                default: quad_dot(w, n, padded, K, Kp, m0, 4, out); break;
+            }
+            for (int j = 0; j < QUAD; j++)
+                for (int t = 0; t < tile; t++) y[(m0 + t) * N + n + j] = float_to_bf16(out[j][t]);
         }
-        for (int j = 0; j < QUAD; j++)
-            for (int t = 0; t < tile; t++) y[(m0 + t) * N + n0 + j] = float_to_bf16(out[j][t]);
     }
 }
 
@@ -157,9 +230,11 @@ int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
         const uint16_t *xb = padded + b0 * Kp;
         uint16_t *yb = y + b0 * N;
         if (rows > QUAD_MIN_ROWS) {
-            const int64_t quads = N / QUAD;
+            const int64_t quads = N / QUAD, panels = (quads + PANEL - 1) / PANEL;
             #pragma omp parallel for num_threads(n_threads) schedule(static)
-            for (int64_t q = 0; q < quads; q++) weight_quad(w, q * QUAD, xb, K, Kp, rows, N, yb);
+            for (int64_t p = 0; p < panels; p++)
+                weight_quads(w, p * PANEL * QUAD, quads - p * PANEL < PANEL ? quads - p * PANEL : PANEL, xb, K, Kp,
+                             rows, N, yb);
             for (int64_t n = quads * QUAD; n < N; n++) weight_row(w + n * K, xb, K, Kp, rows, N, n, yb);
             continue;
         }

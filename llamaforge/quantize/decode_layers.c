@@ -133,7 +133,7 @@ static void project_dense(const Projections *p, const uint16_t *x, int64_t M, in
         const int i = joint_owner(joint, (int)p->count, first_quad);
         const int64_t n0 = (joint - first_quad[i]) * QUAD;
         if (M > QUAD_MIN_ROWS && n0 + QUAD <= p->N[i]) {
-            weight_quad(p->dense[i], n0, padded, K, Kp, M, p->N[i], ys[i]);
+            weight_quads(p->dense[i], n0, 1, padded, K, Kp, M, p->N[i], ys[i]);
             continue;
         }
         for (int64_t n = n0; n < n0 + QUAD && n < p->N[i]; n++)
