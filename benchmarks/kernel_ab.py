@@ -48,7 +48,8 @@ LOADERS = {"native": (kernels.SOURCE, kernels.CPU_FLAGS, kernels.COMPILE_FLAGS, 
 
 
 def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[str, ctypes.CDLL]:
-    """The three kernel libraries built from the sources with `edits` applied, typed as llamaforge's are."""
+    """The three kernel libraries built from the sources with `edits` applied, typed as llamaforge's are (those whose
+    sources no edit names are llamaforge's own, built once in its cache)."""
     directory.mkdir(parents=True)
     unknown = {name for name, _, _ in edits} - {path.name for path in SOURCES.glob("*.c")}
     if unknown:  # the headers are forced in from the package (kernels.build_flags), never from a copy
@@ -61,8 +62,11 @@ def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[st
                     raise SystemExit(f"{name}: the text to replace is not there: {old[:80]!r}")
                 text = text.replace(old, new)
         (directory / path.name).write_text(text)
-    libraries = {}
+    libraries, edited = {}, {name for name, _, _ in edits}
     for loader, (source, cpu_flags, flags, includes) in LOADERS.items():
+        if not edited & {source.name, *(path.name for path in includes)}:
+            libraries[loader] = getattr(kernels, loader)()  # the sources as they are: llamaforge's own build
+            continue
         flags, headers = kernels.build_flags(cpu_flags, flags)  # this CPU's build, as llamaforge makes it
         library = ctypes.CDLL(str(kernels.build(directory / source.name, directory, flags,
                                                 (*(directory / path.name for path in includes), *headers))))
