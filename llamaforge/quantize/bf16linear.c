@@ -23,6 +23,7 @@
 #ifdef LLAMAFORGE_AVX2
 #define QUAD 2     // weight rows of quad_dot: AVX2's registers hold half as many sums (4 was 1.23x slower)
 #define PANEL 8    // quads a task (weight_quads): 1.1-1.3x faster than 1 on Zen 3, whose L1 cannot keep a quad's rows
+#define K_BLOCK 2048  // values of each activation row a pass of weight_quads over its panel
 #else
 #define QUAD 4     // weight rows of the many-row path (quad_dot)
 #define PANEL 1    // quads a task (weight_quads); more is unmeasured on AVX-512
@@ -106,29 +107,30 @@ static inline __attribute__((always_inline)) void chain_step(const __m256i wv[QU
     }
 }
 
-// quad_dot on AVX2, where row_dot's __m512 accumulators are pairs of 8-lane halves: each of its two accumulators is
-// two chains (the low and the high 16 values of each chunk) that never meet until the reduction. One chain runs at
-// a time, so its QUAD x M_TILE sums, the unpacked weights and one unpacked activation half fit AVX2's 16
-// registers (both halves at once, as the AVX-512 code below, spill: 1.24x slower on one 96x2048 by 256x2048
-// product); then row_dot's add and reduction, so every sum has row_dot's bits.
-static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, int64_t n0, const uint16_t *x,
-                                                           int64_t K, int64_t Kp, int64_t m0, const int tile,
-                                                           float out[QUAD][M_TILE]) {
+// The many-row path on AVX2, where row_dot's __m512 accumulators are pairs of 8-lane halves: each of its two
+// accumulators is two chains (the low and the high 16 values of each chunk) that never meet until the reduction.
+// One chain runs at a time, so its QUAD x M_TILE sums, the unpacked weights and one unpacked activation half fit
+// AVX2's 16 registers (both halves at once, as the AVX-512 code below, spill: 1.24x slower on one 96x2048 by
+// 256x2048 product). quad_chains continues the four chains of weight rows n0 .. n0 + QUAD - 1 with activation rows
+// m0 .. m0 + tile - 1 over the chunk pairs in [begin, end) (end <= K2), and over the tail when end is K2.
+static inline __attribute__((always_inline)) void quad_chains(const uint16_t *w, int64_t n0, const uint16_t *x,
+                                                              int64_t K, int64_t Kp, int64_t m0, const int tile,
+                                                              int64_t begin, int64_t end,
+                                                              __m256 chains[2][2][QUAD][M_TILE]) {
     const int64_t K2 = K / (2 * LANES) * (2 * LANES);  // where row_dot's two-chunk steps end
     const uint16_t *rows = w + n0 * K, *xs = x + m0 * Kp;
-    __m256 chains[2][2][QUAD][M_TILE];  // [odd chunks][high half]
-    for (int parity = 0; parity < 2; parity++) {
+    for (int parity = 0; parity < 2; parity++) {  // [odd chunks][high half]
         for (int half = 0; half < 2; half++) {
             __m256 sums[QUAD][M_TILE];
             for (int j = 0; j < QUAD; j++)
-                for (int t = 0; t < tile; t++) sums[j][t] = _mm256_setzero_ps();
+                for (int t = 0; t < tile; t++) sums[j][t] = chains[parity][half][j][t];
             const int64_t offset = half * (LANES / 2);
-            for (int64_t k = parity * LANES + offset; k < K2; k += 2 * LANES) {
+            for (int64_t k = begin + parity * LANES + offset; k < end; k += 2 * LANES) {
                 __m256i wv[QUAD];
                 for (int j = 0; j < QUAD; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(rows + j * K + k));
                 chain_step(wv, xs + k, Kp, tile, sums);
             }
-            for (int64_t chunk = K2; parity == 0 && chunk < K; chunk += LANES) {  // the tail, as row_dot's
+            for (int64_t chunk = K2; end == K2 && parity == 0 && chunk < K; chunk += LANES) {  // row_dot's tail
                 const int64_t k = chunk + offset, valid = K - k < LANES / 2 ? K - k : LANES / 2;
                 __m256i wv[QUAD];
                 for (int j = 0; j < QUAD; j++) {  // zeros past the row's end (never the next row's values)
@@ -142,13 +144,47 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
                 for (int t = 0; t < tile; t++) chains[parity][half][j][t] = sums[j][t];
         }
     }
+}
+
+// The chains' sums as row_dot ends its own: _mm512_add_ps(acc, acc2), half by half, then the reduction.
+static inline void reduce_chains(__m256 chains[2][2][QUAD][M_TILE], const int tile, float out[QUAD][M_TILE]) {
     for (int j = 0; j < QUAD; j++)
         for (int t = 0; t < tile; t++) {
-            __m512 sum;  // row_dot's _mm512_add_ps(acc, acc2), half by half
+            __m512 sum;
             sum.h[0] = _mm256_add_ps(chains[0][0][j][t], chains[1][0][j][t]);
             sum.h[1] = _mm256_add_ps(chains[0][1][j][t], chains[1][1][j][t]);
             out[j][t] = _mm512_reduce_add_ps(sum);
         }
+}
+
+// Columns n0 .. n0 + quads * QUAD - 1 of y (M, N), as weight_row computes them: for each tile of activation rows,
+// every quad's chains over K_BLOCK values of the rows before the next K_BLOCK, so the tile's slice stays in L1 while
+// the panel's weight rows pass over it.
+static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uint16_t *padded, int64_t K, int64_t Kp,
+                         int64_t M, int64_t N, uint16_t *y) {
+    const int64_t K2 = K / (2 * LANES) * (2 * LANES);
+    __m256 chains[PANEL][2][2][QUAD][M_TILE];
+    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+        const int tile = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
+        memset(chains, 0, sizeof(chains[0]) * (size_t)quads);
+        for (int64_t begin = 0; begin == 0 || begin < K2; begin += K_BLOCK) {
+            const int64_t end = K2 - begin < K_BLOCK ? K2 : begin + K_BLOCK;
+            for (int64_t q = 0; q < quads; q++) {
+                switch (tile) {  // constant tile sizes, so the sums live in registers
+                    case 1: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 1, begin, end, chains[q]); break;
+                    case 2: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 2, begin, end, chains[q]); break;
+                    case 3: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 3, begin, end, chains[q]); break;
+                    default: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 4, begin, end, chains[q]); break;
+                }
+            }
+        }
+        for (int64_t q = 0; q < quads; q++) {
+            float out[QUAD][M_TILE];
+            reduce_chains(chains[q], tile, out);
+            for (int j = 0; j < QUAD; j++)
+                for (int t = 0; t < tile; t++) y[(m0 + t) * N + n0 + q * QUAD + j] = float_to_bf16(out[j][t]);
+        }
+    }
 }
 #else
 // Weight rows n0 .. n0 + QUAD - 1 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in row_dot's order
@@ -189,7 +225,6 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
     for (int j = 0; j < QUAD; j++)
         for (int t = 0; t < tile; t++) out[j][t] = _mm512_reduce_add_ps(_mm512_add_ps(even[j][t], acc[j][t]));
 }
-#endif
 
 // Columns n0 .. n0 + quads * QUAD - 1 of y (M, N), as weight_row computes them: every quad's product with one tile of
 // activation rows before the next tile, so the tile stays in L1 while the panel's weight rows pass over it.
@@ -210,6 +245,7 @@ static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uin
         }
     }
 }
+#endif
 
 // y (M, N) = x (M, K) @ W.T, all bfloat16 (raw uint16 bits). Returns 0, or -1 when out of memory. Rows of x go in
 // blocks of about ROW_BLOCK_BYTES, so that a block stays in each core's L2 while every weight row passes over it (a
