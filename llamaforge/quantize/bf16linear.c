@@ -159,7 +159,7 @@ static inline void reduce_chains(__m256 chains[2][2][QUAD][M_TILE], const int ti
 
 // Columns n0 .. n0 + quads * QUAD - 1 of y (M, N), as weight_row computes them: for each tile of activation rows,
 // every quad's chains over K_BLOCK values of the rows before the next K_BLOCK, so the tile's slice stays in L1 while
-// the panel's weight rows pass over it.
+// the panel's weight rows pass over it. quads <= PANEL.
 static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uint16_t *padded, int64_t K, int64_t Kp,
                          int64_t M, int64_t N, uint16_t *y) {
     const int64_t K2 = K / (2 * LANES) * (2 * LANES);
@@ -249,8 +249,8 @@ static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uin
 
 // y (M, N) = x (M, K) @ W.T, all bfloat16 (raw uint16 bits). Returns 0, or -1 when out of memory. Rows of x go in
 // blocks of about ROW_BLOCK_BYTES, so that a block stays in each core's L2 while every weight row passes over it (a
-// prompt's 2,048 rows would not); weight rows go in fours (quad_dot) for more than QUAD_MIN_ROWS rows, else one at
-// a time (row_dot).
+// prompt's 2,048 rows would not); weight rows go in panels of PANEL x QUAD (weight_quads) for more than QUAD_MIN_ROWS
+// rows, else one at a time (row_dot).
 // The many-row paths are 1.4-2x the one-row-at-a-time loop they replaced (8-512 rows) and within 0.8-1.0x of
 // torch's GEMM up to 16 rows (docs/benchmarks.md); every output is the same bits either way.
 int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int n_threads) {
