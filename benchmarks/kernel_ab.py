@@ -51,7 +51,8 @@ def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[st
     """The three kernel libraries built from the sources with `edits` applied, typed as llamaforge's are (those whose
     sources no edit names are llamaforge's own, built once in its cache)."""
     directory.mkdir(parents=True)
-    unknown = {name for name, _, _ in edits} - {path.name for path in SOURCES.glob("*.c")}
+    edited = {name for name, _, _ in edits}
+    unknown = edited - {path.name for path in SOURCES.glob("*.c")}
     if unknown:  # the headers are forced in from the package (kernels.build_flags), never from a copy
         raise SystemExit(f"edits can name only the kernels' .c sources, not {', '.join(sorted(unknown))}")
     for path in SOURCES.glob("*.c"):
@@ -62,7 +63,7 @@ def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[st
                     raise SystemExit(f"{name}: the text to replace is not there: {old[:80]!r}")
                 text = text.replace(old, new)
         (directory / path.name).write_text(text)
-    libraries, edited = {}, {name for name, _, _ in edits}
+    libraries = {}
     for loader, (source, cpu_flags, flags, includes) in LOADERS.items():
         if not edited & {source.name, *(path.name for path in includes)}:
             libraries[loader] = getattr(kernels, loader)()  # the sources as they are: llamaforge's own build
