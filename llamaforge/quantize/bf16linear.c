@@ -19,17 +19,6 @@
 #include <string.h>
 
 #define LANES 32   // bfloat16 values per 64-byte register
-#define M_TILE 4   // activation rows that share each loaded weight chunk
-#ifdef LLAMAFORGE_AVX2
-#define QUAD 2     // weight rows of quad_dot: AVX2's registers hold half as many sums (4 was 1.23x slower)
-#define PANEL 8    // quads a task (weight_quads): an activation tile stays in L1 while they pass; 1.1-1.2x on Zen 3
-#define K_BLOCK 2048  // values of each activation row a pass of weight_quads over its panel
-#else
-#define QUAD 4     // weight rows of the many-row path (quad_dot)
-#define PANEL 1    // quads a task (weight_quads); more is unmeasured on AVX-512
-#endif
-#define QUAD_MIN_ROWS 4  // more activation rows than this take quad_dot
-#define ROW_BLOCK_BYTES (384 * 1024)  // activation rows a block: their bytes stay in a core's L2 (1 MB on Zen 4)
 
 static inline uint16_t float_to_bf16(float value) {
     uint32_t bits;
@@ -38,11 +27,147 @@ static inline uint16_t float_to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
+// Each build below defines how a dot product of a weight row and an activation row sums (one order, whatever rows
+// are computed together, so a prompt's numbers do not depend on its chunking or batching) and these:
+//   prepared_t, prepare_rows(x, M, K, Kp, prepared): the M activation rows as the dot products read them, Kp
+//     values a row (K padded to whole registers with zeros);
+//   weight_rows(w, n0, n1, prepared, K, Kp, M, N, y): columns n0 .. n1 - 1 of y (M, N), rounded to bfloat16;
+//   ROW_UNIT: weight rows a task takes (the last one of a weight may have fewer);
+//   M_TILE: activation rows that share each loaded weight value, so blocks of rows are multiples of it;
+//   ROW_BLOCK_BYTES: the prepared activation rows bf16_linear gives a pass over the weights.
+#ifdef LLAMAFORGE_AVX2
+// AVX2 (16 registers of 8 floats): each dot product is one 8-lane float32 chain. A step takes 16 bfloat16 values
+// of the weight row (one 32-byte load): their odd-position products first, then the even ones (a bfloat16 is the
+// high half of a float32, so odd values need only a mask and even ones a shift), each product exact in float32;
+// a fixed reduction of the 8 lanes ends it. Since a sum has one register, any number of weight and activation rows
+// can share a step (a tile) without changing any sum, and tiles are shaped for the registers: 3 x 3 for prompts
+// (9 sums, 3 weights, 1 activation), 8 x 1 for one token (eight weight rows stream at once). Activations are widened
+// to float32 once per call, each step's odd values then its even ones, so they need no unpacking in the loop.
+// Against AVX-512's order (four chains a sum, two 8-lane halves of two 16-lane ones, which left AVX2 room for only
+// 2 x 4 tiles), 1.3-1.5x on Zen 3's prompt products and 1.2x on one row's (docs/benchmarks.md).
+typedef float prepared_t;
+#define STEP 16        // bfloat16 values a step
+#define M_TILE 3       // activation rows a tile of the many-row loop
+#define ROW_UNIT 24    // weight rows a task: 8 tiles of 3 weight rows, or 6 of 4, or 3 of 8
+#define K_BLOCK 1024   // values of a tile's activation rows a pass over the task's weight rows (they stay in L1)
+#define ROW_BLOCK_BYTES (4 << 20)  // a task's weight rows stay in L2 while a prompt's rows pass (384 KB: 0.85x)
+
+static void prepare_rows(const uint16_t *x, int64_t M, int64_t K, int64_t Kp, prepared_t *wide) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < Kp; k += STEP) {
+            uint16_t buffer[STEP] = {0};  // zeros past the row's end
+            if (k < K) memcpy(buffer, x + m * K + k, sizeof(uint16_t) * (size_t)(K - k < STEP ? K - k : STEP));
+            const __m256i values = _mm256_loadu_si256((const __m256i *)buffer);
+            _mm256_storeu_ps(wide + m * Kp + k, _mm256_castsi256_ps(_mm256_and_si256(values, high)));
+            _mm256_storeu_ps(wide + m * Kp + k + 8, _mm256_castsi256_ps(_mm256_slli_epi32(values, 16)));
+        }
+}
+
+// sums[r][a] += the steps in [begin, end) of weight row r (at w, rows `stride` apart, w + k being step k's values)
+// dotted with activation row a (at wide, rows Kp apart). Both halves load the weights again: kept, they would not
+// leave room for the sums.
+static inline __attribute__((always_inline)) void dense_steps(const uint16_t *w, int64_t stride, const float *wide,
+                                                              int64_t Kp, int64_t begin, int64_t end, const int rows,
+                                                              const int acts, __m256 sums[8][M_TILE]) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+    for (int64_t k = begin; k < end; k += STEP) {
+        __m256 values[8];
+        for (int r = 0; r < rows; r++)
+            values[r] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(w + r * stride + k)),
+                                                             high));
+        for (int a = 0; a < acts; a++) {
+            const __m256 odd = _mm256_loadu_ps(wide + a * Kp + k);
+            for (int r = 0; r < rows; r++) sums[r][a] = _mm256_fmadd_ps(odd, values[r], sums[r][a]);
+        }
+        for (int r = 0; r < rows; r++)
+            values[r] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(w + r * stride + k)),
+                                                              16));
+        for (int a = 0; a < acts; a++) {
+            const __m256 even = _mm256_loadu_ps(wide + a * Kp + k + 8);
+            for (int r = 0; r < rows; r++) sums[r][a] = _mm256_fmadd_ps(even, values[r], sums[r][a]);
+        }
+    }
+}
+
+// dense_steps over [begin, end) for weight rows n .. n + rows - 1 into sums[0 .. rows - 1], the step holding a row's
+// last values (K not a multiple of STEP) from a copy padded with zeros, so nothing past a row is read.
+static inline __attribute__((always_inline)) void dense_tile(const uint16_t *w, int64_t n, int64_t K,
+                                                             const float *wide, int64_t Kp, int64_t begin, int64_t end,
+                                                             const int rows, const int acts,
+                                                             __m256 sums[ROW_UNIT][M_TILE]) {
+    __m256 tile[8][M_TILE];
+    for (int r = 0; r < rows; r++)
+        for (int a = 0; a < acts; a++) tile[r][a] = sums[r][a];
+    const int64_t whole = K / STEP * STEP;
+    dense_steps(w + n * K, K, wide, Kp, begin, end < whole ? end : whole, rows, acts, tile);
+    if (end > whole) {
+        uint16_t last[8][STEP] = {{0}};
+        for (int r = 0; r < rows; r++) memcpy(last[r], w + (n + r) * K + whole, sizeof(uint16_t) * (size_t)(K - whole));
+        dense_steps(&last[0][0], STEP, wide + whole, Kp, 0, STEP, rows, acts, tile);
+    }
+    for (int r = 0; r < rows; r++)
+        for (int a = 0; a < acts; a++) sums[r][a] = tile[r][a];
+}
+
+// The 8 lanes' sum, in one order: halves, then quarters, then the last pair.
+static inline float lane_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static void weight_rows(const uint16_t *w, int64_t n0, int64_t n1, const prepared_t *wide, int64_t K, int64_t Kp,
+                        int64_t M, int64_t N, uint16_t *y) {
+    const int64_t steps_end = (K + STEP - 1) / STEP * STEP;
+    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+        const int acts = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
+        const int64_t tile_rows = acts == 1 ? 8 : acts == 2 ? 4 : 3;  // sums, weights and an activation fit
+        const float *x = wide + m0 * Kp;
+        __m256 sums[ROW_UNIT][M_TILE];
+        for (int64_t n = n0; n < n1; n++)
+            for (int a = 0; a < acts; a++) sums[n - n0][a] = _mm256_setzero_ps();
+        const int64_t k_block = M > M_TILE ? K_BLOCK : steps_end;  // one tile's rows stay in L1 anyway
+        for (int64_t begin = 0; begin < steps_end; begin += k_block) {
+            const int64_t end = steps_end - begin < k_block ? steps_end : begin + k_block;
+            for (int64_t n = n0; n < n1;) {
+                // Constant tile shapes, so the sums live in registers; a task's last rows go one at a time.
+                const int whole = n + tile_rows <= n1;
+                switch (whole ? acts : acts + M_TILE) {
+                    case 1: dense_tile(w, n, K, x, Kp, begin, end, 8, 1, sums + (n - n0)); break;
+                    case 2: dense_tile(w, n, K, x, Kp, begin, end, 4, 2, sums + (n - n0)); break;
+                    case 3: dense_tile(w, n, K, x, Kp, begin, end, 3, 3, sums + (n - n0)); break;
+                    case 1 + M_TILE: dense_tile(w, n, K, x, Kp, begin, end, 1, 1, sums + (n - n0)); break;
+                    case 2 + M_TILE: dense_tile(w, n, K, x, Kp, begin, end, 1, 2, sums + (n - n0)); break;
+                    default: dense_tile(w, n, K, x, Kp, begin, end, 1, 3, sums + (n - n0)); break;
+                }
+                n += whole ? tile_rows : 1;
+            }
+        }
+        for (int64_t n = n0; n < n1; n++)
+            for (int a = 0; a < acts; a++) y[(m0 + a) * N + n] = float_to_bf16(lane_sum(sums[n - n0][a]));
+    }
+}
+#else
+// AVX-512 BF16: VDPBF16PS multiplies 32 bfloat16 pairs and adds them into 16 lanes; each sum runs in two
+// accumulators over alternate 32-value chunks, a masked tail into the first, then one reduction.
+typedef uint16_t prepared_t;
+#define M_TILE 4          // activation rows that share each loaded weight chunk
+#define QUAD 4            // weight rows of the many-row path (quad_dot)
+#define ROW_UNIT QUAD
+#define QUAD_MIN_ROWS 4   // more activation rows than this take quad_dot
+#define ROW_BLOCK_BYTES (384 * 1024)  // a block's activation rows stay in a core's L2 (1 MB on Zen 4)
+
+static void prepare_rows(const uint16_t *x, int64_t M, int64_t K, int64_t Kp, prepared_t *padded) {
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
+        memset(padded + m * Kp + K, 0, sizeof(uint16_t) * (size_t)(Kp - K));
+    }
+}
+
 // Dot products of one weight row (K values) with activation rows m0 .. m0 + tile - 1 (x padded to Kp with zeros)
-// into out[t]. Every sum runs in one order whatever tile, M or the blocking: two accumulators over alternate
-// 32-value chunks, a masked tail into the first, then one reduction. So a row's outputs do not depend on the other
-// rows computed with it (a prompt's numbers do not depend on its chunking or batching). One weight row at a time
-// streams fastest: two or four rows read side by side made a batch-1 product 1.4-2x slower (docs/benchmarks.md).
+// into out[t]. One weight row at a time streams fastest: two or four rows read side by side made a batch-1 product
+// 1.4-2x slower (docs/benchmarks.md).
 static inline __attribute__((always_inline)) void row_dot(const uint16_t *row, const uint16_t *x, int64_t K,
                                                           int64_t Kp, int64_t m0, const int tile, float out[M_TILE]) {
     __m512 acc[M_TILE], acc2[M_TILE];
@@ -85,108 +210,6 @@ static inline __attribute__((always_inline)) void weight_row(const uint16_t *row
     }
 }
 
-#ifdef LLAMAFORGE_AVX2
-// Sixteen bfloat16s (one 16-value half of a 32-value chunk) as float32: the odd ones (the high halves of their
-// 32-bit pairs) and the even ones, the operands of VDPBF16PS's two FMAs.
-static inline __attribute__((always_inline)) void unpack_bf16(__m256i values, __m256 *odd, __m256 *even) {
-    *odd = _mm256_castsi256_ps(_mm256_and_si256(values, _mm256_set1_epi32((int)0xFFFF0000)));
-    *even = _mm256_castsi256_ps(_mm256_slli_epi32(values, 16));
-}
-
-// One step of one chain: sums[j][t] += weight half-chunk wv[j] . activation half-chunk of row t (at xk, rows Kp
-// apart), the odd pair first, as avx2_vectors.h's VDPBF16PS.
-static inline __attribute__((always_inline)) void chain_step(const __m256i wv[QUAD], const uint16_t *xk, int64_t Kp,
-                                                             const int tile, __m256 sums[QUAD][M_TILE]) {
-    __m256 odd_w[QUAD], even_w[QUAD];
-    for (int j = 0; j < QUAD; j++) unpack_bf16(wv[j], &odd_w[j], &even_w[j]);
-    for (int t = 0; t < tile; t++) {
-        __m256 odd_x, even_x;
-        unpack_bf16(_mm256_loadu_si256((const __m256i *)(xk + t * Kp)), &odd_x, &even_x);
-        for (int j = 0; j < QUAD; j++)
-            sums[j][t] = _mm256_fmadd_ps(even_x, even_w[j], _mm256_fmadd_ps(odd_x, odd_w[j], sums[j][t]));
-    }
-}
-
-// The many-row path on AVX2, where row_dot's __m512 accumulators are pairs of 8-lane halves: each of its two
-// accumulators is two chains (the low and the high 16 values of each chunk) that never meet until the reduction.
-// One chain runs at a time, so its QUAD x M_TILE sums, the unpacked weights and one unpacked activation half fit
-// AVX2's 16 registers (both halves at once, as the AVX-512 code below, spill: 1.24x slower on one 96x2048 by
-// 256x2048 product). quad_chains continues the four chains of weight rows n0 .. n0 + QUAD - 1 with activation rows
-// m0 .. m0 + tile - 1 over the chunk pairs in [begin, end) (end <= K2), and over the tail when end is K2.
-static inline __attribute__((always_inline)) void quad_chains(const uint16_t *w, int64_t n0, const uint16_t *x,
-                                                              int64_t K, int64_t Kp, int64_t m0, const int tile,
-                                                              int64_t begin, int64_t end,
-                                                              __m256 chains[2][2][QUAD][M_TILE]) {
-    const int64_t K2 = K / (2 * LANES) * (2 * LANES);  // where row_dot's two-chunk steps end
-    const uint16_t *rows = w + n0 * K, *xs = x + m0 * Kp;
-    for (int parity = 0; parity < 2; parity++) {  // [odd chunks][high half]
-        for (int half = 0; half < 2; half++) {
-            __m256 sums[QUAD][M_TILE];
-            for (int j = 0; j < QUAD; j++)
-                for (int t = 0; t < tile; t++) sums[j][t] = chains[parity][half][j][t];
-            const int64_t offset = half * (LANES / 2);
-            for (int64_t k = begin + parity * LANES + offset; k < end; k += 2 * LANES) {
-                __m256i wv[QUAD];
-                for (int j = 0; j < QUAD; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(rows + j * K + k));
-                chain_step(wv, xs + k, Kp, tile, sums);
-            }
-            for (int64_t chunk = K2; end == K2 && parity == 0 && chunk < K; chunk += LANES) {  // row_dot's tail
-                const int64_t k = chunk + offset, valid = K - k < LANES / 2 ? K - k : LANES / 2;
-                __m256i wv[QUAD];
-                for (int j = 0; j < QUAD; j++) {  // zeros past the row's end (never the next row's values)
-                    uint16_t buffer[LANES / 2] = {0};
-                    if (valid > 0) memcpy(buffer, rows + j * K + k, sizeof(uint16_t) * (size_t)valid);
-                    wv[j] = _mm256_loadu_si256((const __m256i *)buffer);
-                }
-                chain_step(wv, xs + k, Kp, tile, sums);
-            }
-            for (int j = 0; j < QUAD; j++)
-                for (int t = 0; t < tile; t++) chains[parity][half][j][t] = sums[j][t];
-        }
-    }
-}
-
-// The chains' sums as row_dot ends its own: _mm512_add_ps(acc, acc2), half by half, then the reduction.
-static inline void reduce_chains(__m256 chains[2][2][QUAD][M_TILE], const int tile, float out[QUAD][M_TILE]) {
-    for (int j = 0; j < QUAD; j++)
-        for (int t = 0; t < tile; t++) {
-            __m512 sum;
-            sum.h[0] = _mm256_add_ps(chains[0][0][j][t], chains[1][0][j][t]);
-            sum.h[1] = _mm256_add_ps(chains[0][1][j][t], chains[1][1][j][t]);
-            out[j][t] = _mm512_reduce_add_ps(sum);
-        }
-}
-
-// Columns n0 .. n0 + quads * QUAD - 1 of y (M, N), as weight_row computes them: for each tile of activation rows,
-// every quad's chains over K_BLOCK values of the rows before the next K_BLOCK, so the tile's slice stays in L1 while
-// the panel's weight rows pass over it. quads <= PANEL.
-static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uint16_t *padded, int64_t K, int64_t Kp,
-                         int64_t M, int64_t N, uint16_t *y) {
-    const int64_t K2 = K / (2 * LANES) * (2 * LANES);
-    __m256 chains[PANEL][2][2][QUAD][M_TILE];
-    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-        const int tile = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
-        memset(chains, 0, sizeof(chains[0]) * (size_t)quads);
-        for (int64_t begin = 0; begin == 0 || begin < K2; begin += K_BLOCK) {
-            const int64_t end = K2 - begin < K_BLOCK ? K2 : begin + K_BLOCK;
-            for (int64_t q = 0; q < quads; q++) {
-                switch (tile) {  // constant tile sizes, so the sums live in registers
-                    case 1: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 1, begin, end, chains[q]); break;
-                    case 2: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 2, begin, end, chains[q]); break;
-                    case 3: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 3, begin, end, chains[q]); break;
-                    default: quad_chains(w, n0 + q * QUAD, padded, K, Kp, m0, 4, begin, end, chains[q]); break;
-                }
-            }
-        }
-        for (int64_t q = 0; q < quads; q++) {
-            float out[QUAD][M_TILE];
-            reduce_chains(chains[q], tile, out);
-            for (int j = 0; j < QUAD; j++)
-                for (int t = 0; t < tile; t++) y[(m0 + t) * N + n0 + q * QUAD + j] = float_to_bf16(out[j][t]);
-        }
-    }
-}
-#else
 // Weight rows n0 .. n0 + QUAD - 1 with activation rows m0 .. m0 + tile - 1 into out[j][t], each sum in row_dot's order
 // but with one register per sum: row_dot's two accumulators take the even and the odd 32-value chunks, and they
 // are independent until the end, so the even chunks (and the tail) go first, the odd ones second, then the same add
@@ -226,14 +249,15 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
         for (int t = 0; t < tile; t++) out[j][t] = _mm512_reduce_add_ps(_mm512_add_ps(even[j][t], acc[j][t]));
 }
 
-// Columns n0 .. n0 + quads * QUAD - 1 of y (M, N), as weight_row computes them: every quad's product with one tile of
-// activation rows before the next tile, so the tile stays in L1 while the panel's weight rows pass over it.
-static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uint16_t *padded, int64_t K, int64_t Kp,
-                         int64_t M, int64_t N, uint16_t *y) {
-    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-        const int tile = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
-        for (int64_t n = n0; n < n0 + quads * QUAD; n += QUAD) {
+// Columns n0 .. n1 - 1 of y (M, N): fours of weight rows with every tile of activation rows (quad_dot) where there
+// are more than QUAD_MIN_ROWS of them, else one weight row at a time (row_dot); every output the same bits either way.
+static void weight_rows(const uint16_t *w, int64_t n0, int64_t n1, const prepared_t *padded, int64_t K, int64_t Kp,
+                        int64_t M, int64_t N, uint16_t *y) {
+    int64_t n = n0;
+    for (; M > QUAD_MIN_ROWS && n + QUAD <= n1; n += QUAD)
+        for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
             float out[QUAD][M_TILE];
+            const int tile = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
             switch (tile) {
                 case 1: quad_dot(w, n, padded, K, Kp, m0, 1, out); break;
                 case 2: quad_dot(w, n, padded, K, Kp, m0, 2, out); break;
@@ -243,41 +267,29 @@ static void weight_quads(const uint16_t *w, int64_t n0, int64_t quads, const uin
             for (int j = 0; j < QUAD; j++)
                 for (int t = 0; t < tile; t++) y[(m0 + t) * N + n + j] = float_to_bf16(out[j][t]);
         }
-    }
+    for (; n < n1; n++) weight_row(w + n * K, padded, K, Kp, M, N, n, y);
 }
 #endif
 
 // y (M, N) = x (M, K) @ W.T, all bfloat16 (raw uint16 bits). Returns 0, or -1 when out of memory. Rows of x go in
-// blocks of about ROW_BLOCK_BYTES, so that a block stays in each core's L2 while every weight row passes over it (a
-// prompt's 2,048 rows would not); weight rows go in panels of PANEL x QUAD (weight_quads) for more than QUAD_MIN_ROWS
-// rows, else one at a time (row_dot).
-// The many-row paths are 1.4-2x the one-row-at-a-time loop they replaced (8-512 rows) and within 0.8-1.0x of
-// torch's GEMM up to 16 rows (docs/benchmarks.md); every output is the same bits either way.
+// blocks of about ROW_BLOCK_BYTES prepared, each a pass over the weights; the threads share the weight rows,
+// ROW_UNIT at a time.
 int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int n_threads) {
     const int64_t Kp = (K + LANES - 1) / LANES * LANES;
-    // The activations padded with zeros to whole registers, so the tail reads no garbage from x.
-    uint16_t *padded = (uint16_t *)calloc((size_t)(M * Kp), sizeof(uint16_t));
-    if (!padded) return -1;
-    for (int64_t m = 0; m < M; m++) memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
-    int64_t block = ROW_BLOCK_BYTES / (2 * Kp) / M_TILE * M_TILE;
+    prepared_t *prepared = (prepared_t *)malloc(sizeof(prepared_t) * (size_t)(M * Kp));
+    if (!prepared) return -1;
+    prepare_rows(x, M, K, Kp, prepared);
+    int64_t block = ROW_BLOCK_BYTES / ((int64_t)sizeof(prepared_t) * Kp) / M_TILE * M_TILE;
     if (block < M_TILE) block = M_TILE;
+    const int64_t units = (N + ROW_UNIT - 1) / ROW_UNIT;
     for (int64_t b0 = 0; b0 < M; b0 += block) {
         const int64_t rows = M - b0 < block ? M - b0 : block;
-        const uint16_t *xb = padded + b0 * Kp;
-        uint16_t *yb = y + b0 * N;
-        if (rows > QUAD_MIN_ROWS) {
-            const int64_t quads = N / QUAD, panels = (quads + PANEL - 1) / PANEL;
-            #pragma omp parallel for num_threads(n_threads) schedule(static)
-            for (int64_t p = 0; p < panels; p++)
-                weight_quads(w, p * PANEL * QUAD, quads - p * PANEL < PANEL ? quads - p * PANEL : PANEL, xb, K, Kp,
-                             rows, N, yb);
-            for (int64_t n = quads * QUAD; n < N; n++) weight_row(w + n * K, xb, K, Kp, rows, N, n, yb);
-            continue;
-        }
         #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t n = 0; n < N; n++) weight_row(w + n * K, xb, K, Kp, rows, N, n, yb);
+        for (int64_t u = 0; u < units; u++)
+            weight_rows(w, u * ROW_UNIT, N - u * ROW_UNIT < ROW_UNIT ? N : (u + 1) * ROW_UNIT, prepared + b0 * Kp, K,
+                        Kp, rows, N, y + b0 * N);
     }
-    free(padded);
+    free(prepared);
     return 0;
 }
 

@@ -116,38 +116,31 @@ void swiglu_rows(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_
         swiglu(gate + start, up + start, out + start, n - start < chunk ? n - start : chunk);
 }
 
-// The M rows of x times bfloat16 weights: x padded to whole registers (one thread), then the weights' rows shared
-// out in fours (all threads), as bf16linear.c's bf16_linear computes them.
+// The M rows of x times bfloat16 weights: x prepared for the dot products (one thread), then the weights' rows shared
+// out ROW_UNIT at a time (all threads), as bf16linear.c's bf16_linear computes them.
 static void project_dense(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
-                          uint16_t *padded) {
+                          prepared_t *prepared) {
     const int64_t Kp = (K + LANES - 1) / LANES * LANES;
-    int64_t first_quad[4] = {0};
-    for (int i = 0; i < p->count; i++) first_quad[i + 1] = first_quad[i] + (p->N[i] + QUAD - 1) / QUAD;
+    int64_t first_unit[4] = {0};
+    for (int i = 0; i < p->count; i++) first_unit[i + 1] = first_unit[i] + (p->N[i] + ROW_UNIT - 1) / ROW_UNIT;
     #pragma omp single
-    for (int64_t m = 0; m < M; m++) {
-        memcpy(padded + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
-        memset(padded + m * Kp + K, 0, sizeof(uint16_t) * (size_t)(Kp - K));
-    }
+    prepare_rows(x, M, K, Kp, prepared);
     #pragma omp for schedule(static)
-    for (int64_t joint = 0; joint < first_quad[p->count]; joint++) {
-        const int i = joint_owner(joint, (int)p->count, first_quad);
-        const int64_t n0 = (joint - first_quad[i]) * QUAD;
-        if (M > QUAD_MIN_ROWS && n0 + QUAD <= p->N[i]) {
-            weight_quads(p->dense[i], n0, 1, padded, K, Kp, M, p->N[i], ys[i]);
-            continue;
-        }
-        for (int64_t n = n0; n < n0 + QUAD && n < p->N[i]; n++)
-            weight_row(p->dense[i] + n * K, padded, K, Kp, M, p->N[i], n, ys[i]);
+    for (int64_t joint = 0; joint < first_unit[p->count]; joint++) {
+        const int i = joint_owner(joint, (int)p->count, first_unit);
+        const int64_t n0 = (joint - first_unit[i]) * ROW_UNIT;
+        weight_rows(p->dense[i], n0, p->N[i] - n0 < ROW_UNIT ? p->N[i] : n0 + ROW_UNIT, prepared, K, Kp, M, p->N[i],
+                    ys[i]);
     }
 }
 
 // Quantize the M rows of x for a set of projections (one thread), then multiply (all threads, tiles shared out);
-// call from every thread of the region. `act` has room for M rows of the widest input, `padded` for M rows of it
-// padded to whole registers (bfloat16 weights).
+// call from every thread of the region. `act` has room for M rows of the widest input, `prepared` for M rows of it
+// prepared for bfloat16 weights (bf16linear.c's prepare_rows).
 static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
-                    QuantizedActivations *act, uint16_t *padded) {
+                    QuantizedActivations *act, prepared_t *prepared) {
     if (p->bits == 16) {
-        project_dense(p, x, M, K, ys, padded);
+        project_dense(p, x, M, K, ys, prepared);
         return;
     }
     const Shape s = shape_of(K, (int)p->bits, p->group);
@@ -238,11 +231,12 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
     float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * groups * room));
     QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
                                 (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
-    uint16_t *padded = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * ((widest + LANES - 1) / LANES * LANES)));
+    prepared_t *prepared = (prepared_t *)malloc(sizeof(prepared_t) * (size_t)(B * ((widest + LANES - 1) / LANES
+                                                                                * LANES)));
     int64_t *adapted = (int64_t *)malloc(sizeof(int64_t) * (size_t)B), n_adapted = 0;
-    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !padded || !adapted || D > 256
+    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !prepared || !adapted || D > 256
             || D % 16 != 0) {
-        free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded);
+        free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(prepared);
         free(adapted);
         return -1;
     }
@@ -260,7 +254,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
         #pragma omp single
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * dim, w->input_norm, normed + b * dim, dim, d->eps);
         uint16_t *qkv[3] = {q, k, v};
-        project(&w->qkv, normed, B, dim, qkv, &act, padded);
+        project(&w->qkv, normed, B, dim, qkv, &act, prepared);
         add_lora(&w->qkv, normed, dim, qkv, slots, adapted, n_adapted);
         #pragma omp single
         for (int64_t b = 0; b < B; b++) {
@@ -277,7 +271,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
             attend_group(group, q, w->k_cache, w->v_cache, NULL, attended, H, d->Hkv, 1, D,
                          positions[group / groups] + 1, offsets, offsets_stride, d->kv_stride_h,
                          weights + group * room);
-        project(&w->o, attended, B, HD, &attn_out, &act, padded);
+        project(&w->o, attended, B, HD, &attn_out, &act, prepared);
         add_lora(&w->o, attended, HD, &attn_out, slots, adapted, n_adapted);
         #pragma omp single
         for (int64_t b = 0; b < B; b++) {
@@ -285,15 +279,15 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
             rms_norm(x + b * dim, w->post_attention_norm, normed + b * dim, dim, d->eps);
         }
         uint16_t *gate_up[2] = {gate, up};
-        project(&w->gate_up, normed, B, dim, gate_up, &act, padded);
+        project(&w->gate_up, normed, B, dim, gate_up, &act, prepared);
         add_lora(&w->gate_up, normed, dim, gate_up, slots, adapted, n_adapted);
         #pragma omp single
         swiglu(gate, up, gated, B * hidden);
-        project(&w->down, gated, B, hidden, &mlp_out, &act, padded);
+        project(&w->down, gated, B, hidden, &mlp_out, &act, prepared);
         add_lora(&w->down, gated, hidden, &mlp_out, slots, adapted, n_adapted);
         #pragma omp single
         add_residual(x, mlp_out, B * dim);
     }
-    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(padded); free(adapted);
+    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(prepared); free(adapted);
     return 0;
 }
