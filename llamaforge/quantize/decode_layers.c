@@ -148,9 +148,11 @@ static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t 
     for (int i = 0; i < p->count; i++) first_tile[i + 1] = first_tile[i] + (p->N[i] + TILE - 1) / TILE;
     #pragma omp single
     quantize_activations(x, 1, M, &s, p->bits == 8 ? 128 : 8, act);
+    const int64_t tiles = first_tile[p->count];
     #pragma omp for schedule(static)
-    for (int64_t joint = 0; joint < first_tile[p->count]; joint++)
-        joint_tile(joint, (int)p->count, first_tile, p->codes, p->scales, (void *const *)ys, p->N, M, act, &s, 1);
+    for (int64_t first = 0; first < tiles; first += TASK_TILES)
+        joint_task(first, tiles, (int)p->count, first_tile, p->codes, p->scales, (void *const *)ys, p->N, M, act,
+                   &s, 1);
 }
 
 // One row's low-rank update of one projection added to its output, as adapters.MultiLoraLinear adds it:
