@@ -40,11 +40,12 @@ static inline uint16_t float_to_bf16(float value) {
 // of the weight row (one 32-byte load): their odd-position products first, then the even ones (a bfloat16 is the
 // high half of a float32, so odd values need only a mask and even ones a shift), each product exact in float32;
 // a fixed reduction of the 8 lanes ends it. Since a sum has one register, any number of weight and activation rows
-// can share a step (a tile) without changing any sum, and tiles are shaped for the registers: 3 x 3 for prompts
-// (9 sums, 3 weights, 1 activation), 8 x 1 for one token (eight weight rows stream at once). Activations are widened
-// to float32 once per call, each step's odd values then its even ones, so they need no unpacking in the loop.
-// Against AVX-512's order (four chains a sum, two 8-lane halves of two 16-lane ones, which left AVX2 room for only
-// 2 x 4 tiles), 1.3-1.5x on Zen 3's prompt products and 1.2x on one row's (docs/benchmarks.md).
+// can share a step (a tile) without changing any sum, and tiles are shaped for the registers: 3 x 4 for prompts
+// (12 sums, 3 weights, 1 activation; dense_steps_3x4), 8 x 1 for one token (eight weight rows stream at once, where
+// one stream a core left bandwidth unused). Activations are widened to float32 once per call, each step's odd values
+// then its even ones, so they need no unpacking in the loop. Against AVX-512's order (four chains a sum, two 8-lane
+// halves of two 16-lane ones, which left AVX2 room for only 2 x 4 tiles of one chain at a time), on Zen 3: one
+// prompt layer 1.3x, a 128-token prefill 1.3x, a decode step 1.09x (docs/benchmarks.md).
 typedef float prepared_t;
 #define STEP 16        // bfloat16 values a step
 #define M_TILE 4       // activation rows a tile of the many-row loop
