@@ -186,6 +186,8 @@ static inline __attribute__((always_inline)) void tiles_dot(
     }
 }
 #else
+#define TASK_TILES 1  // tiles a task of the joint loop (more, as on AVX2, is unmeasured on AVX-512)
+
 // The 8 vectors of a block's weight codes, unsigned: vector v pairs with activation bytes 4v .. 4v + 3.
 static inline __attribute__((always_inline)) void load_block(const uint8_t *block, const int bits, __m512i w[8]) {
     if (bits == 8) {
@@ -276,10 +278,6 @@ static inline __attribute__((always_inline)) void joint_tile(
         for (int t = 0; t < rows; t++) store16(ys[i], io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
     }
 }
-
-#ifndef TASK_TILES
-#define TASK_TILES 1  // tiles a task of the joint loop
-#endif
 
 // Tiles first .. first + TASK_TILES - 1 of the joint loop (those below `tiles`, its length).
 static inline __attribute__((always_inline)) void joint_task(
