@@ -6,8 +6,9 @@
 // row and decoding streams the weights at memory speed; torch's bfloat16 GEMM at one row reaches about half of
 // that here (docs/benchmarks.md). Sums are float32; the output is rounded to bfloat16 once, to nearest even.
 //
-// Built by llamaforge/quantize/kernels.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -fopenmp, only on
-// CPUs that have AVX-512 BF16; loaded with ctypes.
+// Built by llamaforge/quantize/kernels.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -fopenmp on CPUs
+// that have AVX-512 BF16, or for AVX2 with avx2_vectors.h (where the linear layers' dot products have their own
+// order and tiles, below); loaded with ctypes.
 
 #ifndef LLAMAFORGE_EMULATE_AVX512  // kernels.py builds an emulated copy for tests (avx512_emulation.h)
 #include <immintrin.h>
