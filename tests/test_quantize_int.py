@@ -197,20 +197,27 @@ def test_a_quantized_models_state_dict_holds_the_stored_layout_and_loads_back() 
 
 
 def test_projections_of_one_input_share_a_kernel_call_with_the_same_results(monkeypatch) -> None:
-    """model.project: q, k and v (or gate and up) in one call equal three calls bit for bit; layers of other
-    schemes or types go one by one, and nothing is called together when the kernel does not run."""
+    """model.project: q, k and v (or gate and up) in one call equal three calls bit for bit, for a prompt and for one
+    token (on AVX2 a token's call reads four 16-row tiles at once, here 4 of q's, then k's 2 and v's 2 together);
+    layers of other schemes or types go one by one, and nothing is called together when the kernel does not run."""
     torch.manual_seed(0)
     q, k, v = (QuantizedLinear.from_linear(nn.Linear(160, n, bias=False), 4, 32) for n in (64, 24, 24))
-    x = torch.randn(2, 3, 160).bfloat16()
     calls = []
     real = kernels.qlinear_many
     monkeypatch.setattr(kernels, "qlinear_many", lambda rows, ws: calls.append(len(ws)) or real(rows, ws))
-    together = project(x, q, k, v)
-    alone = [layer(x) for layer in (q, k, v)]
-    assert all(torch.equal(a, b) and a.shape == (2, 3, b.shape[-1]) for a, b in zip(together, alone, strict=True))
-    if kernels.native() is not None:
-        assert calls == [3, 1, 1, 1]
-    calls.clear()
+    for shape in ((2, 3, 160), (1, 1, 160)):
+        x = torch.randn(shape).bfloat16()
+        together = project(x, q, k, v)
+        alone = [layer(x) for layer in (q, k, v)]
+        assert all(torch.equal(a, b) and a.shape == (*shape[:2], b.shape[-1])
+                   for a, b in zip(together, alone, strict=True))
+        for out, layer in zip(together, (q, k, v), strict=True):  # and each is the kernel's arithmetic
+            reference = kernels.qlinear_reference(x.reshape(-1, 160).float(), layer.weight_q)
+            torch.testing.assert_close(out.reshape(reference.shape).float(), reference, rtol=1e-2, atol=1e-2)
+        if kernels.native() is not None:
+            assert calls == [3, 1, 1, 1]
+        calls.clear()
+    x = torch.randn(2, 3, 160).bfloat16()
     mixed = [q, QuantizedLinear.from_linear(nn.Linear(160, 24, bias=False), 8, None), nn.Linear(160, 8, bias=False)]
     outs = project(x.float(), *mixed)
     assert all(torch.equal(a, layer(x.float())) for a, layer in zip(outs, mixed, strict=True))
