@@ -21,6 +21,11 @@
 
 #define LANES 32   // bfloat16 values per 64-byte register
 
+// K rounded up to whole 64-byte registers: the width of a prepared activation row.
+static inline int64_t padded_width(int64_t K) {
+    return (K + LANES - 1) / LANES * LANES;
+}
+
 static inline uint16_t float_to_bf16(float value) {
     uint32_t bits;
     memcpy(&bits, &value, 4);
@@ -32,8 +37,9 @@ static inline uint16_t float_to_bf16(float value) {
 // are computed together, so a prompt's numbers do not depend on its chunking or batching) and these:
 //   prepared_t, prepare_rows(x, M, K, Kp, prepared): the M activation rows as the dot products read them, Kp
 //     values a row (K padded to whole registers with zeros);
-//   weight_rows(w, n0, n1, prepared, K, Kp, M, N, y): columns n0 .. n1 - 1 of y (M, N), rounded to bfloat16;
-//   ROW_UNIT: weight rows a task takes (the last one of a weight may have fewer);
+//   weight_rows(w, n0, prepared, K, Kp, M, N, y): columns n0 .. n0 + ROW_UNIT - 1 of y (M, N) (fewer at N), rounded
+//     to bfloat16: one task;
+//   ROW_UNIT: weight rows a task takes;
 //   M_TILE: activation rows that share each loaded weight value, so blocks of rows are multiples of it;
 //   ROW_BLOCK_BYTES: the prepared activation rows bf16_linear gives a pass over the weights.
 #ifdef LLAMAFORGE_AVX2
@@ -148,11 +154,11 @@ static inline __attribute__((always_inline)) void dense_tile(const uint16_t *w, 
     __m256 tile[8][M_TILE];
     for (int r = 0; r < rows; r++)
         for (int a = 0; a < acts; a++) tile[r][a] = sums[r][a];
-    const int64_t whole = K / STEP * STEP;
+    const int64_t whole = K / STEP * STEP, stop = end < whole ? end : whole;
     if (rows == 3 && acts == 4)
-        dense_steps_3x4(w + n * K, K, wide, Kp, begin, end < whole ? end : whole, tile);
+        dense_steps_3x4(w + n * K, K, wide, Kp, begin, stop, tile);
     else
-        dense_steps(w + n * K, K, wide, Kp, begin, end < whole ? end : whole, rows, acts, tile);
+        dense_steps(w + n * K, K, wide, Kp, begin, stop, rows, acts, tile);
     if (end > whole) {
         uint16_t last[8][STEP] = {{0}};
         for (int r = 0; r < rows; r++) memcpy(last[r], w + (n + r) * K + whole, sizeof(uint16_t) * (size_t)(K - whole));
@@ -169,8 +175,9 @@ static inline float lane_sum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-static void weight_rows(const uint16_t *w, int64_t n0, int64_t n1, const prepared_t *wide, int64_t K, int64_t Kp,
-                        int64_t M, int64_t N, uint16_t *y) {
+static void weight_rows(const uint16_t *w, int64_t n0, const prepared_t *wide, int64_t K, int64_t Kp, int64_t M,
+                        int64_t N, uint16_t *y) {
+    const int64_t n1 = N - n0 < ROW_UNIT ? N : n0 + ROW_UNIT;
     const int64_t steps_end = (K + STEP - 1) / STEP * STEP;
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
         const int acts = M - m0 < M_TILE ? (int)(M - m0) : M_TILE;
@@ -303,10 +310,12 @@ static inline __attribute__((always_inline)) void quad_dot(const uint16_t *w, in
         for (int t = 0; t < tile; t++) out[j][t] = _mm512_reduce_add_ps(_mm512_add_ps(even[j][t], acc[j][t]));
 }
 
-// Columns n0 .. n1 - 1 of y (M, N): fours of weight rows with every tile of activation rows (quad_dot) where there
-// are more than QUAD_MIN_ROWS of them, else one weight row at a time (row_dot); every output the same bits either way.
-static void weight_rows(const uint16_t *w, int64_t n0, int64_t n1, const prepared_t *padded, int64_t K, int64_t Kp,
-                        int64_t M, int64_t N, uint16_t *y) {
+// Columns n0 .. n0 + ROW_UNIT - 1 of y (M, N) (fewer at N): a four of weight rows with every tile of activation rows
+// (quad_dot) where there are more than QUAD_MIN_ROWS of them, else one weight row at a time (row_dot); every output
+// the same bits either way.
+static void weight_rows(const uint16_t *w, int64_t n0, const prepared_t *padded, int64_t K, int64_t Kp, int64_t M,
+                        int64_t N, uint16_t *y) {
+    const int64_t n1 = N - n0 < ROW_UNIT ? N : n0 + ROW_UNIT;
     int64_t n = n0;
     for (; M > QUAD_MIN_ROWS && n + QUAD <= n1; n += QUAD)
         for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
@@ -329,7 +338,7 @@ static void weight_rows(const uint16_t *w, int64_t n0, int64_t n1, const prepare
 // blocks of about ROW_BLOCK_BYTES prepared, each a pass over the weights; the threads share the weight rows,
 // ROW_UNIT at a time.
 int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int n_threads) {
-    const int64_t Kp = (K + LANES - 1) / LANES * LANES;
+    const int64_t Kp = padded_width(K);
     prepared_t *prepared = (prepared_t *)malloc(sizeof(prepared_t) * (size_t)(M * Kp));
     if (!prepared) return -1;
     prepare_rows(x, M, K, Kp, prepared);
@@ -340,8 +349,7 @@ int bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
         const int64_t rows = M - b0 < block ? M - b0 : block;
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int64_t u = 0; u < units; u++)
-            weight_rows(w, u * ROW_UNIT, N - u * ROW_UNIT < ROW_UNIT ? N : (u + 1) * ROW_UNIT, prepared + b0 * Kp, K,
-                        Kp, rows, N, y + b0 * N);
+            weight_rows(w, u * ROW_UNIT, prepared + b0 * Kp, K, Kp, rows, N, y + b0 * N);
     }
     free(prepared);
     return 0;

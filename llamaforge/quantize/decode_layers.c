@@ -120,7 +120,7 @@ void swiglu_rows(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_
 // out ROW_UNIT at a time (all threads), as bf16linear.c's bf16_linear computes them.
 static void project_dense(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
                           prepared_t *prepared) {
-    const int64_t Kp = (K + LANES - 1) / LANES * LANES;
+    const int64_t Kp = padded_width(K);
     int64_t first_unit[4] = {0};
     for (int i = 0; i < p->count; i++) first_unit[i + 1] = first_unit[i] + (p->N[i] + ROW_UNIT - 1) / ROW_UNIT;
     #pragma omp single
@@ -129,8 +129,7 @@ static void project_dense(const Projections *p, const uint16_t *x, int64_t M, in
     for (int64_t joint = 0; joint < first_unit[p->count]; joint++) {
         const int i = joint_owner(joint, (int)p->count, first_unit);
         const int64_t n0 = (joint - first_unit[i]) * ROW_UNIT;
-        weight_rows(p->dense[i], n0, p->N[i] - n0 < ROW_UNIT ? p->N[i] : n0 + ROW_UNIT, prepared, K, Kp, M, p->N[i],
-                    ys[i]);
+        weight_rows(p->dense[i], n0, prepared, K, Kp, M, p->N[i], ys[i]);
     }
 }
 
@@ -233,8 +232,7 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
     float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * groups * room));
     QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
                                 (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
-    prepared_t *prepared = (prepared_t *)malloc(sizeof(prepared_t) * (size_t)(B * ((widest + LANES - 1) / LANES
-                                                                                * LANES)));
+    prepared_t *prepared = (prepared_t *)malloc(sizeof(prepared_t) * (size_t)(B * padded_width(widest)));
     int64_t *adapted = (int64_t *)malloc(sizeof(int64_t) * (size_t)B), n_adapted = 0;
     if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !prepared || !adapted || D > 256
             || D % 16 != 0) {

@@ -251,31 +251,49 @@ static inline int joint_owner(int64_t joint, int count, const int64_t *first) {
     return i;
 }
 
-// Tile `joint` of the joint loop over the tiles of `count` weights (see qlinear_many): its 16 rows of one y_i.
+// Where tile `joint` of the joint loop over the tiles of `count` weights (see qlinear_many) lies: weight `owner`'s
+// tile `tile`, its codes and scales, and which of its 16 rows exist.
+typedef struct {
+    int owner;
+    int64_t tile;
+    const uint8_t *codes;
+    const uint16_t *scales;
+    __mmask16 keep;
+} JointTile;
+
+static inline JointTile joint_tile_at(int64_t joint, int count, const int64_t *first_tile, const uint8_t *const *codes,
+                                      const uint16_t *const *scales, const int64_t *Ns, const Shape *s) {
+    JointTile t;
+    t.owner = joint_owner(joint, count, first_tile);
+    t.tile = joint - first_tile[t.owner];
+    t.codes = codes[t.owner] + t.tile * s->tile_bytes;
+    t.scales = scales[t.owner] + t.tile * s->n_groups * TILE;
+    t.keep = first_lanes(Ns[t.owner] - t.tile * TILE);
+    return t;
+}
+
+// Tile `joint` of the joint loop: its 16 rows of one y_i.
 static inline __attribute__((always_inline)) void joint_tile(
         int64_t joint, int count, const int64_t *first_tile, const uint8_t *const *codes,
         const uint16_t *const *scales, void *const *ys, const int64_t *Ns, int64_t M,
         const QuantizedActivations *act, const Shape *s, int io_bf16) {
-    const int i = joint_owner(joint, count, first_tile);
-    const int64_t tile = joint - first_tile[i], N = Ns[i];
-    const uint8_t *tile_codes = codes[i] + tile * s->tile_bytes;
-    const uint16_t *tile_scales = scales[i] + tile * s->n_groups * TILE;
-    const __mmask16 keep = first_lanes(N - tile * TILE);
+    const JointTile at = joint_tile_at(joint, count, first_tile, codes, scales, Ns, s);
+    const int64_t N = Ns[at.owner];
     for (int64_t m0 = 0; m0 < M; m0 += Q_M_TILE) {
         __m512 out[Q_M_TILE];
         // A constant count per call, so the accumulators live in registers.
         const int rows = M - m0 < Q_M_TILE ? (int)(M - m0) : Q_M_TILE;
         switch (rows) {
-            case 1: tile_dot(tile_codes, tile_scales, act, m0, 1, s->bits, s, out); break;
-            case 2: tile_dot(tile_codes, tile_scales, act, m0, 2, s->bits, s, out); break;
-            case 3: tile_dot(tile_codes, tile_scales, act, m0, 3, s->bits, s, out); break;
-            case 4: tile_dot(tile_codes, tile_scales, act, m0, 4, s->bits, s, out); break;
-            case 5: tile_dot(tile_codes, tile_scales, act, m0, 5, s->bits, s, out); break;
-            case 6: tile_dot(tile_codes, tile_scales, act, m0, 6, s->bits, s, out); break;
-            case 7: tile_dot(tile_codes, tile_scales, act, m0, 7, s->bits, s, out); break;
-            default: tile_dot(tile_codes, tile_scales, act, m0, 8, s->bits, s, out); break;
+            case 1: tile_dot(at.codes, at.scales, act, m0, 1, s->bits, s, out); break;
+            case 2: tile_dot(at.codes, at.scales, act, m0, 2, s->bits, s, out); break;
+            case 3: tile_dot(at.codes, at.scales, act, m0, 3, s->bits, s, out); break;
+            case 4: tile_dot(at.codes, at.scales, act, m0, 4, s->bits, s, out); break;
+            case 5: tile_dot(at.codes, at.scales, act, m0, 5, s->bits, s, out); break;
+            case 6: tile_dot(at.codes, at.scales, act, m0, 6, s->bits, s, out); break;
+            case 7: tile_dot(at.codes, at.scales, act, m0, 7, s->bits, s, out); break;
+            default: tile_dot(at.codes, at.scales, act, m0, 8, s->bits, s, out); break;
         }
-        for (int t = 0; t < rows; t++) store16(ys[i], io_bf16, (m0 + t) * N + tile * TILE, out[t], keep);
+        for (int t = 0; t < rows; t++) store16(ys[at.owner], io_bf16, (m0 + t) * N + at.tile * TILE, out[t], at.keep);
     }
 }
 
@@ -286,20 +304,17 @@ static inline __attribute__((always_inline)) void joint_task(
         const QuantizedActivations *act, const Shape *s, int io_bf16) {
 #ifdef LLAMAFORGE_AVX2
     if (M == 1 && first + TASK_TILES <= tiles) {
+        JointTile at[TASK_TILES];
         const uint8_t *task_codes[TASK_TILES];
         const uint16_t *task_scales[TASK_TILES];
-        int owner[TASK_TILES];
-        int64_t tile[TASK_TILES];
         for (int j = 0; j < TASK_TILES; j++) {
-            owner[j] = joint_owner(first + j, count, first_tile);
-            tile[j] = first + j - first_tile[owner[j]];
-            task_codes[j] = codes[owner[j]] + tile[j] * s->tile_bytes;
-            task_scales[j] = scales[owner[j]] + tile[j] * s->n_groups * TILE;
+            at[j] = joint_tile_at(first + j, count, first_tile, codes, scales, Ns, s);
+            task_codes[j] = at[j].codes;
+            task_scales[j] = at[j].scales;
         }
         __m512 out[TASK_TILES];
         tiles_dot(task_codes, task_scales, act, 0, s->bits, s, out);
-        for (int j = 0; j < TASK_TILES; j++)
-            store16(ys[owner[j]], io_bf16, tile[j] * TILE, out[j], first_lanes(Ns[owner[j]] - tile[j] * TILE));
+        for (int j = 0; j < TASK_TILES; j++) store16(ys[at[j].owner], io_bf16, at[j].tile * TILE, out[j], at[j].keep);
         return;
     }
 #endif
