@@ -52,13 +52,13 @@ static inline uint16_t float_to_bf16(float value) {
 // one stream a core left bandwidth unused). Activations are widened to float32 once per call, each step's odd values
 // then its even ones, so they need no unpacking in the loop. Against AVX-512's order (four chains a sum, two 8-lane
 // halves of two 16-lane ones, which left AVX2 room for only 2 x 4 tiles of one chain at a time), on Zen 3: one
-// prompt layer 1.3x, a 128-token prefill 1.3x, a decode step 1.09x (docs/benchmarks.md).
+// prompt layer 1.26-1.46x, a 128-token prefill 1.3x, a decode step 1.09x (docs/benchmarks.md).
 typedef float prepared_t;
 #define STEP 16        // bfloat16 values a step
 #define M_TILE 4       // activation rows a tile of the many-row loop
 #define ROW_UNIT 24    // weight rows a task: 8 tiles of 3 weight rows, or 6 of 4, or 3 of 8
 #define K_BLOCK 1024   // values of a tile's activation rows a pass over the task's weight rows (they stay in L1)
-#define ROW_BLOCK_BYTES (4 << 20)  // a task's weight rows stay in L2 while a prompt's rows pass (384 KB: 0.85x)
+#define ROW_BLOCK_BYTES (4 << 20)  // a task's weight rows stay in L2 while a prompt's rows pass (384 KB: 0.86-1x)
 
 static void prepare_rows(const uint16_t *x, int64_t M, int64_t K, int64_t Kp, prepared_t *wide) {
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
@@ -99,8 +99,8 @@ static inline __attribute__((always_inline)) void dense_steps(const uint16_t *w,
 }
 
 // dense_steps for 3 weight rows and 4 activation rows, in assembly: 12 sums, 3 weights and an activation take all 16
-// registers (the mask is read from memory), where gcc's allocation of the C loop spills. 1.10-1.15x the 3 x 3 tile's
-// speed on Zen 3 (a third fewer loads a multiply-add), the same sums.
+// registers (the mask is read from memory), where gcc's allocation of the C loop spills. 1.01-1.09x the 3 x 3 tile's
+// speed a layer on Zen 3 (each loaded weight feeds 4 multiply-adds instead of 3), the same sums.
 static const uint32_t HIGH_HALVES[8] __attribute__((aligned(32))) = {
     0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
 
