@@ -247,13 +247,15 @@ def test_quantize_model_replaces_every_linear_and_keeps_scales_in_float16() -> N
     assert logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
 
 
-@pytest.mark.parametrize(("mode", "group", "agree"), [("int8", None, 48), ("int8", 32, 48), ("int4", 32, 24)])
+@pytest.mark.parametrize(("mode", "group", "agree"), [("int8", None, 16), ("int8", 32, 48), ("int4", 32, 24)])
 def test_stories260k_greedy_tokens_follow_float32(assets, mode: str, group: int | None, agree: int) -> None:
     """Karpathy's trained 260K-parameter model: quantized greedy decoding follows float32 for `agree` tokens.
 
-    This model is 64 wide, so each weight carries more of the output than in a 7B model. Measured: float32 and
-    bfloat16 agree for all 200 tokens, int8 for 61 (per-row scales) and 172 (groups of 32), int4 for 27; the
-    bounds leave room for the kernel's and the fallback's different rounding of activations.
+    This model is 64 wide, so each weight carries more of the output than in a 7B model, and where greedy decoding
+    first parts from float32 is the position of a near-tie, which any change of rounding moves. Measured (200 tokens):
+    bfloat16 agrees for all; on the kernels (AVX-512 and AVX2 builds alike) int8 with per-row scales for 20 (61
+    before its row scale moved to the end of each sum, as the torch fallback's), groups of 32 for 61 (fallback 114),
+    int4 for 27. How close the logits stay is the next test's.
     """
     folder = assets / "stories260K"
     reference = llamaforge.load(folder / "stories260K.bin", tokenizer=folder / "tok512.model")
@@ -261,6 +263,28 @@ def test_stories260k_greedy_tokens_follow_float32(assets, mode: str, group: int 
     llm = llamaforge.load(folder / "stories260K.bin", tokenizer=folder / "tok512.model", quantize=mode,
                           group_size=group)
     assert llm.generate([1], max_new_tokens=agree, temperature=0.0).token_ids == expected
+
+
+@pytest.mark.parametrize(("mode", "group", "max_kl", "min_top1"),
+                         [("int8", None, 1e-3, 0.97), ("int8", 32, 1e-3, 0.97), ("int4", 32, 0.05, 0.87)])
+def test_stories260k_quantized_logits_stay_close_to_float32(assets, mode: str, group: int | None, max_kl: float,
+                                                            min_top1: float) -> None:
+    """stories260K read teacher-forced through 256 tokens that float32 wrote: the quantized model's next-token
+    distributions stay within a mean KL divergence `max_kl` of float32's, and its top token is float32's at
+    `min_top1` of the positions. Measured: int8 KL 0.00056-0.00066 and top-1 0.977-0.992 on the kernels (either
+    place of the per-row scale), 0.00026-0.00031 and 0.988 on the torch fallback; int4 0.037-0.038 and 0.895-0.898.
+    A wrong scale or code anywhere moves them by orders of magnitude.
+    """
+    folder = assets / "stories260K"
+    reference = llamaforge.load(folder / "stories260K.bin", tokenizer=folder / "tok512.model")
+    ids = torch.tensor([[1, *reference.generate([1], max_new_tokens=255, temperature=0.0).token_ids]])
+    llm = llamaforge.load(folder / "stories260K.bin", tokenizer=folder / "tok512.model", quantize=mode,
+                          group_size=group)
+    with torch.inference_mode():
+        expected, got = reference.model(ids).float().log_softmax(-1), llm.model(ids).float().log_softmax(-1)
+    kl = F.kl_div(got, expected, log_target=True, reduction="none").sum(-1).mean().item()
+    top1 = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert kl < max_kl and top1 >= min_top1, (kl, top1)
 
 
 def test_demo_model_answers_the_same_in_int8_and_int4() -> None:
