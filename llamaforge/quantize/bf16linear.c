@@ -435,8 +435,9 @@ static inline __m512 sum16(__m512 v[16]) {
 #endif
 
 // The attention weights of one query (item = (b * H + h) * T + t) of bf16_decode_attention, over the keys of its
-// key-value head, into `weights` (room for L rounded up to 16 floats), each rounded to bfloat16; `visible` is its
-// row of the mask (NULL: all L positions). Returns how many positions the query reads: those past its last visible
+// key-value head, into `weights` (room for L rounded up to 16 floats) as bfloat16 bits packed at its start
+// (position l's at ((uint16_t *)weights)[l], zeros past the last visible one), as weighted_values reads them;
+// `visible` is its row of the mask (NULL: all L positions). Returns how many positions the query reads: those past its last visible
 // one would add only zeros (a causal query of a prompt's chunk skips the later tokens), so a query's numbers are the
 // same whatever follows it. Position l's key is at keys + offsets[l].
 static inline int64_t attention_weights(const uint16_t *query, const uint16_t *keys, const int64_t *offsets,
@@ -482,8 +483,12 @@ static inline int64_t attention_weights(const uint16_t *query, const uint16_t *k
     }
     const float sum = _mm512_reduce_add_ps(total);
     const __m512 inverse = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+    // Packed in place: positions l .. l + 15 go to bytes 2l .. 2l + 31, after their floats (bytes 4l .. 4l + 63) are
+    // read and before any float not yet read (from byte 4l + 64 on).
+    uint16_t *packed = (uint16_t *)weights;
     for (int64_t l = 0; l < Lp; l += 16)
-        _mm512_store_ps(weights + l, round16_to_bf16(_mm512_mul_ps(_mm512_load_ps(weights + l), inverse)));
+        _mm256_storeu_si256((__m256i *)(packed + l),
+                            to_bf16_bits(_mm512_mul_ps(_mm512_load_ps(weights + l), inverse)));
     return L;
 }
 
@@ -510,10 +515,10 @@ static inline int64_t attention_groups(int64_t B, int64_t H, int64_t Hkv, int64_
 }
 
 // The weighted sums of values for `count` (<= `queries`) queries of one key-value head: query i's `lengths[i]`
-// weights at `weights + i * Lp`, its output at `outs[i]`. Two positions at a time: their values interleaved into
-// bfloat16 pairs once, then times each query's pair of (bfloat16) weights, by VDPBF16PS; exact products, float32
-// sums. A query skips the pairs where both its weights are 0, and its last pair's second value is 0 when its
-// length is odd: each query's sums are those it would get alone. Position l's value is at values + offsets[l].
+// bfloat16 weights packed at `weights + i * Lp` (attention_weights), its output at `outs[i]`. Two positions at a
+// time: their values interleaved into bfloat16 pairs once, then times each query's pair of weights, by VDPBF16PS;
+// exact products, float32 sums. A query skips the pairs where both its weights are 0, and its last pair's second
+// value is 0 when its length is odd: each query's sums are those it would get alone. Position l's value is at values + offsets[l].
 static inline __attribute__((always_inline)) void weighted_values(const int chunks, const int queries, int count,
                                                                   const float *weights, int64_t Lp,
                                                                   const int64_t *lengths, const uint16_t *values,
@@ -523,13 +528,14 @@ static inline __attribute__((always_inline)) void weighted_values(const int chun
     int64_t longest = 0;
     for (int i = 0; i < count; i++) longest = lengths[i] > longest ? lengths[i] : longest;
     for (int64_t l = 0; l < longest; l += 2) {
+        // Query i's weights of positions l (low half) and l + 1: when l + 1 is its length (odd), that weight is one of
+        // the zeros attention_weights packs up to a multiple of 16 positions.
         uint32_t both[GROUP_QUERIES];
-        int uses = 0;  // bit i: query i has a nonzero weight in this pair
+        int uses = 0;  // bit i: query i has a nonzero weight in this pair (weights are never -0)
         for (int i = 0; i < queries; i++) {
-            const float first = i < count && l < lengths[i] ? weights[i * Lp + l] : 0.0f;
-            const float second = i < count && l + 1 < lengths[i] ? weights[i * Lp + l + 1] : 0.0f;
-            both[i] = float_to_bf16(first) | (uint32_t)float_to_bf16(second) << 16;
-            uses |= (first != 0.0f || second != 0.0f) << i;
+            both[i] = 0;
+            if (i < count && l < lengths[i]) memcpy(&both[i], (const uint16_t *)(weights + i * Lp) + l, 4);
+            uses |= (both[i] != 0) << i;
         }
         if (!uses) continue;
         const uint16_t *first = values + offsets[l], *second = l + 1 < longest ? values + offsets[l + 1] : first;
