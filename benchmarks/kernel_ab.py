@@ -1,10 +1,11 @@
-"""A/B of edits to the C kernels in one process: decode steps or a prefill, each version built and run alternately.
+"""A/B of edits to the C kernels in one process: decode steps, a prefill, or one kernel call, each version built and run
+alternately.
 
 This machine's speed moves by tens of percent from minute to minute, so a kernel change is only measured against
 the code before it in the same process: this builds the current kernels (base) and each variant (the same sources
 with text replaced) into their own libraries, then alternates them round by round on one model, swapping the
 libraries llamaforge calls (quantize/kernels.py's native, native_bf16, native_decode). It also says whether each
-variant's logits equal base's to the bit (most kernel changes must keep them).
+variant's result (the logits, or the call's output) equals base's to the bit (most kernel changes must keep it).
 
 A variants file is Python defining VARIANTS = {"name": [(source file, old text, new text), ...]}, the files being
 those of llamaforge/quantize (qlinear.c, bf16linear.c, decode_layers.c). docs/benchmarks.md's kernel experiments
@@ -12,6 +13,11 @@ those of llamaforge/quantize (qlinear.c, bf16linear.c, decode_layers.c). docs/be
 
     python benchmarks/kernel_ab.py my_variants.py --mode int4            # fused decode steps, TinyLlama's shape
     python benchmarks/kernel_ab.py my_variants.py --mode int4 --prefill 128
+    python benchmarks/kernel_ab.py my_variants.py --mode int8 --linear 5632,2048,128   # one N x K layer, 128 rows
+    python benchmarks/kernel_ab.py my_variants.py --attention 512,512  # 512 queries over 512 cached positions
+
+A single call's weights (or cache) stay in the caches between calls unless they are larger than them: pick shapes
+for what the change is about (arithmetic: cache-resident; streaming: larger than the L3).
 """
 
 from __future__ import annotations  # noqa: I001 (llamaforge before torch, below)
@@ -35,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import model_in_mode  # noqa: E402  (the model as llamaforge.load makes it in each mode)
 
-from llamaforge.config import PRESETS  # noqa: E402
+from llamaforge.config import PRESETS, ModelArgs  # noqa: E402
 from llamaforge.model import KVCache, Llama, init_weights  # noqa: E402
-from llamaforge.quantize import kernels  # noqa: E402
+from llamaforge.quantize import kernels, quantize_weight  # noqa: E402
 
 SOURCES = Path(kernels.__file__).parent
 # kernels.py's library loaders: (source, its AVX-512 build's CPU and compiler flags, sources it includes)
@@ -84,9 +90,47 @@ def use(libraries: dict[str, ctypes.CDLL]) -> None:
         setattr(kernels, loader, lambda library=library: library)
 
 
+def shape(count: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: `count` positive integers separated by commas."""
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(int(part) for part in text.split(",") if part.strip().isdigit())
+        if len(values) != count or len(text.split(",")) != count or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected {count} positive integers separated by commas, got {text!r}")
+        return values
+    return parse
+
+
+def linear_call(mode: str, N: int, K: int, M: int) -> Callable[[], torch.Tensor]:
+    """One call of the linear kernel of `mode` on a random N x K weight and M bfloat16 rows: its output."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(N, K, generator=generator) * 0.02
+    x = torch.randn(M, K, generator=generator).to(torch.bfloat16)
+    if mode == "bf16":
+        weight = weight.to(torch.bfloat16)
+        return lambda: kernels.bf16_linear(x, weight)
+    q = quantize_weight(weight, 8 if mode == "int8" else 4, None if mode == "int8" else 32)
+    return lambda: kernels.qlinear(x, q)
+
+
+def attention_call(config: ModelArgs, T: int, L: int) -> Callable[[], torch.Tensor]:
+    """One call of the attention kernel: the last T of L cached positions (causal) as queries, `config`'s heads."""
+    generator = torch.Generator().manual_seed(0)
+    cache = KVCache.allocate(1, L, config.n_kv_heads, config.head_dim, torch.bfloat16, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=generator))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=generator))
+    q = torch.randn(1, config.n_heads, T, config.head_dim, generator=generator).to(torch.bfloat16)
+    mask = (torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None])[None, None]  # (1, 1, T, L)
+    return lambda: kernels.bf16_cache_attention(q, cache.k, cache.v, cache.offsets(), mask)
+
+
 def workload(args: argparse.Namespace) -> Callable[[], torch.Tensor]:
-    """One decode step (all layers and the output layer) or one prefill of `args.prefill` tokens: its logits."""
+    """One decode step (all layers and the output layer), one prefill of `args.prefill` tokens (their logits), or one
+    call of a linear or the attention kernel (its output)."""
     config = PRESETS[args.preset]
+    if args.linear:
+        return linear_call(args.mode, *args.linear)
+    if args.attention:
+        return attention_call(config, *args.attention)
     model = model_in_mode(init_weights(Llama(config), seed=0).eval(), args.mode)
     positions = max(256, args.prefill + 1)
     caches = [KVCache.allocate(1, positions, config.n_kv_heads, config.head_dim, torch.bfloat16, "cpu")
@@ -107,6 +151,10 @@ def main() -> None:
     parser.add_argument("--mode", default="int4", choices=["bf16", "int8", "int4"], help="the model's weights")
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS), help="model shape")
     parser.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens, not decode")
+    parser.add_argument("--linear", type=shape(3), metavar="N,K,M",
+                        help="time one call of the --mode linear kernel: an N x K weight, M activation rows")
+    parser.add_argument("--attention", type=shape(2), metavar="T,L",
+                        help="time one call of the attention kernel: T queries over L positions, --preset's heads")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; medians are reported")
     parser.add_argument("--calls", type=int, default=6, help="calls a round (the round counts their median)")
     parser.add_argument("--threads", type=int, default=2, help="threads")
@@ -121,10 +169,10 @@ def main() -> None:
         run = workload(args)
         seconds: dict[str, list[float]] = {name: [] for name in versions}
         with torch.inference_mode():
-            logits = {}
+            results = {}
             for name, libraries in versions.items():
                 use(libraries)
-                logits[name] = run()
+                results[name] = run()
             for round_ in range(args.rounds):
                 order = list(versions.items())
                 for name, libraries in order if round_ % 2 == 0 else reversed(order):
@@ -138,17 +186,20 @@ def main() -> None:
     base_ms = statistics.median(seconds["base"]) * 1e3
     rows = [{"variant": name, "ms": statistics.median(s) * 1e3, "rounds_ms": [x * 1e3 for x in s],
              "vs_base": base_ms / (statistics.median(s) * 1e3),
-             "same_logits": bool(torch.equal(logits[name], logits["base"]))} for name, s in seconds.items()]
+             "same_result": bool(torch.equal(results[name], results["base"]))} for name, s in seconds.items()]
     if args.json:
-        print(json.dumps({"mode": args.mode, "preset": args.preset, "prefill": args.prefill, "rows": rows}))
+        print(json.dumps({"mode": args.mode, "preset": args.preset, "prefill": args.prefill, "linear": args.linear,
+                          "attention": args.attention, "rows": rows}))
         return
-    what = f"prefill of {args.prefill} tokens" if args.prefill else "decode step"
+    what = (f"linear {'x'.join(map(str, args.linear[:2]))}, {args.linear[2]} rows" if args.linear
+            else f"attention of {args.attention[0]} queries over {args.attention[1]} positions" if args.attention
+            else f"prefill of {args.prefill} tokens" if args.prefill else "decode step")
     print(f"{args.mode} {args.preset} {what}, {args.threads} threads, median of {args.rounds} alternating rounds")
-    print("| variant | ms | rounds | speed vs base | logits equal base's |")
+    print("| variant | ms | rounds | speed vs base | result equal base's |")
     print("| --- | ---: | --- | ---: | --- |")
     for row in rows:
-        spread = f"{min(row['rounds_ms']):.1f}-{max(row['rounds_ms']):.1f}"
-        print(f"| {row['variant']} | {row['ms']:.2f} | {spread} | {row['vs_base']:.3f} | {row['same_logits']} |")
+        spread = f"{min(row['rounds_ms']):.4g}-{max(row['rounds_ms']):.4g}"
+        print(f"| {row['variant']} | {row['ms']:.4g} | {spread} | {row['vs_base']:.3f} | {row['same_result']} |")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,27 @@ def test_kernel_ab_benchmark_builds_each_variant_and_tells_which_keep_the_logits
 }''')
     report = run_json("kernel_ab.py", str(variants), "--preset", "tiny", "--rounds", "1", "--calls", "1")
     rows = {row["variant"]: row for row in report["rows"]}
-    assert rows["base"]["same_logits"] and rows["4 rows a tile"]["same_logits"]  # the same sums in another tiling
-    assert not rows["other rounding"]["same_logits"]  # activations quantized to another scale
+    assert rows["base"]["same_result"] and rows["4 rows a tile"]["same_result"]  # the same sums in another tiling
+    assert not rows["other rounding"]["same_result"]  # activations quantized to another scale
     assert all(row["ms"] > 0 for row in rows.values())
+
+
+def test_kernel_ab_benchmark_times_one_linear_or_attention_call(tmp_path: Path) -> None:
+    from llamaforge.quantize import kernels
+
+    if kernels.native_decode() is None:
+        pytest.skip("the kernels need x86-64 AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
+    variants = tmp_path / "variants.py"
+    variants.write_text('''VARIANTS = {
+    "other rounding": [("qlinear.c", "float scale = amax / 127.0f;", "float scale = amax / 126.0f;")],
+    "other score scale": [("bf16linear.c", "1.0f / sqrtf((float)D)", "1.0f / sqrtf((float)D + 1.0f)")],
+}''')
+    def rows(*workload: str) -> dict[str, dict]:
+        report = run_json("kernel_ab.py", str(variants), "--preset", "tiny", "--rounds", "1", "--calls", "1", *workload)
+        return {row["variant"]: row for row in report["rows"]}
+
+    linear, attention = rows("--mode", "int8", "--linear", "40,96,3"), rows("--attention", "3,21")
+    # Each workload sees only the edit to its own kernel.
+    assert not linear["other rounding"]["same_result"] and linear["other score scale"]["same_result"]
+    assert attention["other rounding"]["same_result"] and not attention["other score scale"]["same_result"]
+    assert all(row["ms"] > 0 for row in [*linear.values(), *attention.values()])
