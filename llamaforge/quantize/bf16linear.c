@@ -437,9 +437,9 @@ static inline __m512 sum16(__m512 v[16]) {
 // The attention weights of one query (item = (b * H + h) * T + t) of bf16_decode_attention, over the keys of its
 // key-value head, into `weights` (room for L rounded up to 16 floats) as bfloat16 bits packed at its start
 // (position l's at ((uint16_t *)weights)[l], zeros past the last visible one), as weighted_values reads them;
-// `visible` is its row of the mask (NULL: all L positions). Returns how many positions the query reads: those past its last visible
-// one would add only zeros (a causal query of a prompt's chunk skips the later tokens), so a query's numbers are the
-// same whatever follows it. Position l's key is at keys + offsets[l].
+// `visible` is its row of the mask (NULL: all L positions). Returns how many positions the query reads: those past
+// its last visible one would add only zeros (a causal query of a prompt's chunk skips the later tokens), so a
+// query's numbers are the same whatever follows it. Position l's key is at keys + offsets[l].
 static inline int64_t attention_weights(const uint16_t *query, const uint16_t *keys, const int64_t *offsets,
                                         const uint8_t *visible, int64_t D, int64_t L, float *weights) {
     while (visible != NULL && L > 0 && !visible[L - 1]) L--;
@@ -518,7 +518,8 @@ static inline int64_t attention_groups(int64_t B, int64_t H, int64_t Hkv, int64_
 // bfloat16 weights packed at `weights + i * Lp` (attention_weights), its output at `outs[i]`. Two positions at a
 // time: their values interleaved into bfloat16 pairs once, then times each query's pair of weights, by VDPBF16PS;
 // exact products, float32 sums. A query skips the pairs where both its weights are 0, and its last pair's second
-// value is 0 when its length is odd: each query's sums are those it would get alone. Position l's value is at values + offsets[l].
+// value is 0 when its length is odd: each query's sums are those it would get alone. Position l's value is at
+// values + offsets[l].
 static inline __attribute__((always_inline)) void weighted_values(const int chunks, const int queries, int count,
                                                                   const float *weights, int64_t Lp,
                                                                   const int64_t *lengths, const uint16_t *values,
@@ -542,8 +543,12 @@ static inline __attribute__((always_inline)) void weighted_values(const int chun
         __m512i pairs[16];
         for (int d = 0; d < chunks; d++) {
             const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d * 16)));
-            pairs[d] = l + 1 >= longest ? low : _mm512_or_si512(low, _mm512_slli_epi32(
-                                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d * 16))), 16));
+            if (l + 1 >= longest) {
+                pairs[d] = low;
+                continue;
+            }
+            const __m512i high = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d * 16)));
+            pairs[d] = _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
         }
         for (int i = 0; i < queries; i++) {
             if (!(uses >> i & 1)) continue;

@@ -101,11 +101,17 @@ static void quantize_activations(const void *x, int is_bf16, int64_t M, const Sh
 }
 
 // Where a weight has one scale a row (int8's default), a block's partial sums take only their activation scale and
-// each row's whole sum its weight scale, once, at the end: one multiply a block fewer, which made a 128-token int8
-// prompt's layers 1.10-1.12x faster on Zen 4 (docs/benchmarks.md). With groups, each block's weight scale times its
+// each row's whole sum its weight scale, once, at the end: one multiply a block fewer, which made a 128-row int8
+// layer 1.04-1.10x faster on Zen 4 (docs/benchmarks.md). With groups, each block's weight scale times its
 // activation scale multiplies its sums (llama.cpp's order, so a Q8_0 / Q4_0 file's dot products round as there).
 static inline int one_scale_a_row(const Shape *s) {
     return s->group >= s->K;
+}
+
+// The weight scales of block b's group for a tile's 16 rows (where one_scale_a_row, the row scales, left unused).
+static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, int64_t b) {
+    const int64_t group = one_scale_a_row(s) ? 0 : b * BLOCK / s->group;
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + group * TILE)));
 }
 
 // A tile's 16 row sums, with their rows' weight scales applied where one_scale_a_row (else as they are).
@@ -134,8 +140,7 @@ static inline __attribute__((always_inline)) void block_dot(
     const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
     const uint8_t *block = tile_codes + b * block_bytes;
     const int per_row = one_scale_a_row(s);
-    const uint16_t *group_scales = tile_scales + (per_row ? 0 : b * BLOCK / s->group * TILE);
-    const __m512 w_scales = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group_scales));  // unused per_row
+    const __m512 w_scales = group_scales(tile_scales, s, b);
     for (int half = 0; half < 2; half++) {
         __m256i w[8];  // vector v pairs with activation bytes 4v .. 4v + 3
         if (bits == 8) {
@@ -232,8 +237,7 @@ static inline __attribute__((always_inline)) void tile_dot(
     for (int64_t b = 0; b < s->blocks; b++) {
         __m512i w[8];
         load_block(tile_codes + b * block_bytes, bits, w);
-        const uint16_t *group_scales = tile_scales + (per_row ? 0 : b * BLOCK / s->group * TILE);
-        const __m512 w_scales = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group_scales));  // unused per_row
+        const __m512 w_scales = group_scales(tile_scales, s, b);
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
