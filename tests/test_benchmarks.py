@@ -217,39 +217,35 @@ def test_hugepages_benchmark_times_the_same_model_on_both_page_sizes() -> None:
     assert all(row["4 KB pages"]["huge_page_kb"] == 0 and row["speedup"] > 0 for row in rows)
 
 
-def test_kernel_ab_benchmark_builds_each_variant_and_tells_which_keep_the_logits(tmp_path: Path) -> None:
+OTHER_ROUNDING = '("qlinear.c", "float scale = amax / 127.0f;", "float scale = amax / 126.0f;")'
+
+
+def kernel_ab_rows(tmp_path: Path, variants: dict[str, str], *workload: str) -> dict[str, dict]:
+    """kernel_ab.py's rows by variant, for VARIANTS {name: one edit's Python text} on the tiny preset, one round."""
     from llamaforge.quantize import kernels
 
     if kernels.native_decode() is None:
         pytest.skip("the kernels need x86-64 AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
-    variants = tmp_path / "variants.py"
-    variants.write_text('''VARIANTS = {
-    "4 rows a tile": [("qlinear.c", "#define Q_M_TILE 8 ", "#define Q_M_TILE 4 ")],
-    "other rounding": [("qlinear.c", "float scale = amax / 127.0f;", "float scale = amax / 126.0f;")],
-}''')
-    report = run_json("kernel_ab.py", str(variants), "--preset", "tiny", "--rounds", "1", "--calls", "1")
+    path = tmp_path / "variants.py"
+    path.write_text("VARIANTS = {" + ", ".join(f"{name!r}: [{edit}]" for name, edit in variants.items()) + "}")
+    report = run_json("kernel_ab.py", str(path), "--preset", "tiny", "--rounds", "1", "--calls", "1", *workload)
     rows = {row["variant"]: row for row in report["rows"]}
-    assert rows["base"]["same_result"] and rows["4 rows a tile"]["same_result"]  # the same sums in another tiling
+    assert rows["base"]["same_result"] and all(row["ms"] > 0 for row in rows.values())
+    return rows
+
+
+def test_kernel_ab_benchmark_builds_each_variant_and_tells_which_keep_the_logits(tmp_path: Path) -> None:
+    rows = kernel_ab_rows(tmp_path, {"4 rows a tile": '("qlinear.c", "#define Q_M_TILE 8 ", "#define Q_M_TILE 4 ")',
+                                     "other rounding": OTHER_ROUNDING})
+    assert rows["4 rows a tile"]["same_result"]  # the same sums in another tiling
     assert not rows["other rounding"]["same_result"]  # activations quantized to another scale
-    assert all(row["ms"] > 0 for row in rows.values())
 
 
 def test_kernel_ab_benchmark_times_one_linear_or_attention_call(tmp_path: Path) -> None:
-    from llamaforge.quantize import kernels
-
-    if kernels.native_decode() is None:
-        pytest.skip("the kernels need x86-64 AVX-512 (VNNI, BF16) or AVX2 and a C compiler")
-    variants = tmp_path / "variants.py"
-    variants.write_text('''VARIANTS = {
-    "other rounding": [("qlinear.c", "float scale = amax / 127.0f;", "float scale = amax / 126.0f;")],
-    "other score scale": [("bf16linear.c", "1.0f / sqrtf((float)D)", "1.0f / sqrtf((float)D + 1.0f)")],
-}''')
-    def rows(*workload: str) -> dict[str, dict]:
-        report = run_json("kernel_ab.py", str(variants), "--preset", "tiny", "--rounds", "1", "--calls", "1", *workload)
-        return {row["variant"]: row for row in report["rows"]}
-
-    linear, attention = rows("--mode", "int8", "--linear", "40,96,3"), rows("--attention", "3,21")
+    variants = {"other rounding": OTHER_ROUNDING,
+                "other score scale": '("bf16linear.c", "1.0f / sqrtf((float)D)", "1.0f / sqrtf((float)D + 1.0f)")'}
+    linear = kernel_ab_rows(tmp_path, variants, "--mode", "int8", "--linear", "40,96,3")
+    attention = kernel_ab_rows(tmp_path, variants, "--attention", "3,21")
     # Each workload sees only the edit to its own kernel.
     assert not linear["other rounding"]["same_result"] and linear["other score scale"]["same_result"]
     assert attention["other rounding"]["same_result"] and not attention["other score scale"]["same_result"]
-    assert all(row["ms"] > 0 for row in [*linear.values(), *attention.values()])
