@@ -9,9 +9,12 @@ would run instead:
 | bf16 | bfloat16 | F16 GGUF | bfloat16 |
 | int8 | `load(quantize="int8")` | Q8_0 GGUF | - |
 | int4 | `load(quantize="int4")` | Q4_0 GGUF | - |
+| q4_k_m | `load()` of the Q4_K_M GGUF | the same file | - |
 
 The GGUF files are written by llamaforge's exporter (F32, F16) and quantized from the F16 file by llama.cpp's
-own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K).
+own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K). q4_k_m (not
+in the default modes; it needs llama.cpp) is what a user of the most common Llama 2 GGUF type gets: llamaforge loads
+llama.cpp's own Q4_K_M file as it loads any GGUF (k-quants as int8 in groups of 32, Q4_0 / Q8_0 as stored).
 llama-cpp-python lives in its own venv (`../shared/tools/llamacpp-venv.sh DIR` builds one); pass its Python with
 `--llamacpp-python`, or it is looked for in $LLAMACPP_PYTHON and .venv-llamacpp/. Without it, the llama.cpp
 column is skipped and says so. HF runs in this process on llamaforge's own tensors (assigned, not copied).
@@ -40,7 +43,7 @@ drift on the machine hits all alike; medians are reported with every run in the 
 from __future__ import annotations  # noqa: I001 (llamaforge before torch, below)
 
 # Before torch: llamaforge asks it for huge pages, as every llamaforge command has them (llamaforge/hugepages.py).
-import llamaforge  # noqa: F401
+import llamaforge
 
 import argparse
 import copy
@@ -74,8 +77,9 @@ from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 Run = Callable[[], tuple[float, float, list[int]]]  # () -> (prefill s, decode s per token, generated ids)
 MODES = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "f16"),
-         "int8": (torch.bfloat16, "int8", "q8_0"), "int4": (torch.bfloat16, "int4", "q4_0")}
-DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8"}  # the dot product that bounds each mode's prefill
+         "int8": (torch.bfloat16, "int8", "q8_0"), "int4": (torch.bfloat16, "int4", "q4_0"),
+         "q4_k_m": (torch.bfloat16, "gguf", "q4_k_m")}  # "gguf": llamaforge loads llama.cpp's file
+DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8", "q4_k_m": "int8"}  # what bounds each mode's prefill
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -128,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.llamacpp_python is None:
         default = os.environ.get("LLAMACPP_PYTHON") or REPOSITORY / ".venv-llamacpp" / "bin" / "python"
         args.llamacpp_python = str(default) if Path(default).exists() else None
+    from_gguf = [m for m in args.modes if MODES[m][1] == "gguf"]
+    if from_gguf and args.llamacpp_python is None:
+        parser.error(f"--modes {','.join(from_gguf)} runs llama.cpp's own file, which its quantizer makes: pass "
+                     "--llamacpp-python (../shared/tools/llamacpp-venv.sh DIR builds a venv)")
     return args
 
 
@@ -277,11 +285,13 @@ def gguf_files(model: Llama, modes: list[str], workdir: Path, llamacpp: LlamaCpp
     return files
 
 
-def model_in_mode(base: Llama, mode: str) -> Llama:
+def model_in_mode(base: Llama, mode: str, gguf_path: Path | None = None) -> Llama:
     """The benchmark model in `mode` as `llamaforge.load` makes it: cast, or a quantized copy of the bfloat16 weights;
     in bfloat16, linears and attention over the cache go through the AVX-512 BF16 kernels where the CPU has them,
-    and int8 / int4 decode steps through the fused decode layers."""
+    and int8 / int4 decode steps through the fused decode layers. A "gguf" mode is `llamaforge.load(gguf_path)`."""
     dtype, quantize, _ = MODES[mode]
+    if quantize == "gguf":
+        return llamaforge.load(gguf_path).model
     model = base.to(dtype) if quantize is None else quantize_model(copy.deepcopy(base.to(dtype)), quantize)
     use_bf16_kernel(model)  # as load() does: bfloat16 linears and attention through the kernels (none in float32)
     use_fused_decode(model)
@@ -324,7 +334,7 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
             gguf_paths: dict[str, Path], ceilings: Ceilings | None) -> dict:
     """Measure llamaforge, llama.cpp and (float modes) HF in one mode, and the machine's ceilings in the same rounds;
     a JSON-ready row."""
-    ours = model_in_mode(base, mode)
+    ours = model_in_mode(base, mode, gguf_paths.get(mode))
     runs: dict[str, Run] = {"llamaforge": lambda: run_ours(ours, prompt, args.new_tokens)}
     if args.compile:
         runs["llamaforge --compile"] = lambda: run_ours(ours, prompt, args.new_tokens, compile=True)

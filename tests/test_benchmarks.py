@@ -29,14 +29,18 @@ def run_json(script: str, *args: str) -> dict:
 def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -> None:
     """fp32 greedy tokens agree with HF's (and llama.cpp's, where LLAMAFORGE_LLAMA_CPP_PYTHON names its python)."""
     llama_cpp = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
-    report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--modes",
-                      "fp32,bf16,int4", "--layered", *(["--llamacpp-python", llama_cpp] if llama_cpp else []))
+    modes = "fp32,bf16,int4" + (",q4_k_m" if llama_cpp else "")  # llama.cpp's own Q4_K_M file, loaded by both
+    report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--modes", modes,
+                      "--layered", *(["--llamacpp-python", llama_cpp] if llama_cpp else []))
     by_mode = {row["mode"]: row for row in report["results"]}
-    assert set(by_mode) == {"fp32", "bf16", "int4"}
+    assert set(by_mode) == set(modes.split(","))
     assert by_mode["fp32"]["hf"]["tokens_agree"] == 8 and len(by_mode["fp32"]["llamaforge"]["tokens"]) == 8
     assert "hf" not in by_mode["int4"] and by_mode["int4"]["weight_bytes"] < by_mode["bf16"]["weight_bytes"]
     if llama_cpp:
         assert by_mode["fp32"]["llama.cpp"]["tokens_agree"] == 8
+        # The same file's weights on both sides (ours k-quants as int8 groups: more bytes than the file's).
+        assert by_mode["q4_k_m"]["llama.cpp"]["tokens_agree"] >= 1
+        assert by_mode["q4_k_m"]["weight_bytes"] > by_mode["int4"]["weight_bytes"]
     assert all(row["llamaforge"]["decode_tok_s"] > 0 for row in by_mode.values())
     if kernels.native_decode() is not None:  # bf16 and int4 decode through the fused layers: the layered path's tokens
         assert all(by_mode[mode]["llamaforge layered"]["tokens_agree"] == 8 for mode in ("bf16", "int4"))
@@ -47,6 +51,13 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
         assert by_mode["fp32"]["ceiling"]["dot"] is None and len(ceiling["rounds"]) == 1
         assert 0 < by_mode["int4"]["llamaforge"]["decode_of_ceiling"] == pytest.approx(
             by_mode["int4"]["llamaforge"]["decode_gb_s"] / ceiling["read_gb_s"])
+
+
+def test_decode_benchmark_says_its_file_modes_need_llama_cpp() -> None:
+    """q4_k_m runs llama.cpp's own file: without llama.cpp's quantizer there is none; the error says what to pass."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "decode.py"), "--modes", "int4,q4_k_m"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "LLAMACPP_PYTHON": ""})
+    assert result.returncode == 2 and "q4_k_m" in result.stderr and "--llamacpp-python" in result.stderr
 
 
 def test_ceilings_do_all_the_work_they_time(monkeypatch: pytest.MonkeyPatch) -> None:
