@@ -93,10 +93,10 @@ def use(libraries: dict[str, ctypes.CDLL]) -> None:
 def shape(count: int) -> Callable[[str], tuple[int, ...]]:
     """An argparse type: `count` positive integers separated by commas."""
     def parse(text: str) -> tuple[int, ...]:
-        values = tuple(int(part) for part in text.split(",") if part.strip().isdigit())
-        if len(values) != count or len(text.split(",")) != count or min(values) < 1:
+        parts = text.split(",")
+        if len(parts) != count or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
             raise argparse.ArgumentTypeError(f"expected {count} positive integers separated by commas, got {text!r}")
-        return values
+        return tuple(int(part) for part in parts)
     return parse
 
 
@@ -150,11 +150,12 @@ def main() -> None:
     parser.add_argument("variants", help="a Python file defining VARIANTS (see above)")
     parser.add_argument("--mode", default="int4", choices=["bf16", "int8", "int4"], help="the model's weights")
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS), help="model shape")
-    parser.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens, not decode")
-    parser.add_argument("--linear", type=shape(3), metavar="N,K,M",
-                        help="time one call of the --mode linear kernel: an N x K weight, M activation rows")
-    parser.add_argument("--attention", type=shape(2), metavar="T,L",
-                        help="time one call of the attention kernel: T queries over L positions, --preset's heads")
+    what = parser.add_mutually_exclusive_group()  # the workload; a decode step without any
+    what.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens, not decode")
+    what.add_argument("--linear", type=shape(3), metavar="N,K,M",
+                      help="time one call of the --mode linear kernel: an N x K weight, M activation rows")
+    what.add_argument("--attention", type=shape(2), metavar="T,L",
+                      help="time one call of the attention kernel: T queries over L positions, --preset's heads")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; medians are reported")
     parser.add_argument("--calls", type=int, default=6, help="calls a round (the round counts their median)")
     parser.add_argument("--threads", type=int, default=2, help="threads")
@@ -191,10 +192,11 @@ def main() -> None:
         print(json.dumps({"mode": args.mode, "preset": args.preset, "prefill": args.prefill, "linear": args.linear,
                           "attention": args.attention, "rows": rows}))
         return
-    what = (f"linear {'x'.join(map(str, args.linear[:2]))}, {args.linear[2]} rows" if args.linear
-            else f"attention of {args.attention[0]} queries over {args.attention[1]} positions" if args.attention
-            else f"prefill of {args.prefill} tokens" if args.prefill else "decode step")
-    print(f"{args.mode} {args.preset} {what}, {args.threads} threads, median of {args.rounds} alternating rounds")
+    what = (f"{args.mode} linear {'x'.join(map(str, args.linear[:2]))}, {args.linear[2]} rows" if args.linear
+            else f"attention of {args.attention[0]} queries over {args.attention[1]} positions, {args.preset}'s heads"
+            if args.attention else f"{args.mode} {args.preset} " + (f"prefill of {args.prefill} tokens" if args.prefill
+                                                                     else "decode step"))
+    print(f"{what}, {args.threads} threads, median of {args.rounds} alternating rounds")
     print("| variant | ms | rounds | speed vs base | result equal base's |")
     print("| --- | ---: | --- | ---: | --- |")
     for row in rows:
