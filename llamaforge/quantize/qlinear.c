@@ -108,10 +108,11 @@ static inline int one_scale_a_row(const Shape *s) {
     return s->group >= s->K;
 }
 
-// The weight scales of block b's group for a tile's 16 rows (where one_scale_a_row, the row scales, left unused).
+// The weight scales of block b's group for a tile's 16 rows, where the weight has groups (not one_scale_a_row):
+// zeros, never read, where it has one scale a row.
 static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, int64_t b) {
-    const int64_t group = one_scale_a_row(s) ? 0 : b * BLOCK / s->group;
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + group * TILE)));
+    if (one_scale_a_row(s)) return _mm512_setzero_ps();
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + b * BLOCK / s->group * TILE)));
 }
 
 // A tile's 16 row sums, with their rows' weight scales applied where one_scale_a_row (else as they are).
@@ -210,7 +211,7 @@ static inline __attribute__((always_inline)) void tiles_dot(
     }
 }
 #else
-#define TASK_TILES 1  // tiles a task of the joint loop (more, as on AVX2, is unmeasured on AVX-512)
+#define TASK_TILES 1  // tiles a task of the joint loop: 2 or 4, as on AVX2, gained nothing on Zen 4 (docs)
 
 // The 8 vectors of a block's weight codes, unsigned: vector v pairs with activation bytes 4v .. 4v + 3.
 static inline __attribute__((always_inline)) void load_block(const uint8_t *block, const int bits, __m512i w[8]) {
