@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import random_model, write_adapter
+from factories import q4_k_bytes, random_model, write_adapter
 
 import llamaforge
 from llamaforge.adapters import PROJECTIONS, AdapterStack
@@ -16,6 +16,7 @@ from llamaforge.config import ModelArgs
 from llamaforge.generate import Decoder
 from llamaforge.model import KVCache, rms_norm, swiglu
 from llamaforge.quantize import QuantizedLinear, kernels, quantize_model, use_bf16_kernel, use_fused_decode
+from llamaforge.quantize.formats import from_gguf_q4_k
 from llamaforge.quantize.fused import fits_fused_decode
 
 pytestmark = pytest.mark.skipif(kernels.native_decode() is None,
@@ -27,15 +28,28 @@ CONFIG = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=688,
 
 
 def quantized_model(mode: str, group_size: int | None = None) -> torch.nn.Module:
-    """The test model in bfloat16, its linears quantized to `mode` ("bf16": left in bfloat16), as load() sets it up."""
+    """The test model in bfloat16, its linears quantized to `mode` ("bf16": left in bfloat16; "mixed": a schemes
+    mix as a Q4_K_M GGUF loads, q / k / gate Q4_K beside int8 and int4 projections of the same input), as load()
+    sets it up."""
     model = random_model(CONFIG, seed=3).to(torch.bfloat16).eval()
-    if mode != "bf16":
+    if mode == "mixed":
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for owner, name in ((attention, "q_proj"), (attention, "k_proj"), (mlp, "gate_proj")):
+                weight = getattr(owner, name).weight.float()
+                setattr(owner, name, QuantizedLinear(from_gguf_q4_k(q4_k_bytes(weight), tuple(weight.shape))))
+            attention.v_proj, mlp.down_proj = (QuantizedLinear.from_linear(linear, 8, 32)
+                                               for linear in (attention.v_proj, mlp.down_proj))
+            attention.o_proj, mlp.up_proj = (QuantizedLinear.from_linear(linear, 4, 32)
+                                             for linear in (attention.o_proj, mlp.up_proj))
+    elif mode != "bf16":
         quantize_model(model, mode, group_size)
     use_bf16_kernel(model)
     return model
 
 
-@pytest.mark.parametrize(("mode", "group_size"), [("int4", None), ("int8", None), ("int4", 64), ("bf16", None)])
+@pytest.mark.parametrize(("mode", "group_size"), [("int4", None), ("int8", None), ("int4", 64), ("bf16", None),
+                                                 ("mixed", None)])
 def test_fused_steps_equal_the_layered_forward(mode: str, group_size: int | None) -> None:
     model = quantized_model(mode, group_size)
     assert use_fused_decode(model)
@@ -103,7 +117,8 @@ def test_decoder_decodes_fused_where_the_model_has_it() -> None:
         assert counting.calls == 2
 
 
-@pytest.mark.parametrize(("mode", "adapters"), [("int8", False), ("bf16", False), ("int4", True), ("bf16", True)])
+@pytest.mark.parametrize(("mode", "adapters"), [("int8", False), ("bf16", False), ("int4", True), ("bf16", True),
+                                             ("mixed", True)])
 def test_a_batch_of_rows_equals_each_row_alone_and_the_layered_forward(mode: str, adapters: bool,
                                                                        tmp_path: Path) -> None:
     """Rows at different positions (as the engine's slots are) get the numbers they get alone; with served LoRA
@@ -159,7 +174,9 @@ def test_which_models_fit() -> None:
     assert fits_fused_decode(quantized_model("int8")) and fits_fused_decode(quantized_model("bf16"))
     mixed = quantized_model("bf16")
     mixed.model.layers[1].self_attn.k_proj = QuantizedLinear.from_linear(mixed.model.layers[1].self_attn.k_proj, 8)
-    assert not fits_fused_decode(mixed)  # q, k and v go through one call: one kind
+    assert fits_fused_decode(mixed)  # q, k and v of different schemes: one call each
+    mixed.model.layers[1].self_attn.v_proj = torch.nn.Linear(256, 64, bias=False, dtype=torch.bfloat16)
+    assert not fits_fused_decode(mixed)  # a layer the kernels do not take
 
 
 def test_load_decodes_fused_with_the_same_tokens() -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import random_model, write_hf_dir
+from factories import q4_k_bytes, random_model, write_hf_dir
 from test_checkpoint import STORIES_GREEDY_200
 
 import llamaforge
 from llamaforge.chat import JINJA_TEMPLATE
+from llamaforge.checkpoint import gguf as gguf_checkpoint
 from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.cli import main
 from llamaforge.config import ModelArgs
@@ -114,8 +115,13 @@ def test_q8_0_and_q4_0_load_as_int8_and_int4_layers_without_rounding_again(gqa_m
         # The same numbers the dequantizing load computes, q and k rows in the same (HF) order.
         assert torch.equal(layer.dequantize(), dense_layers[name].weight.detach()), name
     # In float32, what is left between the two is the kernel rounding activations to int8 in blocks of 32.
-    kept32 = llamaforge.load(path, dtype=torch.float32)
-    ids = base.tokenizer.encode("The llama hums a quiet song", bos=True)
+    assert_decodes_like(llamaforge.load(path, dtype=torch.float32), dense,
+                        base.tokenizer.encode("The llama hums a quiet song", bos=True))
+
+
+def assert_decodes_like(kept32: llamaforge.LLM, dense: llamaforge.LLM, ids: list[int]) -> None:
+    """Decoding `ids` one token at a time (so the int8 / int4 kernel does the work), the kept model's top log
+    probabilities stay within 0.05 of the dense model's, and a clear choice stays the choice."""
     decoded, reference = [], []
     for position in range(1, len(ids) + 1):  # one token at a time, as decoding runs, so the kernel does the work
         decoded.append(kept32.generate(ids[:position], max_new_tokens=1, temperature=0.0, logprobs=True,
@@ -127,6 +133,60 @@ def test_q8_0_and_q4_0_load_as_int8_and_int4_layers_without_rounding_again(gqa_m
         first, second = sorted(theirs.values(), reverse=True)[:2]
         if first - second > 0.1:  # a clear choice stays the choice (a near-tie may flip)
             assert max(ours, key=ours.get) == max(theirs, key=theirs.get)
+
+
+@pytest.fixture(scope="module")
+def q4_k_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_path: Path) -> Path:
+    """A GGUF whose 2-D weights are all Q4_K (widths of 256 and 512), as llama.cpp lays the blocks out: our writer
+    with its encoder swapped for a plain Q4_K quantizer (factories.q4_k_bytes)."""
+    config = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=128)
+    directory = tmp_path_factory.mktemp("q4_k")
+    model_dir = write_hf_dir(directory / "model", random_model(config, std=0.05), tiny_tokenizer_path)
+    encode = gguf_checkpoint._encode
+
+    def q4_k(gguf_module, array: np.ndarray, weight_type: str):
+        if array.ndim != 2:
+            return encode(gguf_module, array, weight_type)
+        return q4_k_bytes(torch.from_numpy(array)).numpy(), gguf_module.GGMLQuantizationType.Q4_K
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_checkpoint, "_encode", q4_k)
+        return export(llamaforge.load(model_dir, dtype=torch.float32), directory / "model.gguf")
+
+
+def test_q4_k_loads_as_q4_k_layers_holding_the_files_numbers(q4_k_gguf: Path) -> None:
+    """llama.cpp's most used 4-bit type runs as stored (4.625 bits a weight, not int8's 8.5): each Q4_K linear
+    is a Q4_K layer whose weight is gguf-py's dequantization of the file, q / k rows in HF's order; it decodes
+    through the fused layers, and like the dequantized model up to int8 activation rounding."""
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(q4_k_gguf).tensors if len(t.shape) == 2}
+    assert kinds == {"Q4_K"}
+    dense = llamaforge.load(q4_k_gguf, dtype=torch.float32, quantize=None)
+    kept = llamaforge.load(q4_k_gguf)
+    dense_layers = dict(dense.model.named_modules())
+    quantized = {name: m for name, m in kept.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantized) == 2 * 7 + 1 and {m.kind for m in quantized.values()} == {"q4_k"}
+    for name, layer in quantized.items():
+        assert torch.equal(layer.dequantize(), dense_layers[name].weight.detach()), name
+    assert kept.model.fused_decode is not None
+    prompt = "The llama hums"
+    fused = kept.generate(prompt, max_new_tokens=8, temperature=0.0)
+    kept.model.fused_decode = None
+    assert kept.generate(prompt, max_new_tokens=8, temperature=0.0).token_ids == fused.token_ids
+    assert_decodes_like(llamaforge.load(q4_k_gguf, dtype=torch.float32), dense,
+                        dense.tokenizer.encode("The llama hums a quiet song", bos=True))
+
+
+def test_a_q4_k_model_saves_as_a_quantized_checkpoint_and_loads_back(q4_k_gguf: Path, tmp_path: Path) -> None:
+    """`llamaforge quantize` of a Q4_K GGUF keeps its Q4_K layers (kind "q4_k" in config.json), which load back
+    with the same codes, scales and mins."""
+    out = tmp_path / "quantized"
+    assert main(["quantize", "--model", str(q4_k_gguf), "--out", str(out), "--type", "int4"]) == 0
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert layers["model.layers.0.mlp.down_proj"] == {"bits": 4, "group_size": 32, "kind": "q4_k"}
+    direct, loaded = llamaforge.load(q4_k_gguf), llamaforge.load(out)
+    for (name, a), (_, b) in zip(direct.model.named_modules(), loaded.model.named_modules(), strict=True):
+        if isinstance(a, QuantizedLinear):
+            assert b.kind == "q4_k" and torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
 
 
 def test_the_llama2_vocabulary_survives_the_trip(llama_tokenizer_path: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import engine_tokens
+from factories import engine_tokens, q4_k_bytes
 from torch import nn
 
 import llamaforge
@@ -33,7 +33,7 @@ from llamaforge.quantize import (
     quantize_weight,
     use_bf16_kernel,
 )
-from llamaforge.quantize.formats import BIAS, from_stored, pack, stored_codes, unpack_codes
+from llamaforge.quantize.formats import BIAS, from_gguf_q4_k, from_stored, pack, stored_codes, unpack_codes
 from llamaforge.sampling import SamplingParams
 
 gguf = pytest.importorskip("gguf")
@@ -98,6 +98,57 @@ def test_kernel_layout_interleaves_16_rows_and_the_stored_layout_is_row_major(bi
     back = from_stored(stored, stored_scales, bits, 32, K)
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
     assert torch.equal(unpack_codes(q), values)
+
+
+def random_q4_k_bytes(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Random Q4_K blocks (every code, 6-bit scale and min occurs) with small positive float16 d and dmin."""
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (rows, width // 256, 144), dtype=torch.uint8, generator=generator)
+    factors = (torch.rand(rows, width // 256, 2, generator=generator) * 0.01).half()
+    raw[..., :4] = factors.view(torch.uint8)
+    return raw.reshape(rows, -1)
+
+
+def test_q4_k_blocks_repack_holding_gguf_dequantization_exactly() -> None:
+    """Q4_K blocks (a quantizer's, and random bytes) repacked hold what gguf-py's dequantization of the file gives,
+    to the bit, in every path (torch, the compiled loop, the stored layout), rows reordered with their scales."""
+    for raw in (q4_k_bytes(torch.randn(40, 512) * 0.05), random_q4_k_bytes(40, 512)):
+        expected = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType.Q4_K))
+        expected = expected.reshape(40, 512)
+        q = from_gguf_q4_k(raw, (40, 512))
+        assert q.kind == "q4_k" and torch.equal(dequantize_weight(q), expected)
+        if kernels.native() is not None:
+            assert torch.equal(kernels.dequantize(q, torch.float32), expected)
+            assert torch.equal(kernels.dequantize(q, torch.bfloat16), expected.bfloat16())
+        order = torch.randperm(40)
+        assert torch.equal(dequantize_weight(from_gguf_q4_k(raw, (40, 512), row_order=order)), expected[order])
+        codes, scales = stored_codes(q)
+        assert codes.shape == (40, 256) and scales.shape == (40, 2 * 20)
+        again = from_stored(codes, scales, 4, 32, 512, "q4_k")
+        assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
+    assert from_gguf_q4_k(raw[:32], (32, 512)).nbytes * 8 == 4.625 * 32 * 512  # the file's 4.5 bits, and 1/8 more
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 11])
+def test_q4_k_kernel_equals_its_torch_reference(rows: int) -> None:
+    """Q4_K weights in the kernel: each block's integer dot product times d * sc, less dmin * m times the
+    activations' block sum, as the reference computes it, and close to the float product with the dequantized
+    weight (int8 activations being the only difference)."""
+    q = from_gguf_q4_k(random_q4_k_bytes(40, 768, seed=rows), (40, 768))
+    x = torch.randn(rows, 768)
+    x[0, :32] = 0.0
+    reference = kernels.qlinear_reference(x, q)
+    out = kernels.qlinear(x, q)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    assert torch.equal(out, torch.cat([kernels.qlinear(x[i:i + 1], q) for i in range(rows)]))
+    exact = x @ dequantize_weight(q).T
+    assert ((out - exact).norm() / exact.norm()).item() < 0.01
+    x16 = x.bfloat16()
+    torch.testing.assert_close(kernels.qlinear(x16, q), kernels.qlinear_reference(x16.float(), q).bfloat16(),
+                               rtol=1e-2, atol=1e-2)
+    layer = QuantizedLinear(q)  # the layer: the kernel where it runs, else the dequantized weight
+    assert torch.equal(layer(x), out) and "kind=q4_k" in repr(layer)
 
 
 @pytest.mark.parametrize(("bits", "group"), SCHEMES)
@@ -179,6 +230,13 @@ def test_linear_layer_paths(bits: int, group: int | None, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "native", lambda: None)  # no kernel: torch computes every input
     for x in (long, short):
         torch.testing.assert_close(layer(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_q4_k_layer_without_the_kernel_multiplies_the_dequantized_weight(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    layer = QuantizedLinear(from_gguf_q4_k(random_q4_k_bytes(24, 256), (24, 256)))
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), F.linear(x, dequantize_weight(layer.weight_q)), rtol=1e-5, atol=1e-5)
 
 
 def test_a_quantized_models_state_dict_holds_the_stored_layout_and_loads_back() -> None:

@@ -32,6 +32,7 @@ from llamaforge.checkpoint.keymaps import (
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
 from llamaforge.quantize import QuantizedWeight, from_gguf_blocks, quantize_weight
+from llamaforge.quantize.formats import from_gguf_q4_k
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -148,17 +149,17 @@ def stored_dtype(reader) -> torch.dtype:
     return torch.bfloat16 if "BF16" in types else torch.float16
 
 
-# Linear weights of these types load as int8 / int4 layers as stored (`iter_tensors(keep_quantized=True)`).
-KEPT_BITS = {"Q8_0": 8, "Q4_0": 4}
+# Linear weights of these types load as int8 / int4 / Q4_K layers as stored (`iter_tensors(keep_quantized=True)`).
+KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4}
 # Types stored in floats: everything else is quantized in blocks.
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 def kept_bits(tensor) -> int | None:
-    """The bits of the layer a linear weight loads as (`iter_tensors(keep_quantized=True)`): Q8_0 / Q4_0 as stored;
-    llama.cpp's other block types (the k-quants Q4_K, Q6_K, ..., Q4_1, Q5_0, ...) as int8 in groups of 32, their
-    values quantized again, which keeps them at 8.5 bits a weight rather than 16 and adds at most half an int8
-    step to the file's own rounding. None for floats and for the embedding (a table lookup, not a product)."""
+    """The bits of the layer a linear weight loads as (`iter_tensors(keep_quantized=True)`): Q8_0 / Q4_0 / Q4_K as
+    stored; llama.cpp's other block types (the k-quants Q6_K, Q5_K, ..., Q4_1, Q5_0, ...) as int8 in groups of 32,
+    their values quantized again, which keeps them at 8.5 bits a weight rather than 16 and adds at most half an
+    int8 step to the file's own rounding. None for floats and for the embedding (a table lookup, not a product)."""
     kind = tensor.tensor_type.name
     if tensor.name == "token_embd.weight" or kind in FLOAT_TYPES or len(tensor.shape) != 2:
         return None
@@ -185,8 +186,9 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """HF-named tensors in HF's row layout, one at a time.
 
-    With `keep_quantized`, Q8_0 and Q4_0 linear weights come as QuantizedWeight (int8 / int4 in groups of 32,
-    the same codes and scales repacked, nothing rounded again) instead of dequantized floats, and other
+    With `keep_quantized`, Q8_0, Q4_0 and Q4_K linear weights come as QuantizedWeight (int8 / int4 in groups of 32,
+    or Q4_K's codes, scales and mins: the same numbers repacked, nothing rounded again) instead of dequantized
+    floats, and other
     quantized linear weights as int8 in groups of 32 (see `kept_bits`); the embedding, a table lookup rather than
     a product, is dequantized as before.
     """
@@ -204,7 +206,10 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
             order = rows[:, 0].long()
             if tensor.tensor_type.name in KEPT_BITS:
                 blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
-                yield name, from_gguf_blocks(blocks, bits, shape, row_order=order)
+                if tensor.tensor_type.name == "Q4_K":
+                    yield name, from_gguf_q4_k(blocks, shape, row_order=order)
+                else:
+                    yield name, from_gguf_blocks(blocks, bits, shape, row_order=order)
             else:
                 yield name, quantize_weight(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
             continue

@@ -7,7 +7,9 @@ HF checkpoint (config.json, safetensors shards, tokenizer files) with two differ
   stored layout of llamaforge/quantize/formats.py (row-major, rows padded to 128 weights; int4 two codes per
   byte), which loading repacks for the kernel;
 - config.json has `"quantization_config": {"quant_method": "llamaforge", "format_version": 1, "mode": ...,
-  "layers": {"X": {"bits": 8 | 4, "group_size": G}, ...}}`, G being the weights per scale along a row.
+  "layers": {"X": {"bits": 8 | 4, "group_size": G}, ...}}`, G being the weights per scale along a row; a layer
+  holding llama.cpp's Q4_K numbers (loaded from a GGUF) has `"kind": "q4_k"` (bits 4, G 32) and its scales are
+  bytes, each 256 weights' d and dmin (float16) and 8 six-bit scales and mins (formats.py's stored layout).
 
 transformers does not read this format (its quant_method is not one it knows); llamaforge does.
 """
@@ -24,7 +26,7 @@ from llamaforge.checkpoint.inventory import Inventory, expected_shapes
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
 from llamaforge.quantize import QuantizedLinear, QuantizedWeight
-from llamaforge.quantize.formats import from_stored, stored_width
+from llamaforge.quantize.formats import KINDS, STORED_Q4_K_BYTES, SUPER_BLOCK, from_stored, stored_width
 
 METHOD = "llamaforge"
 FORMAT_VERSION = 1
@@ -32,8 +34,8 @@ FORMAT_VERSION = 1
 
 def quantization_config(model: torch.nn.Module, mode: str) -> dict:
     """The config.json entry describing `model`'s quantized layers."""
-    layers = {name: {"bits": m.bits, "group_size": m.group_size} for name, m in model.named_modules()
-              if isinstance(m, QuantizedLinear)}
+    layers = {name: {"bits": m.bits, "group_size": m.group_size} | ({"kind": m.kind} if m.kind != "int" else {})
+              for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     return {"quant_method": METHOD, "format_version": FORMAT_VERSION, "mode": mode, "layers": layers}
 
 
@@ -64,11 +66,16 @@ def check_inventory(config: ModelArgs, inventory: Inventory, layers: dict[str, d
         if weight not in dense:
             raise CheckpointError(f"{inventory.config_file} quantizes {layer}, which a Llama model does not have")
         N, K = dense[weight]
-        bits, group = scheme.get("bits"), scheme.get("group_size")
+        bits, group, kind = scheme.get("bits"), scheme.get("group_size"), scheme.get("kind", "int")
         if bits not in (8, 4) or not isinstance(group, int) or group < 1:
             raise CheckpointError(f"{inventory.config_file}: layer {layer} has bits={bits}, group_size={group}; "
                                   "expected bits 8 or 4 and a positive group size")
-        expected = {f"{layer}.codes": (N, stored_width(K) * bits // 8), f"{layer}.scales": (N, -(-K // group))}
+        if kind not in KINDS or (kind == "q4_k" and (bits, group, K % SUPER_BLOCK) != (4, 32, 0)):
+            raise CheckpointError(f"{inventory.config_file}: layer {layer} has kind={kind!r} (bits={bits}, "
+                                  f"group_size={group}, {K} inputs); expected one of {', '.join(KINDS)}, q4_k with "
+                                  "bits 4, group size 32 and a multiple of 256 inputs")
+        scales = (N, K // SUPER_BLOCK * STORED_Q4_K_BYTES) if kind == "q4_k" else (N, -(-K // group))
+        expected = {f"{layer}.codes": (N, stored_width(K) * bits // 8), f"{layer}.scales": scales}
         for name, shape in expected.items():
             found = inventory.shapes.pop(name, None)
             if found != shape:
@@ -95,7 +102,7 @@ def group_tensors(tensors: Iterable[tuple[str, torch.Tensor]], layers: dict[str,
             del waiting[layer]
             scheme = layers[layer]
             yield f"{layer}.weight", from_stored(parts["codes"], parts["scales"], scheme["bits"], scheme["group_size"],
-                                                 in_features[layer])
+                                                 in_features[layer], scheme.get("kind", "int"))
 
 
 def in_features_of(config: ModelArgs, layers: dict[str, dict]) -> dict[str, int]:

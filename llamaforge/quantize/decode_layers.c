@@ -18,7 +18,9 @@
 #include "qlinear.c"
 #include "bf16linear.c"
 
-// The weights that multiply one input (q, k, v; or gate, up; or one alone): int8 / int4 in qlinear.c's layout, or
+// The weights that multiply one input (q, k, v; or gate, up; or one alone), each of its own scheme (a GGUF file's q
+// and k may be Q4_K and v Q6_K): int8 / int4 / Q4_K (`kind`, qlinear.c's KIND_INT or KIND_Q4_K) in qlinear.c's
+// layout, or
 // (bits 16) bfloat16 rows (N, K) in `dense`; and where LoRA adapters are served (llamaforge/adapters.py), each
 // projection's stacked low-rank matrices, float32: A (slots, rank, K) and B (slots, rank, N) (else NULL).
 typedef struct {
@@ -26,7 +28,7 @@ typedef struct {
     const uint16_t *scales[3];
     const uint16_t *dense[3];
     int64_t N[3];
-    int64_t count, bits, group;
+    int64_t count, bits[3], group[3], kind[3];
     const float *lora_a[3], *lora_b[3];
     int64_t lora_rank;
 } Projections;
@@ -133,20 +135,43 @@ static void project_dense(const Projections *p, const uint16_t *x, int64_t M, in
     }
 }
 
+// Projection i of p alone, as a set of one.
+static Projections one_projection(const Projections *p, int i) {
+    Projections one = *p;
+    one.codes[0] = p->codes[i];
+    one.scales[0] = p->scales[i];
+    one.dense[0] = p->dense[i];
+    one.N[0] = p->N[i];
+    one.bits[0] = p->bits[i];
+    one.group[0] = p->group[i];
+    one.kind[0] = p->kind[i];
+    one.count = 1;
+    return one;
+}
+
 // Quantize the M rows of x for a set of projections (one thread), then multiply (all threads, tiles shared out);
 // call from every thread of the region. `act` has room for M rows of the widest input, `prepared` for M rows of it
-// prepared for bfloat16 weights (bf16linear.c's prepare_rows).
+// prepared for bfloat16 weights (bf16linear.c's prepare_rows). Projections of different schemes go one at a time.
 static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t K, uint16_t *const *ys,
                     QuantizedActivations *act, prepared_t *prepared) {
-    if (p->bits == 16) {
+    for (int i = 1; i < p->count; i++) {
+        if (p->bits[i] != p->bits[0] || p->group[i] != p->group[0] || p->kind[i] != p->kind[0]) {
+            for (int j = 0; j < p->count; j++) {
+                const Projections one = one_projection(p, j);
+                project(&one, x, M, K, ys + j, act, prepared);
+            }
+            return;
+        }
+    }
+    if (p->bits[0] == 16) {
         project_dense(p, x, M, K, ys, prepared);
         return;
     }
-    const Shape s = shape_of(K, (int)p->bits, p->group);
+    const Shape s = shape_of(K, (int)p->bits[0], p->group[0], (int)p->kind[0]);
     int64_t first_tile[4] = {0};
     for (int i = 0; i < p->count; i++) first_tile[i + 1] = first_tile[i] + (p->N[i] + TILE - 1) / TILE;
     #pragma omp single
-    quantize_activations(x, 1, M, &s, p->bits == 8 ? 128 : 8, act);
+    quantize_activations(x, 1, M, &s, p->bits[0] == 8 ? 128 : 8, act);
     const int64_t tiles = first_tile[p->count];
     #pragma omp for schedule(static)
     for (int64_t first = 0; first < tiles; first += TASK_TILES)
@@ -224,20 +249,17 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
                   int64_t offsets_stride, const int64_t *slots, int n_threads) {
     const int64_t dim = d->dim, hidden = d->hidden, H = d->H, D = d->D, HD = H * D, KVD = d->Hkv * D;
     const int64_t wider = dim > hidden ? dim : hidden, widest = wider > HD ? wider : HD;
-    const int64_t blocks = B * ((widest + BLOCK - 1) / BLOCK);  // of the widest input a projection quantizes
     int64_t Lp = 16;  // room for the scores of the longest row's attention
     for (int64_t b = 0; b < B; b++) Lp = positions[b] + 1 > Lp ? (positions[b] + 16) / 16 * 16 : Lp;
     uint16_t *buffer = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(B * (3 * dim + 2 * HD + 2 * KVD + 3 * hidden)));
     const int64_t groups = attention_groups(1, H, d->Hkv, 1, D), room = group_queries(D) * Lp;  // a row's
     float *weights = (float *)aligned_alloc(64, sizeof(float) * (size_t)(B * groups * room));
-    QuantizedActivations act = {(int8_t *)malloc((size_t)(blocks * BLOCK)), (int32_t *)malloc(sizeof(int32_t) *
-                                (size_t)blocks), (float *)malloc(sizeof(float) * (size_t)blocks)};
+    QuantizedActivations act;  // room for the widest input a projection quantizes
+    const int act_status = allocate_activations(&act, B, widest);
     prepared_t *prepared = (prepared_t *)malloc(sizeof(prepared_t) * (size_t)(B * padded_width(widest)));
     int64_t *adapted = (int64_t *)malloc(sizeof(int64_t) * (size_t)B), n_adapted = 0;
-    if (!buffer || !weights || !act.codes || !act.negbias || !act.scales || !prepared || !adapted || D > 256
-            || D % 16 != 0) {
-        free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(prepared);
-        free(adapted);
+    if (!buffer || !weights || act_status != 0 || !prepared || !adapted || D > 256 || D % 16 != 0) {
+        free(buffer); free(weights); free_activations(&act); free(prepared); free(adapted);
         return -1;
     }
     int64_t max_slot = 0;
@@ -288,6 +310,6 @@ int decode_layers(uint16_t *x, int64_t B, const Layer *layers, int64_t n_layers,
         #pragma omp single
         add_residual(x, mlp_out, B * dim);
     }
-    free(buffer); free(weights); free(act.codes); free(act.negbias); free(act.scales); free(prepared); free(adapted);
+    free(buffer); free(weights); free_activations(&act); free(prepared); free(adapted);
     return 0;
 }

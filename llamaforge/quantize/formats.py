@@ -18,10 +18,17 @@ Two layouts of the same codes and scales:
   values in whole tiles and blocks.
 - the stored one (`stored_codes` / `from_stored`: quantized checkpoints, checkpoint/quantized.py): row-major,
   rows padded with zero values to a multiple of 128 weights; int4 packs each run of 128 weights of a row into
-  64 bytes, weight i in the low nibble of byte i and weight 64 + i in the high nibble; scales (N, n_groups).
+  64 bytes, weight i in the low nibble of byte i and weight 64 + i in the high nibble; scales (N, n_groups)
+  (for "q4_k" below: (N, K / 256 * 20) bytes, each super-block's d and dmin as float16, then its 8 sc, its 8 m).
   It does not depend on the kernel, which may change its tiling without changing the files.
 
 `group_size` None (or >= the width) means one scale per row, the usual int8 choice.
+
+A third kind, "q4_k", keeps llama.cpp's Q4_K blocks as they are (`from_gguf_q4_k`): 4-bit codes q in 0 .. 15 (the
+int4 layout's codes, read as value q - 8) in sub-blocks of 32 weights, each with a 6-bit scale sc and a 6-bit min m
+under a super-block of 256 weights' float16 factors d and dmin: w = d * sc * q - dmin * m. Its scales are bytes,
+(tiles, K / 256, 320) uint8: for each tile and super-block, d of the tile's 16 rows (float16), then dmin, then for
+each of the 8 sub-blocks sc of the 16 rows, then m (qlinear.c reads them). 4.625 bits a weight (the file's 4.5).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ BIAS = {8: 128, 4: 8}  # stored code = value + bias
 BLOCK = 32  # weights per block in the kernel's layout; also per Q8_0 / Q4_0 block in GGUF
 TILE = 16  # rows interleaved in the kernel's layout
 STORED_PAD = 128  # row width multiple of the stored layout
+KINDS = ("int", "q4_k")  # symmetric codes with float16 group scales; llama.cpp's Q4_K (see above)
+SUPER_BLOCK = 256  # weights of a row under one Q4_K super-block's d and dmin
+SUPER_BYTES = 320  # a tile's Q4_K scale bytes a super-block: d and dmin (16 float16 each), 8 x (sc, m) (16 bytes each)
+STORED_Q4_K_BYTES = 20  # a row's Q4_K scale bytes a super-block in the stored layout: d, dmin, 8 sc, 8 m
 
 
 @dataclass
@@ -48,14 +59,36 @@ class QuantizedWeight:
     group_size: int  # weights per scale along a row; the whole row for per-row scales
     in_features: int
     out_features: int
+    kind: str = "int"  # one of KINDS
 
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales.nbytes
 
     def row_scales(self) -> torch.Tensor:
-        """The scales as (out_features, n_groups) float16."""
+        """The scales as (out_features, n_groups) float16 (kind "int")."""
         return self.scales.transpose(1, 2).reshape(-1, self.scales.shape[1])[:self.out_features]
+
+    def q4_k_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A "q4_k" weight's d, dmin (out_features, K / 256) float16 and sc, m (out_features, K / 32) uint8."""
+        tiles, supers, _ = self.scales.shape
+        factors = self.scales[..., :64].contiguous().view(torch.float16).view(tiles, supers, 2, TILE)
+        d, dmin = (factors[:, :, i].transpose(1, 2).reshape(-1, supers)[:self.out_features] for i in (0, 1))
+        bytes_ = self.scales[..., 64:].view(tiles, supers, 8, 2, TILE).permute(0, 4, 1, 2, 3)  # [tile, row, s, j, sc/m]
+        sc, m = (bytes_[..., i].reshape(tiles * TILE, -1)[:self.out_features] for i in (0, 1))
+        return d, dmin, sc, m
+
+    def block_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 scale and min of each 32-weight block (out_features, K / 32) for kind "q4_k" (d * sc and
+        dmin * m, exact in float32), of each group's blocks for kind "int" (and zero mins)."""
+        blocks = -(-self.in_features // BLOCK)
+        if self.kind == "q4_k":
+            d, dmin, sc, m = self.q4_k_factors()
+            per_block = SUPER_BLOCK // BLOCK
+            return (d.float().repeat_interleave(per_block, dim=1) * sc.float(),
+                    dmin.float().repeat_interleave(per_block, dim=1) * m.float())
+        scales = self.row_scales().float()[:, torch.arange(blocks) * BLOCK // self.group_size]
+        return scales, torch.zeros_like(scales)
 
 
 def stored_width(in_features: int) -> int:
@@ -102,6 +135,16 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
 def pack(values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
     """Signed values (N, K) and float16 scales (N, n_groups) in the kernel's layout (see qlinear.c)."""
     N, K = values.shape
+    tiles = -(-N // TILE)
+    tiled_scales = torch.zeros(tiles * TILE, scales.shape[1], dtype=torch.float16, device=scales.device)
+    tiled_scales[:N] = scales
+    return QuantizedWeight(pack_codes(values, bits), tiled_scales.view(tiles, TILE, -1).transpose(1, 2).contiguous(),
+                           bits, group_size, K, N)
+
+
+def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed values (N, K) as the kernel's codes (tiles, blocks, 512 or 256) uint8 (see qlinear.c)."""
+    N, K = values.shape
     tiles, blocks = -(-N // TILE), -(-K // BLOCK)
     codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
     codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
@@ -110,10 +153,7 @@ def pack(values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int)
     else:  # [tile, row, block, half, vector, byte] -> [tile, block, half, vector, row, byte]; halves to nibbles
         halves = codes.view(tiles, TILE, blocks, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
         codes = halves[:, :, 0] | halves[:, :, 1] << 4
-    tiled_scales = torch.zeros(tiles * TILE, scales.shape[1], dtype=torch.float16, device=scales.device)
-    tiled_scales[:N] = scales
-    return QuantizedWeight(codes.reshape(tiles, blocks, -1).contiguous(),
-                           tiled_scales.view(tiles, TILE, -1).transpose(1, 2).contiguous(), bits, group_size, K, N)
+    return codes.reshape(tiles, blocks, -1).contiguous()
 
 
 def unpack_codes(q: QuantizedWeight) -> torch.Tensor:
@@ -132,29 +172,43 @@ def unpack_codes(q: QuantizedWeight) -> torch.Tensor:
 def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight (N, K) the codes stand for, in `dtype` (computed in float32, then cast)."""
     values = unpack_codes(q).float()
+    if q.kind == "q4_k":  # d * sc * q is exact in float32, so only the subtraction rounds, as in llama.cpp
+        scales, mins = (t.repeat_interleave(BLOCK, dim=1) for t in q.block_scales())
+        return ((values + BIAS[4]) * scales - mins).to(dtype)
     scales = q.row_scales().float().repeat_interleave(q.group_size, dim=1)[:, :q.in_features]
     return (values * scales).to(dtype)
 
 
 def stored_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes and scales in the stored (checkpoint) layout: (N, Kp) or (N, Kp / 2) uint8, (N, n_groups)."""
+    """The codes and scales in the stored (checkpoint) layout: (N, Kp) or (N, Kp / 2) uint8, (N, n_groups) float16
+    (for kind "q4_k" (N, K / 256 * 20) uint8: each super-block's d, dmin (float16), its 8 sc, its 8 m)."""
     N, K = q.out_features, q.in_features
     padded = torch.full((N, stored_width(K)), BIAS[q.bits], dtype=torch.uint8, device=q.codes.device)
     padded[:, :K] = (unpack_codes(q) + BIAS[q.bits]).to(torch.uint8)
     if q.bits == 4:
         runs = padded.view(N, -1, 2, 64)  # (N, Kp / 128, low / high half, 64)
         padded = (runs[:, :, 0] | runs[:, :, 1] << 4).reshape(N, -1)
+    if q.kind == "q4_k":
+        d, dmin, sc, m = q.q4_k_factors()
+        supers = d.shape[1]
+        factors = torch.stack([d, dmin], dim=-1).contiguous().view(torch.uint8)  # (N, supers, 4)
+        return padded, torch.cat([factors, sc.reshape(N, supers, 8), m.reshape(N, supers, 8)], dim=-1).reshape(N, -1)
     return padded, q.row_scales().contiguous()
 
 
-def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                in_features: int) -> QuantizedWeight:
+def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
+                kind: str = "int") -> QuantizedWeight:
     """A weight from the stored layout (`stored_codes`), repacked for the kernel."""
     N = codes.shape[0]
     if bits == 4:
         runs = codes.view(N, -1, 1, 64)
         codes = torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(N, -1)
-    return pack(codes[:, :in_features].to(torch.int16) - BIAS[bits], scales, bits, group_size)
+    values = codes[:, :in_features].to(torch.int16) - BIAS[bits]
+    if kind == "q4_k":
+        supers = scales.reshape(N, -1, STORED_Q4_K_BYTES)
+        d, dmin = (supers[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))
+        return pack_q4_k(values, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1))
+    return pack(values, scales, bits, group_size)
 
 
 def from_gguf_blocks(blocks: torch.Tensor, bits: int, shape: tuple[int, int],
@@ -178,3 +232,55 @@ def from_gguf_blocks(blocks: torch.Tensor, bits: int, shape: tuple[int, int],
     if row_order is not None:
         values, scales = values[row_order], scales[row_order]
     return pack(values, scales, bits, BLOCK)
+
+
+Q4_K_BYTES = 144  # a GGUF Q4_K block: d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of codes
+
+
+def q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 sub-blocks' 6-bit scales and mins (..., 8) uint8 from Q4_K's 12 packed bytes (..., 12): bytes 0-3 and
+    4-7 hold sub-blocks 0-3's scales and mins in their low 6 bits, bytes 8-11 the low 4 bits of sub-blocks 4-7's
+    (scale low, min high nibble), whose top 2 bits are the top 2 bits of bytes 0-3 (scales) and 4-7 (mins)."""
+    low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = torch.cat([low & 0x3F, (high & 0x0F) | (low >> 6) << 4], dim=-1)
+    mins = torch.cat([mid & 0x3F, high >> 4 | (mid >> 6) << 4], dim=-1)
+    return scales, mins
+
+
+def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int],
+                   row_order: torch.Tensor | None = None) -> QuantizedWeight:
+    """A GGUF Q4_K tensor's raw bytes as a "q4_k" QuantizedWeight, nothing rounded (see the module docstring).
+
+    A block (144 bytes) covers 256 weights of a row: d, dmin (float16), 12 bytes of packed 6-bit scales and mins
+    (`q4_k_scales_and_mins`), then 128 bytes whose run j of 32 holds sub-block 2j's codes in its low nibbles and
+    sub-block 2j + 1's in its high ones. `row_order` (N,) takes the rows in that order.
+    """
+    N, K = shape
+    raw = blocks.reshape(N, K // SUPER_BLOCK, Q4_K_BYTES)
+    if row_order is not None:
+        raw = raw[row_order]
+    d, dmin = (raw[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))  # (N, supers)
+    sc, m = q4_k_scales_and_mins(raw[..., 4:16])  # (N, supers, 8) each
+    runs = raw[..., 16:].reshape(N, -1, 4, 1, 32)
+    codes = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, K)  # (N, supers, run, low / high, 32)
+    return pack_q4_k(codes.to(torch.int16) - BIAS[4], d, dmin, sc.reshape(N, -1), m.reshape(N, -1))
+
+
+def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor,
+              m: torch.Tensor) -> QuantizedWeight:
+    """A "q4_k" weight in the kernel's layout from its values q - 8 (N, K), d and dmin (N, K / 256) float16 and sc
+    and m (N, K / 32) uint8."""
+    N, K = values.shape
+    tiles, supers = -(-N // TILE), K // SUPER_BLOCK
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (tiles, 16, ...), rows past N zero
+        out = torch.zeros(tiles * TILE, *t.shape[1:], dtype=t.dtype)
+        out[:N] = t
+        return out.view(tiles, TILE, *t.shape[1:])
+
+    factors = torch.stack([tiled(d), tiled(dmin)], dim=2)  # (tiles, 16, d / dmin, supers)
+    factors = factors.permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(tiles, supers, 64)
+    pairs = torch.stack([tiled(sc), tiled(m)], dim=-1).view(tiles, TILE, supers, 8, 2)  # [tile, row, s, j, sc/m]
+    pairs = pairs.permute(0, 2, 3, 4, 1).reshape(tiles, supers, 256)
+    return QuantizedWeight(pack_codes(values, 4), torch.cat([factors, pairs], dim=-1).contiguous(), 4, BLOCK, K, N,
+                           kind="q4_k")

@@ -1,7 +1,7 @@
 """Decode steps through all decoder layers in one C call (decode_layers.c), where the model allows.
 
 `use_fused_decode(model)` checks once that a model fits the fused path (a bfloat16 CPU model whose decoder layers'
-linears are int8 / int4 or bfloat16, on a CPU with AVX-512 VNNI and BF16, or AVX2) and, if so, sets
+linears are int8 / int4 / Q4_K or bfloat16, on a CPU with AVX-512 VNNI and BF16, or AVX2) and, if so, sets
 `model.fused_decode`, which `generate.Decoder` calls for decode steps (generate's and the engine's) instead of the
 layer-by-layer forward. The embedding, the final norm and the output layer stay torch modules. The layers' numbers
 are the layer-by-layer forward's to the bit (same kernels; its norms and SwiGLU run decode_layers.c's too), which
@@ -96,9 +96,8 @@ def fits_fused_decode(model: Llama) -> bool:
         attention, mlp = layer.self_attn, layer.mlp
         groups = ((attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
                   (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-        for group in groups:  # each group one kind the kernel takes: one call multiplies it
-            schemes = {_scheme(linear) for linear in group}
-            if len(schemes) != 1 or None in schemes or len(set(map(_adapters_dtype, group))) != 1:
+        for group in groups:  # each projection one the kernel takes (one call multiplies a group of one scheme)
+            if any(_scheme(linear) is None for linear in group) or len(set(map(_adapters_dtype, group))) != 1:
                 return False
             if _adapters_dtype(group[0]) not in (None, torch.float32):
                 return False
@@ -119,14 +118,14 @@ def _adapters_dtype(linear: torch.nn.Module) -> torch.dtype | None:
     return linear.lora_A.dtype if getattr(linear, "serves_adapters", False) else None
 
 
-def _scheme(linear: torch.nn.Module) -> tuple[int, int] | None:
-    """(bits, group size) of a linear the kernel takes (bits 16: bfloat16 weights), else None."""
+def _scheme(linear: torch.nn.Module) -> tuple[int, int, str] | None:
+    """(bits, group size, kind) of a linear the kernel takes (bits 16: bfloat16 weights), else None."""
     linear = _base(linear)
     if type(linear) is QuantizedLinear:
-        return linear.bits, linear.group_size
+        return linear.bits, linear.group_size, linear.kind
     if (type(linear) is Bf16Linear and linear.bias is None and linear.weight.dtype == torch.bfloat16
             and linear.weight.is_contiguous()):
-        return 16, 0
+        return 16, 0, "int"
     return None
 
 
@@ -151,13 +150,16 @@ def _first_adapters(model: Llama) -> int | None:
 def _projections(*served: torch.nn.Module) -> kernels.Projections:
     pointers, sizes = kernels._PTR * 3, kernels._INT64 * 3
     linears = tuple(map(_base, served))
-    bits, group = _scheme(linears[0])
-    quantized = bits != 16
+    schemes = [_scheme(linear) for linear in linears]
+    quantized = [linear if bits != 16 else None for linear, (bits, _, _) in zip(linears, schemes, strict=True)]
+    dense = [None if linear is not None else base for linear, base in zip(quantized, linears, strict=True)]
     adapted = [layer for layer in served if getattr(layer, "serves_adapters", False)]  # all or none: see fits
-    return kernels.Projections(pointers(*(linear.codes.data_ptr() for linear in linears if quantized)),
-                               pointers(*(linear.scales.data_ptr() for linear in linears if quantized)),
-                               pointers(*(linear.weight.data_ptr() for linear in linears if not quantized)),
-                               sizes(*(linear.out_features for linear in linears)), len(linears), bits, group,
+    return kernels.Projections(pointers(*(linear and linear.codes.data_ptr() for linear in quantized)),
+                               pointers(*(linear and linear.scales.data_ptr() for linear in quantized)),
+                               pointers(*(linear and linear.weight.data_ptr() for linear in dense)),
+                               sizes(*(linear.out_features for linear in linears)), len(linears),
+                               sizes(*(bits for bits, _, _ in schemes)), sizes(*(group for _, group, _ in schemes)),
+                               sizes(*(kernels.KIND_CODES[kind] for _, _, kind in schemes)),
                                pointers(*(layer.lora_A.data_ptr() for layer in adapted)),
                                pointers(*(layer.lora_B.data_ptr() for layer in adapted)),
                                adapted[0].lora_A.shape[1] if adapted else 0)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge.model import KVCache
-from llamaforge.quantize.formats import BLOCK, QuantizedWeight, dequantize_weight, unpack_codes
+from llamaforge.quantize.formats import BIAS, BLOCK, QuantizedWeight, dequantize_weight, unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,10 @@ def native() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.qlinear_many.argtypes = [_PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64,
-                                     ctypes.c_int, ctypes.c_int]
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_int]
     library.qlinear_many.restype = ctypes.c_int
-    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
+    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int]
     library.dequantize.restype = None
     return library
 
@@ -195,12 +196,13 @@ def native_bf16() -> ctypes.CDLL | None:
 
 
 class Projections(ctypes.Structure):
-    """decode_layers.c's Projections: up to three weights of one kind (int8 / int4 of one scheme, or bfloat16: bits
-    16) that multiply one input, and their served LoRA adapters' stacked matrices (NULL where there are none)."""
+    """decode_layers.c's Projections: up to three weights that multiply one input, each int8 / int4 / Q4_K (its bits,
+    group size and kind) or bfloat16 (bits 16), and their served LoRA adapters' stacked matrices (NULL where there
+    are none)."""
 
     _fields_ = [("codes", _PTR * 3), ("scales", _PTR * 3), ("dense", _PTR * 3), ("N", _INT64 * 3), ("count", _INT64),
-                ("bits", _INT64), ("group", _INT64), ("lora_a", _PTR * 3), ("lora_b", _PTR * 3),
-                ("lora_rank", _INT64)]
+                ("bits", _INT64 * 3), ("group", _INT64 * 3), ("kind", _INT64 * 3), ("lora_a", _PTR * 3),
+                ("lora_b", _PTR * 3), ("lora_rank", _INT64)]
 
 
 class Layer(ctypes.Structure):
@@ -397,6 +399,7 @@ def kernel_runs(x: torch.Tensor) -> bool:
 
 
 MAX_MANY = 8  # weights one qlinear_many call takes
+KIND_CODES = {"int": 0, "q4_k": 1}  # QuantizedWeight.kind -> qlinear.c's KIND_INT / KIND_Q4_K
 
 
 def qlinear_many(x: torch.Tensor, weights: Sequence[QuantizedWeight]) -> list[torch.Tensor]:
@@ -405,8 +408,8 @@ def qlinear_many(x: torch.Tensor, weights: Sequence[QuantizedWeight]) -> list[to
     x = x.contiguous()
     M, K = x.shape
     first, count = weights[0], len(weights)
-    if count > MAX_MANY or any((q.bits, q.group_size, q.in_features) != (first.bits, first.group_size, K)
-                               for q in weights):
+    if count > MAX_MANY or any((q.bits, q.group_size, q.kind, q.in_features) != (first.bits, first.group_size,
+                                                                                first.kind, K) for q in weights):
         raise ValueError(f"qlinear_many takes up to {MAX_MANY} weights of one scheme and input width {K}")
     ys = [torch.empty(M, q.out_features, dtype=x.dtype) for q in weights]
     pointers = ctypes.c_void_p * count
@@ -414,7 +417,7 @@ def qlinear_many(x: torch.Tensor, weights: Sequence[QuantizedWeight]) -> list[to
         x.data_ptr(), count, pointers(*(q.codes.data_ptr() for q in weights)),
         pointers(*(q.scales.data_ptr() for q in weights)), pointers(*(y.data_ptr() for y in ys)),
         (ctypes.c_int64 * count)(*(q.out_features for q in weights)), M, K, first.bits, first.group_size,
-        x.dtype == torch.bfloat16, torch.get_num_threads())
+        KIND_CODES[first.kind], x.dtype == torch.bfloat16, torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"the int{first.bits} kernel could not allocate room for {M} x {K} activations")
     return ys
@@ -427,14 +430,14 @@ def qlinear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 
 @torch.library.custom_op("llamaforge::qlinear_many", mutates_args=())
 def qlinear_many_op(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bits: int,
-                    group_size: int, in_features: int, out_features: list[int]) -> list[torch.Tensor]:
+                    group_size: int, kind: str, in_features: int, out_features: list[int]) -> list[torch.Tensor]:
     """`qlinear_many` as a torch operator, so a torch.compile'd graph calls the kernel as one opaque node."""
-    return qlinear_many(x, [QuantizedWeight(c, s, bits, group_size, in_features, n)
+    return qlinear_many(x, [QuantizedWeight(c, s, bits, group_size, in_features, n, kind)
                             for c, s, n in zip(codes, scales, out_features, strict=True)])
 
 
 @qlinear_many_op.register_fake
-def _(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bits: int, group_size: int,
+def _(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bits: int, group_size: int, kind: str,
       in_features: int, out_features: list[int]) -> list[torch.Tensor]:
     return [x.new_empty((x.shape[0], n)) for n in out_features]
 
@@ -446,7 +449,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_weight(q, dtype)
     out = torch.empty(q.out_features, q.in_features, dtype=dtype)
     library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
-                       q.bits, q.group_size, dtype == torch.bfloat16, torch.get_num_threads())
+                       q.bits, q.group_size, KIND_CODES[q.kind], dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 
@@ -466,12 +469,16 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def qlinear_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
-    """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32."""
+    """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32. Each
+    32-weight block's sum is x_scale * (w_scale * integer dot product - w_min * sum of x's codes), w_min being
+    zero but for Q4_K, whose codes are taken without their offset."""
     values, x_scales = quantize_activations_reference(x)  # (M, blocks * 32), (M, blocks)
     blocks = x_scales.shape[1]
-    w_blocks = F.pad(unpack_codes(q).double(), (0, -q.in_features % BLOCK)).view(q.out_features, blocks, BLOCK)
+    codes = unpack_codes(q).double() + (BIAS[4] if q.kind == "q4_k" else 0)
+    w_blocks = F.pad(codes, (0, -q.in_features % BLOCK)).view(q.out_features, blocks, BLOCK)
     x_blocks = values.double().view(x.shape[0], blocks, BLOCK)
     dots = torch.einsum("mbk,nbk->mnb", x_blocks, w_blocks)  # (M, N, blocks): exact integers
-    w_scales = q.row_scales().double()[:, torch.arange(blocks) * BLOCK // q.group_size]  # (N, blocks)
-    return (dots * x_scales.double()[:, None, :] * w_scales[None]).sum(-1).float()
+    w_scales, w_mins = (t.double() for t in q.block_scales())  # (N, blocks) each
+    sums = x_blocks.sum(-1)[:, None, :]  # (M, 1, blocks)
+    return (x_scales.double()[:, None, :] * (dots * w_scales[None] - sums * w_mins[None])).sum(-1).float()
 

@@ -33,7 +33,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, weight: QuantizedWeight) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.in_features, weight.out_features
-        self.bits, self.group_size = weight.bits, weight.group_size
+        self.bits, self.group_size, self.kind = weight.bits, weight.group_size, weight.kind
         # Buffers: `.to(device)` moves them, `state_dict` saves them, optimizers skip them.
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scales", weight.scales)
@@ -49,7 +49,7 @@ class QuantizedLinear(nn.Module):
     def weight_q(self) -> QuantizedWeight:
         """The quantized weight, viewing this module's buffers."""
         return QuantizedWeight(self.codes, self.scales, self.bits, self.group_size, self.in_features,
-                               self.out_features)
+                               self.out_features, self.kind)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out_features, in_features) weight."""
@@ -68,7 +68,7 @@ class QuantizedLinear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         together = (kernels.kernel_runs(rows) and len(layers) <= kernels.MAX_MANY
                     and all(type(layer) is QuantizedLinear for layer in layers)
-                    and len({(layer.bits, layer.group_size, layer.in_features) for layer in layers}) == 1)
+                    and len({(layer.bits, layer.group_size, layer.kind, layer.in_features) for layer in layers}) == 1)
         if not together:
             return [layer(x) for layer in layers]
         outs = QuantizedLinear._kernel(rows, layers)
@@ -79,7 +79,7 @@ class QuantizedLinear(nn.Module):
         first = layers[0]
         if torch.compiler.is_compiling():
             return kernels.qlinear_many_op(rows, [layer.codes for layer in layers], [layer.scales for layer in layers],
-                                           first.bits, first.group_size, first.in_features,
+                                           first.bits, first.group_size, first.kind, first.in_features,
                                            [layer.out_features for layer in layers])
         # Eager: the ctypes call directly (the operator's dispatch costs ~10 us a call).
         return kernels.qlinear_many(rows, [layer.weight_q for layer in layers])
@@ -92,7 +92,7 @@ class QuantizedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         codes, scales = state_dict.get(f"{prefix}codes"), state_dict.get(f"{prefix}scales")
         if codes is not None and scales is not None:
-            q = from_stored(codes, scales, self.bits, self.group_size, self.in_features)
+            q = from_stored(codes, scales, self.bits, self.group_size, self.in_features, self.kind)
             state_dict[f"{prefix}codes"], state_dict[f"{prefix}scales"] = q.codes, q.scales
         super()._load_from_state_dict(state_dict, prefix, *args)
 
@@ -106,7 +106,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}")
+                f"group_size={self.group_size}" + (f", kind={self.kind}" if self.kind != "int" else ""))
 
 
 class Bf16Linear(nn.Linear):

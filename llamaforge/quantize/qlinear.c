@@ -19,6 +19,13 @@
 //   scales: (tiles, n_groups, 16) float16, one per `group` weights of a row (the last group may be partial).
 // Blocks cover K rounded up to 32; codes past K are zero values, as are activations past K.
 //
+// Weights of kind KIND_Q4_K keep llama.cpp's Q4_K blocks (formats.py's from_gguf_q4_k): the 4-bit layout's codes q,
+// unsigned, and per 32-weight block of a row a scale d * sc and a min dmin * m, w = d * sc * q - dmin * m, from
+// 6-bit sc and m bytes under float16 d and dmin for each 256 weights. Their scales are bytes: per tile and
+// super-block, d of the 16 rows (float16), dmin, then per block sc of the 16 rows and m (SUPER_BYTES in all). A
+// block's sum is then x_scale * (d * sc * sum(q * x) - dmin * m * sum(x)): the integer sum without the offset,
+// and one more multiply-add by the activations' block sum (QuantizedActivations.sums).
+//
 // VPDPBUSD multiplies unsigned by signed bytes. The weight codes are the unsigned side, offset by `bias`
 // (128 or 8), so sum(code * x) = sum(w * x) + bias * sum(x); the second term depends on x alone and starts
 // each block's sum negated, so the integer sums come out exact.
@@ -36,17 +43,23 @@
 #define TILE 16    // weight rows interleaved together: one per 32-bit lane
 #define BLOCK 32   // weights (and activations) that share one scale
 #define Q_M_TILE 8  // activation rows that share each unpacked weight block (4: int4 prefill 2-12% slower)
+#define KIND_INT 0   // symmetric codes, float16 scales per group (int8, int4, Q8_0, Q4_0)
+#define KIND_Q4_K 1  // llama.cpp's Q4_K: codes with a scale and a min per block under super-block factors
+#define SUPER_BLOCKS 8    // Q4_K blocks a super-block (256 weights)
+#define SUPER_BYTES 320   // a tile's Q4_K scale bytes a super-block: 2 x 16 float16, then 8 x 2 x 16 bytes
 
 // The activations of one call, quantized: everything the inner loop needs that does not depend on weights.
 typedef struct {
     int8_t *codes;     // (M, blocks * 32) int8
     int32_t *negbias;  // (M, blocks): -bias * (sum of the block's codes)
     float *scales;     // (M, blocks)
+    float *sums;       // (M, blocks): scale * (sum of the block's codes), the block's sum as quantized
 } QuantizedActivations;
 
 typedef struct {
     int64_t K, blocks, n_groups, group, tile_bytes;
-    int bits;
+    int64_t tile_scales;  // uint16 units of a tile's scales
+    int bits, kind;
 } Shape;
 
 static inline __m512 load16_as_float(const void *x, int is_bf16, int64_t index, __mmask16 keep) {
@@ -94,8 +107,10 @@ static void quantize_activations(const void *x, int is_bf16, int64_t M, const Sh
             int8_t *codes = out->codes + m * s->blocks * BLOCK + start;
             _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(q_lo));
             _mm_storeu_si128((__m128i *)(codes + 16), _mm512_cvtepi32_epi8(q_hi));
-            out->negbias[m * s->blocks + b] = -bias * _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+            const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+            out->negbias[m * s->blocks + b] = -bias * sum;
             out->scales[m * s->blocks + b] = scale;
+            out->sums[m * s->blocks + b] = scale * (float)sum;
         }
     }
 }
@@ -104,20 +119,41 @@ static void quantize_activations(const void *x, int is_bf16, int64_t M, const Sh
 // each row's whole sum its weight scale, once, at the end: one multiply a block fewer, which made a 128-row int8
 // layer 1.04-1.10x faster on Zen 4 (docs/benchmarks.md). With groups, each block's weight scale times its
 // activation scale multiplies its sums (llama.cpp's order, so a Q8_0 / Q4_0 file's dot products round as there).
-static inline int one_scale_a_row(const Shape *s) {
-    return s->group >= s->K;
+// `kind` is s->kind, a constant where the kernels call this, so that each kind's loop has only its own arithmetic.
+static inline int one_scale_a_row(const Shape *s, const int kind) {
+    return kind == KIND_INT && s->group >= s->K;
 }
 
-// The weight scales of block b's group for a tile's 16 rows, where the weight has groups (not one_scale_a_row):
-// zeros, never read, where it has one scale a row.
-static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, int64_t b) {
-    if (one_scale_a_row(s)) return _mm512_setzero_ps();
+// Lane r of v.
+static inline float lane(__m512 v, int64_t r) {
+    float values[16];
+    _mm512_mask_storeu_ps(values, (__mmask16)0xFFFF, v);
+    return values[r];
+}
+
+// 16 bytes as float32.
+static inline __m512 bytes_as_float(const uint8_t *bytes) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes)));
+}
+
+// The weight scales of block b for a tile's 16 rows, where the weight has groups or is KIND_Q4_K (d * sc, exact in
+// float32; *mins then dmin * m): zeros, never read, where it has one scale a row.
+static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, const int kind, int64_t b,
+                                  __m512 *mins) {
+    if (kind == KIND_Q4_K) {
+        const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * SUPER_BYTES;
+        const uint8_t *bytes = super + 2 * TILE * 2 + b % SUPER_BLOCKS * 2 * TILE;
+        *mins = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE))),
+                              bytes_as_float(bytes + TILE));
+        return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super)), bytes_as_float(bytes));
+    }
+    if (one_scale_a_row(s, kind)) return _mm512_setzero_ps();
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + b * BLOCK / s->group * TILE)));
 }
 
 // A tile's 16 row sums, with their rows' weight scales applied where one_scale_a_row (else as they are).
-static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const Shape *s) {
-    if (!one_scale_a_row(s)) return sums;
+static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const Shape *s, const int kind) {
+    if (!one_scale_a_row(s, kind)) return sums;
     return _mm512_mul_ps(sums, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tile_scales)));
 }
 
@@ -135,13 +171,14 @@ static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const 
 // into acc[t][half] (half h: rows 8h .. 8h + 7).
 static inline __attribute__((always_inline)) void block_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const Shape *s, int64_t b, __m256 acc[Q_M_TILE][2]) {
+        const int count, const int bits, const int kind, const Shape *s, int64_t b, __m256 acc[Q_M_TILE][2]) {
     const int64_t block_bytes = s->tile_bytes / s->blocks;
     const __m256i ones = _mm256_set1_epi16(1), low_nibbles = _mm256_set1_epi8(0x0F);
     const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
     const uint8_t *block = tile_codes + b * block_bytes;
-    const int per_row = one_scale_a_row(s);
-    const __m512 w_scales = group_scales(tile_scales, s, b);
+    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K;
+    __m512 w_mins;
+    const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_mins);
     for (int half = 0; half < 2; half++) {
         __m256i w[8];  // vector v pairs with activation bytes 4v .. 4v + 3
         if (bits == 8) {
@@ -168,12 +205,15 @@ static inline __attribute__((always_inline)) void block_dot(
                 __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x4[0]));
                 for (int v = 1; v < 8; v++)
                     pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[v], _mm256_set1_epi32(x4[v])));
-                sums = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones),
-                                        _mm256_set1_epi32(act->negbias[m * s->blocks + b]));
+                sums = _mm256_madd_epi16(pairs, ones);
+                if (!with_mins) sums = _mm256_add_epi32(sums, _mm256_set1_epi32(act->negbias[m * s->blocks + b]));
             }
             const __m256 x_scale = _mm256_set1_ps(act->scales[m * s->blocks + b]);
             const __m256 scales = per_row ? x_scale : _mm256_mul_ps(w_scales.h[half], x_scale);
             acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[t][half]);
+            if (with_mins)
+                acc[t][half] = _mm256_fnmadd_ps(w_mins.h[half], _mm256_set1_ps(act->sums[m * s->blocks + b]),
+                                                acc[t][half]);
         }
     }
 }
@@ -181,14 +221,15 @@ static inline __attribute__((always_inline)) void block_dot(
 // One tile's 16 rows dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for m0 + t.
 static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const Shape *s, __m512 out[Q_M_TILE]) {
+        const int count, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
     __m256 acc[Q_M_TILE][2];
     for (int t = 0; t < count; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < s->blocks; b++) block_dot(tile_codes, tile_scales, act, m0, count, bits, s, b, acc);
+    for (int64_t b = 0; b < s->blocks; b++)
+        block_dot(tile_codes, tile_scales, act, m0, count, bits, kind, s, b, acc);
     for (int t = 0; t < count; t++) {
         out[t].h[0] = acc[t][0];
         out[t].h[1] = acc[t][1];
-        out[t] = row_scaled(out[t], tile_scales, s);
+        out[t] = row_scaled(out[t], tile_scales, s, kind);
     }
 }
 
@@ -199,15 +240,16 @@ static inline __attribute__((always_inline)) void tile_dot(
 // decode steps 1.17x faster there (int8 and int4), two 1.05-1.08x; eight are slower (their sums spill).
 static inline __attribute__((always_inline)) void tiles_dot(
         const uint8_t *const codes[TASK_TILES], const uint16_t *const scales[TASK_TILES],
-        const QuantizedActivations *act, int64_t m, const int bits, const Shape *s, __m512 out[TASK_TILES]) {
+        const QuantizedActivations *act, int64_t m, const int bits, const int kind, const Shape *s,
+        __m512 out[TASK_TILES]) {
     __m256 acc[TASK_TILES][Q_M_TILE][2];
     for (int i = 0; i < TASK_TILES; i++) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < s->blocks; b++)
-        for (int i = 0; i < TASK_TILES; i++) block_dot(codes[i], scales[i], act, m, 1, bits, s, b, acc[i]);
+        for (int i = 0; i < TASK_TILES; i++) block_dot(codes[i], scales[i], act, m, 1, bits, kind, s, b, acc[i]);
     for (int i = 0; i < TASK_TILES; i++) {
         out[i].h[0] = acc[i][0][0];
         out[i].h[1] = acc[i][0][1];
-        out[i] = row_scaled(out[i], scales[i], s);
+        out[i] = row_scaled(out[i], scales[i], s, kind);
     }
 }
 #else
@@ -230,20 +272,23 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *bloc
 // One tile's 16 rows dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for m0 + t.
 static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const Shape *s, __m512 out[Q_M_TILE]) {
+        const int count, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
     __m512 acc[Q_M_TILE];
     for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
     const int64_t block_bytes = s->tile_bytes / s->blocks;
-    const int per_row = one_scale_a_row(s);
+    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K;
     for (int64_t b = 0; b < s->blocks; b++) {
         __m512i w[8];
         load_block(tile_codes + b * block_bytes, bits, w);
-        const __m512 w_scales = group_scales(tile_scales, s, b);
+        __m512 w_mins;
+        const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_mins);
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
-            // Two chains of multiply-adds, so each waits on half as many predecessors.
-            __m512i even = _mm512_set1_epi32(act->negbias[m * s->blocks + b]), odd = _mm512_setzero_si512();
+            // Two chains of multiply-adds, so each waits on half as many predecessors. (Q4_K's codes have no offset:
+            // its min takes the activations' sum.)
+            __m512i even = with_mins ? _mm512_setzero_si512() : _mm512_set1_epi32(act->negbias[m * s->blocks + b]);
+            __m512i odd = _mm512_setzero_si512();
             for (int v = 0; v < 8; v += 2) {
                 even = _mm512_dpbusd_epi32(even, w[v], _mm512_set1_epi32(x4[v]));
                 odd = _mm512_dpbusd_epi32(odd, w[v + 1], _mm512_set1_epi32(x4[v + 1]));
@@ -251,22 +296,39 @@ static inline __attribute__((always_inline)) void tile_dot(
             const __m512 x_scale = _mm512_set1_ps(act->scales[m * s->blocks + b]);
             const __m512 scales = per_row ? x_scale : _mm512_mul_ps(w_scales, x_scale);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), scales, acc[t]);
+            if (with_mins) acc[t] = _mm512_fnmadd_ps(w_mins, _mm512_set1_ps(act->sums[m * s->blocks + b]), acc[t]);
         }
     }
-    for (int t = 0; t < count; t++) out[t] = row_scaled(acc[t], tile_scales, s);
+    for (int t = 0; t < count; t++) out[t] = row_scaled(acc[t], tile_scales, s, kind);
 }
 
 #endif
 
-static Shape shape_of(int64_t K, int bits, int64_t group) {
+static Shape shape_of(int64_t K, int bits, int64_t group, int kind) {
     Shape s;
     s.K = K;
     s.bits = bits;
+    s.kind = kind;
     s.blocks = (K + BLOCK - 1) / BLOCK;
     s.group = group;
     s.n_groups = (K + group - 1) / group;
     s.tile_bytes = s.blocks * BLOCK * TILE * bits / 8;
+    s.tile_scales = kind == KIND_Q4_K ? s.blocks / SUPER_BLOCKS * SUPER_BYTES / 2 : s.n_groups * TILE;
     return s;
+}
+
+// Room for the activations of M rows of K values quantized (free with free_activations); 0, or -1 when out of memory.
+static int allocate_activations(QuantizedActivations *act, int64_t M, int64_t K) {
+    const int64_t blocks = M * ((K + BLOCK - 1) / BLOCK);
+    act->codes = (int8_t *)malloc((size_t)(blocks * BLOCK));
+    act->negbias = (int32_t *)malloc(sizeof(int32_t) * (size_t)blocks);
+    act->scales = (float *)malloc(sizeof(float) * (size_t)blocks);
+    act->sums = (float *)malloc(sizeof(float) * (size_t)blocks);
+    return act->codes && act->negbias && act->scales && act->sums ? 0 : -1;
+}
+
+static void free_activations(QuantizedActivations *act) {
+    free(act->codes); free(act->negbias); free(act->scales); free(act->sums);
 }
 
 // Which of `count` weights item `joint` of a joint loop over all their items (tiles, rows) belongs to, weight i
@@ -293,9 +355,26 @@ static inline JointTile joint_tile_at(int64_t joint, int count, const int64_t *f
     t.owner = joint_owner(joint, count, first_tile);
     t.tile = joint - first_tile[t.owner];
     t.codes = codes[t.owner] + t.tile * s->tile_bytes;
-    t.scales = scales[t.owner] + t.tile * s->n_groups * TILE;
+    t.scales = scales[t.owner] + t.tile * s->tile_scales;
     t.keep = first_lanes(Ns[t.owner] - t.tile * TILE);
     return t;
+}
+
+// tile_dot for `rows` (1 .. Q_M_TILE) activation rows from m0, with `rows` and `kind` constants in each call, so that
+// the accumulators live in registers and each kind's loop has its own arithmetic only.
+static inline __attribute__((always_inline)) void tile_rows(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int rows, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
+    switch (rows) {
+        case 1: tile_dot(tile_codes, tile_scales, act, m0, 1, bits, kind, s, out); break;
+        case 2: tile_dot(tile_codes, tile_scales, act, m0, 2, bits, kind, s, out); break;
+        case 3: tile_dot(tile_codes, tile_scales, act, m0, 3, bits, kind, s, out); break;
+        case 4: tile_dot(tile_codes, tile_scales, act, m0, 4, bits, kind, s, out); break;
+        case 5: tile_dot(tile_codes, tile_scales, act, m0, 5, bits, kind, s, out); break;
+        case 6: tile_dot(tile_codes, tile_scales, act, m0, 6, bits, kind, s, out); break;
+        case 7: tile_dot(tile_codes, tile_scales, act, m0, 7, bits, kind, s, out); break;
+        default: tile_dot(tile_codes, tile_scales, act, m0, 8, bits, kind, s, out); break;
+    }
 }
 
 // Tile `joint` of the joint loop: its 16 rows of one y_i.
@@ -307,18 +386,11 @@ static inline __attribute__((always_inline)) void joint_tile(
     const int64_t N = Ns[at.owner];
     for (int64_t m0 = 0; m0 < M; m0 += Q_M_TILE) {
         __m512 out[Q_M_TILE];
-        // A constant count per call, so the accumulators live in registers.
         const int rows = M - m0 < Q_M_TILE ? (int)(M - m0) : Q_M_TILE;
-        switch (rows) {
-            case 1: tile_dot(at.codes, at.scales, act, m0, 1, s->bits, s, out); break;
-            case 2: tile_dot(at.codes, at.scales, act, m0, 2, s->bits, s, out); break;
-            case 3: tile_dot(at.codes, at.scales, act, m0, 3, s->bits, s, out); break;
-            case 4: tile_dot(at.codes, at.scales, act, m0, 4, s->bits, s, out); break;
-            case 5: tile_dot(at.codes, at.scales, act, m0, 5, s->bits, s, out); break;
-            case 6: tile_dot(at.codes, at.scales, act, m0, 6, s->bits, s, out); break;
-            case 7: tile_dot(at.codes, at.scales, act, m0, 7, s->bits, s, out); break;
-            default: tile_dot(at.codes, at.scales, act, m0, 8, s->bits, s, out); break;
-        }
+        if (s->kind == KIND_Q4_K)
+            tile_rows(at.codes, at.scales, act, m0, rows, s->bits, KIND_Q4_K, s, out);
+        else
+            tile_rows(at.codes, at.scales, act, m0, rows, s->bits, KIND_INT, s, out);
         for (int t = 0; t < rows; t++) store16(ys[at.owner], io_bf16, (m0 + t) * N + at.tile * TILE, out[t], at.keep);
     }
 }
@@ -339,7 +411,10 @@ static inline __attribute__((always_inline)) void joint_task(
             task_scales[j] = at[j].scales;
         }
         __m512 out[TASK_TILES];
-        tiles_dot(task_codes, task_scales, act, 0, s->bits, s, out);
+        if (s->kind == KIND_Q4_K)
+            tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_Q4_K, s, out);
+        else
+            tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_INT, s, out);
         for (int j = 0; j < TASK_TILES; j++) store16(ys[at[j].owner], io_bf16, at[j].tile * TILE, out[j], at[j].keep);
         return;
     }
@@ -349,20 +424,18 @@ static inline __attribute__((always_inline)) void joint_task(
 }
 
 // y_i (M, N_i) = x (M, K) @ W_i.T for `count` weights of one scheme (the projections of one input: q, k, v), in
-// one parallel loop over all their tiles, with x quantized once. W as described at the top; x and the y_i are
-// float32, or bfloat16 when io_bf16. `group` is the weights per scale along a row (a multiple of 32, or >= K for
-// one scale per row); count at most 8. Returns 0, or -1 when out of memory (or count is out of range).
+// one parallel loop over all their tiles, with x quantized once. W as described at the top, of `kind` (KIND_INT,
+// KIND_Q4_K); x and the y_i are float32, or bfloat16 when io_bf16. `group` is the weights per scale along a row (a
+// multiple of 32, or >= K for one scale per row; 32 for KIND_Q4_K); count at most 8. Returns 0, or -1 when out of
+// memory (or count is out of range).
 int qlinear_many(const void *x, int count, const uint8_t *const *codes, const uint16_t *const *scales,
-                 void *const *ys, const int64_t *Ns, int64_t M, int64_t K, int bits, int64_t group, int io_bf16,
-                 int n_threads) {
-    const Shape s = shape_of(K, bits, group);
+                 void *const *ys, const int64_t *Ns, int64_t M, int64_t K, int bits, int64_t group, int kind,
+                 int io_bf16, int n_threads) {
+    const Shape s = shape_of(K, bits, group, kind);
     QuantizedActivations act;
-    act.codes = (int8_t *)malloc((size_t)(M * s.blocks * BLOCK));
-    act.negbias = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * s.blocks));
-    act.scales = (float *)malloc(sizeof(float) * (size_t)(M * s.blocks));
     int64_t first_tile[9];  // weight i has tiles first_tile[i] .. first_tile[i + 1] - 1 of the joint loop
-    if (!act.codes || !act.negbias || !act.scales || count < 1 || count > 8) {
-        free(act.codes); free(act.negbias); free(act.scales);
+    if (allocate_activations(&act, M, K) != 0 || count < 1 || count > 8) {
+        free_activations(&act);
         return -1;
     }
     first_tile[0] = 0;
@@ -372,17 +445,18 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t first = 0; first < tiles; first += TASK_TILES)
         joint_task(first, tiles, count, first_tile, codes, scales, ys, Ns, M, &act, &s, io_bf16);
-    free(act.codes); free(act.negbias); free(act.scales);
+    free_activations(&act);
     return 0;
 }
 
 // The dense weight (N, K), float32 or bfloat16 (out_bf16), for the many-row (prefill) path.
 void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t N, int64_t K, int bits,
-                int64_t group, int out_bf16, int n_threads) {
-    const Shape s = shape_of(K, bits, group);
+                int64_t group, int kind, int out_bf16, int n_threads) {
+    const Shape s = shape_of(K, bits, group, kind);
     const int64_t tiles = (N + TILE - 1) / TILE;
     const int64_t block_bytes = s.tile_bytes / s.blocks;
-    const __m512i bias = _mm512_set1_epi32(bits == 8 ? 128 : 8);
+    // Q4_K's codes q are taken whole (w = scale * q - min), the others' less their offset (w = scale * (q - bias)).
+    const __m512i bias = _mm512_set1_epi32(kind == KIND_Q4_K ? 0 : bits == 8 ? 128 : 8);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t tile = 0; tile < tiles; tile++) {
         for (int64_t r = 0; r < TILE && tile * TILE + r < N; r++) {
@@ -403,13 +477,21 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
                     lo = _mm_and_si128(row, _mm_set1_epi8(0x0F));
                     hi = _mm_and_si128(_mm_srli_epi16(row, 4), _mm_set1_epi8(0x0F));
                 }
-                const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
-                const __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[(tile * s.n_groups + g) * TILE + r]));
+                const uint16_t *tile_scales = scales + tile * s.tile_scales;
+                __m512 scale, min = _mm512_setzero_ps();
+                if (kind == KIND_Q4_K) {  // lane r of the tile's block scales and mins (d * sc * q is exact)
+                    __m512 mins;
+                    scale = _mm512_set1_ps(lane(group_scales(tile_scales, &s, KIND_Q4_K, b, &mins), r));
+                    min = _mm512_set1_ps(lane(mins, r));
+                } else {
+                    const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
+                    scale = _mm512_set1_ps(_cvtsh_ss(tile_scales[g * TILE + r]));
+                }
                 const int64_t k = b * BLOCK;
-                __m512 values_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), bias)),
-                                                 scale);
-                __m512 values_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), bias)),
-                                                 scale);
+                __m512 values_lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                                                     _mm512_cvtepu8_epi32(lo), bias)), scale), min);
+                __m512 values_hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                                                     _mm512_cvtepu8_epi32(hi), bias)), scale), min);
                 store16(out, out_bf16, n * K + k, values_lo, first_lanes(K - k));
                 store16(out, out_bf16, n * K + k + 16, values_hi, first_lanes(K - k - 16));
             }
