@@ -445,3 +445,21 @@ def q4_k_bytes(weight: torch.Tensor) -> torch.Tensor:
     runs = (q[:, :, 0::2] | q[:, :, 1::2] << 4).reshape(N, K // 256, 128)  # sub-blocks 2j (low), 2j + 1 (high)
     factors = torch.stack([d, dmin], dim=-1).view(torch.uint8)  # (N, supers, 4)
     return torch.cat([factors, packed, runs], dim=-1).reshape(N, -1)
+
+
+def q6_k_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (N, K), K a multiple of 256, as GGUF Q6_K blocks (N, K / 256 * 210) uint8: each 16 weights' scale
+    their largest magnitude over 32 as an int8 multiple of d (a plain choice, as in q4_k_bytes), codes q - 32 in
+    -32 .. 31; in Q6_K's layout (low 4 bits two a byte, top 2 bits four a byte, 16 int8 scales, d float16)."""
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // 256, 16, 16)
+    scales = w.abs().amax(-1) / 31  # (N, supers, 16)
+    d = (scales.amax(-1) / 127).half()  # (N, supers)
+    sc = torch.where(d.float()[..., None] > 0, scales / d.float()[..., None], 0).round().clamp(0, 127)
+    step = (d.float()[..., None] * sc)[..., None]
+    q = (torch.where(step > 0, w / step, 0).round().clamp(-32, 31) + 32).to(torch.uint8).reshape(N, K // 256, 2, 128)
+    low = q[..., :64] & 0x0F | (q[..., 64:] & 0x0F) << 4  # (N, supers, half, 64)
+    top = (q >> 4).reshape(N, K // 256, 2, 4, 32)
+    top = top[:, :, :, 0] | top[:, :, :, 1] << 2 | top[:, :, :, 2] << 4 | top[:, :, :, 3] << 6  # (N, supers, half, 32)
+    return torch.cat([low.reshape(N, -1, 128), top.reshape(N, -1, 64), sc.to(torch.int8).view(torch.uint8),
+                      d[..., None].view(torch.uint8)], dim=-1).reshape(N, -1)

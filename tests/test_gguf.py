@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import q4_k_bytes, random_model, write_hf_dir
+from factories import q4_k_bytes, q6_k_bytes, random_model, write_hf_dir
 from test_checkpoint import STORIES_GREEDY_200
 
 import llamaforge
@@ -135,37 +135,50 @@ def assert_decodes_like(kept32: llamaforge.LLM, dense: llamaforge.LLM, ids: list
             assert max(ours, key=ours.get) == max(theirs, key=theirs.get)
 
 
+# Which tensors a Q4_K_M file stores as Q6_K (llama-quantize also keeps some layers' ffn_down in Q4_K).
+Q6_K_TENSORS = (".attn_v.weight", ".ffn_down.weight")  # and output.weight
+
+
 @pytest.fixture(scope="module")
 def q4_k_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_path: Path) -> Path:
-    """A GGUF whose 2-D weights are all Q4_K (widths of 256 and 512), as llama.cpp lays the blocks out: our writer
-    with its encoder swapped for a plain Q4_K quantizer (factories.q4_k_bytes)."""
+    """A GGUF laid out as llama.cpp's Q4_K_M (widths of 256 and 512): Q6_K for Q6_K_TENSORS and the output, Q4_K for
+    the other 2-D weights; our writer with its encoder swapped for plain quantizers in those layouts (factories)."""
     config = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=128)
     directory = tmp_path_factory.mktemp("q4_k")
     model_dir = write_hf_dir(directory / "model", random_model(config, std=0.05), tiny_tokenizer_path)
-    encode = gguf_checkpoint._encode
+    encode, add_tensor = gguf_checkpoint._encode, gguf.GGUFWriter.add_tensor
 
-    def q4_k(gguf_module, array: np.ndarray, weight_type: str):
+    def k_quant(gguf_module, array: np.ndarray, weight_type: str):
         if array.ndim != 2:
             return encode(gguf_module, array, weight_type)
-        return q4_k_bytes(torch.from_numpy(array)).numpy(), gguf_module.GGMLQuantizationType.Q4_K
+        return array, "k-quant"  # chosen by the tensor's name, below
+
+    def add(writer, name: str, array, raw_dtype=None, **kwargs):
+        if raw_dtype == "k-quant":
+            q6 = name == "output.weight" or name.endswith(Q6_K_TENSORS)
+            array = (q6_k_bytes if q6 else q4_k_bytes)(torch.from_numpy(array)).numpy()
+            raw_dtype = gguf.GGMLQuantizationType.Q6_K if q6 else gguf.GGMLQuantizationType.Q4_K
+        return add_tensor(writer, name, array, raw_dtype=raw_dtype, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf_checkpoint, "_encode", q4_k)
+        patch.setattr(gguf_checkpoint, "_encode", k_quant)
+        patch.setattr(gguf.GGUFWriter, "add_tensor", add)
         return export(llamaforge.load(model_dir, dtype=torch.float32), directory / "model.gguf")
 
 
-def test_q4_k_loads_as_q4_k_layers_holding_the_files_numbers(q4_k_gguf: Path) -> None:
-    """llama.cpp's most used 4-bit type runs as stored (4.625 bits a weight, not int8's 8.5): each Q4_K linear
-    is a Q4_K layer whose weight is gguf-py's dequantization of the file, q / k rows in HF's order; it decodes
-    through the fused layers, and like the dequantized model up to int8 activation rounding."""
-    kinds = {t.tensor_type.name for t in gguf.GGUFReader(q4_k_gguf).tensors if len(t.shape) == 2}
-    assert kinds == {"Q4_K"}
+def test_q4_k_m_loads_as_q4_k_and_q6_k_layers_holding_the_files_numbers(q4_k_gguf: Path) -> None:
+    """llama.cpp's most used file type runs as stored (Q4_K at 4.625 bits a weight, Q6_K at 6.5625, not int8's 8.5):
+    each linear is a layer of its type whose weight is gguf-py's dequantization of the file, q / k rows in HF's
+    order; it decodes through the fused layers, and like the dequantized model up to int8 activation rounding."""
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(q4_k_gguf).tensors if len(t.shape) == 2}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_K" and kinds["blk.1.ffn_down.weight"] == "Q6_K"
     dense = llamaforge.load(q4_k_gguf, dtype=torch.float32, quantize=None)
     kept = llamaforge.load(q4_k_gguf)
     dense_layers = dict(dense.model.named_modules())
     quantized = {name: m for name, m in kept.model.named_modules() if isinstance(m, QuantizedLinear)}
-    assert len(quantized) == 2 * 7 + 1 and {m.kind for m in quantized.values()} == {"q4_k"}
+    assert len(quantized) == 2 * 7 + 1
     for name, layer in quantized.items():
+        assert layer.kind == ("q6_k" if name.endswith(("v_proj", "down_proj", "lm_head")) else "q4_k"), name
         assert torch.equal(layer.dequantize(), dense_layers[name].weight.detach()), name
     assert kept.model.fused_decode is not None
     prompt = "The llama hums"
@@ -177,16 +190,17 @@ def test_q4_k_loads_as_q4_k_layers_holding_the_files_numbers(q4_k_gguf: Path) ->
 
 
 def test_a_q4_k_model_saves_as_a_quantized_checkpoint_and_loads_back(q4_k_gguf: Path, tmp_path: Path) -> None:
-    """`llamaforge quantize` of a Q4_K GGUF keeps its Q4_K layers (kind "q4_k" in config.json), which load back
-    with the same codes, scales and mins."""
+    """`llamaforge quantize` of a Q4_K_M GGUF keeps its Q4_K and Q6_K layers (their kinds in config.json), which load
+    back with the same codes, scales and mins."""
     out = tmp_path / "quantized"
     assert main(["quantize", "--model", str(q4_k_gguf), "--out", str(out), "--type", "int4"]) == 0
     layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
-    assert layers["model.layers.0.mlp.down_proj"] == {"bits": 4, "group_size": 32, "kind": "q4_k"}
+    assert layers["model.layers.0.mlp.up_proj"] == {"bits": 4, "group_size": 32, "kind": "q4_k"}
+    assert layers["model.layers.0.mlp.down_proj"] == {"bits": 6, "group_size": 16, "kind": "q6_k"}
     direct, loaded = llamaforge.load(q4_k_gguf), llamaforge.load(out)
     for (name, a), (_, b) in zip(direct.model.named_modules(), loaded.model.named_modules(), strict=True):
         if isinstance(a, QuantizedLinear):
-            assert b.kind == "q4_k" and torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
+            assert b.kind == a.kind and torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
 
 
 def test_the_llama2_vocabulary_survives_the_trip(llama_tokenizer_path: Path, tmp_path: Path) -> None:

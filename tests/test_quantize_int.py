@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import engine_tokens, q4_k_bytes
+from factories import engine_tokens, q4_k_bytes, q6_k_bytes
 from torch import nn
 
 import llamaforge
@@ -33,7 +33,16 @@ from llamaforge.quantize import (
     quantize_weight,
     use_bf16_kernel,
 )
-from llamaforge.quantize.formats import BIAS, from_gguf_q4_k, from_stored, pack, stored_codes, unpack_codes
+from llamaforge.quantize.formats import (
+    BIAS,
+    from_gguf_q4_k,
+    from_gguf_q6_k,
+    from_stored,
+    pack,
+    pack_q6_k,
+    stored_codes,
+    unpack_codes,
+)
 from llamaforge.sampling import SamplingParams
 
 gguf = pytest.importorskip("gguf")
@@ -100,42 +109,60 @@ def test_kernel_layout_interleaves_16_rows_and_the_stored_layout_is_row_major(bi
     assert torch.equal(unpack_codes(q), values)
 
 
-def random_q4_k_bytes(rows: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Random Q4_K blocks (every code, 6-bit scale and min occurs) with small positive float16 d and dmin."""
+# llama.cpp's k-quants kept as stored: (GGUF type, its block bytes, the loader, a quantizer in its layout, bits)
+K_QUANTS = {"q4_k": (gguf.GGMLQuantizationType.Q4_K, 144, from_gguf_q4_k, q4_k_bytes, 4),
+            "q6_k": (gguf.GGMLQuantizationType.Q6_K, 210, from_gguf_q6_k, q6_k_bytes, 6)}
+
+
+def random_k_quant_bytes(kind: str, rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Random blocks of a k-quant (every code, scale and min occurs) with small positive float16 factors."""
     generator = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (rows, width // 256, 144), dtype=torch.uint8, generator=generator)
-    factors = (torch.rand(rows, width // 256, 2, generator=generator) * 0.01).half()
-    raw[..., :4] = factors.view(torch.uint8)
+    size = K_QUANTS[kind][1]
+    raw = torch.randint(0, 256, (rows, width // 256, size), dtype=torch.uint8, generator=generator)
+    factors = (torch.rand(rows, width // 256, 2, generator=generator) * 0.01).half().view(torch.uint8)
+    if kind == "q4_k":
+        raw[..., :4] = factors  # d, dmin
+    else:
+        raw[..., 208:] = factors[..., :2]  # d
     return raw.reshape(rows, -1)
 
 
-def test_q4_k_blocks_repack_holding_gguf_dequantization_exactly() -> None:
-    """Q4_K blocks (a quantizer's, and random bytes) repacked hold what gguf-py's dequantization of the file gives,
-    to the bit, in every path (torch, the compiled loop, the stored layout), rows reordered with their scales."""
-    for raw in (q4_k_bytes(torch.randn(40, 512) * 0.05), random_q4_k_bytes(40, 512)):
-        expected = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType.Q4_K))
-        expected = expected.reshape(40, 512)
-        q = from_gguf_q4_k(raw, (40, 512))
-        assert q.kind == "q4_k" and torch.equal(dequantize_weight(q), expected)
+def k_quant_weight(kind: str, rows: int, width: int, seed: int = 0):
+    """A QuantizedWeight of `kind` from random blocks."""
+    return K_QUANTS[kind][2](random_k_quant_bytes(kind, rows, width, seed), (rows, width))
+
+
+@pytest.mark.parametrize("kind", K_QUANTS)
+def test_k_quant_blocks_repack_holding_gguf_dequantization_exactly(kind: str) -> None:
+    """Q4_K / Q6_K blocks (a quantizer's, and random bytes) repacked hold what gguf-py's dequantization of the file
+    gives, to the bit, in every path (torch, the compiled loop, the stored layout), rows reordered with their
+    scales; at the file's size (plus an eighth of a bit a weight for Q4_K)."""
+    gguf_type, _, from_gguf, quantizer, bits = K_QUANTS[kind]
+    for raw in (quantizer(torch.randn(40, 512) * 0.05), random_k_quant_bytes(kind, 40, 512)):
+        expected = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf_type)).reshape(40, 512)
+        q = from_gguf(raw, (40, 512))
+        assert (q.kind, q.bits) == (kind, bits) and torch.equal(dequantize_weight(q), expected)
         if kernels.native() is not None:
             assert torch.equal(kernels.dequantize(q, torch.float32), expected)
             assert torch.equal(kernels.dequantize(q, torch.bfloat16), expected.bfloat16())
         order = torch.randperm(40)
-        assert torch.equal(dequantize_weight(from_gguf_q4_k(raw, (40, 512), row_order=order)), expected[order])
+        assert torch.equal(dequantize_weight(from_gguf(raw, (40, 512), row_order=order)), expected[order])
         codes, scales = stored_codes(q)
-        assert codes.shape == (40, 256) and scales.shape == (40, 2 * 20)
-        again = from_stored(codes, scales, 4, 32, 512, "q4_k")
+        assert codes.shape == (40, 512 * bits // 8) and scales.shape == (40, 2 * (20 if kind == "q4_k" else 18))
+        again = from_stored(codes, scales, bits, q.group_size, 512, kind)
         assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
-    assert from_gguf_q4_k(raw[:32], (32, 512)).nbytes * 8 == 4.625 * 32 * 512  # the file's 4.5 bits, and 1/8 more
+    bits_a_weight = from_gguf(raw[:32], (32, 512)).nbytes * 8 / (32 * 512)
+    assert bits_a_weight == {"q4_k": 4.625, "q6_k": 6.5625}[kind]
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", K_QUANTS)
 @pytest.mark.parametrize("rows", [1, 3, 11])
-def test_q4_k_kernel_equals_its_torch_reference(rows: int) -> None:
-    """Q4_K weights in the kernel: each block's integer dot product times d * sc, less dmin * m times the
-    activations' block sum, as the reference computes it, and close to the float product with the dequantized
-    weight (int8 activations being the only difference)."""
-    q = from_gguf_q4_k(random_q4_k_bytes(40, 768, seed=rows), (40, 768))
+def test_k_quant_kernel_equals_its_torch_reference(kind: str, rows: int) -> None:
+    """Q4_K / Q6_K weights in the kernel: each block's (Q6_K: each half block's) integer dot product times d * sc
+    (Q4_K: less dmin * m times the activations' block sum), as the reference computes it, and close to the float
+    product with the dequantized weight (int8 activations being the only difference)."""
+    q = k_quant_weight(kind, 40, 768, seed=rows)
     x = torch.randn(rows, 768)
     x[0, :32] = 0.0
     reference = kernels.qlinear_reference(x, q)
@@ -148,7 +175,7 @@ def test_q4_k_kernel_equals_its_torch_reference(rows: int) -> None:
     torch.testing.assert_close(kernels.qlinear(x16, q), kernels.qlinear_reference(x16.float(), q).bfloat16(),
                                rtol=1e-2, atol=1e-2)
     layer = QuantizedLinear(q)  # the layer: the kernel where it runs, else the dequantized weight
-    assert torch.equal(layer(x), out) and "kind=q4_k" in repr(layer)
+    assert torch.equal(layer(x), out) and f"kind={kind}" in repr(layer)
 
 
 @pytest.mark.parametrize(("bits", "group"), SCHEMES)
@@ -232,9 +259,10 @@ def test_linear_layer_paths(bits: int, group: int | None, monkeypatch) -> None:
         torch.testing.assert_close(layer(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
 
 
-def test_q4_k_layer_without_the_kernel_multiplies_the_dequantized_weight(monkeypatch) -> None:
+@pytest.mark.parametrize("kind", K_QUANTS)
+def test_k_quant_layer_without_the_kernel_multiplies_the_dequantized_weight(kind: str, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "native", lambda: None)
-    layer = QuantizedLinear(from_gguf_q4_k(random_q4_k_bytes(24, 256), (24, 256)))
+    layer = QuantizedLinear(k_quant_weight(kind, 24, 256))
     x = torch.randn(3, 256)
     torch.testing.assert_close(layer(x), F.linear(x, dequantize_weight(layer.weight_q)), rtol=1e-5, atol=1e-5)
 
@@ -530,6 +558,10 @@ def test_kernel_sums_the_extreme_codes_exactly(bits: int) -> None:
     x = torch.stack([torch.full((256,), 127.0), torch.full((256,), -127.0), torch.where(signs[0], 127.0, -127.0),
                      torch.where(signs[1], -127.0, 127.0)])  # scales of exactly 1: the codes are x itself
     assert torch.equal(kernels.qlinear(x, q).double(), x.double() @ values.double().T)
+    if bits == 4:  # Q6_K's 6-bit codes: each vector's byte pairs (up to 2 x 63 x 127) widen before they add
+        values6 = torch.where(values == low, -32, 31).to(torch.int16)
+        q6 = pack_q6_k(values6, torch.ones(4, 1, dtype=torch.float16), torch.ones(4, 16, dtype=torch.int8))
+        assert torch.equal(kernels.qlinear(x, q6).double(), x.double() @ values6.double().T)
 
 
 @needs_bf16_kernel

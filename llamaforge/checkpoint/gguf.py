@@ -32,7 +32,7 @@ from llamaforge.checkpoint.keymaps import (
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
 from llamaforge.quantize import QuantizedWeight, from_gguf_blocks, quantize_weight
-from llamaforge.quantize.formats import from_gguf_q4_k
+from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q6_k
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -150,16 +150,16 @@ def stored_dtype(reader) -> torch.dtype:
 
 
 # Linear weights of these types load as int8 / int4 / Q4_K layers as stored (`iter_tensors(keep_quantized=True)`).
-KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4}
+KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4, "Q6_K": 6}
 # Types stored in floats: everything else is quantized in blocks.
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 def kept_bits(tensor) -> int | None:
-    """The bits of the layer a linear weight loads as (`iter_tensors(keep_quantized=True)`): Q8_0 / Q4_0 / Q4_K as
-    stored; llama.cpp's other block types (the k-quants Q6_K, Q5_K, ..., Q4_1, Q5_0, ...) as int8 in groups of 32,
-    their values quantized again, which keeps them at 8.5 bits a weight rather than 16 and adds at most half an
-    int8 step to the file's own rounding. None for floats and for the embedding (a table lookup, not a product)."""
+    """The bits of the layer a linear weight loads as (`iter_tensors(keep_quantized=True)`): Q8_0 / Q4_0 / Q4_K /
+    Q6_K as stored; llama.cpp's other block types (the k-quants Q5_K, Q3_K, ..., Q4_1, Q5_0, ...) as int8 in groups
+    of 32, their values quantized again, which keeps them at 8.5 bits a weight rather than 16 and adds at most half
+    an int8 step to the file's own rounding. None for floats and for the embedding (a table lookup, not a product)."""
     kind = tensor.tensor_type.name
     if tensor.name == "token_embd.weight" or kind in FLOAT_TYPES or len(tensor.shape) != 2:
         return None
@@ -186,8 +186,9 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """HF-named tensors in HF's row layout, one at a time.
 
-    With `keep_quantized`, Q8_0, Q4_0 and Q4_K linear weights come as QuantizedWeight (int8 / int4 in groups of 32,
-    or Q4_K's codes, scales and mins: the same numbers repacked, nothing rounded again) instead of dequantized
+    With `keep_quantized`, Q8_0, Q4_0, Q4_K and Q6_K linear weights come as QuantizedWeight (int8 / int4 in groups
+    of 32, or the k-quants' codes, scales and mins: the same numbers repacked, nothing rounded again) instead of
+    dequantized
     floats, and other
     quantized linear weights as int8 in groups of 32 (see `kept_bits`); the embedding, a table lookup rather than
     a product, is dequantized as before.
@@ -208,6 +209,8 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                 blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
                 if tensor.tensor_type.name == "Q4_K":
                     yield name, from_gguf_q4_k(blocks, shape, row_order=order)
+                elif tensor.tensor_type.name == "Q6_K":
+                    yield name, from_gguf_q6_k(blocks, shape, row_order=order)
                 else:
                     yield name, from_gguf_blocks(blocks, bits, shape, row_order=order)
             else:

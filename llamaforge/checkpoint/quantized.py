@@ -9,7 +9,8 @@ HF checkpoint (config.json, safetensors shards, tokenizer files) with two differ
 - config.json has `"quantization_config": {"quant_method": "llamaforge", "format_version": 1, "mode": ...,
   "layers": {"X": {"bits": 8 | 4, "group_size": G}, ...}}`, G being the weights per scale along a row; a layer
   holding llama.cpp's Q4_K numbers (loaded from a GGUF) has `"kind": "q4_k"` (bits 4, G 32) and its scales are
-  bytes, each 256 weights' d and dmin (float16) and 8 six-bit scales and mins (formats.py's stored layout).
+  bytes, each 256 weights' d and dmin (float16) and 8 six-bit scales and mins; one holding Q6_K's `"kind": "q6_k"`
+  (bits 6, G 16), its scales each 256 weights' d (float16) and 16 int8 scales (formats.py's stored layout).
 
 transformers does not read this format (its quant_method is not one it knows); llamaforge does.
 """
@@ -26,7 +27,14 @@ from llamaforge.checkpoint.inventory import Inventory, expected_shapes
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
 from llamaforge.quantize import QuantizedLinear, QuantizedWeight
-from llamaforge.quantize.formats import KINDS, STORED_Q4_K_BYTES, SUPER_BLOCK, from_stored, stored_width
+from llamaforge.quantize.formats import (
+    KINDS,
+    STORED_Q4_K_BYTES,
+    STORED_Q6_K_BYTES,
+    SUPER_BLOCK,
+    from_stored,
+    stored_width,
+)
 
 METHOD = "llamaforge"
 FORMAT_VERSION = 1
@@ -67,14 +75,18 @@ def check_inventory(config: ModelArgs, inventory: Inventory, layers: dict[str, d
             raise CheckpointError(f"{inventory.config_file} quantizes {layer}, which a Llama model does not have")
         N, K = dense[weight]
         bits, group, kind = scheme.get("bits"), scheme.get("group_size"), scheme.get("kind", "int")
-        if bits not in (8, 4) or not isinstance(group, int) or group < 1:
+        if bits not in (8, 6, 4) or not isinstance(group, int) or group < 1:
             raise CheckpointError(f"{inventory.config_file}: layer {layer} has bits={bits}, group_size={group}; "
-                                  "expected bits 8 or 4 and a positive group size")
-        if kind not in KINDS or (kind == "q4_k" and (bits, group, K % SUPER_BLOCK) != (4, 32, 0)):
+                                  "expected bits 8 or 4 (6 for q6_k) and a positive group size")
+        k_quants = {"q4_k": (4, 32, 0), "q6_k": (6, 16, 0)}
+        if kind not in KINDS or (bits == 6) != (kind == "q6_k") or (
+                kind in k_quants and (bits, group, K % SUPER_BLOCK) != k_quants[kind]):
             raise CheckpointError(f"{inventory.config_file}: layer {layer} has kind={kind!r} (bits={bits}, "
                                   f"group_size={group}, {K} inputs); expected one of {', '.join(KINDS)}, q4_k with "
-                                  "bits 4, group size 32 and a multiple of 256 inputs")
-        scales = (N, K // SUPER_BLOCK * STORED_Q4_K_BYTES) if kind == "q4_k" else (N, -(-K // group))
+                                  "bits 4 and group size 32, q6_k with bits 6 and group size 16, each with a "
+                                  "multiple of 256 inputs")
+        scales = {"q4_k": (N, K // SUPER_BLOCK * STORED_Q4_K_BYTES), "q6_k": (N, K // SUPER_BLOCK * STORED_Q6_K_BYTES)
+                  }.get(kind, (N, -(-K // group)))
         expected = {f"{layer}.codes": (N, stored_width(K) * bits // 8), f"{layer}.scales": scales}
         for name, shape in expected.items():
             found = inventory.shapes.pop(name, None)

@@ -91,6 +91,9 @@ LLF_INLINE __m512i llf_cvtepu16_epi32(__m256i a) {
 LLF_INLINE __m512i llf_cvtepu8_epi32(__m128i a) {
     LLF_EACH(__m512i, _mm256_cvtepu8_epi32(i ? _mm_srli_si128(a, 8) : a));
 }
+LLF_INLINE __m512i llf_cvtepi8_epi32(__m128i a) {
+    LLF_EACH(__m512i, _mm256_cvtepi8_epi32(i ? _mm_srli_si128(a, 8) : a));
+}
 LLF_INLINE __m512 llf_cvtph_ps(__m256i a) {
     LLF_EACH(__m512, _mm256_cvtph_ps(i ? _mm256_extracti128_si256(a, 1) : _mm256_castsi256_si128(a)));
 }
@@ -227,6 +230,7 @@ LLF_INLINE void llf_mask_storeu_epi16_256(void *p, __mmask16 k, __m256i a) {
 #define _mm512_scalef_ps llf_scalef_ps
 #define _mm512_cvtepu16_epi32 llf_cvtepu16_epi32
 #define _mm512_cvtepu8_epi32 llf_cvtepu8_epi32
+#define _mm512_cvtepi8_epi32 llf_cvtepi8_epi32
 #define _mm512_cvtph_ps llf_cvtph_ps
 #define _mm512_cvtepi32_epi16 llf_cvtepi32_epi16
 #define _mm512_cvtepi32_epi8 llf_cvtepi32_epi8

@@ -57,6 +57,7 @@ static inline int32_t emulated_reduce_add_epi32(simde__m512i a) {
     }
 EMULATED_CONVERT(emulated_cvtepu16_epi32, uint16_t, uint32_t, simde__m256i, simde__m512i, 32, 64, in[i])
 EMULATED_CONVERT(emulated_cvtepu8_epi32, uint8_t, int32_t, simde__m128i, simde__m512i, 16, 64, in[i])
+EMULATED_CONVERT(emulated_cvtepi8_epi32, int8_t, int32_t, simde__m128i, simde__m512i, 16, 64, in[i])
 EMULATED_CONVERT(emulated_cvtepi32_epi16, int32_t, int16_t, simde__m512i, simde__m256i, 64, 32, in[i])
 EMULATED_CONVERT(emulated_cvtepi32_epi8, int32_t, int8_t, simde__m512i, simde__m128i, 64, 16, in[i])
 EMULATED_CONVERT(emulated_cvtepi32_ps, int32_t, float, simde__m512i, simde__m512, 64, 64, in[i])
@@ -118,6 +119,8 @@ static inline float emulated_cvtsh_ss(uint16_t bits) {
 #define _mm512_cvtepu16_epi32 emulated_cvtepu16_epi32
 #undef _mm512_cvtepu8_epi32
 #define _mm512_cvtepu8_epi32 emulated_cvtepu8_epi32
+#undef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32 emulated_cvtepi8_epi32
 #undef _mm512_cvtepi32_epi16
 #define _mm512_cvtepi32_epi16 emulated_cvtepi32_epi16
 #undef _mm512_cvtepi32_epi8

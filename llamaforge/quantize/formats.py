@@ -19,7 +19,9 @@ Two layouts of the same codes and scales:
 - the stored one (`stored_codes` / `from_stored`: quantized checkpoints, checkpoint/quantized.py): row-major,
   rows padded with zero values to a multiple of 128 weights; int4 packs each run of 128 weights of a row into
   64 bytes, weight i in the low nibble of byte i and weight 64 + i in the high nibble; scales (N, n_groups)
-  (for "q4_k" below: (N, K / 256 * 20) bytes, each super-block's d and dmin as float16, then its 8 sc, its 8 m).
+  (for "q4_k" below: (N, K / 256 * 20) bytes, each super-block's d and dmin as float16, then its 8 sc, its 8 m;
+  "q6_k" stores int4's codes of the low 4 bits, then a byte for each 4 weights' top 2 bits, (N, 3K / 4), and each
+  super-block's d and 16 sc, (N, K / 256 * 18) bytes).
   It does not depend on the kernel, which may change its tiling without changing the files.
 
 `group_size` None (or >= the width) means one scale per row, the usual int8 choice.
@@ -29,6 +31,12 @@ int4 layout's codes, read as value q - 8) in sub-blocks of 32 weights, each with
 under a super-block of 256 weights' float16 factors d and dmin: w = d * sc * q - dmin * m. Its scales are bytes,
 (tiles, K / 256, 320) uint8: for each tile and super-block, d of the tile's 16 rows (float16), then dmin, then for
 each of the 8 sub-blocks sc of the 16 rows, then m (qlinear.c reads them). 4.625 bits a weight (the file's 4.5).
+
+A fourth, "q6_k", keeps llama.cpp's Q6_K blocks (`from_gguf_q6_k`): 6-bit codes q (value q - 32) with an int8 scale
+sc for each 16 weights of a row under a float16 d for each 256: w = d * sc * (q - 32). Each block's codes are the
+int4 layout's 256 bytes of low 4 bits, then 128 bytes of top 2 bits (qlinear.c describes them); its scales
+(tiles, K / 256, 288) bytes: d of the tile's 16 rows, then for each block sc of the rows for its first 16 weights,
+then for its last 16. 6.5625 bits a weight, as in the file.
 """
 
 from __future__ import annotations
@@ -39,14 +47,16 @@ import torch
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)  # int4's choices; int8 is per row unless a group is asked for
-BIAS = {8: 128, 4: 8}  # stored code = value + bias
+BIAS = {8: 128, 6: 32, 4: 8}  # stored code = value + bias
 BLOCK = 32  # weights per block in the kernel's layout; also per Q8_0 / Q4_0 block in GGUF
 TILE = 16  # rows interleaved in the kernel's layout
 STORED_PAD = 128  # row width multiple of the stored layout
-KINDS = ("int", "q4_k")  # symmetric codes with float16 group scales; llama.cpp's Q4_K (see above)
+KINDS = ("int", "q4_k", "q6_k")  # symmetric codes with float16 group scales; llama.cpp's Q4_K, Q6_K (see above)
 SUPER_BLOCK = 256  # weights of a row under one Q4_K super-block's d and dmin
 SUPER_BYTES = 320  # a tile's Q4_K scale bytes a super-block: d and dmin (16 float16 each), 8 x (sc, m) (16 bytes each)
 STORED_Q4_K_BYTES = 20  # a row's Q4_K scale bytes a super-block in the stored layout: d, dmin, 8 sc, 8 m
+Q6_K_SUPER_BYTES = 288  # a tile's Q6_K scale bytes a super-block: d (16 float16), 16 x sc (16 int8 each)
+STORED_Q6_K_BYTES = 18  # a row's Q6_K scale bytes a super-block in the stored layout: d, 16 sc
 
 
 @dataclass
@@ -78,10 +88,26 @@ class QuantizedWeight:
         sc, m = (bytes_[..., i].reshape(tiles * TILE, -1)[:self.out_features] for i in (0, 1))
         return d, dmin, sc, m
 
+    def q6_k_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A "q6_k" weight's d (out_features, K / 256) float16 and sc (out_features, K / 16) int8."""
+        tiles, supers, _ = self.scales.shape
+        d = self.scales[..., :2 * TILE].contiguous().view(torch.float16).transpose(1, 2).reshape(-1, supers)
+        sc = self.scales[..., 2 * TILE:].view(tiles, supers, 16, TILE).permute(0, 3, 1, 2).reshape(tiles * TILE, -1)
+        return d[:self.out_features], sc[:self.out_features].contiguous().view(torch.int8)
+
+    @property
+    def sub_block(self) -> int:
+        """Weights of a row that share one scale inside the kernel's 32-weight blocks: 16 for "q6_k", else 32."""
+        return 16 if self.kind == "q6_k" else BLOCK
+
     def block_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 scale and min of each 32-weight block (out_features, K / 32) for kind "q4_k" (d * sc and
-        dmin * m, exact in float32), of each group's blocks for kind "int" (and zero mins)."""
+        """The float32 scale and min of each `sub_block` weights (out_features, K / sub_block): d * sc and dmin * m
+        for "q4_k", d * sc and zeros for "q6_k" (exact in float32), each group's scale and zeros for "int"."""
         blocks = -(-self.in_features // BLOCK)
+        if self.kind == "q6_k":
+            d, sc = self.q6_k_factors()
+            scales = d.float().repeat_interleave(SUPER_BLOCK // 16, dim=1) * sc.float()
+            return scales, torch.zeros_like(scales)
         if self.kind == "q4_k":
             d, dmin, sc, m = self.q4_k_factors()
             per_block = SUPER_BLOCK // BLOCK
@@ -143,9 +169,17 @@ def pack(values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int)
 
 
 def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed values (N, K) as the kernel's codes (tiles, blocks, 512 or 256) uint8 (see qlinear.c)."""
+    """Signed values (N, K) as the kernel's codes (tiles, blocks, 512, 384 or 256) uint8 (see qlinear.c)."""
     N, K = values.shape
     tiles, blocks = -(-N // TILE), -(-K // BLOCK)
+    if bits == 6:  # the low 4 bits as int4's layout, then the top 2 bits of each of its bytes' two codes
+        codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[6], dtype=torch.uint8, device=values.device)
+        codes[:N, :K] = (values + BIAS[6]).to(torch.uint8)
+        # [tile, row, block, half, vector, byte] -> [tile, block, half, row, byte, vector]
+        top = (codes >> 4).view(tiles, TILE, blocks, 2, 4, 4).permute(0, 2, 3, 1, 5, 4)
+        top = top[..., 0] | top[..., 1] << 2 | top[..., 2] << 4 | top[..., 3] << 6
+        low = pack_codes((codes & 0x0F).to(torch.int16) - BIAS[4], 4)
+        return torch.cat([low, top.reshape(tiles, blocks, 128)], dim=-1).contiguous()
     codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
     codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
     if bits == 8:  # [tile, row, block, vector, byte] -> [tile, block, vector, row, byte]
@@ -158,15 +192,24 @@ def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(q: QuantizedWeight) -> torch.Tensor:
     """The signed values (N, K) as int16: the inverse of `pack`."""
-    tiles, blocks, _ = q.codes.shape
-    if q.bits == 8:
-        rows = q.codes.view(tiles, blocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)  # [tile, row, block, vector, byte]
+    codes = _unpack_rows(q.codes, q.bits)[:q.out_features, :q.in_features]
+    return codes.to(torch.int16) - BIAS[q.bits]
+
+
+def _unpack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The kernel's codes (tiles, blocks, bytes) as row-major unsigned codes (tiles * 16, blocks * 32) uint8."""
+    tiles, blocks, _ = codes.shape
+    if bits == 8:
+        rows = codes.view(tiles, blocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)  # [tile, row, block, vector, byte]
+    elif bits == 6:
+        top = codes[..., 256:].reshape(tiles, blocks, 2, TILE, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+        top = (top & 0x03).permute(0, 3, 1, 2, 5, 4)  # [tile, row, block, half, vector, byte]
+        return _unpack_rows(codes[..., :256], 4) | top.reshape(tiles * TILE, blocks * BLOCK) << 4
     else:
-        packed = q.codes.view(tiles, blocks, 1, 4, TILE, 4)
+        packed = codes.reshape(tiles, blocks, 1, 4, TILE, 4)
         halves = torch.cat([packed & 0x0F, packed >> 4], dim=2)  # [tile, block, half, vector, row, byte]
         rows = halves.permute(0, 4, 1, 2, 3, 5)
-    values = rows.reshape(tiles * TILE, blocks * BLOCK)[:q.out_features, :q.in_features]
-    return values.to(torch.int16) - BIAS[q.bits]
+    return rows.reshape(tiles * TILE, blocks * BLOCK)
 
 
 def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -175,6 +218,8 @@ def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) ->
     if q.kind == "q4_k":  # d * sc * q is exact in float32, so only the subtraction rounds, as in llama.cpp
         scales, mins = (t.repeat_interleave(BLOCK, dim=1) for t in q.block_scales())
         return ((values + BIAS[4]) * scales - mins).to(dtype)
+    if q.kind == "q6_k":
+        return (values * q.block_scales()[0].repeat_interleave(q.sub_block, dim=1)).to(dtype)
     scales = q.row_scales().float().repeat_interleave(q.group_size, dim=1)[:, :q.in_features]
     return (values * scales).to(dtype)
 
@@ -185,15 +230,36 @@ def stored_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     N, K = q.out_features, q.in_features
     padded = torch.full((N, stored_width(K)), BIAS[q.bits], dtype=torch.uint8, device=q.codes.device)
     padded[:, :K] = (unpack_codes(q) + BIAS[q.bits]).to(torch.uint8)
+    if q.bits == 6:  # int4's runs of the low 4 bits, then a byte for each 4 weights' top 2 bits
+        top = (padded >> 4).view(N, -1, 4)
+        padded = torch.cat([stored_nibbles(padded & 0x0F),
+                            top[..., 0] | top[..., 1] << 2 | top[..., 2] << 4 | top[..., 3] << 6], dim=1)
     if q.bits == 4:
-        runs = padded.view(N, -1, 2, 64)  # (N, Kp / 128, low / high half, 64)
-        padded = (runs[:, :, 0] | runs[:, :, 1] << 4).reshape(N, -1)
+        padded = stored_nibbles(padded)
     if q.kind == "q4_k":
         d, dmin, sc, m = q.q4_k_factors()
         supers = d.shape[1]
         factors = torch.stack([d, dmin], dim=-1).contiguous().view(torch.uint8)  # (N, supers, 4)
         return padded, torch.cat([factors, sc.reshape(N, supers, 8), m.reshape(N, supers, 8)], dim=-1).reshape(N, -1)
+    if q.kind == "q6_k":
+        d, sc = q.q6_k_factors()
+        supers = d.shape[1]
+        factors = d.flatten().view(torch.uint8).view(N, supers, 2)
+        return padded, torch.cat([factors, sc.view(torch.uint8).view(N, supers, 16)], dim=-1).reshape(N, -1)
     return padded, q.row_scales().contiguous()
+
+
+def stored_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes below 16 (N, Kp) two a byte (N, Kp / 2): each run of 128 weights in 64 bytes, weight i in the low nibble
+    of byte i and weight 64 + i in the high one."""
+    runs = codes.view(codes.shape[0], -1, 2, 64)  # (N, Kp / 128, low / high half, 64)
+    return (runs[:, :, 0] | runs[:, :, 1] << 4).reshape(codes.shape[0], -1)
+
+
+def from_stored_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `stored_nibbles`."""
+    runs = packed.reshape(packed.shape[0], -1, 1, 64)
+    return torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
 def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
@@ -201,13 +267,20 @@ def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size
     """A weight from the stored layout (`stored_codes`), repacked for the kernel."""
     N = codes.shape[0]
     if bits == 4:
-        runs = codes.view(N, -1, 1, 64)
-        codes = torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(N, -1)
+        codes = from_stored_nibbles(codes)
+    elif bits == 6:
+        half = codes.shape[1] * 2 // 3  # Kp / 2 bytes of low bits, then Kp / 4 of top bits
+        top = (codes[:, half:].reshape(N, -1, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+        codes = from_stored_nibbles(codes[:, :half]) | top.reshape(N, -1) << 4
     values = codes[:, :in_features].to(torch.int16) - BIAS[bits]
     if kind == "q4_k":
         supers = scales.reshape(N, -1, STORED_Q4_K_BYTES)
         d, dmin = (supers[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))
         return pack_q4_k(values, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1))
+    if kind == "q6_k":
+        supers = scales.reshape(N, -1, STORED_Q6_K_BYTES)
+        d = supers[..., :2].contiguous().view(torch.float16)[..., 0]
+        return pack_q6_k(values, d, supers[..., 2:].contiguous().view(torch.int8).reshape(N, -1))
     return pack(values, scales, bits, group_size)
 
 
@@ -284,3 +357,42 @@ def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: tor
     pairs = pairs.permute(0, 2, 3, 4, 1).reshape(tiles, supers, 256)
     return QuantizedWeight(pack_codes(values, 4), torch.cat([factors, pairs], dim=-1).contiguous(), 4, BLOCK, K, N,
                            kind="q4_k")
+
+
+Q6_K_BYTES = 210  # a GGUF Q6_K block: 128 bytes of low 4 bits, 64 of top 2 bits, 16 int8 scales, d (float16)
+
+
+def from_gguf_q6_k(blocks: torch.Tensor, shape: tuple[int, int],
+                   row_order: torch.Tensor | None = None) -> QuantizedWeight:
+    """A GGUF Q6_K tensor's raw bytes as a "q6_k" QuantizedWeight, nothing rounded (see the module docstring).
+
+    A block (210 bytes) covers 256 weights of a row: in each half of 128 weights, 64 bytes hold weight i's low 4
+    bits in the low nibble of byte i and weight 64 + i's in the high one, then (after both halves) 32 bytes a half
+    hold weight 32t + i's top 2 bits in bits 2t, 2t + 1 of byte i; then 16 int8 scales (one per 16 weights), d.
+    """
+    N, K = shape
+    raw = blocks.reshape(N, K // SUPER_BLOCK, Q6_K_BYTES)
+    if row_order is not None:
+        raw = raw[row_order]
+    low = raw[..., :128].reshape(N, -1, 2, 1, 64)
+    low = torch.cat([low & 0x0F, low >> 4], dim=3)  # (N, supers, half, nibble, 64)
+    top = (raw[..., 128:192].reshape(N, -1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    codes = low.reshape(N, K) | top.reshape(N, K) << 4  # (N, supers, half, t, 32) in weight order
+    sc = raw[..., 192:208].contiguous().view(torch.int8).reshape(N, -1)
+    d = raw[..., 208:210].contiguous().view(torch.float16)[..., 0]
+    return pack_q6_k(codes.to(torch.int16) - BIAS[6], d, sc)
+
+
+def pack_q6_k(values: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> QuantizedWeight:
+    """A "q6_k" weight in the kernel's layout from its values q - 32 (N, K), d (N, K / 256) float16 and sc
+    (N, K / 16) int8."""
+    N, K = values.shape
+    tiles, supers = -(-N // TILE), K // SUPER_BLOCK
+    tiled_d = torch.zeros(tiles * TILE, supers, dtype=torch.float16)
+    tiled_d[:N] = d
+    tiled_sc = torch.zeros(tiles * TILE, supers * 16, dtype=torch.int8)
+    tiled_sc[:N] = sc
+    factors = tiled_d.view(tiles, TILE, supers).transpose(1, 2).contiguous().view(torch.uint8)  # (tiles, supers, 32)
+    scales = tiled_sc.view(torch.uint8).view(tiles, TILE, supers, 16).permute(0, 2, 3, 1).reshape(tiles, supers, 256)
+    return QuantizedWeight(pack_codes(values, 6), torch.cat([factors, scales], dim=-1).contiguous(), 6, 16, K, N,
+                           kind="q6_k")

@@ -26,6 +26,14 @@
 // block's sum is then x_scale * (d * sc * sum(q * x) - dmin * m * sum(x)): the integer sum without the offset,
 // and one more multiply-add by the activations' block sum (QuantizedActivations.sums).
 //
+// Weights of kind KIND_Q6_K keep llama.cpp's Q6_K blocks (from_gguf_q6_k): 6-bit codes q (value q - 32) with an int8
+// scale sc for each 16 weights of a row under a float16 d for each 256, w = d * sc * (q - 32). A block's codes are
+// the 4-bit layout's 256 bytes holding each code's low 4 bits, then two vectors holding their top 2 bits: byte 4r + i
+// of the first has, in bits 2v and 2v + 1, those of the code in the low nibble of byte 4r + i of vector v (weight
+// 4v + i), the second those of the high nibbles (weight 16 + 4v + i). Low nibbles are weights 0 .. 15 of the block,
+// high ones 16 .. 31: each half has its own integer sum and scale. Scales per tile and super-block: d of the 16 rows
+// (float16), then per block sc of the 16 rows for weights 0 .. 15, then for weights 16 .. 31 (Q6_K_SUPER_BYTES).
+//
 // VPDPBUSD multiplies unsigned by signed bytes. The weight codes are the unsigned side, offset by `bias`
 // (128 or 8), so sum(code * x) = sum(w * x) + bias * sum(x); the second term depends on x alone and starts
 // each block's sum negated, so the integer sums come out exact.
@@ -45,8 +53,10 @@
 #define Q_M_TILE 8  // activation rows that share each unpacked weight block (4: int4 prefill 2-12% slower)
 #define KIND_INT 0   // symmetric codes, float16 scales per group (int8, int4, Q8_0, Q4_0)
 #define KIND_Q4_K 1  // llama.cpp's Q4_K: codes with a scale and a min per block under super-block factors
-#define SUPER_BLOCKS 8    // Q4_K blocks a super-block (256 weights)
+#define KIND_Q6_K 2  // llama.cpp's Q6_K: 6-bit codes with a scale per 16 weights under a super-block factor
+#define SUPER_BLOCKS 8    // blocks a k-quant super-block (256 weights)
 #define SUPER_BYTES 320   // a tile's Q4_K scale bytes a super-block: 2 x 16 float16, then 8 x 2 x 16 bytes
+#define Q6_K_SUPER_BYTES 288  // a tile's Q6_K scale bytes a super-block: 16 float16, then 8 x 2 x 16 int8
 
 // The activations of one call, quantized: everything the inner loop needs that does not depend on weights.
 typedef struct {
@@ -54,6 +64,7 @@ typedef struct {
     int32_t *negbias;  // (M, blocks): -bias * (sum of the block's codes)
     float *scales;     // (M, blocks)
     float *sums;       // (M, blocks): scale * (sum of the block's codes), the block's sum as quantized
+    int32_t *halves;   // (M, blocks, 2): the sums of the block's first 16 codes and of its last 16
 } QuantizedActivations;
 
 typedef struct {
@@ -107,7 +118,9 @@ static void quantize_activations(const void *x, int is_bf16, int64_t M, const Sh
             int8_t *codes = out->codes + m * s->blocks * BLOCK + start;
             _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(q_lo));
             _mm_storeu_si128((__m128i *)(codes + 16), _mm512_cvtepi32_epi8(q_hi));
-            const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+            const int32_t low = _mm512_reduce_add_epi32(q_lo), sum = low + _mm512_reduce_add_epi32(q_hi);
+            out->halves[2 * (m * s->blocks + b)] = low;
+            out->halves[2 * (m * s->blocks + b) + 1] = sum - low;
             out->negbias[m * s->blocks + b] = -bias * sum;
             out->scales[m * s->blocks + b] = scale;
             out->sums[m * s->blocks + b] = scale * (float)sum;
@@ -131,15 +144,35 @@ static inline float lane(__m512 v, int64_t r) {
     return values[r];
 }
 
+// Q6_K's top 2 bits of the codes of vector v (bits 2v, 2v + 1 of each byte of `high`) moved to bits 4 and 5 (other
+// bits are the caller's to mask off).
+static inline __m512i top_bits(__m512i high, const int v) {
+    return v == 0 ? _mm512_slli_epi32(high, 4) : v == 1 ? _mm512_slli_epi32(high, 2)
+           : v == 2 ? high : _mm512_srli_epi32(high, 2);
+}
+
 // 16 bytes as float32.
 static inline __m512 bytes_as_float(const uint8_t *bytes) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes)));
 }
 
-// The weight scales of block b for a tile's 16 rows, where the weight has groups or is KIND_Q4_K (d * sc, exact in
-// float32; *mins then dmin * m): zeros, never read, where it has one scale a row.
+// 16 signed bytes as float32.
+static inline __m512 signed_bytes_as_float(const uint8_t *bytes) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)bytes)));
+}
+
+// The weight scales of block b for a tile's 16 rows, where the weight has groups or is a k-quant (d * sc, exact in
+// float32; then *mins is dmin * m for KIND_Q4_K, and for KIND_Q6_K the scales of the block's last 16 weights, the
+// result being its first 16's): zeros, never read, where it has one scale a row.
 static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, const int kind, int64_t b,
                                   __m512 *mins) {
+    if (kind == KIND_Q6_K) {
+        const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * Q6_K_SUPER_BYTES;
+        const uint8_t *bytes = super + 2 * TILE + b % SUPER_BLOCKS * 2 * TILE;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
+        *mins = _mm512_mul_ps(d, signed_bytes_as_float(bytes + TILE));
+        return _mm512_mul_ps(d, signed_bytes_as_float(bytes));
+    }
     if (kind == KIND_Q4_K) {
         const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * SUPER_BYTES;
         const uint8_t *bytes = super + 2 * TILE * 2 + b % SUPER_BLOCKS * 2 * TILE;
@@ -167,6 +200,12 @@ static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const 
 //    the unsigned side is |value| <= 128 (llama.cpp's Q8_0 route): pairs of at most 32,512, each vector its own
 //    VPMADDWD, and no offset to remove.
 
+// top_bits for one half of a tile's rows.
+static inline __m256i top_bits_256(__m256i high, const int v) {
+    return v == 0 ? _mm256_slli_epi32(high, 4) : v == 1 ? _mm256_slli_epi32(high, 2)
+           : v == 2 ? high : _mm256_srli_epi32(high, 2);
+}
+
 // Block b (32 weights of a tile's 16 rows) of the dot products with activation rows m0 .. m0 + count - 1, added
 // into acc[t][half] (half h: rows 8h .. 8h + 7).
 static inline __attribute__((always_inline)) void block_dot(
@@ -185,6 +224,17 @@ static inline __attribute__((always_inline)) void block_dot(
             for (int v = 0; v < 8; v++)
                 w[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half)),
                                         sign_bit);
+        } else if (bits == 6) {
+            const __m256i top = _mm256_set1_epi8(0x30);
+            const __m256i high[2] = {_mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half)),
+                                     _mm256_loadu_si256((const __m256i *)(block + 320 + 32 * half))};
+            for (int v = 0; v < 4; v++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
+                w[v] = _mm256_or_si256(_mm256_and_si256(packed, low_nibbles),
+                                       _mm256_and_si256(top_bits_256(high[0], v), top));
+                w[v + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
+                                           _mm256_and_si256(top_bits_256(high[1], v), top));
+            }
         } else {
             for (int v = 0; v < 4; v++) {
                 const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
@@ -196,6 +246,22 @@ static inline __attribute__((always_inline)) void block_dot(
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
             __m256i sums;
+            if (kind == KIND_Q6_K) {  // codes up to 63: each vector's pairs widened at once (two would overflow)
+                const int32_t *halves = act->halves + 2 * (m * s->blocks + b);
+                __m256i low = _mm256_set1_epi32(-32 * halves[0]), high = _mm256_set1_epi32(-32 * halves[1]);
+                for (int v = 0; v < 4; v++) {
+                    low = _mm256_add_epi32(low, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        w[v], _mm256_set1_epi32(x4[v])), ones));
+                    high = _mm256_add_epi32(high, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        w[v + 4], _mm256_set1_epi32(x4[v + 4])), ones));
+                }
+                const __m256 x_scale = _mm256_set1_ps(act->scales[m * s->blocks + b]);
+                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), _mm256_mul_ps(w_scales.h[half], x_scale),
+                                               acc[t][half]);
+                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_mul_ps(w_mins.h[half], x_scale),
+                                               acc[t][half]);
+                continue;
+            }
             if (bits == 8) {
                 sums = _mm256_setzero_si256();
                 for (int v = 0; v < 8; v++)
@@ -261,6 +327,18 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *bloc
         for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512((const void *)(block + 64 * v));
         return;
     }
+    if (bits == 6) {  // KIND_Q6_K: each 4-bit code joined by its top 2 bits
+        const __m512i low_nibbles = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+        const __m512i high[2] = {_mm512_loadu_si512((const void *)(block + 256)),
+                                 _mm512_loadu_si512((const void *)(block + 320))};
+        for (int v = 0; v < 4; v++) {
+            __m512i packed = _mm512_loadu_si512((const void *)(block + 64 * v));
+            w[v] = _mm512_or_si512(_mm512_and_si512(packed, low_nibbles), _mm512_and_si512(top_bits(high[0], v), top));
+            w[v + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles),
+                                       _mm512_and_si512(top_bits(high[1], v), top));
+        }
+        return;
+    }
     const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
     for (int v = 0; v < 4; v++) {
         __m512i packed = _mm512_loadu_si512((const void *)(block + 64 * v));
@@ -285,6 +363,18 @@ static inline __attribute__((always_inline)) void tile_dot(
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
+            if (kind == KIND_Q6_K) {  // a chain for each half of the block, each half its scale; the offset 32
+                const int32_t *halves = act->halves + 2 * (m * s->blocks + b);
+                __m512i low = _mm512_set1_epi32(-32 * halves[0]), high = _mm512_set1_epi32(-32 * halves[1]);
+                for (int v = 0; v < 4; v++) {
+                    low = _mm512_dpbusd_epi32(low, w[v], _mm512_set1_epi32(x4[v]));
+                    high = _mm512_dpbusd_epi32(high, w[v + 4], _mm512_set1_epi32(x4[v + 4]));
+                }
+                const __m512 x_scale = _mm512_set1_ps(act->scales[m * s->blocks + b]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), _mm512_mul_ps(w_scales, x_scale), acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_mul_ps(w_mins, x_scale), acc[t]);
+                continue;
+            }
             // Two chains of multiply-adds, so each waits on half as many predecessors. (Q4_K's codes have no offset:
             // its min takes the activations' sum.)
             __m512i even = with_mins ? _mm512_setzero_si512() : _mm512_set1_epi32(act->negbias[m * s->blocks + b]);
@@ -313,7 +403,9 @@ static Shape shape_of(int64_t K, int bits, int64_t group, int kind) {
     s.group = group;
     s.n_groups = (K + group - 1) / group;
     s.tile_bytes = s.blocks * BLOCK * TILE * bits / 8;
-    s.tile_scales = kind == KIND_Q4_K ? s.blocks / SUPER_BLOCKS * SUPER_BYTES / 2 : s.n_groups * TILE;
+    const int64_t supers = s.blocks / SUPER_BLOCKS;
+    s.tile_scales = kind == KIND_Q4_K ? supers * SUPER_BYTES / 2
+                    : kind == KIND_Q6_K ? supers * Q6_K_SUPER_BYTES / 2 : s.n_groups * TILE;
     return s;
 }
 
@@ -324,11 +416,12 @@ static int allocate_activations(QuantizedActivations *act, int64_t M, int64_t K)
     act->negbias = (int32_t *)malloc(sizeof(int32_t) * (size_t)blocks);
     act->scales = (float *)malloc(sizeof(float) * (size_t)blocks);
     act->sums = (float *)malloc(sizeof(float) * (size_t)blocks);
-    return act->codes && act->negbias && act->scales && act->sums ? 0 : -1;
+    act->halves = (int32_t *)malloc(sizeof(int32_t) * (size_t)(2 * blocks));
+    return act->codes && act->negbias && act->scales && act->sums && act->halves ? 0 : -1;
 }
 
 static void free_activations(QuantizedActivations *act) {
-    free(act->codes); free(act->negbias); free(act->scales); free(act->sums);
+    free(act->codes); free(act->negbias); free(act->scales); free(act->sums); free(act->halves);
 }
 
 // Which of `count` weights item `joint` of a joint loop over all their items (tiles, rows) belongs to, weight i
@@ -389,6 +482,8 @@ static inline __attribute__((always_inline)) void joint_tile(
         const int rows = M - m0 < Q_M_TILE ? (int)(M - m0) : Q_M_TILE;
         if (s->kind == KIND_Q4_K)
             tile_rows(at.codes, at.scales, act, m0, rows, s->bits, KIND_Q4_K, s, out);
+        else if (s->kind == KIND_Q6_K)
+            tile_rows(at.codes, at.scales, act, m0, rows, 6, KIND_Q6_K, s, out);
         else
             tile_rows(at.codes, at.scales, act, m0, rows, s->bits, KIND_INT, s, out);
         for (int t = 0; t < rows; t++) store16(ys[at.owner], io_bf16, (m0 + t) * N + at.tile * TILE, out[t], at.keep);
@@ -413,6 +508,8 @@ static inline __attribute__((always_inline)) void joint_task(
         __m512 out[TASK_TILES];
         if (s->kind == KIND_Q4_K)
             tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_Q4_K, s, out);
+        else if (s->kind == KIND_Q6_K)
+            tiles_dot(task_codes, task_scales, act, 0, 6, KIND_Q6_K, s, out);
         else
             tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_INT, s, out);
         for (int j = 0; j < TASK_TILES; j++) store16(ys[at[j].owner], io_bf16, at[j].tile * TILE, out[j], at[j].keep);
@@ -425,8 +522,8 @@ static inline __attribute__((always_inline)) void joint_task(
 
 // y_i (M, N_i) = x (M, K) @ W_i.T for `count` weights of one scheme (the projections of one input: q, k, v), in
 // one parallel loop over all their tiles, with x quantized once. W as described at the top, of `kind` (KIND_INT,
-// KIND_Q4_K); x and the y_i are float32, or bfloat16 when io_bf16. `group` is the weights per scale along a row (a
-// multiple of 32, or >= K for one scale per row; 32 for KIND_Q4_K); count at most 8. Returns 0, or -1 when out of
+// KIND_Q4_K, KIND_Q6_K: bits 6); x and the y_i are float32, or bfloat16 when io_bf16. `group` is the weights per scale
+// along a row (a multiple of 32, or >= K for one scale per row; 32 for KIND_Q4_K, 16 for KIND_Q6_K); count at most 8. Returns 0, or -1 when out of
 // memory (or count is out of range).
 int qlinear_many(const void *x, int count, const uint8_t *const *codes, const uint16_t *const *scales,
                  void *const *ys, const int64_t *Ns, int64_t M, int64_t K, int bits, int64_t group, int kind,
@@ -449,7 +546,7 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     return 0;
 }
 
-// The dense weight (N, K), float32 or bfloat16 (out_bf16), for the many-row (prefill) path.
+// The dense weight (N, K), float32 or bfloat16 (out_bf16), of KIND_INT or KIND_Q4_K (formats.py dequantizes Q6_K).
 void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t N, int64_t K, int bits,
                 int64_t group, int kind, int out_bf16, int n_threads) {
     const Shape s = shape_of(K, bits, group, kind);
