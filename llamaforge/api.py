@@ -182,7 +182,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     False, folded into its weights so generation costs what the base model costs.
     `quantize="int8"` or `"int4"` stores the linear layers as integer codes for fast inference (int4 in groups
     of `group_size` weights, default 32; int8 per output row unless `group_size` is given), after any adapter
-    is merged. Linear layers a GGUF stores as Q8_0 / Q4_0 stay as they are (also with "auto", the default),
+    is merged. Linear layers a GGUF stores as Q8_0 / Q4_0 / Q4_K / Q6_K stay as they are (also with "auto", the
+    default; other quantized types become int8),
     so a llama.cpp file runs at its own size; `quantize=None` dequantizes them. `quantize="nf4"` stores the
     linear layers in QLoRA's 4-bit NormalFloat; "auto" does so only for an adapter that llamaforge trained
     with QLoRA, whose base was 4-bit in training (merging then dequantizes first, so the merged weights are
@@ -223,7 +224,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             raise AdapterError(f"adapter {adapter} does not exist; pass a directory holding adapter_config.json "
                                "and adapter_model.safetensors (from llamaforge finetune or peft), or a hub id")
         adapter_path = resolve(adapter)
-    # A GGUF's Q8_0 / Q4_0 weights stay as they are unless asked otherwise, or an adapter must merge into them.
+    # A GGUF's quantized weights stay quantized unless asked otherwise, or an adapter must merge into them.
     keep_quantized = quantize in ("auto", *MODES) and adapter_path is None
     if quantize == "auto":
         quantize = "nf4" if adapter_path is not None and trained_on_nf4(adapter_path) else None

@@ -357,20 +357,19 @@ def test_a_gguf_loaded_model_saves_as_an_hf_folder_with_its_tokenizer(gqa_model_
     torch.testing.assert_close(logits(again, ids), logits(loaded, ids))
 
 
-def q6_k_blocks(rows: int, width: int, generator: torch.Generator) -> np.ndarray:
-    """Random Q6_K bytes for a (rows, width) weight: any bytes are valid codes and scales once each 256-weight
-    super-block's float16 factor d (its last 2 of 210 bytes) is a sane number."""
-    blocks = torch.randint(0, 256, (rows * width // 256, 210), dtype=torch.uint8, generator=generator)
-    blocks[:, 208:] = torch.tensor([1e-4], dtype=torch.float16).view(torch.uint8)
+def q5_k_blocks(rows: int, width: int, generator: torch.Generator) -> np.ndarray:
+    """Random Q5_K bytes for a (rows, width) weight: any bytes are valid codes, scales and mins once each
+    256-weight super-block's float16 factors d and dmin (its first 4 of 176 bytes) are sane numbers."""
+    blocks = torch.randint(0, 256, (rows * width // 256, 176), dtype=torch.uint8, generator=generator)
+    blocks[:, :4] = torch.tensor([1e-4, 1e-4], dtype=torch.float16).view(torch.uint8)
     return blocks.reshape(rows, -1).numpy()
 
 
-@pytest.mark.parametrize("kind", ["Q6_K", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q5_K", "Q4_1"])
 def test_other_quantized_types_load_as_int8_close_to_their_values(tmp_path: Path, tiny_tokenizer_path: Path,
                                                                   monkeypatch, kind: str) -> None:
-    """A k-quant (Q6_K, as llama.cpp writes output.weight and half of a Q4_K_M's layers) or Q4_1 linear loads as an
-    int8 layer in groups of 32, within half an int8 step of the values the file stores; it never becomes a
-    16-bit copy."""
+    """A k-quant the kernel does not run as stored (Q5_K, of Q5_K_M files) or Q4_1 linear loads as an int8 layer in
+    groups of 32, within half an int8 step of the values the file stores; it never becomes a 16-bit copy."""
     import llamaforge.checkpoint.gguf as gguf_module
 
     config = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=64)
@@ -381,8 +380,8 @@ def test_other_quantized_types_load_as_int8_close_to_their_values(tmp_path: Path
     def encode_as_kind(gguf_, array, weight_type):
         if array.ndim != 2:  # norms stay float32
             return encode(gguf_, array, weight_type)
-        if kind == "Q6_K":
-            return q6_k_blocks(*array.shape, generator), kinds.Q6_K
+        if kind == "Q5_K":
+            return q5_k_blocks(*array.shape, generator), kinds.Q5_K
         return gguf.quants.quantize(array, kinds.Q4_1), kinds.Q4_1
 
     monkeypatch.setattr(gguf_module, "_encode", encode_as_kind)

@@ -1,6 +1,7 @@
-"""Weight-only int8 and int4 formats: quantize a weight, pack it for the kernel, rebuild it, repack GGUF blocks.
+"""Weight-only int8 and int4 formats (and llama.cpp's Q4_K / Q6_K, kept from GGUF files): quantize a weight, pack it
+for the kernel, rebuild it, repack GGUF blocks.
 
-Both are symmetric with one float16 scale per `group_size` weights of a row, the rules of llama.cpp's Q8_0 and
+int8 and int4 are symmetric with one float16 scale per `group_size` weights of a row, the rules of llama.cpp's Q8_0 and
 Q4_0 (ggml-quants.c `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`), so that with groups of 32 a weight
 quantizes to exactly the codes llama.cpp's quantizer writes, and a Q8_0 / Q4_0 GGUF tensor repacks into this
 layout without rounding anything again:
@@ -63,8 +64,8 @@ STORED_Q6_K_BYTES = 18  # a row's Q6_K scale bytes a super-block in the stored l
 class QuantizedWeight:
     """An (out_features, in_features) weight as integer codes and float16 group scales, in the kernel's layout."""
 
-    codes: torch.Tensor  # (tiles, blocks, 512) uint8 for 8 bits, (tiles, blocks, 256) for 4 bits
-    scales: torch.Tensor  # (tiles, n_groups, 16) float16
+    codes: torch.Tensor  # (tiles, blocks, 512) uint8 for 8 bits, (tiles, blocks, 256) for 4, (.., 384) for 6 (q6_k)
+    scales: torch.Tensor  # (tiles, n_groups, 16) float16; for the k-quants bytes (see above)
     bits: int
     group_size: int  # weights per scale along a row; the whole row for per-row scales
     in_features: int
@@ -226,7 +227,8 @@ def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) ->
 
 def stored_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes and scales in the stored (checkpoint) layout: (N, Kp) or (N, Kp / 2) uint8, (N, n_groups) float16
-    (for kind "q4_k" (N, K / 256 * 20) uint8: each super-block's d, dmin (float16), its 8 sc, its 8 m)."""
+    (kind "q4_k": scales (N, K / 256 * 20) uint8, each super-block's d, dmin (float16), its 8 sc, its 8 m; kind
+    "q6_k": codes (N, 3K / 4), scales (N, K / 256 * 18) uint8, each super-block's d (float16) and 16 int8 sc)."""
     N, K = q.out_features, q.in_features
     padded = torch.full((N, stored_width(K)), BIAS[q.bits], dtype=torch.uint8, device=q.codes.device)
     padded[:, :K] = (unpack_codes(q) + BIAS[q.bits]).to(torch.uint8)
