@@ -14,7 +14,7 @@ would run instead:
 The GGUF files are written by llamaforge's exporter (F32, F16) and quantized from the F16 file by llama.cpp's
 own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K). q4_k_m (not
 in the default modes; it needs llama.cpp) is what a user of the most common Llama 2 GGUF type gets: llamaforge loads
-llama.cpp's own Q4_K_M file as it loads any GGUF (k-quants as int8 in groups of 32, Q4_0 / Q8_0 as stored).
+llama.cpp's own Q4_K_M file as it loads any GGUF (its Q4_K and Q6_K weights as stored).
 llama-cpp-python lives in its own venv (`../shared/tools/llamacpp-venv.sh DIR` builds one); pass its Python with
 `--llamacpp-python`, or it is looked for in $LLAMACPP_PYTHON and .venv-llamacpp/. Without it, the llama.cpp
 column is skipped and says so. HF runs in this process on llamaforge's own tensors (assigned, not copied).
