@@ -228,8 +228,14 @@ def test_stories260k_exported_and_loaded_back_tells_the_same_story(assets: Path,
 
 LLAMA_CPP = """
 import json, sys
+import llama_cpp
 from llama_cpp import Llama
 job = json.loads(sys.argv[1])
+if job.get("quantize_to"):  # as `llama-quantize model quantize_to Q4_K_M` does, then run that file
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(job["model"].encode(), job["quantize_to"].encode(), params) == 0
+    job["model"] = job["quantize_to"]
 model = Llama(model_path=job["model"], n_ctx=512, n_threads=2, verbose=False, logits_all=True)
 result = {"encoded": [model.tokenize(text.encode(), add_bos=True) for text in job["texts"]]}
 if job.get("generate"):
@@ -404,3 +410,27 @@ def test_other_quantized_types_load_as_int8_close_to_their_values(tmp_path: Path
     ids = kept.tokenizer.encode("The llama hums", bos=True)
     ours, reference = logits(kept, ids), logits(dense, ids)  # bfloat16 and int8 activations against float32
     assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@needs_llama_cpp
+def test_llama_cpps_own_q4_k_m_file_runs_as_stored_with_llama_cpps_logits(tmp_path: Path,
+                                                                           tiny_tokenizer_path: Path) -> None:
+    """llama.cpp's quantizer makes a Q4_K_M file (its own choice of Q4_K and Q6_K a tensor); llamaforge runs its
+    linears as stored and, teacher-forced, gives llama.cpp's logits on the file up to activation rounding (ours int8
+    in blocks of 32, llama.cpp's in blocks of 256; measured: mean difference 0.02 on logits up to 3.4)."""
+    config = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=128)
+    model_dir = write_hf_dir(tmp_path / "model", random_model(config, std=0.05), tiny_tokenizer_path)
+    f16 = export(llamaforge.load(model_dir, dtype=torch.float32), tmp_path / "model.gguf", "f16")
+    ids = llamaforge.load(model_dir).tokenizer.encode("The llama hums a quiet song", bos=True)
+    path = tmp_path / "model.Q4_K_M.gguf"
+    theirs = torch.tensor(llama_cpp(model=str(f16), quantize_to=str(path), texts=[], logits_of=ids)["logits"])
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+    assert {"Q4_K", "Q6_K"} <= kinds
+    kept = llamaforge.load(path, dtype=torch.float32)
+    assert {m.kind for m in kept.model.modules() if isinstance(m, QuantizedLinear)} == {"q4_k", "q6_k"}
+    dense = llamaforge.load(path, dtype=torch.float32, quantize=None)
+    ours, exact = logits(kept, ids), logits(dense, ids)
+    scale = exact.abs().max()
+    # llama.cpp's own rounding (activations per 256) takes it further from the file's exact product than ours does.
+    assert (ours - exact).abs().mean() < (theirs - exact).abs().mean()
+    assert (ours - theirs).abs().max() < 0.04 * scale and (ours - theirs).abs().mean() < 0.01 * scale
