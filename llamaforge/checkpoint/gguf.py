@@ -149,7 +149,7 @@ def stored_dtype(reader) -> torch.dtype:
     return torch.bfloat16 if "BF16" in types else torch.float16
 
 
-# Linear weights of these types load as int8 / int4 / Q4_K layers as stored (`iter_tensors(keep_quantized=True)`).
+# Linear weights of these types load as stored (`iter_tensors(keep_quantized=True)`): int8 / int4 / Q4_K / Q6_K layers.
 KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4, "Q6_K": 6}
 # Types stored in floats: everything else is quantized in blocks.
 FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -188,8 +188,7 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
 
     With `keep_quantized`, Q8_0, Q4_0, Q4_K and Q6_K linear weights come as QuantizedWeight (int8 / int4 in groups
     of 32, or the k-quants' codes, scales and mins: the same numbers repacked, nothing rounded again) instead of
-    dequantized
-    floats, and other
+    dequantized floats, and other
     quantized linear weights as int8 in groups of 32 (see `kept_bits`); the embedding, a table lookup rather than
     a product, is dequantized as before.
     """

@@ -53,7 +53,9 @@ BLOCK = 32  # weights per block in the kernel's layout; also per Q8_0 / Q4_0 blo
 TILE = 16  # rows interleaved in the kernel's layout
 STORED_PAD = 128  # row width multiple of the stored layout
 KINDS = ("int", "q4_k", "q6_k")  # symmetric codes with float16 group scales; llama.cpp's Q4_K, Q6_K (see above)
-SUPER_BLOCK = 256  # weights of a row under one Q4_K super-block's d and dmin
+SUPER_BLOCK = 256  # weights of a row under one k-quant super-block's factors (d, and dmin for Q4_K)
+Q4_K_BYTES = 144  # a GGUF Q4_K block: d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of codes
+Q6_K_BYTES = 210  # a GGUF Q6_K block: 128 bytes of low 4 bits, 64 of top 2 bits, 16 int8 scales, d (float16)
 SUPER_BYTES = 320  # a tile's Q4_K scale bytes a super-block: d and dmin (16 float16 each), 8 x (sc, m) (16 bytes each)
 STORED_Q4_K_BYTES = 20  # a row's Q4_K scale bytes a super-block in the stored layout: d, dmin, 8 sc, 8 m
 Q6_K_SUPER_BYTES = 288  # a tile's Q6_K scale bytes a super-block: d (16 float16), 16 x sc (16 int8 each)
@@ -162,11 +164,16 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
 def pack(values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
     """Signed values (N, K) and float16 scales (N, n_groups) in the kernel's layout (see qlinear.c)."""
     N, K = values.shape
-    tiles = -(-N // TILE)
-    tiled_scales = torch.zeros(tiles * TILE, scales.shape[1], dtype=torch.float16, device=scales.device)
-    tiled_scales[:N] = scales
-    return QuantizedWeight(pack_codes(values, bits), tiled_scales.view(tiles, TILE, -1).transpose(1, 2).contiguous(),
-                           bits, group_size, K, N)
+    return QuantizedWeight(pack_codes(values, bits), tiled_rows(scales).transpose(1, 2).contiguous(), bits,
+                           group_size, K, N)
+
+
+def tiled_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-row values (N, ...) as (tiles, 16, ...), the rows past N zero."""
+    tiles = -(-t.shape[0] // TILE)
+    out = torch.zeros(tiles * TILE, *t.shape[1:], dtype=t.dtype, device=t.device)
+    out[:t.shape[0]] = t
+    return out.view(tiles, TILE, *t.shape[1:])
 
 
 def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -309,8 +316,6 @@ def from_gguf_blocks(blocks: torch.Tensor, bits: int, shape: tuple[int, int],
     return pack(values, scales, bits, BLOCK)
 
 
-Q4_K_BYTES = 144  # a GGUF Q4_K block: d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of codes
-
 
 def q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 sub-blocks' 6-bit scales and mins (..., 8) uint8 from Q4_K's 12 packed bytes (..., 12): bytes 0-3 and
@@ -347,21 +352,13 @@ def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: tor
     and m (N, K / 32) uint8."""
     N, K = values.shape
     tiles, supers = -(-N // TILE), K // SUPER_BLOCK
-
-    def tiled(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (tiles, 16, ...), rows past N zero
-        out = torch.zeros(tiles * TILE, *t.shape[1:], dtype=t.dtype)
-        out[:N] = t
-        return out.view(tiles, TILE, *t.shape[1:])
-
-    factors = torch.stack([tiled(d), tiled(dmin)], dim=2)  # (tiles, 16, d / dmin, supers)
+    factors = torch.stack([tiled_rows(d), tiled_rows(dmin)], dim=2)  # (tiles, 16, d / dmin, supers)
     factors = factors.permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(tiles, supers, 64)
-    pairs = torch.stack([tiled(sc), tiled(m)], dim=-1).view(tiles, TILE, supers, 8, 2)  # [tile, row, s, j, sc/m]
+    pairs = torch.stack([tiled_rows(sc), tiled_rows(m)], dim=-1).view(tiles, TILE, supers, 8, 2)  # [tile, row, s, j, .]
     pairs = pairs.permute(0, 2, 3, 4, 1).reshape(tiles, supers, 256)
     return QuantizedWeight(pack_codes(values, 4), torch.cat([factors, pairs], dim=-1).contiguous(), 4, BLOCK, K, N,
                            kind="q4_k")
 
-
-Q6_K_BYTES = 210  # a GGUF Q6_K block: 128 bytes of low 4 bits, 64 of top 2 bits, 16 int8 scales, d (float16)
 
 
 def from_gguf_q6_k(blocks: torch.Tensor, shape: tuple[int, int],
@@ -390,11 +387,8 @@ def pack_q6_k(values: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> Quanti
     (N, K / 16) int8."""
     N, K = values.shape
     tiles, supers = -(-N // TILE), K // SUPER_BLOCK
-    tiled_d = torch.zeros(tiles * TILE, supers, dtype=torch.float16)
-    tiled_d[:N] = d
-    tiled_sc = torch.zeros(tiles * TILE, supers * 16, dtype=torch.int8)
-    tiled_sc[:N] = sc
-    factors = tiled_d.view(tiles, TILE, supers).transpose(1, 2).contiguous().view(torch.uint8)  # (tiles, supers, 32)
-    scales = tiled_sc.view(torch.uint8).view(tiles, TILE, supers, 16).permute(0, 2, 3, 1).reshape(tiles, supers, 256)
+    factors = tiled_rows(d).transpose(1, 2).contiguous().view(torch.uint8)  # (tiles, supers, 32)
+    scales = tiled_rows(sc.view(torch.uint8)).view(tiles, TILE, supers, 16).permute(0, 2, 3, 1)
+    scales = scales.reshape(tiles, supers, 256)
     return QuantizedWeight(pack_codes(values, 6), torch.cat([factors, scales], dim=-1).contiguous(), 6, 16, K, N,
                            kind="q6_k")

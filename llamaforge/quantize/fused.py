@@ -154,9 +154,11 @@ def _projections(*served: torch.nn.Module) -> kernels.Projections:
     quantized = [linear if bits != 16 else None for linear, (bits, _, _) in zip(linears, schemes, strict=True)]
     dense = [None if linear is not None else base for linear, base in zip(quantized, linears, strict=True)]
     adapted = [layer for layer in served if getattr(layer, "serves_adapters", False)]  # all or none: see fits
-    return kernels.Projections(pointers(*(linear and linear.codes.data_ptr() for linear in quantized)),
-                               pointers(*(linear and linear.scales.data_ptr() for linear in quantized)),
-                               pointers(*(linear and linear.weight.data_ptr() for linear in dense)),
+    def addresses(layers: list, tensor: str) -> ctypes.Array:  # each layer's `tensor`, NULL where it has none
+        return pointers(*(None if layer is None else getattr(layer, tensor).data_ptr() for layer in layers))
+
+    return kernels.Projections(addresses(quantized, "codes"), addresses(quantized, "scales"),
+                               addresses(dense, "weight"),
                                sizes(*(linear.out_features for linear in linears)), len(linears),
                                sizes(*(bits for bits, _, _ in schemes)), sizes(*(group for _, group, _ in schemes)),
                                sizes(*(kernels.KIND_CODES[kind] for _, _, kind in schemes)),

@@ -24,7 +24,8 @@
 // 6-bit sc and m bytes under float16 d and dmin for each 256 weights. Their scales are bytes: per tile and
 // super-block, d of the 16 rows (float16), dmin, then per block sc of the 16 rows and m (SUPER_BYTES in all). A
 // block's sum is then x_scale * (d * sc * sum(q * x) - dmin * m * sum(x)): the integer sum without the offset,
-// and one more multiply-add by the activations' block sum (QuantizedActivations.sums).
+// and one more multiply-add by the activations' block sum (QuantizedActivations.sums). (llama.cpp's k-quant dot
+// products quantize activations in blocks of 256; here they stay in blocks of 32, for every kind.)
 //
 // Weights of kind KIND_Q6_K keep llama.cpp's Q6_K blocks (from_gguf_q6_k): 6-bit codes q (value q - 32) with an int8
 // scale sc for each 16 weights of a row under a float16 d for each 256, w = d * sc * (q - 32). A block's codes are
@@ -162,22 +163,22 @@ static inline __m512 signed_bytes_as_float(const uint8_t *bytes) {
 }
 
 // The weight scales of block b for a tile's 16 rows, where the weight has groups or is a k-quant (d * sc, exact in
-// float32; then *mins is dmin * m for KIND_Q4_K, and for KIND_Q6_K the scales of the block's last 16 weights, the
+// float32; then *second is dmin * m for KIND_Q4_K, and for KIND_Q6_K the scales of the block's last 16 weights, the
 // result being its first 16's): zeros, never read, where it has one scale a row.
 static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, const int kind, int64_t b,
-                                  __m512 *mins) {
+                                  __m512 *second) {
     if (kind == KIND_Q6_K) {
         const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * Q6_K_SUPER_BYTES;
         const uint8_t *bytes = super + 2 * TILE + b % SUPER_BLOCKS * 2 * TILE;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
-        *mins = _mm512_mul_ps(d, signed_bytes_as_float(bytes + TILE));
+        *second = _mm512_mul_ps(d, signed_bytes_as_float(bytes + TILE));
         return _mm512_mul_ps(d, signed_bytes_as_float(bytes));
     }
     if (kind == KIND_Q4_K) {
         const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * SUPER_BYTES;
         const uint8_t *bytes = super + 2 * TILE * 2 + b % SUPER_BLOCKS * 2 * TILE;
-        *mins = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE))),
-                              bytes_as_float(bytes + TILE));
+        *second = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE))),
+                                bytes_as_float(bytes + TILE));
         return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super)), bytes_as_float(bytes));
     }
     if (one_scale_a_row(s, kind)) return _mm512_setzero_ps();
@@ -216,8 +217,8 @@ static inline __attribute__((always_inline)) void block_dot(
     const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
     const uint8_t *block = tile_codes + b * block_bytes;
     const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K;
-    __m512 w_mins;
-    const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_mins);
+    __m512 w_second;
+    const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_second);
     for (int half = 0; half < 2; half++) {
         __m256i w[8];  // vector v pairs with activation bytes 4v .. 4v + 3
         if (bits == 8) {
@@ -258,7 +259,7 @@ static inline __attribute__((always_inline)) void block_dot(
                 const __m256 x_scale = _mm256_set1_ps(act->scales[m * s->blocks + b]);
                 acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), _mm256_mul_ps(w_scales.h[half], x_scale),
                                                acc[t][half]);
-                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_mul_ps(w_mins.h[half], x_scale),
+                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_mul_ps(w_second.h[half], x_scale),
                                                acc[t][half]);
                 continue;
             }
@@ -278,7 +279,7 @@ static inline __attribute__((always_inline)) void block_dot(
             const __m256 scales = per_row ? x_scale : _mm256_mul_ps(w_scales.h[half], x_scale);
             acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[t][half]);
             if (with_mins)
-                acc[t][half] = _mm256_fnmadd_ps(w_mins.h[half], _mm256_set1_ps(act->sums[m * s->blocks + b]),
+                acc[t][half] = _mm256_fnmadd_ps(w_second.h[half], _mm256_set1_ps(act->sums[m * s->blocks + b]),
                                                 acc[t][half]);
         }
     }
@@ -358,8 +359,8 @@ static inline __attribute__((always_inline)) void tile_dot(
     for (int64_t b = 0; b < s->blocks; b++) {
         __m512i w[8];
         load_block(tile_codes + b * block_bytes, bits, w);
-        __m512 w_mins;
-        const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_mins);
+        __m512 w_second;
+        const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_second);
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
@@ -372,7 +373,7 @@ static inline __attribute__((always_inline)) void tile_dot(
                 }
                 const __m512 x_scale = _mm512_set1_ps(act->scales[m * s->blocks + b]);
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), _mm512_mul_ps(w_scales, x_scale), acc[t]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_mul_ps(w_mins, x_scale), acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_mul_ps(w_second, x_scale), acc[t]);
                 continue;
             }
             // Two chains of multiply-adds, so each waits on half as many predecessors. (Q4_K's codes have no offset:
@@ -386,7 +387,7 @@ static inline __attribute__((always_inline)) void tile_dot(
             const __m512 x_scale = _mm512_set1_ps(act->scales[m * s->blocks + b]);
             const __m512 scales = per_row ? x_scale : _mm512_mul_ps(w_scales, x_scale);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), scales, acc[t]);
-            if (with_mins) acc[t] = _mm512_fnmadd_ps(w_mins, _mm512_set1_ps(act->sums[m * s->blocks + b]), acc[t]);
+            if (with_mins) acc[t] = _mm512_fnmadd_ps(w_second, _mm512_set1_ps(act->sums[m * s->blocks + b]), acc[t]);
         }
     }
     for (int t = 0; t < count; t++) out[t] = row_scaled(acc[t], tile_scales, s, kind);
