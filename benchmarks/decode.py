@@ -10,11 +10,12 @@ would run instead:
 | int8 | `load(quantize="int8")` | Q8_0 GGUF | - |
 | int4 | `load(quantize="int4")` | Q4_0 GGUF | - |
 | q4_k_m | `load()` of the Q4_K_M GGUF | the same file | - |
+| q5_k_m | `load()` of the Q5_K_M GGUF | the same file | - |
 
 The GGUF files are written by llamaforge's exporter (F32, F16) and quantized from the F16 file by llama.cpp's
-own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K). q4_k_m (not
-in the default modes; it needs llama.cpp) is what a user of the most common Llama 2 GGUF type gets: llamaforge loads
-llama.cpp's own Q4_K_M file as it loads any GGUF (its Q4_K and Q6_K weights as stored).
+own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K). q4_k_m and
+q5_k_m (not in the default modes; they need llama.cpp) are what a user of the most common Llama 2 GGUF types gets:
+llamaforge loads llama.cpp's own Q4_K_M / Q5_K_M file as it loads any GGUF (its k-quant weights as stored).
 llama-cpp-python lives in its own venv (`../shared/tools/llamacpp-venv.sh DIR` builds one); pass its Python with
 `--llamacpp-python`, or it is looked for in $LLAMACPP_PYTHON and .venv-llamacpp/. Without it, the llama.cpp
 column is skipped and says so. HF runs in this process on llamaforge's own tensors (assigned, not copied).
@@ -78,8 +79,9 @@ from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 Run = Callable[[], tuple[float, float, list[int]]]  # () -> (prefill s, decode s per token, generated ids)
 MODES = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "f16"),
          "int8": (torch.bfloat16, "int8", "q8_0"), "int4": (torch.bfloat16, "int4", "q4_0"),
-         "q4_k_m": (torch.bfloat16, "gguf", "q4_k_m")}  # "gguf": llamaforge loads llama.cpp's file
-DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8", "q4_k_m": "int8"}  # what bounds each mode's prefill
+         "q4_k_m": (torch.bfloat16, "gguf", "q4_k_m"), "q5_k_m": (torch.bfloat16, "gguf", "q5_k_m")}
+# ("gguf": llamaforge loads llama.cpp's file.) What bounds each mode's prefill:
+DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8", "q4_k_m": "int8", "q5_k_m": "int8"}
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 REPOSITORY = Path(__file__).resolve().parents[1]
 

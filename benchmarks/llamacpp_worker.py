@@ -24,7 +24,7 @@ import llama_cpp
 import numpy as np
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-          "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+          "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}
 
 
 def quantize(source: str, out: str, kind: str, threads: int = 2) -> dict:

@@ -423,14 +423,16 @@ def write_adapter(directory: Path, config, seed: int, rank: int, targets: tuple[
     return save_adapter(model, directory)
 
 
-def q4_k_bytes(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (N, K), K a multiple of 256, as GGUF Q4_K blocks (N, K / 256 * 144) uint8: a plain min / max choice
-    of each 32-weight block's scale and min (llama.cpp's quantizer searches for better ones), in Q4_K's layout
-    (d, dmin float16; sc and m 6 bits each, packed in 12 bytes; two sub-blocks' codes a run of 32 bytes)."""
+def q4_k_bytes(weight: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """`weight` (N, K), K a multiple of 256, as GGUF Q4_K blocks (N, K / 256 * 144) uint8 (bits 5: Q5_K, 176 bytes
+    a block): a plain min / max choice of each 32-weight block's scale and min (llama.cpp's quantizer searches for
+    better ones), in the file's layout (d, dmin float16; sc and m 6 bits each, packed in 12 bytes; Q5_K's top bits,
+    bit j of byte i for sub-block j's code i; two sub-blocks' low 4 bits a run of 32 bytes)."""
     N, K = weight.shape
+    top_code = 2**bits - 1
     w = weight.detach().float().reshape(N, K // 256, 8, 32)
     low = w.amin(-1).clamp(max=0)
-    scales, mins = (w.amax(-1) - low) / 15, -low  # (N, supers, 8)
+    scales, mins = (w.amax(-1) - low) / top_code, -low  # (N, supers, 8)
     d, dmin = (scales.amax(-1) / 63).half(), (mins.amax(-1) / 63).half()  # (N, supers)
 
     def six_bits(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -439,12 +441,13 @@ def q4_k_bytes(weight: torch.Tensor) -> torch.Tensor:
 
     sc, m = six_bits(scales, d), six_bits(mins, dmin)
     step, offset = (d.float()[..., None] * sc)[..., None], (dmin.float()[..., None] * m)[..., None]
-    q = torch.where(step > 0, (w + offset) / step, 0).round().clamp(0, 15).to(torch.uint8)  # (N, supers, 8, 32)
+    q = torch.where(step > 0, (w + offset) / step, 0).round().clamp(0, top_code).to(torch.uint8)  # (N, supers, 8, 32)
     packed = torch.cat([sc[..., :4] | (sc[..., 4:] >> 4) << 6, m[..., :4] | (m[..., 4:] >> 4) << 6,
                         (sc[..., 4:] & 0x0F) | (m[..., 4:] & 0x0F) << 4], dim=-1)  # (N, supers, 12)
-    runs = (q[:, :, 0::2] | q[:, :, 1::2] << 4).reshape(N, K // 256, 128)  # sub-blocks 2j (low), 2j + 1 (high)
+    runs = (q[:, :, 0::2] & 0x0F | (q[:, :, 1::2] & 0x0F) << 4).reshape(N, K // 256, 128)  # sub-blocks 2j, 2j + 1
     factors = torch.stack([d, dmin], dim=-1).view(torch.uint8)  # (N, supers, 4)
-    return torch.cat([factors, packed, runs], dim=-1).reshape(N, -1)
+    top = ((q >> 4) << torch.arange(8, dtype=torch.uint8)[:, None]).sum(2, dtype=torch.uint8)  # (N, supers, 32)
+    return torch.cat([factors, packed, *([top] if bits == 5 else []), runs], dim=-1).reshape(N, -1)
 
 
 def q6_k_bytes(weight: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from llamaforge.config import ModelArgs
 from llamaforge.generate import Decoder
 from llamaforge.model import KVCache, rms_norm, swiglu
 from llamaforge.quantize import QuantizedLinear, kernels, quantize_model, use_bf16_kernel, use_fused_decode
-from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q6_k
+from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q5_k, from_gguf_q6_k
 from llamaforge.quantize.fused import fits_fused_decode
 
 pytestmark = pytest.mark.skipif(kernels.native_decode() is None,
@@ -29,7 +29,7 @@ CONFIG = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=688,
 
 def quantized_model(mode: str, group_size: int | None = None) -> torch.nn.Module:
     """The test model in bfloat16, its linears quantized to `mode` ("bf16": left in bfloat16; "mixed": a schemes
-    mix as a Q4_K_M GGUF loads, q / k / gate Q4_K beside a Q6_K v and int4 up, int4 o, int8 down), as load()
+    mix as a Q4_K_M GGUF loads, q / k / gate Q4_K beside a Q6_K v and int4 up, a Q5_K o, int8 down), as load()
     sets it up."""
     model = random_model(CONFIG, seed=3).to(torch.bfloat16).eval()
     if mode == "mixed":
@@ -41,8 +41,9 @@ def quantized_model(mode: str, group_size: int | None = None) -> torch.nn.Module
             weight = attention.v_proj.weight.float()
             attention.v_proj = QuantizedLinear(from_gguf_q6_k(q6_k_bytes(weight), tuple(weight.shape)))
             mlp.down_proj = QuantizedLinear.from_linear(mlp.down_proj, 8, 32)
-            attention.o_proj, mlp.up_proj = (QuantizedLinear.from_linear(linear, 4, 32)
-                                             for linear in (attention.o_proj, mlp.up_proj))
+            weight = attention.o_proj.weight.float()
+            attention.o_proj = QuantizedLinear(from_gguf_q5_k(q4_k_bytes(weight, bits=5), tuple(weight.shape)))
+            mlp.up_proj = QuantizedLinear.from_linear(mlp.up_proj, 4, 32)
     elif mode != "bf16":
         quantize_model(model, mode, group_size)
     use_bf16_kernel(model)

@@ -36,9 +36,11 @@ from llamaforge.quantize import (
 from llamaforge.quantize.formats import (
     BIAS,
     from_gguf_q4_k,
+    from_gguf_q5_k,
     from_gguf_q6_k,
     from_stored,
     pack,
+    pack_q4_k,
     pack_q6_k,
     stored_codes,
     unpack_codes,
@@ -111,6 +113,7 @@ def test_kernel_layout_interleaves_16_rows_and_the_stored_layout_is_row_major(bi
 
 # llama.cpp's k-quants kept as stored: (GGUF type, its block bytes, the loader, a quantizer in its layout, bits)
 K_QUANTS = {"q4_k": (gguf.GGMLQuantizationType.Q4_K, 144, from_gguf_q4_k, q4_k_bytes, 4),
+            "q5_k": (gguf.GGMLQuantizationType.Q5_K, 176, from_gguf_q5_k, functools.partial(q4_k_bytes, bits=5), 5),
             "q6_k": (gguf.GGMLQuantizationType.Q6_K, 210, from_gguf_q6_k, q6_k_bytes, 6)}
 
 
@@ -120,7 +123,7 @@ def random_k_quant_bytes(kind: str, rows: int, width: int, seed: int = 0) -> tor
     size = K_QUANTS[kind][1]
     raw = torch.randint(0, 256, (rows, width // 256, size), dtype=torch.uint8, generator=generator)
     factors = (torch.rand(rows, width // 256, 2, generator=generator) * 0.01).half().view(torch.uint8)
-    if kind == "q4_k":
+    if kind in ("q4_k", "q5_k"):
         raw[..., :4] = factors  # d, dmin
     else:
         raw[..., 208:] = factors[..., :2]  # d
@@ -134,9 +137,9 @@ def k_quant_weight(kind: str, rows: int, width: int, seed: int = 0):
 
 @pytest.mark.parametrize("kind", K_QUANTS)
 def test_k_quant_blocks_repack_holding_gguf_dequantization_exactly(kind: str) -> None:
-    """Q4_K / Q6_K blocks (a quantizer's, and random bytes) repacked hold what gguf-py's dequantization of the file
-    gives, to the bit, in every path (torch, the compiled loop, the stored layout), rows reordered with their
-    scales; at the file's size (plus an eighth of a bit a weight for Q4_K)."""
+    """Q4_K / Q5_K / Q6_K blocks (a quantizer's, and random bytes) repacked hold what gguf-py's dequantization of the
+    file gives, to the bit, in every path (torch, the compiled loop, the stored layout), rows reordered with their
+    scales; at the file's size (plus an eighth of a bit a weight for Q4_K and Q5_K)."""
     gguf_type, _, from_gguf, quantizer, bits = K_QUANTS[kind]
     for raw in (quantizer(torch.randn(40, 512) * 0.05), random_k_quant_bytes(kind, 40, 512)):
         expected = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf_type)).reshape(40, 512)
@@ -148,19 +151,19 @@ def test_k_quant_blocks_repack_holding_gguf_dequantization_exactly(kind: str) ->
         order = torch.randperm(40)
         assert torch.equal(dequantize_weight(from_gguf(raw, (40, 512), row_order=order)), expected[order])
         codes, scales = stored_codes(q)
-        assert codes.shape == (40, 512 * bits // 8) and scales.shape == (40, 2 * (20 if kind == "q4_k" else 18))
+        assert codes.shape == (40, 512 * bits // 8) and scales.shape == (40, 2 * (18 if kind == "q6_k" else 20))
         again = from_stored(codes, scales, bits, q.group_size, 512, kind)
         assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
     bits_a_weight = from_gguf(raw[:32], (32, 512)).nbytes * 8 / (32 * 512)
-    assert bits_a_weight == {"q4_k": 4.625, "q6_k": 6.5625}[kind]
+    assert bits_a_weight == {"q4_k": 4.625, "q5_k": 5.625, "q6_k": 6.5625}[kind]
 
 
 @needs_kernel
 @pytest.mark.parametrize("kind", K_QUANTS)
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_k_quant_kernel_equals_its_torch_reference(kind: str, rows: int) -> None:
-    """Q4_K / Q6_K weights in the kernel: each block's (Q6_K: each half block's) integer dot product times d * sc
-    (Q4_K: less dmin * m times the activations' block sum), as the reference computes it, and close to the float
+    """k-quant weights in the kernel: each block's (Q6_K: each half block's) integer dot product times d * sc
+    (Q4_K, Q5_K: less dmin * m times the activations' block sum), as the reference computes it, and close to the float
     product with the dequantized weight (int8 activations being the only difference)."""
     q = k_quant_weight(kind, 40, 768, seed=rows)
     x = torch.randn(rows, 768)
@@ -558,10 +561,14 @@ def test_kernel_sums_the_extreme_codes_exactly(bits: int) -> None:
     x = torch.stack([torch.full((256,), 127.0), torch.full((256,), -127.0), torch.where(signs[0], 127.0, -127.0),
                      torch.where(signs[1], -127.0, 127.0)])  # scales of exactly 1: the codes are x itself
     assert torch.equal(kernels.qlinear(x, q).double(), x.double() @ values.double().T)
-    if bits == 4:  # Q6_K's 6-bit codes: each vector's byte pairs (up to 2 x 63 x 127) widen before they add
+    if bits == 4:  # Q5_K's and Q6_K's codes: each vector's byte pairs (up to 2 x 63 x 127) widen before they add
         values6 = torch.where(values == low, -32, 31).to(torch.int16)
         q6 = pack_q6_k(values6, torch.ones(4, 1, dtype=torch.float16), torch.ones(4, 16, dtype=torch.int8))
         assert torch.equal(kernels.qlinear(x, q6).double(), x.double() @ values6.double().T)
+        codes5 = torch.where(values == low, 0, 31).to(torch.int16)  # d * sc = 1, no min: the weight is the code
+        q5 = pack_q4_k(codes5 - 16, torch.ones(4, 1, dtype=torch.float16), torch.zeros(4, 1, dtype=torch.float16),
+                       torch.ones(4, 8, dtype=torch.uint8), torch.zeros(4, 8, dtype=torch.uint8), bits=5)
+        assert torch.equal(kernels.qlinear(x, q5).double(), x.double() @ codes5.double().T)
 
 
 @needs_bf16_kernel

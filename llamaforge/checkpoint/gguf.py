@@ -32,7 +32,7 @@ from llamaforge.checkpoint.keymaps import (
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
 from llamaforge.quantize import QuantizedWeight, from_gguf_blocks, quantize_weight
-from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q6_k
+from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q5_k, from_gguf_q6_k
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -149,15 +149,17 @@ def stored_dtype(reader) -> torch.dtype:
     return torch.bfloat16 if "BF16" in types else torch.float16
 
 
-# Linear weights of these types load as stored (`iter_tensors(keep_quantized=True)`): int8 / int4 / Q4_K / Q6_K layers.
-KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4, "Q6_K": 6}
+# Linear weights of these types load as stored (`iter_tensors(keep_quantized=True)`): int8 / int4 / k-quant layers.
+KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
+# The k-quants' loaders (the others: from_gguf_blocks).
+K_QUANT_LOADERS = {"Q4_K": from_gguf_q4_k, "Q5_K": from_gguf_q5_k, "Q6_K": from_gguf_q6_k}
 # Types stored in floats: everything else is quantized in blocks.
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 def kept_bits(tensor) -> int | None:
     """The bits of the layer a linear weight loads as (`iter_tensors(keep_quantized=True)`): Q8_0 / Q4_0 / Q4_K /
-    Q6_K as stored; llama.cpp's other block types (the k-quants Q5_K, Q3_K, ..., Q4_1, Q5_0, ...) as int8 in groups
+    Q5_K / Q6_K as stored; llama.cpp's other block types (Q2_K, Q3_K, Q4_1, Q5_0, the IQ types ...) as int8 in groups
     of 32, their values quantized again, which keeps them at 8.5 bits a weight rather than 16 and adds at most half
     an int8 step to the file's own rounding. None for floats and for the embedding (a table lookup, not a product)."""
     kind = tensor.tensor_type.name
@@ -186,7 +188,7 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """HF-named tensors in HF's row layout, one at a time.
 
-    With `keep_quantized`, Q8_0, Q4_0, Q4_K and Q6_K linear weights come as QuantizedWeight (int8 / int4 in groups
+    With `keep_quantized`, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K linear weights come as QuantizedWeight (int8 / int4 in groups
     of 32, or the k-quants' codes, scales and mins: the same numbers repacked, nothing rounded again) instead of
     dequantized floats, and other
     quantized linear weights as int8 in groups of 32 (see `kept_bits`); the embedding, a table lookup rather than
@@ -206,10 +208,9 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
             order = rows[:, 0].long()
             if tensor.tensor_type.name in KEPT_BITS:
                 blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
-                if tensor.tensor_type.name == "Q4_K":
-                    yield name, from_gguf_q4_k(blocks, shape, row_order=order)
-                elif tensor.tensor_type.name == "Q6_K":
-                    yield name, from_gguf_q6_k(blocks, shape, row_order=order)
+                loader = K_QUANT_LOADERS.get(tensor.tensor_type.name)
+                if loader is not None:
+                    yield name, loader(blocks, shape, row_order=order)
                 else:
                     yield name, from_gguf_blocks(blocks, bits, shape, row_order=order)
             else:

@@ -10,7 +10,8 @@ HF checkpoint (config.json, safetensors shards, tokenizer files) with two differ
   "layers": {"X": {"bits": 8 | 4, "group_size": G}, ...}}`, G being the weights per scale along a row; a layer
   holding llama.cpp's Q4_K numbers (loaded from a GGUF) has `"kind": "q4_k"` (bits 4, G 32) and its scales are
   bytes, each 256 weights' d and dmin (float16) and 8 six-bit scales and mins; one holding Q6_K's `"kind": "q6_k"`
-  (bits 6, G 16), its scales each 256 weights' d (float16) and 16 int8 scales (formats.py's stored layout).
+  (bits 6, G 16), its scales each 256 weights' d (float16) and 16 int8 scales; Q5_K's `"kind": "q5_k"` (bits 5,
+  G 32), its scales as Q4_K's (formats.py's stored layout).
 
 transformers does not read this format (its quant_method is not one it knows); llamaforge does.
 """
@@ -37,6 +38,7 @@ from llamaforge.quantize.formats import (
 )
 
 METHOD = "llamaforge"
+K_QUANT_SCHEMES = {"q4_k": (4, 32), "q5_k": (5, 32), "q6_k": (6, 16)}  # each k-quant's bits and weights per scale
 FORMAT_VERSION = 1
 
 
@@ -75,18 +77,18 @@ def check_inventory(config: ModelArgs, inventory: Inventory, layers: dict[str, d
             raise CheckpointError(f"{inventory.config_file} quantizes {layer}, which a Llama model does not have")
         N, K = dense[weight]
         bits, group, kind = scheme.get("bits"), scheme.get("group_size"), scheme.get("kind", "int")
-        if bits not in (8, 6, 4) or not isinstance(group, int) or group < 1:
+        if kind not in KINDS:
+            raise CheckpointError(f"{inventory.config_file}: layer {layer} has kind={kind!r}; expected one of "
+                                  f"{', '.join(KINDS)}")
+        if kind == "int" and (bits not in (8, 4) or not isinstance(group, int) or group < 1):
             raise CheckpointError(f"{inventory.config_file}: layer {layer} has bits={bits}, group_size={group}; "
-                                  "expected bits 8 or 4 (6 for q6_k) and a positive group size")
-        k_quants = {"q4_k": (4, 32, 0), "q6_k": (6, 16, 0)}
-        if kind not in KINDS or (bits == 6) != (kind == "q6_k") or (
-                kind in k_quants and (bits, group, K % SUPER_BLOCK) != k_quants[kind]):
-            raise CheckpointError(f"{inventory.config_file}: layer {layer} has kind={kind!r} (bits={bits}, "
-                                  f"group_size={group}, {K} inputs); expected one of {', '.join(KINDS)}, q4_k with "
-                                  "bits 4 and group size 32, q6_k with bits 6 and group size 16, each with a "
-                                  "multiple of 256 inputs")
-        scales = {"q4_k": (N, K // SUPER_BLOCK * STORED_Q4_K_BYTES), "q6_k": (N, K // SUPER_BLOCK * STORED_Q6_K_BYTES)
-                  }.get(kind, (N, -(-K // group)))
+                                  "expected bits 8 or 4 and a positive group size")
+        if kind != "int" and (bits, group, K % SUPER_BLOCK) != (*K_QUANT_SCHEMES[kind], 0):
+            raise CheckpointError(f"{inventory.config_file}: layer {layer} of kind {kind} has bits={bits}, "
+                                  f"group_size={group} and {K} inputs; {kind} has bits and group size "
+                                  f"{K_QUANT_SCHEMES[kind]} and a multiple of {SUPER_BLOCK} inputs")
+        per_super = STORED_Q6_K_BYTES if kind == "q6_k" else STORED_Q4_K_BYTES
+        scales = (N, -(-K // group)) if kind == "int" else (N, K // SUPER_BLOCK * per_super)
         expected = {f"{layer}.codes": (N, stored_width(K) * bits // 8), f"{layer}.scales": scales}
         for name, shape in expected.items():
             found = inventory.shapes.pop(name, None)

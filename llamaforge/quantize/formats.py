@@ -1,5 +1,5 @@
-"""Weight-only int8 and int4 formats (and llama.cpp's Q4_K / Q6_K, kept from GGUF files): quantize a weight, pack it
-for the kernel, rebuild it, repack GGUF blocks.
+"""Weight-only int8 and int4 formats (and llama.cpp's Q4_K / Q5_K / Q6_K, kept from GGUF files): quantize a weight,
+pack it for the kernel, rebuild it, repack GGUF blocks.
 
 int8 and int4 are symmetric with one float16 scale per `group_size` weights of a row, the rules of llama.cpp's Q8_0 and
 Q4_0 (ggml-quants.c `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`), so that with groups of 32 a weight
@@ -32,6 +32,8 @@ int4 layout's codes, read as value q - 8) in sub-blocks of 32 weights, each with
 under a super-block of 256 weights' float16 factors d and dmin: w = d * sc * q - dmin * m. Its scales are bytes,
 (tiles, K / 256, 320) uint8: for each tile and super-block, d of the tile's 16 rows (float16), then dmin, then for
 each of the 8 sub-blocks sc of the 16 rows, then m (qlinear.c reads them). 4.625 bits a weight (the file's 4.5).
+"q5_k" is the same with llama.cpp's Q5_K's 5-bit codes (value q - 16): each block's 256 bytes of low 4 bits, then 64
+bytes of top bits (qlinear.c describes them). 5.625 bits a weight (the file's 5.5).
 
 A fourth, "q6_k", keeps llama.cpp's Q6_K blocks (`from_gguf_q6_k`): 6-bit codes q (value q - 32) with an int8 scale
 sc for each 16 weights of a row under a float16 d for each 256: w = d * sc * (q - 32). Each block's codes are the
@@ -48,16 +50,18 @@ import torch
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)  # int4's choices; int8 is per row unless a group is asked for
-BIAS = {8: 128, 6: 32, 4: 8}  # stored code = value + bias
+BIAS = {8: 128, 6: 32, 5: 16, 4: 8}  # stored code = value + bias
 BLOCK = 32  # weights per block in the kernel's layout; also per Q8_0 / Q4_0 block in GGUF
 TILE = 16  # rows interleaved in the kernel's layout
 STORED_PAD = 128  # row width multiple of the stored layout
-KINDS = ("int", "q4_k", "q6_k")  # symmetric codes with float16 group scales; llama.cpp's Q4_K, Q6_K (see above)
+KINDS = ("int", "q4_k", "q5_k", "q6_k")  # symmetric codes, float16 group scales; llama.cpp's k-quants (see above)
+WITH_MINS = ("q4_k", "q5_k")  # kinds whose blocks have a min beside their scale
 SUPER_BLOCK = 256  # weights of a row under one k-quant super-block's factors (d, and dmin for Q4_K)
 Q4_K_BYTES = 144  # a GGUF Q4_K block: d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of codes
+Q5_K_BYTES = 176  # a GGUF Q5_K block: Q4_K's first 16 bytes, 32 bytes of top bits, 128 bytes of low 4 bits
 Q6_K_BYTES = 210  # a GGUF Q6_K block: 128 bytes of low 4 bits, 64 of top 2 bits, 16 int8 scales, d (float16)
-SUPER_BYTES = 320  # a tile's Q4_K scale bytes a super-block: d and dmin (16 float16 each), 8 x (sc, m) (16 bytes each)
-STORED_Q4_K_BYTES = 20  # a row's Q4_K scale bytes a super-block in the stored layout: d, dmin, 8 sc, 8 m
+SUPER_BYTES = 320  # a tile's Q4_K / Q5_K scale bytes a super-block: d, dmin (16 float16 each), 8 x (sc, m), 16 each
+STORED_Q4_K_BYTES = 20  # a row's Q4_K / Q5_K scale bytes a super-block in the stored layout: d, dmin, 8 sc, 8 m
 Q6_K_SUPER_BYTES = 288  # a tile's Q6_K scale bytes a super-block: d (16 float16), 16 x sc (16 int8 each)
 STORED_Q6_K_BYTES = 18  # a row's Q6_K scale bytes a super-block in the stored layout: d, 16 sc
 
@@ -83,7 +87,7 @@ class QuantizedWeight:
         return self.scales.transpose(1, 2).reshape(-1, self.scales.shape[1])[:self.out_features]
 
     def q4_k_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A "q4_k" weight's d, dmin (out_features, K / 256) float16 and sc, m (out_features, K / 32) uint8."""
+        """A "q4_k" / "q5_k" weight's d, dmin (out_features, K / 256) float16 and sc, m (out_features, K / 32) uint8."""
         tiles, supers, _ = self.scales.shape
         factors = self.scales[..., :64].contiguous().view(torch.float16).view(tiles, supers, 2, TILE)
         d, dmin = (factors[:, :, i].transpose(1, 2).reshape(-1, supers)[:self.out_features] for i in (0, 1))
@@ -105,13 +109,14 @@ class QuantizedWeight:
 
     def block_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 scale and min of each `sub_block` weights (out_features, K / sub_block): d * sc and dmin * m
-        for "q4_k", d * sc and zeros for "q6_k" (exact in float32), each group's scale and zeros for "int"."""
+        for "q4_k" and "q5_k", d * sc and zeros for "q6_k" (exact in float32), each group's scale and zeros for
+        "int"."""
         blocks = -(-self.in_features // BLOCK)
         if self.kind == "q6_k":
             d, sc = self.q6_k_factors()
             scales = d.float().repeat_interleave(SUPER_BLOCK // 16, dim=1) * sc.float()
             return scales, torch.zeros_like(scales)
-        if self.kind == "q4_k":
+        if self.kind in WITH_MINS:
             d, dmin, sc, m = self.q4_k_factors()
             per_block = SUPER_BLOCK // BLOCK
             return (d.float().repeat_interleave(per_block, dim=1) * sc.float(),
@@ -180,14 +185,16 @@ def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed values (N, K) as the kernel's codes (tiles, blocks, 512, 384 or 256) uint8 (see qlinear.c)."""
     N, K = values.shape
     tiles, blocks = -(-N // TILE), -(-K // BLOCK)
-    if bits == 6:  # the low 4 bits as int4's layout, then the top 2 bits of each of its bytes' two codes
-        codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[6], dtype=torch.uint8, device=values.device)
-        codes[:N, :K] = (values + BIAS[6]).to(torch.uint8)
-        # [tile, row, block, half, vector, byte] -> [tile, block, half, row, byte, vector]
-        top = (codes >> 4).view(tiles, TILE, blocks, 2, 4, 4).permute(0, 2, 3, 1, 5, 4)
-        top = top[..., 0] | top[..., 1] << 2 | top[..., 2] << 4 | top[..., 3] << 6
+    if bits in (5, 6):  # the low 4 bits as int4's layout, then the top bits of each of its bytes' two codes
+        codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
+        codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
         low = pack_codes((codes & 0x0F).to(torch.int16) - BIAS[4], 4)
-        return torch.cat([low, top.reshape(tiles, blocks, 128)], dim=-1).contiguous()
+        top = (codes >> 4).view(tiles, TILE, blocks, 2, 4, 4)  # [tile, row, block, half, vector, byte]
+        if bits == 6:  # [tile, block, half, row, byte, vector]: vector v's in bits 2v, 2v + 1 of a byte a half
+            top = top.permute(0, 2, 3, 1, 5, 4) << torch.arange(0, 8, 2, dtype=torch.uint8)
+        else:  # [tile, block, row, byte, half, vector]: bit v (half 0) or 4 + v (half 1) of one byte
+            top = top.permute(0, 2, 1, 5, 3, 4).reshape(tiles, blocks, TILE, 4, 8) << torch.arange(8, dtype=torch.uint8)
+        return torch.cat([low, top.sum(-1, dtype=torch.uint8).reshape(tiles, blocks, -1)], dim=-1).contiguous()
     codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
     codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
     if bits == 8:  # [tile, row, block, vector, byte] -> [tile, block, vector, row, byte]
@@ -210,8 +217,13 @@ def _unpack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         rows = codes.view(tiles, blocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)  # [tile, row, block, vector, byte]
     elif bits == 6:
-        top = codes[..., 256:].reshape(tiles, blocks, 2, TILE, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+        top = codes[..., 256:].reshape(tiles, blocks, 2, TILE, 4, 1) >> torch.arange(0, 8, 2, dtype=torch.uint8)
         top = (top & 0x03).permute(0, 3, 1, 2, 5, 4)  # [tile, row, block, half, vector, byte]
+        return _unpack_rows(codes[..., :256], 4) | top.reshape(tiles * TILE, blocks * BLOCK) << 4
+    elif bits == 5:
+        top = codes[..., 256:].reshape(tiles, blocks, TILE, 4, 1) >> torch.arange(8, dtype=torch.uint8)
+        # [tile, block, row, byte, half, vector] -> [tile, row, block, half, vector, byte]
+        top = (top & 0x01).view(tiles, blocks, TILE, 4, 2, 4).permute(0, 2, 1, 4, 5, 3)
         return _unpack_rows(codes[..., :256], 4) | top.reshape(tiles * TILE, blocks * BLOCK) << 4
     else:
         packed = codes.reshape(tiles, blocks, 1, 4, TILE, 4)
@@ -223,9 +235,9 @@ def _unpack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight (N, K) the codes stand for, in `dtype` (computed in float32, then cast)."""
     values = unpack_codes(q).float()
-    if q.kind == "q4_k":  # d * sc * q is exact in float32, so only the subtraction rounds, as in llama.cpp
+    if q.kind in WITH_MINS:  # d * sc * q is exact in float32, so only the subtraction rounds, as in llama.cpp
         scales, mins = (t.repeat_interleave(BLOCK, dim=1) for t in q.block_scales())
-        return ((values + BIAS[4]) * scales - mins).to(dtype)
+        return ((values + BIAS[q.bits]) * scales - mins).to(dtype)
     if q.kind == "q6_k":
         return (values * q.block_scales()[0].repeat_interleave(q.sub_block, dim=1)).to(dtype)
     scales = q.row_scales().float().repeat_interleave(q.group_size, dim=1)[:, :q.in_features]
@@ -234,18 +246,19 @@ def dequantize_weight(q: QuantizedWeight, dtype: torch.dtype = torch.float32) ->
 
 def stored_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes and scales in the stored (checkpoint) layout: (N, Kp) or (N, Kp / 2) uint8, (N, n_groups) float16
-    (kind "q4_k": scales (N, K / 256 * 20) uint8, each super-block's d, dmin (float16), its 8 sc, its 8 m; kind
-    "q6_k": codes (N, 3K / 4), scales (N, K / 256 * 18) uint8, each super-block's d (float16) and 16 int8 sc)."""
+    (kind "q4_k": scales (N, K / 256 * 20) uint8, each super-block's d, dmin (float16), its 8 sc, its 8 m; "q5_k"
+    the same scales, codes (N, 5K / 8), int4's then a bit a weight; "q6_k": codes (N, 3K / 4), int4's then 2 bits a
+    weight, scales (N, K / 256 * 18) uint8, each super-block's d (float16) and 16 int8 sc)."""
     N, K = q.out_features, q.in_features
     padded = torch.full((N, stored_width(K)), BIAS[q.bits], dtype=torch.uint8, device=q.codes.device)
     padded[:, :K] = (unpack_codes(q) + BIAS[q.bits]).to(torch.uint8)
-    if q.bits == 6:  # int4's runs of the low 4 bits, then a byte for each 4 weights' top 2 bits
-        top = (padded >> 4).view(N, -1, 4)
-        padded = torch.cat([stored_nibbles(padded & 0x0F),
-                            top[..., 0] | top[..., 1] << 2 | top[..., 2] << 4 | top[..., 3] << 6], dim=1)
+    if q.bits in (5, 6):  # int4's runs of the low 4 bits, then the top bits packed 8 / 4 weights a byte
+        width = q.bits - 4
+        top = (padded >> 4).view(N, -1, 8 // width) << torch.arange(0, 8, width, dtype=torch.uint8)
+        padded = torch.cat([stored_nibbles(padded & 0x0F), top.sum(-1, dtype=torch.uint8)], dim=1)
     if q.bits == 4:
         padded = stored_nibbles(padded)
-    if q.kind == "q4_k":
+    if q.kind in WITH_MINS:
         d, dmin, sc, m = q.q4_k_factors()
         supers = d.shape[1]
         factors = torch.stack([d, dmin], dim=-1).contiguous().view(torch.uint8)  # (N, supers, 4)
@@ -277,15 +290,16 @@ def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size
     N = codes.shape[0]
     if bits == 4:
         codes = from_stored_nibbles(codes)
-    elif bits == 6:
-        half = codes.shape[1] * 2 // 3  # Kp / 2 bytes of low bits, then Kp / 4 of top bits
-        top = (codes[:, half:].reshape(N, -1, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+    elif bits in (5, 6):
+        width = bits - 4
+        half = codes.shape[1] * 4 // bits  # Kp / 2 bytes of low bits, then Kp * width / 8 of top bits
+        top = (codes[:, half:].reshape(N, -1, 1) >> torch.arange(0, 8, width, dtype=torch.uint8)) & (2**width - 1)
         codes = from_stored_nibbles(codes[:, :half]) | top.reshape(N, -1) << 4
     values = codes[:, :in_features].to(torch.int16) - BIAS[bits]
-    if kind == "q4_k":
+    if kind in WITH_MINS:
         supers = scales.reshape(N, -1, STORED_Q4_K_BYTES)
         d, dmin = (supers[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))
-        return pack_q4_k(values, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1))
+        return pack_q4_k(values, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1), bits)
     if kind == "q6_k":
         supers = scales.reshape(N, -1, STORED_Q6_K_BYTES)
         d = supers[..., :2].contiguous().view(torch.float16)[..., 0]
@@ -346,18 +360,36 @@ def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int],
     return pack_q4_k(codes.to(torch.int16) - BIAS[4], d, dmin, sc.reshape(N, -1), m.reshape(N, -1))
 
 
+def from_gguf_q5_k(blocks: torch.Tensor, shape: tuple[int, int],
+                   row_order: torch.Tensor | None = None) -> QuantizedWeight:
+    """A GGUF Q5_K tensor's raw bytes as a "q5_k" QuantizedWeight, nothing rounded: a block (176 bytes) is Q4_K's d,
+    dmin and packed scales and mins, then 32 bytes whose byte i holds in bit j the top bit of sub-block j's code i,
+    then Q4_K's 128 bytes of low 4 bits. `row_order` (N,) takes the rows in that order."""
+    N, K = shape
+    raw = blocks.reshape(N, K // SUPER_BLOCK, Q5_K_BYTES)
+    if row_order is not None:
+        raw = raw[row_order]
+    d, dmin = (raw[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))  # (N, supers)
+    sc, m = q4_k_scales_and_mins(raw[..., 4:16])  # (N, supers, 8) each
+    runs = raw[..., 48:].reshape(N, -1, 4, 1, 32)
+    low = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
+    top = (raw[..., 16:48].reshape(N, -1, 1, 32) >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
+    codes = (low | top << 4).reshape(N, K)
+    return pack_q4_k(codes.to(torch.int16) - BIAS[5], d, dmin, sc.reshape(N, -1), m.reshape(N, -1), bits=5)
+
+
 def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor,
-              m: torch.Tensor) -> QuantizedWeight:
-    """A "q4_k" weight in the kernel's layout from its values q - 8 (N, K), d and dmin (N, K / 256) float16 and sc
-    and m (N, K / 32) uint8."""
+              m: torch.Tensor, bits: int = 4) -> QuantizedWeight:
+    """A "q4_k" weight (bits 5: "q5_k") in the kernel's layout from its values q - 8 (q - 16) (N, K), d and dmin
+    (N, K / 256) float16 and sc and m (N, K / 32) uint8."""
     N, K = values.shape
     tiles, supers = -(-N // TILE), K // SUPER_BLOCK
     factors = torch.stack([tiled_rows(d), tiled_rows(dmin)], dim=2)  # (tiles, 16, d / dmin, supers)
     factors = factors.permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(tiles, supers, 64)
     pairs = torch.stack([tiled_rows(sc), tiled_rows(m)], dim=-1).view(tiles, TILE, supers, 8, 2)  # [tile, row, s, j, .]
     pairs = pairs.permute(0, 2, 3, 4, 1).reshape(tiles, supers, 256)
-    return QuantizedWeight(pack_codes(values, 4), torch.cat([factors, pairs], dim=-1).contiguous(), 4, BLOCK, K, N,
-                           kind="q4_k")
+    return QuantizedWeight(pack_codes(values, bits), torch.cat([factors, pairs], dim=-1).contiguous(), bits, BLOCK,
+                           K, N, kind="q4_k" if bits == 4 else "q5_k")
 
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge.model import KVCache
-from llamaforge.quantize.formats import BIAS, BLOCK, QuantizedWeight, dequantize_weight, unpack_codes
+from llamaforge.quantize.formats import BIAS, BLOCK, WITH_MINS, QuantizedWeight, dequantize_weight, unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ def kernel_runs(x: torch.Tensor) -> bool:
 
 
 MAX_MANY = 8  # weights one qlinear_many call takes
-KIND_CODES = {"int": 0, "q4_k": 1, "q6_k": 2}  # QuantizedWeight.kind -> qlinear.c's KIND_INT / KIND_Q4_K / KIND_Q6_K
+KIND_CODES = {"int": 0, "q4_k": 1, "q6_k": 2, "q5_k": 3}  # QuantizedWeight.kind -> qlinear.c's KIND_INT, KIND_Q4_K ...
 
 
 def qlinear_many(x: torch.Tensor, weights: Sequence[QuantizedWeight]) -> list[torch.Tensor]:
@@ -446,7 +446,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight in `dtype`: the compiled kernel's threaded loop where it runs, else torch."""
     library = native()
     if (library is None or dtype not in (torch.float32, torch.bfloat16) or q.codes.device.type != "cpu"
-            or q.kind == "q6_k"):
+            or q.kind in ("q5_k", "q6_k")):
         return dequantize_weight(q, dtype)
     out = torch.empty(q.out_features, q.in_features, dtype=dtype)
     library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
@@ -472,11 +472,11 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
 def qlinear_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32. Each
     32-weight block's sum is x_scale * (w_scale * integer dot product - w_min * sum of x's codes), w_min being
-    zero but for Q4_K, whose codes are taken without their offset; Q6_K's halves of a block each have their scale."""
+    zero but for Q4_K / Q5_K, whose codes are taken without their offset; Q6_K's half blocks each have their scale."""
     values, x_scales = quantize_activations_reference(x)  # (M, blocks * 32), (M, blocks)
     sub = q.sub_block  # weights of a row under one scale (and min)
     subs = x_scales.shape[1] * BLOCK // sub
-    codes = unpack_codes(q).double() + (BIAS[4] if q.kind == "q4_k" else 0)
+    codes = unpack_codes(q).double() + (BIAS[q.bits] if q.kind in WITH_MINS else 0)
     w_subs = F.pad(codes, (0, -q.in_features % BLOCK)).view(q.out_features, subs, sub)
     x_subs = values.double().view(x.shape[0], subs, sub)
     dots = torch.einsum("msk,nsk->mns", x_subs, w_subs)  # (M, N, subs): exact integers

@@ -25,7 +25,10 @@
 // super-block, d of the 16 rows (float16), dmin, then per block sc of the 16 rows and m (SUPER_BYTES in all). A
 // block's sum is then x_scale * (d * sc * sum(q * x) - dmin * m * sum(x)): the integer sum without the offset,
 // and one more multiply-add by the activations' block sum (QuantizedActivations.sums). (llama.cpp's k-quant dot
-// products quantize activations in blocks of 256; here they stay in blocks of 32, for every kind.)
+// products quantize activations in blocks of 256; here they stay in blocks of 32, for every kind.) KIND_Q5_K is Q4_K
+// with 5-bit codes (0 .. 31): the 4-bit layout's low 4 bits, then a vector whose byte 4r + i holds in bit v the top
+// bit of the code in the low nibble of byte 4r + i of vector v (weight 4v + i), in bit 4 + v that of its high nibble
+// (weight 16 + 4v + i).
 //
 // Weights of kind KIND_Q6_K keep llama.cpp's Q6_K blocks (from_gguf_q6_k): 6-bit codes q (value q - 32) with an int8
 // scale sc for each 16 weights of a row under a float16 d for each 256, w = d * sc * (q - 32). A block's codes are
@@ -55,6 +58,7 @@
 #define KIND_INT 0   // symmetric codes, float16 scales per group (int8, int4, Q8_0, Q4_0)
 #define KIND_Q4_K 1  // llama.cpp's Q4_K: codes with a scale and a min per block under super-block factors
 #define KIND_Q6_K 2  // llama.cpp's Q6_K: 6-bit codes with a scale per 16 weights under a super-block factor
+#define KIND_Q5_K 3  // llama.cpp's Q5_K: Q4_K's scales and mins with 5-bit codes
 #define SUPER_BLOCKS 8    // blocks a k-quant super-block (256 weights)
 #define SUPER_BYTES 320   // a tile's Q4_K scale bytes a super-block: 2 x 16 float16, then 8 x 2 x 16 bytes
 #define Q6_K_SUPER_BYTES 288  // a tile's Q6_K scale bytes a super-block: 16 float16, then 8 x 2 x 16 int8
@@ -163,8 +167,8 @@ static inline __m512 signed_bytes_as_float(const uint8_t *bytes) {
 }
 
 // The weight scales of block b for a tile's 16 rows, where the weight has groups or is a k-quant (d * sc, exact in
-// float32; then *second is dmin * m for KIND_Q4_K, and for KIND_Q6_K the scales of the block's last 16 weights, the
-// result being its first 16's): zeros, never read, where it has one scale a row.
+// float32; then *second is dmin * m for KIND_Q4_K and KIND_Q5_K, and for KIND_Q6_K the scales of the block's last 16
+// weights, the result being its first 16's): zeros, never read, where it has one scale a row.
 static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, const int kind, int64_t b,
                                   __m512 *second) {
     if (kind == KIND_Q6_K) {
@@ -174,7 +178,7 @@ static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, c
         *second = _mm512_mul_ps(d, signed_bytes_as_float(bytes + TILE));
         return _mm512_mul_ps(d, signed_bytes_as_float(bytes));
     }
-    if (kind == KIND_Q4_K) {
+    if (kind == KIND_Q4_K || kind == KIND_Q5_K) {
         const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * SUPER_BYTES;
         const uint8_t *bytes = super + 2 * TILE * 2 + b % SUPER_BLOCKS * 2 * TILE;
         *second = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE))),
@@ -216,7 +220,7 @@ static inline __attribute__((always_inline)) void block_dot(
     const __m256i ones = _mm256_set1_epi16(1), low_nibbles = _mm256_set1_epi8(0x0F);
     const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
     const uint8_t *block = tile_codes + b * block_bytes;
-    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K;
+    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K || kind == KIND_Q5_K;
     __m512 w_second;
     const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_second);
     for (int half = 0; half < 2; half++) {
@@ -225,6 +229,16 @@ static inline __attribute__((always_inline)) void block_dot(
             for (int v = 0; v < 8; v++)
                 w[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half)),
                                         sign_bit);
+        } else if (bits == 5) {
+            const __m256i top = _mm256_set1_epi8(0x10);
+            const __m256i high = _mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half));
+            for (int v = 0; v < 4; v++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
+                w[v] = _mm256_or_si256(_mm256_and_si256(packed, low_nibbles),
+                                       _mm256_and_si256(_mm256_slli_epi32(high, 4 - v), top));
+                w[v + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
+                                           _mm256_and_si256(_mm256_srli_epi32(high, v), top));
+            }
         } else if (bits == 6) {
             const __m256i top = _mm256_set1_epi8(0x30);
             const __m256i high[2] = {_mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half)),
@@ -263,7 +277,12 @@ static inline __attribute__((always_inline)) void block_dot(
                                                acc[t][half]);
                 continue;
             }
-            if (bits == 8) {
+            if (bits == 5) {  // codes up to 31: each vector's pairs widened at once (eight would overflow 16 bits)
+                sums = _mm256_setzero_si256();
+                for (int v = 0; v < 8; v++)
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        w[v], _mm256_set1_epi32(x4[v])), ones));
+            } else if (bits == 8) {
                 sums = _mm256_setzero_si256();
                 for (int v = 0; v < 8; v++)
                     sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(
@@ -328,6 +347,18 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *bloc
         for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512((const void *)(block + 64 * v));
         return;
     }
+    if (bits == 5) {  // KIND_Q5_K: each 4-bit code joined by its top bit (bit v, or 4 + v, moved to bit 4)
+        const __m512i low_nibbles = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x10);
+        const __m512i high = _mm512_loadu_si512((const void *)(block + 256));
+        for (int v = 0; v < 4; v++) {
+            __m512i packed = _mm512_loadu_si512((const void *)(block + 64 * v));
+            w[v] = _mm512_or_si512(_mm512_and_si512(packed, low_nibbles),
+                                   _mm512_and_si512(_mm512_slli_epi32(high, 4 - v), top));
+            w[v + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles),
+                                       _mm512_and_si512(_mm512_srli_epi32(high, v), top));
+        }
+        return;
+    }
     if (bits == 6) {  // KIND_Q6_K: each 4-bit code joined by its top 2 bits
         const __m512i low_nibbles = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
         const __m512i high[2] = {_mm512_loadu_si512((const void *)(block + 256)),
@@ -355,7 +386,7 @@ static inline __attribute__((always_inline)) void tile_dot(
     __m512 acc[Q_M_TILE];
     for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
     const int64_t block_bytes = s->tile_bytes / s->blocks;
-    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K;
+    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K || kind == KIND_Q5_K;
     for (int64_t b = 0; b < s->blocks; b++) {
         __m512i w[8];
         load_block(tile_codes + b * block_bytes, bits, w);
@@ -405,7 +436,7 @@ static Shape shape_of(int64_t K, int bits, int64_t group, int kind) {
     s.n_groups = (K + group - 1) / group;
     s.tile_bytes = s.blocks * BLOCK * TILE * bits / 8;
     const int64_t supers = s.blocks / SUPER_BLOCKS;
-    s.tile_scales = kind == KIND_Q4_K ? supers * SUPER_BYTES / 2
+    s.tile_scales = kind == KIND_Q4_K || kind == KIND_Q5_K ? supers * SUPER_BYTES / 2
                     : kind == KIND_Q6_K ? supers * Q6_K_SUPER_BYTES / 2 : s.n_groups * TILE;
     return s;
 }
@@ -485,6 +516,8 @@ static inline __attribute__((always_inline)) void joint_tile(
             tile_rows(at.codes, at.scales, act, m0, rows, s->bits, KIND_Q4_K, s, out);
         else if (s->kind == KIND_Q6_K)
             tile_rows(at.codes, at.scales, act, m0, rows, 6, KIND_Q6_K, s, out);
+        else if (s->kind == KIND_Q5_K)
+            tile_rows(at.codes, at.scales, act, m0, rows, 5, KIND_Q5_K, s, out);
         else
             tile_rows(at.codes, at.scales, act, m0, rows, s->bits, KIND_INT, s, out);
         for (int t = 0; t < rows; t++) store16(ys[at.owner], io_bf16, (m0 + t) * N + at.tile * TILE, out[t], at.keep);
@@ -511,6 +544,8 @@ static inline __attribute__((always_inline)) void joint_task(
             tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_Q4_K, s, out);
         else if (s->kind == KIND_Q6_K)
             tiles_dot(task_codes, task_scales, act, 0, 6, KIND_Q6_K, s, out);
+        else if (s->kind == KIND_Q5_K)
+            tiles_dot(task_codes, task_scales, act, 0, 5, KIND_Q5_K, s, out);
         else
             tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_INT, s, out);
         for (int j = 0; j < TASK_TILES; j++) store16(ys[at[j].owner], io_bf16, at[j].tile * TILE, out[j], at[j].keep);
@@ -523,9 +558,9 @@ static inline __attribute__((always_inline)) void joint_task(
 
 // y_i (M, N_i) = x (M, K) @ W_i.T for `count` weights of one scheme (the projections of one input: q, k, v), in
 // one parallel loop over all their tiles, with x quantized once. W as described at the top, of `kind` (KIND_INT,
-// KIND_Q4_K, KIND_Q6_K: bits 6); x and the y_i are float32, or bfloat16 when io_bf16. `group` is the weights per scale
-// along a row (a multiple of 32, or >= K for one scale per row; 32 for KIND_Q4_K, 16 for KIND_Q6_K); count at most 8. Returns 0, or -1 when out of
-// memory (or count is out of range).
+// KIND_Q4_K, KIND_Q5_K: bits 5, KIND_Q6_K: bits 6); x and the y_i are float32, or bfloat16 when io_bf16. `group` is
+// the weights per scale along a row (a multiple of 32, or >= K for one scale per row; 32 for KIND_Q4_K and KIND_Q5_K,
+// 16 for KIND_Q6_K); count at most 8. Returns 0, or -1 when out of memory (or count is out of range).
 int qlinear_many(const void *x, int count, const uint8_t *const *codes, const uint16_t *const *scales,
                  void *const *ys, const int64_t *Ns, int64_t M, int64_t K, int bits, int64_t group, int kind,
                  int io_bf16, int n_threads) {
@@ -547,7 +582,8 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     return 0;
 }
 
-// The dense weight (N, K), float32 or bfloat16 (out_bf16), of KIND_INT or KIND_Q4_K (formats.py dequantizes Q6_K).
+// The dense weight (N, K), float32 or bfloat16 (out_bf16), of KIND_INT or KIND_Q4_K (formats.py dequantizes the
+// other k-quants).
 void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t N, int64_t K, int bits,
                 int64_t group, int kind, int out_bf16, int n_threads) {
     const Shape s = shape_of(K, bits, group, kind);
