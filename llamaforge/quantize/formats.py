@@ -341,41 +341,34 @@ def q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return scales, mins
 
 
-def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int],
-                   row_order: torch.Tensor | None = None) -> QuantizedWeight:
-    """A GGUF Q4_K tensor's raw bytes as a "q4_k" QuantizedWeight, nothing rounded (see the module docstring).
+def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int], row_order: torch.Tensor | None = None,
+                   bits: int = 4) -> QuantizedWeight:
+    """A GGUF Q4_K (bits 5: Q5_K) tensor's raw bytes as a "q4_k" ("q5_k") QuantizedWeight, nothing rounded (see the
+    module docstring).
 
-    A block (144 bytes) covers 256 weights of a row: d, dmin (float16), 12 bytes of packed 6-bit scales and mins
-    (`q4_k_scales_and_mins`), then 128 bytes whose run j of 32 holds sub-block 2j's codes in its low nibbles and
-    sub-block 2j + 1's in its high ones. `row_order` (N,) takes the rows in that order.
+    A block covers 256 weights of a row: d, dmin (float16), 12 bytes of packed 6-bit scales and mins
+    (`q4_k_scales_and_mins`), for Q5_K 32 bytes whose byte i holds in bit j the top bit of sub-block j's code i, then
+    128 bytes whose run j of 32 holds sub-block 2j's (low 4 bits of) codes in its low nibbles and sub-block 2j + 1's
+    in its high ones. `row_order` (N,) takes the rows in that order.
     """
     N, K = shape
-    raw = blocks.reshape(N, K // SUPER_BLOCK, Q4_K_BYTES)
+    raw = blocks.reshape(N, K // SUPER_BLOCK, Q4_K_BYTES if bits == 4 else Q5_K_BYTES)
     if row_order is not None:
         raw = raw[row_order]
     d, dmin = (raw[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))  # (N, supers)
     sc, m = q4_k_scales_and_mins(raw[..., 4:16])  # (N, supers, 8) each
-    runs = raw[..., 16:].reshape(N, -1, 4, 1, 32)
-    codes = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, K)  # (N, supers, run, low / high, 32)
-    return pack_q4_k(codes.to(torch.int16) - BIAS[4], d, dmin, sc.reshape(N, -1), m.reshape(N, -1))
+    runs = raw[..., -128:].reshape(N, -1, 4, 1, 32)
+    codes = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
+    if bits == 5:
+        codes |= ((raw[..., 16:48].reshape(N, -1, 1, 32) >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4
+    return pack_q4_k(codes.reshape(N, K).to(torch.int16) - BIAS[bits], d, dmin, sc.reshape(N, -1), m.reshape(N, -1),
+                     bits)
 
 
 def from_gguf_q5_k(blocks: torch.Tensor, shape: tuple[int, int],
                    row_order: torch.Tensor | None = None) -> QuantizedWeight:
-    """A GGUF Q5_K tensor's raw bytes as a "q5_k" QuantizedWeight, nothing rounded: a block (176 bytes) is Q4_K's d,
-    dmin and packed scales and mins, then 32 bytes whose byte i holds in bit j the top bit of sub-block j's code i,
-    then Q4_K's 128 bytes of low 4 bits. `row_order` (N,) takes the rows in that order."""
-    N, K = shape
-    raw = blocks.reshape(N, K // SUPER_BLOCK, Q5_K_BYTES)
-    if row_order is not None:
-        raw = raw[row_order]
-    d, dmin = (raw[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))  # (N, supers)
-    sc, m = q4_k_scales_and_mins(raw[..., 4:16])  # (N, supers, 8) each
-    runs = raw[..., 48:].reshape(N, -1, 4, 1, 32)
-    low = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
-    top = (raw[..., 16:48].reshape(N, -1, 1, 32) >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
-    codes = (low | top << 4).reshape(N, K)
-    return pack_q4_k(codes.to(torch.int16) - BIAS[5], d, dmin, sc.reshape(N, -1), m.reshape(N, -1), bits=5)
+    """A GGUF Q5_K tensor's raw bytes as a "q5_k" QuantizedWeight (`from_gguf_q4_k`)."""
+    return from_gguf_q4_k(blocks, shape, row_order, bits=5)
 
 
 def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor,
