@@ -3,6 +3,7 @@ torch fallback, quantized models (stories260K's greedy tokens, the engine), and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -260,6 +261,17 @@ def test_linear_layer_paths(bits: int, group: int | None, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "native", lambda: None)  # no kernel: torch computes every input
     for x in (long, short):
         torch.testing.assert_close(layer(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", K_QUANTS)
+def test_k_quant_weights_unpack_on_the_device_they_are_on(kind: str) -> None:
+    """Dequantizing and the stored layout work where the weight is (a GPU's: torch's meta device stands in, which
+    refuses CPU operands as CUDA does)."""
+    q = k_quant_weight(kind, 24, 256)
+    on_meta = dataclasses.replace(q, codes=q.codes.to("meta"), scales=q.scales.to("meta"))
+    assert dequantize_weight(on_meta).device.type == "meta"
+    codes, scales = stored_codes(on_meta)
+    assert codes.device.type == "meta" and from_stored(codes, scales, q.bits, q.group_size, 256, kind).codes.is_meta
 
 
 @pytest.mark.parametrize("kind", K_QUANTS)

@@ -181,6 +181,11 @@ def tiled_rows(t: torch.Tensor) -> torch.Tensor:
     return out.view(tiles, TILE, *t.shape[1:])
 
 
+def bit_offsets(width: int, like: torch.Tensor) -> torch.Tensor:
+    """0, width, 2 * width, ... below 8, uint8 on `like`'s device: where fields of `width` bits sit in a byte."""
+    return torch.arange(0, 8, width, dtype=torch.uint8, device=like.device)
+
+
 def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed values (N, K) as the kernel's codes (tiles, blocks, 512, 384 or 256) uint8 (see qlinear.c)."""
     N, K = values.shape
@@ -191,9 +196,9 @@ def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
         low = pack_codes((codes & 0x0F).to(torch.int16) - BIAS[4], 4)
         top = (codes >> 4).view(tiles, TILE, blocks, 2, 4, 4)  # [tile, row, block, half, vector, byte]
         if bits == 6:  # [tile, block, half, row, byte, vector]: vector v's in bits 2v, 2v + 1 of a byte a half
-            top = top.permute(0, 2, 3, 1, 5, 4) << torch.arange(0, 8, 2, dtype=torch.uint8)
+            top = top.permute(0, 2, 3, 1, 5, 4) << bit_offsets(2, top)
         else:  # [tile, block, row, byte, half, vector]: bit v (half 0) or 4 + v (half 1) of one byte
-            top = top.permute(0, 2, 1, 5, 3, 4).reshape(tiles, blocks, TILE, 4, 8) << torch.arange(8, dtype=torch.uint8)
+            top = top.permute(0, 2, 1, 5, 3, 4).reshape(tiles, blocks, TILE, 4, 8) << bit_offsets(1, top)
         return torch.cat([low, top.sum(-1, dtype=torch.uint8).reshape(tiles, blocks, -1)], dim=-1).contiguous()
     codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
     codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
@@ -217,11 +222,11 @@ def _unpack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         rows = codes.view(tiles, blocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)  # [tile, row, block, vector, byte]
     elif bits == 6:
-        top = codes[..., 256:].reshape(tiles, blocks, 2, TILE, 4, 1) >> torch.arange(0, 8, 2, dtype=torch.uint8)
+        top = codes[..., 256:].reshape(tiles, blocks, 2, TILE, 4, 1) >> bit_offsets(2, codes)
         top = (top & 0x03).permute(0, 3, 1, 2, 5, 4)  # [tile, row, block, half, vector, byte]
         return _unpack_rows(codes[..., :256], 4) | top.reshape(tiles * TILE, blocks * BLOCK) << 4
     elif bits == 5:
-        top = codes[..., 256:].reshape(tiles, blocks, TILE, 4, 1) >> torch.arange(8, dtype=torch.uint8)
+        top = codes[..., 256:].reshape(tiles, blocks, TILE, 4, 1) >> bit_offsets(1, codes)
         # [tile, block, row, byte, half, vector] -> [tile, row, block, half, vector, byte]
         top = (top & 0x01).view(tiles, blocks, TILE, 4, 2, 4).permute(0, 2, 1, 4, 5, 3)
         return _unpack_rows(codes[..., :256], 4) | top.reshape(tiles * TILE, blocks * BLOCK) << 4
@@ -254,7 +259,7 @@ def stored_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     padded[:, :K] = (unpack_codes(q) + BIAS[q.bits]).to(torch.uint8)
     if q.bits in (5, 6):  # int4's runs of the low 4 bits, then the top bits packed 8 / 4 weights a byte
         width = q.bits - 4
-        top = (padded >> 4).view(N, -1, 8 // width) << torch.arange(0, 8, width, dtype=torch.uint8)
+        top = (padded >> 4).view(N, -1, 8 // width) << bit_offsets(width, padded)
         padded = torch.cat([stored_nibbles(padded & 0x0F), top.sum(-1, dtype=torch.uint8)], dim=1)
     if q.bits == 4:
         padded = stored_nibbles(padded)
@@ -293,7 +298,7 @@ def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size
     elif bits in (5, 6):
         width = bits - 4
         half = codes.shape[1] * 4 // bits  # Kp / 2 bytes of low bits, then Kp * width / 8 of top bits
-        top = (codes[:, half:].reshape(N, -1, 1) >> torch.arange(0, 8, width, dtype=torch.uint8)) & (2**width - 1)
+        top = (codes[:, half:].reshape(N, -1, 1) >> bit_offsets(width, codes)) & (2**width - 1)
         codes = from_stored_nibbles(codes[:, :half]) | top.reshape(N, -1) << 4
     values = codes[:, :in_features].to(torch.int16) - BIAS[bits]
     if kind in WITH_MINS:
@@ -360,7 +365,7 @@ def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int], row_order: torc
     runs = raw[..., -128:].reshape(N, -1, 4, 1, 32)
     codes = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
     if bits == 5:
-        codes |= ((raw[..., 16:48].reshape(N, -1, 1, 32) >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4
+        codes |= ((raw[..., 16:48].reshape(N, -1, 1, 32) >> bit_offsets(1, raw)[:, None]) & 1) << 4
     return pack_q4_k(codes.reshape(N, K).to(torch.int16) - BIAS[bits], d, dmin, sc.reshape(N, -1), m.reshape(N, -1),
                      bits)
 
@@ -400,7 +405,7 @@ def from_gguf_q6_k(blocks: torch.Tensor, shape: tuple[int, int],
         raw = raw[row_order]
     low = raw[..., :128].reshape(N, -1, 2, 1, 64)
     low = torch.cat([low & 0x0F, low >> 4], dim=3)  # (N, supers, half, nibble, 64)
-    top = (raw[..., 128:192].reshape(N, -1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    top = (raw[..., 128:192].reshape(N, -1, 2, 1, 32) >> bit_offsets(2, raw)[:, None]) & 3
     codes = low.reshape(N, K) | top.reshape(N, K) << 4  # (N, supers, half, t, 32) in weight order
     sc = raw[..., 192:208].contiguous().view(torch.int8).reshape(N, -1)
     d = raw[..., 208:210].contiguous().view(torch.float16)[..., 0]
