@@ -14,6 +14,7 @@ those of llamaforge/quantize (qlinear.c, bf16linear.c, decode_layers.c). docs/be
     python benchmarks/kernel_ab.py my_variants.py --mode int4            # fused decode steps, TinyLlama's shape
     python benchmarks/kernel_ab.py my_variants.py --mode int4 --prefill 128
     python benchmarks/kernel_ab.py my_variants.py --mode int8 --linear 5632,2048,128   # one N x K layer, 128 rows
+    python benchmarks/kernel_ab.py my_variants.py --mode q4_k --linear 5632,2048,1     # a GGUF k-quant layer
     python benchmarks/kernel_ab.py my_variants.py --attention 512,512  # 512 queries over 512 cached positions
 
 A single call's weights (or cache) stay in the caches between calls unless they are larger than them: pick shapes
@@ -44,6 +45,11 @@ from decode import model_in_mode  # noqa: E402  (the model as llamaforge.load ma
 from llamaforge.config import PRESETS, ModelArgs  # noqa: E402
 from llamaforge.model import KVCache, Llama, init_weights  # noqa: E402
 from llamaforge.quantize import kernels, quantize_weight  # noqa: E402
+from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q5_k, from_gguf_q6_k  # noqa: E402
+
+# GGUF k-quants a --linear call can time (random blocks): the loader, the block's bytes, where its float16 factors are
+K_QUANTS = {"q4_k": (from_gguf_q4_k, 144, slice(0, 4)), "q5_k": (from_gguf_q5_k, 176, slice(0, 4)),
+            "q6_k": (from_gguf_q6_k, 210, slice(208, 210))}
 
 SOURCES = Path(kernels.__file__).parent
 # kernels.py's library loaders: (source, its AVX-512 build's CPU and compiler flags, sources it includes)
@@ -108,6 +114,13 @@ def linear_call(mode: str, N: int, K: int, M: int) -> Callable[[], torch.Tensor]
     if mode == "bf16":
         weight = weight.to(torch.bfloat16)
         return lambda: kernels.bf16_linear(x, weight)
+    if mode in K_QUANTS:  # random blocks (any bytes are codes and scales) under small float16 factors
+        loader, size, factors = K_QUANTS[mode]
+        raw = torch.randint(0, 256, (N, K // 256, size), dtype=torch.uint8, generator=generator)
+        raw[..., factors] = (torch.rand(N, K // 256, 2, generator=generator) * 1e-3).half().view(torch.uint8)[
+            ..., :factors.stop - factors.start]
+        q = loader(raw.reshape(N, -1), (N, K))
+        return lambda: kernels.qlinear(x, q)
     q = quantize_weight(weight, 8 if mode == "int8" else 4, None if mode == "int8" else 32)
     return lambda: kernels.qlinear(x, q)
 
@@ -148,7 +161,8 @@ def workload(args: argparse.Namespace) -> Callable[[], torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", help="a Python file defining VARIANTS (see above)")
-    parser.add_argument("--mode", default="int4", choices=["bf16", "int8", "int4"], help="the model's weights")
+    parser.add_argument("--mode", default="int4", choices=["bf16", "int8", "int4", *K_QUANTS],
+                        help="the model's weights (the k-quants: with --linear only)")
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS), help="model shape")
     what = parser.add_mutually_exclusive_group()  # the workload; a decode step without any
     what.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens, not decode")
@@ -161,6 +175,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args()
+    if args.mode in K_QUANTS and not (args.linear and args.linear[1] % 256 == 0):
+        parser.error(f"--mode {args.mode} times one layer: give --linear N,K,M with K a multiple of 256")
     if kernels.native() is None or kernels.native_bf16() is None or kernels.native_decode() is None:
         raise SystemExit("the kernels do not build or run on this machine (AVX-512 or AVX2, a C compiler)")
     torch.set_num_threads(args.threads)

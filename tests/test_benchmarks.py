@@ -257,6 +257,9 @@ def test_kernel_ab_benchmark_times_one_linear_or_attention_call(tmp_path: Path) 
                 "other score scale": '("bf16linear.c", "1.0f / sqrtf((float)D)", "1.0f / sqrtf((float)D + 1.0f)")'}
     linear = kernel_ab_rows(tmp_path, variants, "--mode", "int8", "--linear", "40,96,3")
     attention = kernel_ab_rows(tmp_path, variants, "--attention", "3,21")
+    dmin_as_d = {"dmin as d": '("qlinear.c", "(const __m256i *)(super + 2 * TILE))", "(const __m256i *)super)")'}
+    k_quant = kernel_ab_rows(tmp_path, dmin_as_d, "--mode", "q4_k", "--linear", "40,256,3")
     # Each workload sees only the edit to its own kernel.
+    assert not k_quant["dmin as d"]["same_result"]  # a Q4_K layer's mins scaled by d
     assert not linear["other rounding"]["same_result"] and linear["other score scale"]["same_result"]
     assert attention["other rounding"]["same_result"] and not attention["other score scale"]["same_result"]
