@@ -168,22 +168,26 @@ static inline __m512 signed_bytes_as_float(const uint8_t *bytes) {
 
 // The weight scales of block b for a tile's 16 rows, where the weight has groups or is a k-quant (d * sc, exact in
 // float32; then *second is dmin * m for KIND_Q4_K and KIND_Q5_K, and for KIND_Q6_K the scales of the block's last 16
-// weights, the result being its first 16's): zeros, never read, where it has one scale a row.
+// weights, the result being its first 16's): zeros, never read, where it has one scale a row. Blocks come in order
+// from 0: `factors` keeps a k-quant's d (and dmin) of the current super-block, converted at its first block.
 static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, const int kind, int64_t b,
-                                  __m512 *second) {
+                                  __m512 factors[2], __m512 *second) {
     if (kind == KIND_Q6_K) {
         const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * Q6_K_SUPER_BYTES;
         const uint8_t *bytes = super + 2 * TILE + b % SUPER_BLOCKS * 2 * TILE;
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
-        *second = _mm512_mul_ps(d, signed_bytes_as_float(bytes + TILE));
-        return _mm512_mul_ps(d, signed_bytes_as_float(bytes));
+        if (b % SUPER_BLOCKS == 0) factors[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
+        *second = _mm512_mul_ps(factors[0], signed_bytes_as_float(bytes + TILE));
+        return _mm512_mul_ps(factors[0], signed_bytes_as_float(bytes));
     }
     if (kind == KIND_Q4_K || kind == KIND_Q5_K) {
         const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * SUPER_BYTES;
         const uint8_t *bytes = super + 2 * TILE * 2 + b % SUPER_BLOCKS * 2 * TILE;
-        *second = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE))),
-                                bytes_as_float(bytes + TILE));
-        return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super)), bytes_as_float(bytes));
+        if (b % SUPER_BLOCKS == 0) {
+            factors[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
+            factors[1] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE)));
+        }
+        *second = _mm512_mul_ps(factors[1], bytes_as_float(bytes + TILE));
+        return _mm512_mul_ps(factors[0], bytes_as_float(bytes));
     }
     if (one_scale_a_row(s, kind)) return _mm512_setzero_ps();
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + b * BLOCK / s->group * TILE)));
@@ -215,14 +219,15 @@ static inline __m256i top_bits_256(__m256i high, const int v) {
 // into acc[t][half] (half h: rows 8h .. 8h + 7).
 static inline __attribute__((always_inline)) void block_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const int kind, const Shape *s, int64_t b, __m256 acc[Q_M_TILE][2]) {
+        const int count, const int bits, const int kind, const Shape *s, int64_t b, __m512 factors[2],
+        __m256 acc[Q_M_TILE][2]) {
     const int64_t block_bytes = s->tile_bytes / s->blocks;
     const __m256i ones = _mm256_set1_epi16(1), low_nibbles = _mm256_set1_epi8(0x0F);
     const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
     const uint8_t *block = tile_codes + b * block_bytes;
     const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K || kind == KIND_Q5_K;
     __m512 w_second;
-    const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_second);
+    const __m512 w_scales = group_scales(tile_scales, s, kind, b, factors, &w_second);
     for (int half = 0; half < 2; half++) {
         __m256i w[8];  // vector v pairs with activation bytes 4v .. 4v + 3
         if (bits == 8) {
@@ -309,9 +314,10 @@ static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
         const int count, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
     __m256 acc[Q_M_TILE][2];
+    __m512 factors[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int t = 0; t < count; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < s->blocks; b++)
-        block_dot(tile_codes, tile_scales, act, m0, count, bits, kind, s, b, acc);
+        block_dot(tile_codes, tile_scales, act, m0, count, bits, kind, s, b, factors, acc);
     for (int t = 0; t < count; t++) {
         out[t].h[0] = acc[t][0];
         out[t].h[1] = acc[t][1];
@@ -329,9 +335,14 @@ static inline __attribute__((always_inline)) void tiles_dot(
         const QuantizedActivations *act, int64_t m, const int bits, const int kind, const Shape *s,
         __m512 out[TASK_TILES]) {
     __m256 acc[TASK_TILES][Q_M_TILE][2];
-    for (int i = 0; i < TASK_TILES; i++) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
+    __m512 factors[TASK_TILES][2];
+    for (int i = 0; i < TASK_TILES; i++) {
+        acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
+        factors[i][0] = factors[i][1] = _mm512_setzero_ps();
+    }
     for (int64_t b = 0; b < s->blocks; b++)
-        for (int i = 0; i < TASK_TILES; i++) block_dot(codes[i], scales[i], act, m, 1, bits, kind, s, b, acc[i]);
+        for (int i = 0; i < TASK_TILES; i++)
+            block_dot(codes[i], scales[i], act, m, 1, bits, kind, s, b, factors[i], acc[i]);
     for (int i = 0; i < TASK_TILES; i++) {
         out[i].h[0] = acc[i][0][0];
         out[i].h[1] = acc[i][0][1];
@@ -387,11 +398,12 @@ static inline __attribute__((always_inline)) void tile_dot(
     for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
     const int64_t block_bytes = s->tile_bytes / s->blocks;
     const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K || kind == KIND_Q5_K;
+    __m512 factors[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t b = 0; b < s->blocks; b++) {
         __m512i w[8];
         load_block(tile_codes + b * block_bytes, bits, w);
         __m512 w_second;
-        const __m512 w_scales = group_scales(tile_scales, s, kind, b, &w_second);
+        const __m512 w_scales = group_scales(tile_scales, s, kind, b, factors, &w_second);
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
@@ -599,6 +611,7 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
             const __m256i pieces = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                                        _mm256_set1_epi32(TILE)),
                                                     _mm256_set1_epi32((int)r));
+            __m512 factors[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // Q4_K's d, dmin (group_scales)
             for (int64_t b = 0; b < s.blocks; b++) {
                 const uint8_t *block = codes + tile * s.tile_bytes + b * block_bytes;
                 __m128i lo, hi;  // the row's codes for weights 32b .. 32b + 15 and 32b + 16 .. 32b + 31
@@ -615,7 +628,7 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
                 __m512 scale, min = _mm512_setzero_ps();
                 if (kind == KIND_Q4_K) {  // lane r of the tile's block scales and mins (d * sc * q is exact)
                     __m512 mins;
-                    scale = _mm512_set1_ps(lane(group_scales(tile_scales, &s, KIND_Q4_K, b, &mins), r));
+                    scale = _mm512_set1_ps(lane(group_scales(tile_scales, &s, KIND_Q4_K, b, factors, &mins), r));
                     min = _mm512_set1_ps(lane(mins, r));
                 } else {
                     const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
