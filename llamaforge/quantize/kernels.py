@@ -175,8 +175,7 @@ def native() -> ctypes.CDLL | None:
     library.qlinear_many.argtypes = [_PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64,
                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]
     library.qlinear_many.restype = ctypes.c_int
-    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int,
-                                   ctypes.c_int]
+    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
     library.dequantize.restype = None
     return library
 
@@ -196,8 +195,8 @@ def native_bf16() -> ctypes.CDLL | None:
 
 
 class Projections(ctypes.Structure):
-    """decode_layers.c's Projections: up to three weights that multiply one input, each int8 / int4 / Q4_K (its bits,
-    group size and kind) or bfloat16 (bits 16), and their served LoRA adapters' stacked matrices (NULL where there
+    """decode_layers.c's Projections: up to three weights that multiply one input, each int8 / int4 / a k-quant (its
+    bits, group size and kind) or bfloat16 (bits 16), and their served LoRA adapters' stacked matrices (NULL where there
     are none)."""
 
     _fields_ = [("codes", _PTR * 3), ("scales", _PTR * 3), ("dense", _PTR * 3), ("N", _INT64 * 3), ("count", _INT64),
@@ -443,14 +442,15 @@ def _(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bi
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight in `dtype`: the compiled kernel's threaded loop where it runs, else torch."""
+    """The dense weight in `dtype`: the compiled kernel's threaded loop where it runs (int8 / int4), else torch (and
+    for the k-quants)."""
     library = native()
     if (library is None or dtype not in (torch.float32, torch.bfloat16) or q.codes.device.type != "cpu"
-            or q.kind in ("q5_k", "q6_k")):
+            or q.kind != "int"):
         return dequantize_weight(q, dtype)
     out = torch.empty(q.out_features, q.in_features, dtype=dtype)
     library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
-                       q.bits, q.group_size, KIND_CODES[q.kind], dtype == torch.bfloat16, torch.get_num_threads())
+                       q.bits, q.group_size, dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 

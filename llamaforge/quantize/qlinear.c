@@ -142,13 +142,6 @@ static inline int one_scale_a_row(const Shape *s, const int kind) {
     return kind == KIND_INT && s->group >= s->K;
 }
 
-// Lane r of v.
-static inline float lane(__m512 v, int64_t r) {
-    float values[16];
-    _mm512_mask_storeu_ps(values, (__mmask16)0xFFFF, v);
-    return values[r];
-}
-
 // Q6_K's top 2 bits of the codes of vector v (bits 2v, 2v + 1 of each byte of `high`) moved to bits 4 and 5 (other
 // bits are the caller's to mask off).
 static inline __m512i top_bits(__m512i high, const int v) {
@@ -594,15 +587,14 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     return 0;
 }
 
-// The dense weight (N, K), float32 or bfloat16 (out_bf16), of KIND_INT or KIND_Q4_K (formats.py dequantizes the
-// other k-quants).
+// The dense weight (N, K), float32 or bfloat16 (out_bf16), for the many-row (prefill) path: KIND_INT weights
+// (formats.py dequantizes the k-quants).
 void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t N, int64_t K, int bits,
-                int64_t group, int kind, int out_bf16, int n_threads) {
-    const Shape s = shape_of(K, bits, group, kind);
+                int64_t group, int out_bf16, int n_threads) {
+    const Shape s = shape_of(K, bits, group, KIND_INT);
     const int64_t tiles = (N + TILE - 1) / TILE;
     const int64_t block_bytes = s.tile_bytes / s.blocks;
-    // Q4_K's codes q are taken whole (w = scale * q - min), the others' less their offset (w = scale * (q - bias)).
-    const __m512i bias = _mm512_set1_epi32(kind == KIND_Q4_K ? 0 : bits == 8 ? 128 : 8);
+    const __m512i bias = _mm512_set1_epi32(bits == 8 ? 128 : 8);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t tile = 0; tile < tiles; tile++) {
         for (int64_t r = 0; r < TILE && tile * TILE + r < N; r++) {
@@ -611,7 +603,6 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
             const __m256i pieces = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                                        _mm256_set1_epi32(TILE)),
                                                     _mm256_set1_epi32((int)r));
-            __m512 factors[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // Q4_K's d, dmin (group_scales)
             for (int64_t b = 0; b < s.blocks; b++) {
                 const uint8_t *block = codes + tile * s.tile_bytes + b * block_bytes;
                 __m128i lo, hi;  // the row's codes for weights 32b .. 32b + 15 and 32b + 16 .. 32b + 31
@@ -624,21 +615,13 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
                     lo = _mm_and_si128(row, _mm_set1_epi8(0x0F));
                     hi = _mm_and_si128(_mm_srli_epi16(row, 4), _mm_set1_epi8(0x0F));
                 }
-                const uint16_t *tile_scales = scales + tile * s.tile_scales;
-                __m512 scale, min = _mm512_setzero_ps();
-                if (kind == KIND_Q4_K) {  // lane r of the tile's block scales and mins (d * sc * q is exact)
-                    __m512 mins;
-                    scale = _mm512_set1_ps(lane(group_scales(tile_scales, &s, KIND_Q4_K, b, factors, &mins), r));
-                    min = _mm512_set1_ps(lane(mins, r));
-                } else {
-                    const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
-                    scale = _mm512_set1_ps(_cvtsh_ss(tile_scales[g * TILE + r]));
-                }
+                const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
+                const __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[(tile * s.n_groups + g) * TILE + r]));
                 const int64_t k = b * BLOCK;
-                __m512 values_lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
-                                                     _mm512_cvtepu8_epi32(lo), bias)), scale), min);
-                __m512 values_hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
-                                                     _mm512_cvtepu8_epi32(hi), bias)), scale), min);
+                __m512 values_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), bias)),
+                                                 scale);
+                __m512 values_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), bias)),
+                                                 scale);
                 store16(out, out_bf16, n * K + k, values_lo, first_lanes(K - k));
                 store16(out, out_bf16, n * K + k + 16, values_hi, first_lanes(K - k - 16));
             }
