@@ -29,6 +29,7 @@ from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
 from llamaforge.quantize import QuantizedLinear, QuantizedWeight
 from llamaforge.quantize.formats import (
+    K_QUANT_SCHEMES,
     KINDS,
     STORED_Q4_K_BYTES,
     STORED_Q6_K_BYTES,
@@ -38,7 +39,6 @@ from llamaforge.quantize.formats import (
 )
 
 METHOD = "llamaforge"
-K_QUANT_SCHEMES = {"q4_k": (4, 32), "q5_k": (5, 32), "q6_k": (6, 16)}  # each k-quant's bits and weights per scale
 FORMAT_VERSION = 1
 
 

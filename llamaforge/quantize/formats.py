@@ -56,6 +56,7 @@ TILE = 16  # rows interleaved in the kernel's layout
 STORED_PAD = 128  # row width multiple of the stored layout
 KINDS = ("int", "q4_k", "q5_k", "q6_k")  # symmetric codes, float16 group scales; llama.cpp's k-quants (see above)
 WITH_MINS = ("q4_k", "q5_k")  # kinds whose blocks have a min beside their scale
+K_QUANT_SCHEMES = {"q4_k": (4, 32), "q5_k": (5, 32), "q6_k": (6, 16)}  # each k-quant's bits and weights per scale
 SUPER_BLOCK = 256  # weights of a row under one k-quant super-block's factors (d, and dmin for Q4_K)
 Q4_K_BYTES = 144  # a GGUF Q4_K block: d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of codes
 Q5_K_BYTES = 176  # a GGUF Q5_K block: Q4_K's first 16 bytes, 32 bytes of top bits, 128 bytes of low 4 bits
@@ -104,8 +105,8 @@ class QuantizedWeight:
 
     @property
     def sub_block(self) -> int:
-        """Weights of a row that share one scale inside the kernel's 32-weight blocks: 16 for "q6_k", else 32."""
-        return 16 if self.kind == "q6_k" else BLOCK
+        """Weights of a row that share one scale inside the kernel's 32-weight blocks: a k-quant's group, else 32."""
+        return BLOCK if self.kind == "int" else self.group_size
 
     def block_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 scale and min of each `sub_block` weights (out_features, K / sub_block): d * sc and dmin * m
@@ -283,10 +284,17 @@ def stored_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (runs[:, :, 0] | runs[:, :, 1] << 4).reshape(codes.shape[0], -1)
 
 
-def from_stored_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `stored_nibbles`."""
-    runs = packed.reshape(packed.shape[0], -1, 1, 64)
-    return torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(packed.shape[0], -1)
+def nibble_runs(packed: torch.Tensor, run: int) -> torch.Tensor:
+    """4-bit codes (..., 2n) from bytes (..., n) whose every `run` bytes hold codes i in their low nibbles and
+    run + i in their high ones (i < run): the layout of `stored_nibbles` (run 64), of GGUF's Q4_0 (16), Q4_K's (32)
+    and Q6_K's low bits (64)."""
+    runs = packed.reshape(*packed.shape[:-1], -1, 1, run)
+    return torch.cat([runs & 0x0F, runs >> 4], dim=-2).reshape(*packed.shape[:-1], -1)
+
+
+def float16_at(raw: torch.Tensor, offset: int) -> torch.Tensor:
+    """The float16 stored in bytes offset, offset + 1 of the last dimension of `raw` (..., bytes): (...)."""
+    return raw[..., offset:offset + 2].contiguous().view(torch.float16)[..., 0]
 
 
 def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
@@ -294,21 +302,21 @@ def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size
     """A weight from the stored layout (`stored_codes`), repacked for the kernel."""
     N = codes.shape[0]
     if bits == 4:
-        codes = from_stored_nibbles(codes)
+        codes = nibble_runs(codes, 64)
     elif bits in (5, 6):
         width = bits - 4
         half = codes.shape[1] * 4 // bits  # Kp / 2 bytes of low bits, then Kp * width / 8 of top bits
         top = (codes[:, half:].reshape(N, -1, 1) >> bit_offsets(width, codes)) & (2**width - 1)
-        codes = from_stored_nibbles(codes[:, :half]) | top.reshape(N, -1) << 4
+        codes = nibble_runs(codes[:, :half], 64) | top.reshape(N, -1) << 4
     values = codes[:, :in_features].to(torch.int16) - BIAS[bits]
     if kind in WITH_MINS:
         supers = scales.reshape(N, -1, STORED_Q4_K_BYTES)
-        d, dmin = (supers[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))
+        d, dmin = float16_at(supers, 0), float16_at(supers, 2)
         return pack_q4_k(values, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1), bits)
     if kind == "q6_k":
         supers = scales.reshape(N, -1, STORED_Q6_K_BYTES)
-        d = supers[..., :2].contiguous().view(torch.float16)[..., 0]
-        return pack_q6_k(values, d, supers[..., 2:].contiguous().view(torch.int8).reshape(N, -1))
+        sc = supers[..., 2:].contiguous().view(torch.int8).reshape(N, -1)
+        return pack_q6_k(values, float16_at(supers, 0), sc)
     return pack(values, scales, bits, group_size)
 
 
@@ -323,17 +331,16 @@ def from_gguf_blocks(blocks: torch.Tensor, bits: int, shape: tuple[int, int],
     N, K = shape
     per_block = 2 + BLOCK * bits // 8
     raw = blocks.reshape(N, K // BLOCK, per_block)
-    scales = raw[..., :2].contiguous().view(torch.float16).reshape(N, -1)  # (N, K / 32)
+    scales = float16_at(raw, 0)  # (N, K / 32)
     payload = raw[..., 2:]
     if bits == 8:
         values = payload.contiguous().view(torch.int8).to(torch.int16)
     else:
-        values = torch.cat([payload & 0x0F, payload >> 4], dim=-1).to(torch.int16) - BIAS[4]  # (N, K / 32, 32)
+        values = nibble_runs(payload, 16).to(torch.int16) - BIAS[4]  # (N, K / 32, 32)
     values = values.reshape(N, K)
     if row_order is not None:
         values, scales = values[row_order], scales[row_order]
     return pack(values, scales, bits, BLOCK)
-
 
 
 def q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,10 +367,9 @@ def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int], row_order: torc
     raw = blocks.reshape(N, K // SUPER_BLOCK, Q4_K_BYTES if bits == 4 else Q5_K_BYTES)
     if row_order is not None:
         raw = raw[row_order]
-    d, dmin = (raw[..., 2 * i:2 * i + 2].contiguous().view(torch.float16)[..., 0] for i in (0, 1))  # (N, supers)
+    d, dmin = float16_at(raw, 0), float16_at(raw, 2)  # (N, supers)
     sc, m = q4_k_scales_and_mins(raw[..., 4:16])  # (N, supers, 8) each
-    runs = raw[..., -128:].reshape(N, -1, 4, 1, 32)
-    codes = torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
+    codes = nibble_runs(raw[..., -128:], 32).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
     if bits == 5:
         codes |= ((raw[..., 16:48].reshape(N, -1, 1, 32) >> bit_offsets(1, raw)[:, None]) & 1) << 4
     return pack_q4_k(codes.reshape(N, K).to(torch.int16) - BIAS[bits], d, dmin, sc.reshape(N, -1), m.reshape(N, -1),
@@ -386,9 +392,9 @@ def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: tor
     factors = factors.permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(tiles, supers, 64)
     pairs = torch.stack([tiled_rows(sc), tiled_rows(m)], dim=-1).view(tiles, TILE, supers, 8, 2)  # [tile, row, s, j, .]
     pairs = pairs.permute(0, 2, 3, 4, 1).reshape(tiles, supers, 256)
-    return QuantizedWeight(pack_codes(values, bits), torch.cat([factors, pairs], dim=-1).contiguous(), bits, BLOCK,
-                           K, N, kind="q4_k" if bits == 4 else "q5_k")
-
+    kind = "q4_k" if bits == 4 else "q5_k"
+    return QuantizedWeight(pack_codes(values, bits), torch.cat([factors, pairs], dim=-1).contiguous(),
+                           *K_QUANT_SCHEMES[kind], K, N, kind=kind)
 
 
 def from_gguf_q6_k(blocks: torch.Tensor, shape: tuple[int, int],
@@ -403,13 +409,11 @@ def from_gguf_q6_k(blocks: torch.Tensor, shape: tuple[int, int],
     raw = blocks.reshape(N, K // SUPER_BLOCK, Q6_K_BYTES)
     if row_order is not None:
         raw = raw[row_order]
-    low = raw[..., :128].reshape(N, -1, 2, 1, 64)
-    low = torch.cat([low & 0x0F, low >> 4], dim=3)  # (N, supers, half, nibble, 64)
-    top = (raw[..., 128:192].reshape(N, -1, 2, 1, 32) >> bit_offsets(2, raw)[:, None]) & 3
-    codes = low.reshape(N, K) | top.reshape(N, K) << 4  # (N, supers, half, t, 32) in weight order
+    low = nibble_runs(raw[..., :128], 64)  # (N, supers, 256) in weight order
+    top = (raw[..., 128:192].reshape(N, -1, 2, 1, 32) >> bit_offsets(2, raw)[:, None]) & 3  # (N, supers, half, t, 32)
+    codes = low.reshape(N, K) | top.reshape(N, K) << 4
     sc = raw[..., 192:208].contiguous().view(torch.int8).reshape(N, -1)
-    d = raw[..., 208:210].contiguous().view(torch.float16)[..., 0]
-    return pack_q6_k(codes.to(torch.int16) - BIAS[6], d, sc)
+    return pack_q6_k(codes.to(torch.int16) - BIAS[6], float16_at(raw, 208), sc)
 
 
 def pack_q6_k(values: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> QuantizedWeight:
@@ -420,5 +424,5 @@ def pack_q6_k(values: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> Quanti
     factors = tiled_rows(d).transpose(1, 2).contiguous().view(torch.uint8)  # (tiles, supers, 32)
     scales = tiled_rows(sc.view(torch.uint8)).view(tiles, TILE, supers, 16).permute(0, 2, 3, 1)
     scales = scales.reshape(tiles, supers, 256)
-    return QuantizedWeight(pack_codes(values, 6), torch.cat([factors, scales], dim=-1).contiguous(), 6, 16, K, N,
-                           kind="q6_k")
+    return QuantizedWeight(pack_codes(values, 6), torch.cat([factors, scales], dim=-1).contiguous(),
+                           *K_QUANT_SCHEMES["q6_k"], K, N, kind="q6_k")
