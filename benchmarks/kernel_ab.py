@@ -117,8 +117,8 @@ def linear_call(mode: str, N: int, K: int, M: int) -> Callable[[], torch.Tensor]
     if mode in K_QUANTS:  # random blocks (any bytes are codes and scales) under small float16 factors
         loader, size, factors = K_QUANTS[mode]
         raw = torch.randint(0, 256, (N, K // 256, size), dtype=torch.uint8, generator=generator)
-        raw[..., factors] = (torch.rand(N, K // 256, 2, generator=generator) * 1e-3).half().view(torch.uint8)[
-            ..., :factors.stop - factors.start]
+        count = (factors.stop - factors.start) // 2  # float16 factors: d (and dmin)
+        raw[..., factors] = (torch.rand(N, K // 256, count, generator=generator) * 1e-3).half().view(torch.uint8)
         q = loader(raw.reshape(N, -1), (N, K))
         return lambda: kernels.qlinear(x, q)
     q = quantize_weight(weight, 8 if mode == "int8" else 4, None if mode == "int8" else 32)

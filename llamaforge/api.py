@@ -182,7 +182,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     False, folded into its weights so generation costs what the base model costs.
     `quantize="int8"` or `"int4"` stores the linear layers as integer codes for fast inference (int4 in groups
     of `group_size` weights, default 32; int8 per output row unless `group_size` is given), after any adapter
-    is merged. Linear layers a GGUF stores as Q8_0 / Q4_0 / Q4_K / Q6_K stay as they are (also with "auto", the
+    is merged. Linear layers a GGUF stores as Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K stay as they are (also with "auto", the
     default; other quantized types become int8),
     so a llama.cpp file runs at its own size; `quantize=None` dequantizes them. `quantize="nf4"` stores the
     linear layers in QLoRA's 4-bit NormalFloat; "auto" does so only for an adapter that llamaforge trained

@@ -1,7 +1,8 @@
 """Find, read and convert a checkpoint into a `Llama` with HF names: `load_checkpoint(source)`.
 
 Formats: an HF directory, a hub repo id, Meta's params.json + consolidated.NN.pth, a llama2.c `.bin`, a
-GGUF file (llama.cpp's; Q8_0 / Q4_0 / Q4_K / Q6_K linear weights can stay as stored, other quantized types as int8);
+GGUF file (llama.cpp's; Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K linear weights can stay as stored, other quantized types
+as int8);
 an HF folder written by `llamaforge quantize` (int8 / int4 layers, quantized.py);
 the name `demo` is the small chat model shipped inside the package (built by recipes/demo/run.py).
 The config is checked against the tensors the checkpoint's headers list (inventory.py) before a model is
@@ -111,9 +112,9 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
                     tokenizer: str | Path | None = None, keep_quantized: bool = False) -> Checkpoint:
     """Load model and tokenizer; dtype None keeps the stored dtype, device None picks CUDA when present.
 
-    `keep_quantized`: a GGUF's quantized linear weights become QuantizedLinear layers (Q8_0 / Q4_0 / Q4_K / Q6_K as
-    stored, see gguf.kept_bits), and the default dtype of everything else is then bfloat16, the kernel's
-    activations.
+    `keep_quantized`: a GGUF's quantized linear weights become QuantizedLinear layers (Q8_0 / Q4_0 and the k-quants
+    Q4_K / Q5_K / Q6_K as stored, see gguf.kept_bits), and the default dtype of everything else is then bfloat16,
+    the kernel's activations.
     """
     path = resolve(source)
     kind = detect_format(path)

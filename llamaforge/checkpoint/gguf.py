@@ -188,11 +188,10 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """HF-named tensors in HF's row layout, one at a time.
 
-    With `keep_quantized`, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K linear weights come as QuantizedWeight (int8 / int4 in groups
-    of 32, or the k-quants' codes, scales and mins: the same numbers repacked, nothing rounded again) instead of
-    dequantized floats, and other
-    quantized linear weights as int8 in groups of 32 (see `kept_bits`); the embedding, a table lookup rather than
-    a product, is dequantized as before.
+    With `keep_quantized`, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K linear weights come as QuantizedWeight (int8 / int4 in
+    groups of 32, or the k-quants' codes, scales and mins: the same numbers repacked, nothing rounded again) instead
+    of dequantized floats, and other quantized linear weights as int8 in groups of 32 (see `kept_bits`); the
+    embedding, a table lookup rather than a product, is dequantized as before.
     """
     for tensor in reader.tensors:
         meta_name = rename(tensor.name, GGUF_TO_META)

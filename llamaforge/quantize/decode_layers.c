@@ -19,9 +19,8 @@
 #include "bf16linear.c"
 
 // The weights that multiply one input (q, k, v; or gate, up; or one alone), each of its own scheme (a GGUF file's q
-// and k may be Q4_K and v Q6_K): int8 / int4 / Q4_K (`kind`, qlinear.c's KIND_INT or KIND_Q4_K) in qlinear.c's
-// layout, or
-// (bits 16) bfloat16 rows (N, K) in `dense`; and where LoRA adapters are served (llamaforge/adapters.py), each
+// and k may be Q4_K and v Q6_K): int8 / int4 / a k-quant (`kind`, one of qlinear.c's KIND_*) in qlinear.c's
+// layout, or (bits 16) bfloat16 rows (N, K) in `dense`; and where LoRA adapters are served (llamaforge/adapters.py), each
 // projection's stacked low-rank matrices, float32: A (slots, rank, K) and B (slots, rank, N) (else NULL).
 typedef struct {
     const uint8_t *codes[3];

@@ -1,7 +1,7 @@
 """Decode steps through all decoder layers in one C call (decode_layers.c), where the model allows.
 
 `use_fused_decode(model)` checks once that a model fits the fused path (a bfloat16 CPU model whose decoder layers'
-linears are int8 / int4 / Q4_K or bfloat16, on a CPU with AVX-512 VNNI and BF16, or AVX2) and, if so, sets
+linears are int8 / int4 / k-quants or bfloat16, on a CPU with AVX-512 VNNI and BF16, or AVX2) and, if so, sets
 `model.fused_decode`, which `generate.Decoder` calls for decode steps (generate's and the engine's) instead of the
 layer-by-layer forward. The embedding, the final norm and the output layer stay torch modules. The layers' numbers
 are the layer-by-layer forward's to the bit (same kernels; its norms and SwiGLU run decode_layers.c's too), which
