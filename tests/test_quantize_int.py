@@ -139,8 +139,8 @@ def k_quant_weight(kind: str, rows: int, width: int, seed: int = 0):
 @pytest.mark.parametrize("kind", K_QUANTS)
 def test_k_quant_blocks_repack_holding_gguf_dequantization_exactly(kind: str) -> None:
     """Q4_K / Q5_K / Q6_K blocks (a quantizer's, and random bytes) repacked hold what gguf-py's dequantization of the
-    file gives, to the bit, in every path (torch, the compiled loop, the stored layout), rows reordered with their
-    scales; at the file's size (plus an eighth of a bit a weight for Q4_K and Q5_K)."""
+    file gives, to the bit, in every path (formats.py, the layer's `kernels.dequantize`, the stored layout), rows
+    reordered with their scales; at the file's size (plus an eighth of a bit a weight for Q4_K and Q5_K)."""
     gguf_type, _, from_gguf, quantizer, bits = K_QUANTS[kind]
     for raw in (quantizer(torch.randn(40, 512) * 0.05), random_k_quant_bytes(kind, 40, 512)):
         expected = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf_type)).reshape(40, 512)
