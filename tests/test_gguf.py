@@ -146,23 +146,21 @@ def q4_k_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_path: Pat
     config = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=128)
     directory = tmp_path_factory.mktemp("q4_k")
     model_dir = write_hf_dir(directory / "model", random_model(config, std=0.05), tiny_tokenizer_path)
-    encode, add_tensor = gguf_checkpoint._encode, gguf.GGUFWriter.add_tensor
+    stored_type, encode = gguf_checkpoint._stored_type, gguf_checkpoint._encode
+    kinds = gguf.GGMLQuantizationType
 
-    def k_quant(gguf_module, array: np.ndarray, weight_type: str):
-        if array.ndim != 2:
-            return encode(gguf_module, array, weight_type)
-        return array, "k-quant"  # chosen by the tensor's name, below
+    def k_quant_type(gguf_module, name: str, shape: tuple[int, ...], weight_type: str):
+        if len(shape) != 2:
+            return stored_type(gguf_module, name, shape, weight_type)
+        return kinds.Q6_K if name == "output.weight" or name.endswith(Q6_K_TENSORS) else kinds.Q4_K
 
-    def add(writer, name: str, array, raw_dtype=None, **kwargs):
-        if raw_dtype == "k-quant":
-            q6 = name == "output.weight" or name.endswith(Q6_K_TENSORS)
-            array = (q6_k_bytes if q6 else q4_k_bytes)(torch.from_numpy(array)).numpy()
-            raw_dtype = gguf.GGMLQuantizationType.Q6_K if q6 else gguf.GGMLQuantizationType.Q4_K
-        return add_tensor(writer, name, array, raw_dtype=raw_dtype, **kwargs)
+    def k_quant_bytes(gguf_module, array: np.ndarray, kind):
+        factory = {kinds.Q4_K: q4_k_bytes, kinds.Q6_K: q6_k_bytes}.get(kind)
+        return encode(gguf_module, array, kind) if factory is None else factory(torch.from_numpy(array)).numpy()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf_checkpoint, "_encode", k_quant)
-        patch.setattr(gguf.GGUFWriter, "add_tensor", add)
+        patch.setattr(gguf_checkpoint, "_stored_type", k_quant_type)
+        patch.setattr(gguf_checkpoint, "_encode", k_quant_bytes)
         return export(llamaforge.load(model_dir, dtype=torch.float32), directory / "model.gguf")
 
 
@@ -372,15 +370,13 @@ def test_other_quantized_types_load_as_int8_close_to_their_values(tmp_path: Path
 
     config = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=64)
     model_dir = write_hf_dir(tmp_path / "model", random_model(config, std=0.05), tiny_tokenizer_path)
-    kinds = gguf.GGMLQuantizationType
-    encode = gguf_module._encode
+    stored_type = gguf_module._stored_type
 
-    def encode_as_kind(gguf_, array, weight_type):
-        if array.ndim != 2:  # norms stay float32
-            return encode(gguf_, array, weight_type)
-        return gguf.quants.quantize(array, getattr(kinds, kind)), getattr(kinds, kind)
+    def stored_as_kind(gguf_, name, shape, weight_type):  # norms stay float32; gguf-py's quantizer encodes the rest
+        return getattr(gguf.GGMLQuantizationType, kind) if len(shape) == 2 else stored_type(gguf_, name, shape,
+                                                                                            weight_type)
 
-    monkeypatch.setattr(gguf_module, "_encode", encode_as_kind)
+    monkeypatch.setattr(gguf_module, "_stored_type", stored_as_kind)
     path = export(llamaforge.load(model_dir), tmp_path / "model.gguf")
     assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2} == {kind}
     dense = llamaforge.load(path, dtype=torch.float32, quantize=None)
@@ -424,3 +420,34 @@ def test_llama_cpps_own_k_quant_file_runs_as_stored_with_llama_cpps_logits(tmp_p
     # llama.cpp's own rounding (activations per 256) takes it further from the file's exact product than ours does.
     assert (ours - exact).abs().mean() < (theirs - exact).abs().mean()
     assert (ours - theirs).abs().max() < 0.04 * scale and (ours - theirs).abs().mean() < 0.01 * scale
+
+
+@pytest.mark.parametrize("weight_type", ["f16", "q8_0"])
+def test_export_encodes_one_tensor_at_a_time(tmp_path: Path, tiny_tokenizer_path: Path, weight_type: str) -> None:
+    """The writer holds one encoded tensor at a time, not the whole file (a 7B model's F16 file held in memory
+    beside the model doubled what exporting needed): numpy's allocations while writing (tracemalloc sees them) stay
+    under a quarter of the file, whose largest tensor is a twentieth of it; and each tensor lands in its own place."""
+    import tracemalloc
+
+    config = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=64)
+    model_dir = write_hf_dir(tmp_path / "model", random_model(config, std=0.05), tiny_tokenizer_path)
+    llm = llamaforge.load(model_dir, dtype=torch.float32)
+    first = export(llm, tmp_path / "first.gguf", weight_type)  # imports what the writer uses, before tracing
+    tracemalloc.start()
+    try:
+        path = export(llm, tmp_path / "model.gguf", weight_type)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < path.stat().st_size / 4, (peak, path.stat().st_size)
+    assert path.read_bytes() == first.read_bytes()
+    loaded = llamaforge.load(path, dtype=torch.float32, quantize=None).model.state_dict()
+    for name, weight in llm.model.state_dict().items():
+        if weight.ndim == 1:
+            assert torch.equal(loaded[name], weight), name
+        elif weight_type == "f16":
+            assert torch.equal(loaded[name], weight.half().float()), name
+        else:  # Q8_0: within half a step of each 32-weight block's scale (plus its float16 rounding)
+            step = weight.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+            error = (loaded[name].reshape(-1, 32) - weight.reshape(-1, 32)).abs()
+            assert bool((error <= step * (0.5 + 127 * 2**-11) + 1e-9).all()), name

@@ -10,6 +10,7 @@ piece types, from which the tokenizer is rebuilt on load.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Iterator
@@ -268,25 +269,18 @@ def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tok
     _write_metadata(writer, gguf, config, vocabulary, weight_type, name)
     if chat_template:
         writer.add_chat_template(chat_template)
-    for hf_name, weight in state.items():
-        if config.tie_word_embeddings and hf_name == "lm_head.weight":
-            continue  # llama.cpp uses token_embd when the file has no output.weight
-        meta_name = rename(hf_name, HF_TO_META)
-        if meta_name is None:
-            raise CheckpointError(f"the model has a tensor GGUF's Llama layout does not: {hf_name}")
-        weight = weight.detach().to("cpu", torch.float32)
-        if meta_name.endswith("attention.wq.weight"):
-            weight = permute_hf_to_meta(weight, config.n_heads)
-        elif meta_name.endswith("attention.wk.weight"):
-            weight = permute_hf_to_meta(weight, config.n_kv_heads)
-        gguf_name = rename(meta_name, META_TO_GGUF)
-        stored_as = "q8_0" if weight_type == "q4_0" and gguf_name == "output.weight" else weight_type
-        array, kind = _encode(gguf, weight.numpy(), stored_as)
-        writer.add_tensor(gguf_name, array, raw_dtype=kind)
+    plan = _tensor_plan(gguf, state, config, weight_type)
+    # Two passes, so that one tensor at a time is ever encoded: the header lists every tensor's type and size,
+    # then each is encoded and written (a 7B model's whole F16 file held in memory would double its footprint).
+    for gguf_name, weight, kind in plan:
+        byte_shape = gguf.quant_shape_to_byte_shape(tuple(weight.shape), kind)
+        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=kind)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for gguf_name, weight, kind in plan:
+            writer.write_tensor_data(_encode(gguf, _meta_layout(gguf_name, weight, config), kind))
         writer.close()
         os.replace(partial, path)
     finally:
@@ -332,14 +326,52 @@ def _write_metadata(writer, gguf, config: ModelArgs, vocabulary, weight_type: st
     writer.add_remove_extra_whitespaces(normalizer.remove_extra_whitespaces)
 
 
-def _encode(gguf, array: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]:
-    """The tensor's bytes and type: norms (1-D) in float32, weights as asked."""
+def _tensor_plan(gguf, state: dict[str, torch.Tensor], config: ModelArgs,
+                 weight_type: str) -> list[tuple[str, torch.Tensor, Any]]:
+    """(GGUF name, weight, GGML type) of each tensor a file of `weight_type` stores, in the file's order."""
+    plan = []
+    for hf_name, weight in state.items():
+        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd when the file has no output.weight
+        meta_name = rename(hf_name, HF_TO_META)
+        if meta_name is None:
+            raise CheckpointError(f"the model has a tensor GGUF's Llama layout does not: {hf_name}")
+        gguf_name = rename(meta_name, META_TO_GGUF)
+        plan.append((gguf_name, weight, _stored_type(gguf, gguf_name, tuple(weight.shape), weight_type)))
+    return plan
+
+
+def _meta_layout(gguf_name: str, weight: torch.Tensor, config: ModelArgs) -> np.ndarray:
+    """A weight as float32 in Meta's layout, which GGUF keeps (q and k rows in Meta's rotary order)."""
+    weight = weight.detach().to("cpu", torch.float32)
+    if gguf_name.endswith("attn_q.weight"):
+        weight = permute_hf_to_meta(weight, config.n_heads)
+    elif gguf_name.endswith("attn_k.weight"):
+        weight = permute_hf_to_meta(weight, config.n_kv_heads)
+    return weight.numpy()
+
+
+def _stored_type(gguf, gguf_name: str, shape: tuple[int, ...], weight_type: str) -> Any:
+    """The GGML type tensor `gguf_name` of `shape` is stored as: norms (1-D) in float32, weights as asked (float16
+    where a quantized type's blocks do not divide the rows; the output projection of a q4_0 file in Q8_0)."""
     kinds = gguf.GGMLQuantizationType
-    if array.ndim == 1 or weight_type == "f32":
-        return array.astype(np.float32), kinds.F32
+    if len(shape) == 1 or weight_type == "f32":
+        return kinds.F32
+    if weight_type == "q4_0" and gguf_name == "output.weight":
+        weight_type = "q8_0"
     quantized = {"q8_0": kinds.Q8_0, "q4_0": kinds.Q4_0}.get(weight_type)
-    if quantized is not None and array.shape[-1] % gguf.GGML_QUANT_SIZES[quantized][0] == 0:
-        return gguf.quants.quantize(array, quantized), quantized
-    if weight_type == "bf16":
-        return gguf.quants.quantize(array, kinds.BF16), kinds.BF16
-    return array.astype(np.float16), kinds.F16
+    if quantized is not None and shape[-1] % gguf.GGML_QUANT_SIZES[quantized][0] == 0:
+        return quantized
+    return kinds.BF16 if weight_type == "bf16" else kinds.F16
+
+
+def _encode(gguf, array: np.ndarray, kind: Any) -> np.ndarray:
+    """The tensor's bytes as GGML type `kind`."""
+    kinds = gguf.GGMLQuantizationType
+    if kind == kinds.F32:
+        return array.astype(np.float32)
+    if kind == kinds.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, kind)
+
+
