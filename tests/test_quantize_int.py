@@ -26,6 +26,7 @@ from llamaforge.quantize import (
     MODES,
     Bf16Linear,
     QuantizedLinear,
+    dense_state_dict,
     dequantize_weight,
     from_gguf_blocks,
     kernels,
@@ -696,3 +697,22 @@ def test_a_quantized_checkpoint_that_does_not_match_its_config_is_refused(tmp_pa
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="quantized with 'gptq', which llamaforge does not read"):
         llamaforge.load(out)
+
+
+def test_dense_state_of_a_quantized_model_dequantizes_each_layer_when_read() -> None:
+    """What export writes from a quantized model: the state's keys in order, each quantized layer's codes and scales
+    standing as its float32 weight, made when read and not kept (a 7B model's float32 copy at once would be 27 GB)."""
+    config = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96)
+    model = quantize_model(init_weights(Llama(config)), "int4")
+    state = dense_state_dict(model)
+    expected = [key.removesuffix(".codes") + ".weight" if key.endswith(".codes") else key
+                for key in model.state_dict() if not key.endswith(".scales")]
+    assert list(state) == expected and len(state) == len(expected) == 2 + 2 * 9 + 1
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            first, second = state[f"{name}.weight"], state[f"{name}.weight"]
+            assert first.dtype == torch.float32 and torch.equal(first, module.dequantize(torch.float32))
+            assert torch.equal(first, second) and first.data_ptr() != second.data_ptr(), name
+    assert torch.equal(state["model.norm.weight"], model.model.norm.weight)
+    with pytest.raises(KeyError):
+        state["model.layers.0.self_attn.q_proj.codes"]

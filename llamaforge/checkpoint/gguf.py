@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +239,7 @@ def read_tokenizer(reader, path: Path) -> Tokenizer | None:
     return Tokenizer(path, model_proto=proto)
 
 
-def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tokenizer, path: str | Path,
+def write_gguf(state: Mapping[str, torch.Tensor], config: ModelArgs, tokenizer: Tokenizer, path: str | Path,
                weight_type: str = "f16", name: str = "llama", chat_template: str | None = None) -> Path:
     """Write a Llama GGUF that llama.cpp loads: metadata, the SentencePiece vocabulary (and `chat_template`,
     Jinja, for llama.cpp's chat endpoint), and the weights.
@@ -271,16 +271,17 @@ def write_gguf(state: dict[str, torch.Tensor], config: ModelArgs, tokenizer: Tok
         writer.add_chat_template(chat_template)
     plan = _tensor_plan(gguf, state, config, weight_type)
     # Two passes, so that one tensor at a time is ever encoded: the header lists every tensor's type and size,
-    # then each is encoded and written (a 7B model's whole F16 file held in memory would double its footprint).
-    for gguf_name, weight, kind in plan:
-        byte_shape = gguf.quant_shape_to_byte_shape(tuple(weight.shape), kind)
+    # then each is read (a quantized model's dequantized again: see DenseState), encoded and written (a 7B model's
+    # whole F16 file held in memory would double its footprint).
+    for gguf_name, _, shape, kind in plan:
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
         writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=kind)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gguf_name, weight, kind in plan:
-            writer.write_tensor_data(_encode(gguf, _meta_layout(gguf_name, weight, config), kind))
+        for gguf_name, hf_name, _, kind in plan:
+            writer.write_tensor_data(_encode(gguf, _meta_layout(gguf_name, state[hf_name], config), kind))
         writer.close()
         os.replace(partial, path)
     finally:
@@ -326,18 +327,19 @@ def _write_metadata(writer, gguf, config: ModelArgs, vocabulary, weight_type: st
     writer.add_remove_extra_whitespaces(normalizer.remove_extra_whitespaces)
 
 
-def _tensor_plan(gguf, state: dict[str, torch.Tensor], config: ModelArgs,
-                 weight_type: str) -> list[tuple[str, torch.Tensor, Any]]:
-    """(GGUF name, weight, GGML type) of each tensor a file of `weight_type` stores, in the file's order."""
+def _tensor_plan(gguf, state: Mapping[str, torch.Tensor], config: ModelArgs,
+                 weight_type: str) -> list[tuple[str, str, tuple[int, ...], Any]]:
+    """(GGUF name, state key, shape, GGML type) of each tensor a file of `weight_type` stores, in the file's order."""
     plan = []
-    for hf_name, weight in state.items():
+    for hf_name in state:
         if config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd when the file has no output.weight
         meta_name = rename(hf_name, HF_TO_META)
         if meta_name is None:
             raise CheckpointError(f"the model has a tensor GGUF's Llama layout does not: {hf_name}")
         gguf_name = rename(meta_name, META_TO_GGUF)
-        plan.append((gguf_name, weight, _stored_type(gguf, gguf_name, tuple(weight.shape), weight_type)))
+        shape = tuple(state[hf_name].shape)
+        plan.append((gguf_name, hf_name, shape, _stored_type(gguf, gguf_name, shape, weight_type)))
     return plan
 
 

@@ -9,7 +9,7 @@ to the activations' dtype, one layer at a time, and multiplied by torch.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -222,11 +222,36 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 
-def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` with each quantized layer's codes and scales replaced by its dequantized weight."""
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            del state[f"{name}.codes"], state[f"{name}.scales"]
-            state[f"{name}.weight"] = module.dequantize(torch.float32)
-    return state
+class DenseState(Mapping[str, torch.Tensor]):
+    """`model.state_dict()` with each quantized layer's codes and scales replaced by its weight, dequantized to
+    float32 each time it is read and never kept: exporting a quantized 7B model holds one dense layer at a time
+    (its whole float32 copy would be 27 GB)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._state = model.state_dict()
+        layers = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+        self._layers = {f"{name}.weight": module for name, module in layers.items()}
+        self._keys = []  # the state's order, each layer's codes standing for its weight
+        for key in list(self._state):
+            layer, _, part = key.rpartition(".")
+            if layer not in layers:
+                self._keys.append(key)
+                continue
+            if part == "codes":
+                self._keys.append(f"{layer}.weight")
+            del self._state[key]  # codes and scales: read through the layer
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        layer = self._layers.get(key)
+        return self._state[key] if layer is None else layer.dequantize(torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def dense_state_dict(model: nn.Module) -> DenseState:
+    """`model.state_dict()` with each quantized layer's weight dequantized as it is read (see DenseState)."""
+    return DenseState(model)
