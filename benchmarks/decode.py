@@ -9,13 +9,17 @@ would run instead:
 | bf16 | bfloat16 | F16 GGUF | bfloat16 |
 | int8 | `load(quantize="int8")` | Q8_0 GGUF | - |
 | int4 | `load(quantize="int4")` | Q4_0 GGUF | - |
+| q4_0 | `load()` of the Q4_0 GGUF | the same file | - |
+| q8_0 | `load()` of the Q8_0 GGUF | the same file | - |
 | q4_k_m | `load()` of the Q4_K_M GGUF | the same file | - |
 | q5_k_m | `load()` of the Q5_K_M GGUF | the same file | - |
 
 The GGUF files are written by llamaforge's exporter (F32, F16) and quantized from the F16 file by llama.cpp's
-own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K). q4_k_m and
-q5_k_m (not in the default modes; they need llama.cpp) are what a user of the most common Llama 2 GGUF types gets:
-llamaforge loads llama.cpp's own Q4_K_M / Q5_K_M file as it loads any GGUF (its k-quant weights as stored).
+own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps output.weight at Q6_K). The file
+modes q4_0, q8_0, q4_k_m and q5_k_m (not in the default modes; they need llama.cpp) are what a user of a downloaded
+GGUF gets: llamaforge loads llama.cpp's own file as it loads any GGUF (its weights as stored), so both sides read the
+same bytes. The random weights are made in bfloat16 (in float32 only with fp32 among the modes), one tensor at a
+time, and dropped once only file modes are left: `--preset 7B --modes int4,q4_0,q4_k_m --no-hf` fits in 24 GB.
 llama-cpp-python lives in its own venv (`../shared/tools/llamacpp-venv.sh DIR` builds one); pass its Python with
 `--llamacpp-python`, or it is looked for in $LLAMACPP_PYTHON and .venv-llamacpp/. Without it, the llama.cpp
 column is skipped and says so. HF runs in this process on llamaforge's own tensors (assigned, not copied).
@@ -47,7 +51,6 @@ from __future__ import annotations  # noqa: I001 (llamaforge before torch, below
 import llamaforge
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -68,10 +71,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from llamaforge.checkpoint import build_model
 from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.config import PRESETS, ModelArgs
 from llamaforge.generate import generate_events
-from llamaforge.model import Llama, init_weights
+from llamaforge.model import Llama, random_weights
 from llamaforge.quantize import Bf16Linear, linear_bytes, quantize_model, use_bf16_kernel, use_fused_decode
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
@@ -79,9 +83,11 @@ from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 Run = Callable[[], tuple[float, float, list[int]]]  # () -> (prefill s, decode s per token, generated ids)
 MODES = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "f16"),
          "int8": (torch.bfloat16, "int8", "q8_0"), "int4": (torch.bfloat16, "int4", "q4_0"),
+         "q4_0": (torch.bfloat16, "gguf", "q4_0"), "q8_0": (torch.bfloat16, "gguf", "q8_0"),
          "q4_k_m": (torch.bfloat16, "gguf", "q4_k_m"), "q5_k_m": (torch.bfloat16, "gguf", "q5_k_m")}
 # ("gguf": llamaforge loads llama.cpp's file.) What bounds each mode's prefill:
-DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8", "q4_k_m": "int8", "q5_k_m": "int8"}
+DOT_CEILINGS = {"bf16": "bf16", "int8": "int8", "int4": "int8", "q4_0": "int8", "q8_0": "int8", "q4_k_m": "int8",
+                "q5_k_m": "int8"}
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -278,23 +284,29 @@ def gguf_files(model: Llama, modes: list[str], workdir: Path, llamacpp: LlamaCpp
             files[mode] = write_gguf(state, model.config, tokenizer, workdir / f"model-{kind}.gguf", kind)
     if any(MODES[m][2].startswith("q") for m in modes):
         f16 = files.get("bf16") or write_gguf(state, model.config, tokenizer, workdir / "model-f16.gguf", "f16")
+    quantized: dict[str, Path] = {}  # int4 and q4_0 run the same file, made once
     for mode in modes:
         kind = MODES[mode][2]
-        if kind.startswith("q"):
+        if kind.startswith("q") and kind not in quantized:
             log(f"llama.cpp quantizes the F16 file to {kind.upper()}")
-            files[mode] = Path(llamacpp.ask(op="quantize", source=str(f16), out=str(workdir / f"model-{kind}.gguf"),
-                                            kind=kind)["path"])
+            quantized[kind] = Path(llamacpp.ask(op="quantize", source=str(f16),
+                                                out=str(workdir / f"model-{kind}.gguf"), kind=kind)["path"])
+        if kind.startswith("q"):
+            files[mode] = quantized[kind]
     return files
 
 
-def model_in_mode(base: Llama, mode: str, gguf_path: Path | None = None) -> Llama:
-    """The benchmark model in `mode` as `llamaforge.load` makes it: cast, or a quantized copy of the bfloat16 weights;
+def model_in_mode(base: Llama | None, mode: str, gguf_path: Path | None = None) -> Llama:
+    """The benchmark model in `mode` as `llamaforge.load` makes it: cast, or a quantized twin of the bfloat16 weights;
     in bfloat16, linears and attention over the cache go through the AVX-512 BF16 kernels where the CPU has them,
     and int8 / int4 decode steps through the fused decode layers. A "gguf" mode is `llamaforge.load(gguf_path)`."""
     dtype, quantize, _ = MODES[mode]
     if quantize == "gguf":
         return llamaforge.load(gguf_path).model
-    model = base.to(dtype) if quantize is None else quantize_model(copy.deepcopy(base.to(dtype)), quantize)
+    base.to(dtype)  # in place: float32 runs first, then the other modes cast the same weights down
+    # The twin shares base's tensors until quantize_model replaces its layers one by one (no copy of the model).
+    model = base if quantize is None else quantize_model(
+        build_model(base.config, base.state_dict().items(), dtype, torch.device("cpu")), quantize)
     use_bf16_kernel(model)  # as load() does: bfloat16 linears and attention through the kernels (none in float32)
     use_fused_decode(model)
     return model
@@ -332,8 +344,8 @@ def prefill_macs(config: ModelArgs, prompt_len: int) -> int:
     return prompt_len * config.n_layers * layer + config.vocab_size * config.dim
 
 
-def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace, llamacpp: LlamaCpp | None,
-            gguf_paths: dict[str, Path], ceilings: Ceilings | None) -> dict:
+def compare(base: Llama | None, config: ModelArgs, mode: str, prompt: list[int], args: argparse.Namespace,
+            llamacpp: LlamaCpp | None, gguf_paths: dict[str, Path], ceilings: Ceilings | None) -> dict:
     """Measure llamaforge, llama.cpp and (float modes) HF in one mode, and the machine's ceilings in the same rounds;
     a JSON-ready row."""
     ours = model_in_mode(base, mode, gguf_paths.get(mode))
@@ -361,7 +373,7 @@ def compare(base: Llama, mode: str, prompt: list[int], args: argparse.Namespace,
     weight_bytes = linear_bytes(ours)
     row = {"mode": mode, "weight_bytes": weight_bytes,
            "gguf_bytes": gguf_paths[mode].stat().st_size if mode in gguf_paths else None}
-    macs = prefill_macs(base.config, args.prompt_len)
+    macs = prefill_macs(config, args.prompt_len)
     for name, m in measured.items():
         step_bytes = gguf_step_bytes(gguf_paths[mode]) if name == "llama.cpp" else weight_bytes
         row[name] = m.row(args.prompt_len, step_bytes)
@@ -385,7 +397,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     config: ModelArgs = PRESETS[args.preset]
     log(f"building {args.preset} with random weights ({config.num_parameters() / 1e6:.1f}M parameters)")
-    base = init_weights(Llama(config), seed=args.seed).eval()
+    dtype = torch.float32 if "fp32" in args.modes else torch.bfloat16
+    base = build_model(config, random_weights(config, seed=args.seed), dtype, torch.device("cpu"))
     prompt = torch.randint(3, config.vocab_size, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(args.seed)).tolist()
     llamacpp = LlamaCpp(args.llamacpp_python) if args.llamacpp_python else None
@@ -398,9 +411,12 @@ def benchmark(args: argparse.Namespace) -> dict:
         ceilings = Ceilings.load(args.threads)
         if ceilings is None:
             log("the machine's ceilings: skipped (ceilings.c needs AVX-512 (VNNI, BF16) or AVX2 and a C compiler)")
-        # float32 first: the other modes cast the same weights down.
-        for mode in sorted(args.modes, key=lambda m: m != "fp32"):
-            results.append(compare(base, mode, prompt, args, llamacpp, gguf_paths, ceilings))
+        # float32 first: the other modes cast the same weights down; the file modes last, without them.
+        modes = sorted(args.modes, key=lambda m: (m != "fp32", MODES[m][1] == "gguf"))
+        for mode in modes:
+            if MODES[mode][1] == "gguf":
+                base = None  # only llama.cpp's files are left to load
+            results.append(compare(base, config, mode, prompt, args, llamacpp, gguf_paths, ceilings))
             gc.collect()  # the mode's model and HF twin go before the next mode is built
         if llamacpp is not None:
             llamacpp.close()

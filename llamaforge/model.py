@@ -13,6 +13,7 @@ cache, positions that restart at 0 mark packed training examples: each attends o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -449,11 +450,24 @@ def init_weights(model: Llama, seed: int = 0, std: float = 0.02) -> Llama:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                # Scale residual projections down so deep random models stay numerically tame.
-                scale = std / math.sqrt(2 * model.config.n_layers) if name.endswith(("o_proj.weight",
-                                                                                     "down_proj.weight")) else std
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            param.copy_(_random_value(name, param.shape, generator, std, model.config.n_layers))
     return model
+
+
+def random_weights(config: ModelArgs, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
+    """init_weights' values for a model of `config`, one float32 tensor at a time (build_model casts each as it
+    arrives, so a 7B model is made in bfloat16 without a float32 copy of it)."""
+    with torch.device("meta"):
+        shapes = [(name, param.shape) for name, param in Llama(config).named_parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in shapes:
+        yield name, _random_value(name, shape, generator, std, config.n_layers)
+
+
+def _random_value(name: str, shape: torch.Size, generator: torch.Generator, std: float,
+                  n_layers: int) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    # Scale residual projections down so deep random models stay numerically tame.
+    scale = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+    return torch.randn(shape, generator=generator) * scale

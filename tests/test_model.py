@@ -6,8 +6,9 @@ import pytest
 import torch
 from factories import random_model
 
+from llamaforge.checkpoint import build_model
 from llamaforge.config import PRESETS, ModelArgs
-from llamaforge.model import BlockTable, KVCache, Llama
+from llamaforge.model import BlockTable, KVCache, Llama, init_weights, random_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -212,3 +213,15 @@ def test_chunked_loss_equals_cross_entropy_of_full_logits() -> None:
     torch.testing.assert_close(results[1][0], results[0][0])
     for full, chunked in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(chunked, full)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_weights_stream_the_values_init_weights_gives(tied: bool) -> None:
+    """A model built from random_weights (a 7B model in bfloat16 without a float32 copy) is init_weights' model."""
+    config = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96,
+                       tie_word_embeddings=tied)
+    expected = init_weights(Llama(config), seed=3).state_dict()
+    built = build_model(config, random_weights(config, seed=3), torch.bfloat16, torch.device("cpu")).state_dict()
+    assert built.keys() == expected.keys()
+    for name, value in expected.items():
+        assert built[name].dtype == torch.bfloat16 and torch.equal(built[name], value.to(torch.bfloat16)), name
