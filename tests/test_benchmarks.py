@@ -29,7 +29,7 @@ def run_json(script: str, *args: str) -> dict:
 def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -> None:
     """fp32 greedy tokens agree with HF's (and llama.cpp's, where LLAMAFORGE_LLAMA_CPP_PYTHON names its python)."""
     llama_cpp = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
-    modes = "fp32,bf16,int4" + (",q4_k_m" if llama_cpp else "")  # llama.cpp's own Q4_K_M file, loaded by both
+    modes = "fp32,bf16,int4" + (",q4_0,q4_k_m" if llama_cpp else "")  # llama.cpp's own files, loaded by both
     report = run_json("decode.py", "--preset", "tiny", "--repeats", "1", "--new-tokens", "8", "--modes", modes,
                       "--layered", *(["--llamacpp-python", llama_cpp] if llama_cpp else []))
     by_mode = {row["mode"]: row for row in report["results"]}
@@ -38,9 +38,13 @@ def test_decode_benchmark_generates_what_transformers_and_llama_cpp_generate() -
     assert "hf" not in by_mode["int4"] and by_mode["int4"]["weight_bytes"] < by_mode["bf16"]["weight_bytes"]
     if llama_cpp:
         assert by_mode["fp32"]["llama.cpp"]["tokens_agree"] == 8
-        # The same file's weights on both sides (ours k-quants as int8 groups: more bytes than the file's).
+        # The same file's weights on both sides (tiny's rows are too short for k-quants: llama.cpp stores Q4_K_M's
+        # layers in wider types, which load as int8 groups, more bytes than int4's).
         assert by_mode["q4_k_m"]["llama.cpp"]["tokens_agree"] >= 1
         assert by_mode["q4_k_m"]["weight_bytes"] > by_mode["int4"]["weight_bytes"]
+        # llama.cpp's Q4_0 file as stored: int4's codes (the same quantizer), its output layer as the file has it.
+        assert by_mode["q4_0"]["llama.cpp"]["tokens_agree"] >= 1
+        assert by_mode["q4_0"]["gguf_bytes"] == by_mode["int4"]["gguf_bytes"]  # one file, quantized once
     assert all(row["llamaforge"]["decode_tok_s"] > 0 for row in by_mode.values())
     if kernels.native_decode() is not None:  # bf16 and int4 decode through the fused layers: the layered path's tokens
         assert all(by_mode[mode]["llamaforge layered"]["tokens_agree"] == 8 for mode in ("bf16", "int4"))
