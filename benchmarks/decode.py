@@ -19,7 +19,7 @@ own quantizer (`llama_model_quantize`, what `llama-quantize` runs: Q4_0 keeps ou
 modes q4_0, q8_0, q4_k_m and q5_k_m (not in the default modes; they need llama.cpp) are what a user of a downloaded
 GGUF gets: llamaforge loads llama.cpp's own file as it loads any GGUF (its weights as stored), so both sides read the
 same bytes. The random weights are made in bfloat16 (in float32 only with fp32 among the modes), one tensor at a
-time, and dropped once only file modes are left: `--preset 7B --modes int4,q4_0,q4_k_m --no-hf` fits in 24 GB.
+time, and dropped once only file modes are left: `--preset 7B --modes q4_0,q4_k_m,q8_0 --no-hf` fits in 24 GB.
 llama-cpp-python lives in its own venv (`../shared/tools/llamacpp-venv.sh DIR` builds one); pass its Python with
 `--llamacpp-python`, or it is looked for in $LLAMACPP_PYTHON and .venv-llamacpp/. Without it, the llama.cpp
 column is skipped and says so. HF runs in this process on llamaforge's own tensors (assigned, not copied).

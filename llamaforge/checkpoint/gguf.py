@@ -375,5 +375,3 @@ def _encode(gguf, array: np.ndarray, kind: Any) -> np.ndarray:
     if kind == kinds.F16:
         return array.astype(np.float16)
     return gguf.quants.quantize(array, kind)
-
-
