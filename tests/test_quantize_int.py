@@ -83,8 +83,8 @@ def test_kernel_layout_interleaves_16_rows_and_the_stored_layout_is_row_major(bi
     N, K = 20, 160  # a partial second tile; a partial second run of 128
     values = torch.randint(-8 if bits == 4 else -127, 8 if bits == 4 else 128, (N, K), dtype=torch.int16)
     scales = torch.rand(N, K // 32).half()
-    q = pack(values, scales, bits, 32)
     code = values + BIAS[bits]  # (N, K)
+    q = pack(code.to(torch.uint8), scales, bits, 32)
     assert q.codes.shape == (2, 5, 16 * 32 * bits // 8) and q.scales.shape == (2, 5, 16)
     for n, k in [(0, 0), (3, 5), (15, 31), (16, 33), (19, 159), (7, 100)]:
         tile, row, block, within = n // 16, n % 16, k // 32, k % 32
@@ -570,16 +570,18 @@ def test_kernel_sums_the_extreme_codes_exactly(bits: int) -> None:
     signs = torch.randint(0, 2, (2, 256), generator=torch.Generator().manual_seed(0)).bool()
     values = torch.stack([torch.full((256,), high), torch.full((256,), low), torch.where(signs[0], high, low),
                           torch.where(signs[1], high, low)]).to(torch.int16)
-    q = pack(values, torch.ones(4, 8, dtype=torch.float16), bits, 32)
+    q = pack((values + BIAS[bits]).to(torch.uint8), torch.ones(4, 8, dtype=torch.float16), bits, 32)
     x = torch.stack([torch.full((256,), 127.0), torch.full((256,), -127.0), torch.where(signs[0], 127.0, -127.0),
                      torch.where(signs[1], -127.0, 127.0)])  # scales of exactly 1: the codes are x itself
     assert torch.equal(kernels.qlinear(x, q).double(), x.double() @ values.double().T)
     if bits == 4:  # Q5_K's and Q6_K's codes: each vector's byte pairs (up to 2 x 63 x 127) widen before they add
         values6 = torch.where(values == low, -32, 31).to(torch.int16)
-        q6 = pack_q6_k(values6, torch.ones(4, 1, dtype=torch.float16), torch.ones(4, 16, dtype=torch.int8))
+        q6 = pack_q6_k((values6 + 32).to(torch.uint8), torch.ones(4, 1, dtype=torch.float16),
+                       torch.ones(4, 16, dtype=torch.int8))
         assert torch.equal(kernels.qlinear(x, q6).double(), x.double() @ values6.double().T)
         codes5 = torch.where(values == low, 0, 31).to(torch.int16)  # d * sc = 1, no min: the weight is the code
-        q5 = pack_q4_k(codes5 - 16, torch.ones(4, 1, dtype=torch.float16), torch.zeros(4, 1, dtype=torch.float16),
+        q5 = pack_q4_k(codes5.to(torch.uint8), torch.ones(4, 1, dtype=torch.float16),
+                       torch.zeros(4, 1, dtype=torch.float16),
                        torch.ones(4, 8, dtype=torch.uint8), torch.zeros(4, 8, dtype=torch.uint8), bits=5)
         assert torch.equal(kernels.qlinear(x, q5).double(), x.double() @ codes5.double().T)
 

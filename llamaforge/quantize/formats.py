@@ -161,16 +161,16 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
     if bits == 8:  # llama.cpp's roundf: halves away from zero (written as gguf-py writes it, exact near halves)
         magnitude = scaled.abs()
         whole = magnitude.floor()
-        values = (whole + (2 * (magnitude - whole)).floor()).copysign_(scaled).clamp_(-127, 127)
+        codes = (whole + (2 * (magnitude - whole)).floor()).copysign_(scaled).clamp_(-127, 127) + BIAS[8]
     else:  # llama.cpp: (int8_t)(x + 8.5f), a truncation that is a floor here since x + 8.5 > 0
-        values = (scaled + 8.5).floor().clamp_(0, 15) - 8
-    return pack(values.view(N, -1)[:, :K].to(torch.int16), scale.to(torch.float16), bits, group)
+        codes = (scaled + 8.5).floor().clamp_(0, 15)
+    return pack(codes.view(N, -1)[:, :K].to(torch.uint8), scale.to(torch.float16), bits, group)
 
 
-def pack(values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
-    """Signed values (N, K) and float16 scales (N, n_groups) in the kernel's layout (see qlinear.c)."""
-    N, K = values.shape
-    return QuantizedWeight(pack_codes(values, bits), tiled_rows(scales).transpose(1, 2).contiguous(), bits,
+def pack(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Codes (N, K) uint8 (value + BIAS[bits]) and float16 scales (N, n_groups) in the kernel's layout (qlinear.c)."""
+    N, K = codes.shape
+    return QuantizedWeight(pack_codes(codes, bits), tiled_rows(scales).transpose(1, 2).contiguous(), bits,
                            group_size, K, N)
 
 
@@ -187,22 +187,23 @@ def bit_offsets(width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(0, 8, width, dtype=torch.uint8, device=like.device)
 
 
-def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed values (N, K) as the kernel's codes (tiles, blocks, 512, 384 or 256) uint8 (see qlinear.c)."""
-    N, K = values.shape
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (N, K) uint8 (value + BIAS[bits]) in the kernel's layout (tiles, blocks, 512, 384 or 256) uint8 (see
+    qlinear.c). Loading a 7B GGUF repacks every weight through here: each step is one pass over uint8 codes."""
+    N, K = codes.shape
     tiles, blocks = -(-N // TILE), -(-K // BLOCK)
+    if N % TILE or K % BLOCK:  # rows past N and codes past K are zero values
+        padded = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=codes.device)
+        padded[:N, :K] = codes
+        codes = padded
     if bits in (5, 6):  # the low 4 bits as int4's layout, then the top bits of each of its bytes' two codes
-        codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
-        codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
-        low = pack_codes((codes & 0x0F).to(torch.int16) - BIAS[4], 4)
+        low = pack_codes(codes & 0x0F, 4)
         top = (codes >> 4).view(tiles, TILE, blocks, 2, 4, 4)  # [tile, row, block, half, vector, byte]
         if bits == 6:  # [tile, block, half, row, byte, vector]: vector v's in bits 2v, 2v + 1 of a byte a half
             top = top.permute(0, 2, 3, 1, 5, 4) << bit_offsets(2, top)
         else:  # [tile, block, row, byte, half, vector]: bit v (half 0) or 4 + v (half 1) of one byte
             top = top.permute(0, 2, 1, 5, 3, 4).reshape(tiles, blocks, TILE, 4, 8) << bit_offsets(1, top)
         return torch.cat([low, top.sum(-1, dtype=torch.uint8).reshape(tiles, blocks, -1)], dim=-1).contiguous()
-    codes = torch.full((tiles * TILE, blocks * BLOCK), BIAS[bits], dtype=torch.uint8, device=values.device)
-    codes[:N, :K] = (values + BIAS[bits]).to(torch.uint8)
     if bits == 8:  # [tile, row, block, vector, byte] -> [tile, block, vector, row, byte]
         codes = codes.view(tiles, TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4)
     else:  # [tile, row, block, half, vector, byte] -> [tile, block, half, vector, row, byte]; halves to nibbles
@@ -212,7 +213,7 @@ def pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(q: QuantizedWeight) -> torch.Tensor:
-    """The signed values (N, K) as int16: the inverse of `pack`."""
+    """The signed values (N, K) as int16: the codes `pack` took, less BIAS."""
     codes = _unpack_rows(q.codes, q.bits)[:q.out_features, :q.in_features]
     return codes.to(torch.int16) - BIAS[q.bits]
 
@@ -257,7 +258,7 @@ def stored_codes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     weight, scales (N, K / 256 * 18) uint8, each super-block's d (float16) and 16 int8 sc)."""
     N, K = q.out_features, q.in_features
     padded = torch.full((N, stored_width(K)), BIAS[q.bits], dtype=torch.uint8, device=q.codes.device)
-    padded[:, :K] = (unpack_codes(q) + BIAS[q.bits]).to(torch.uint8)
+    padded[:, :K] = _unpack_rows(q.codes, q.bits)[:N, :K]
     if q.bits in (5, 6):  # int4's runs of the low 4 bits, then the top bits packed 8 / 4 weights a byte
         width = q.bits - 4
         top = (padded >> 4).view(N, -1, 8 // width) << bit_offsets(width, padded)
@@ -308,16 +309,16 @@ def from_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size
         half = codes.shape[1] * 4 // bits  # Kp / 2 bytes of low bits, then Kp * width / 8 of top bits
         top = (codes[:, half:].reshape(N, -1, 1) >> bit_offsets(width, codes)) & (2**width - 1)
         codes = nibble_runs(codes[:, :half], 64) | top.reshape(N, -1) << 4
-    values = codes[:, :in_features].to(torch.int16) - BIAS[bits]
+    codes = codes[:, :in_features]
     if kind in WITH_MINS:
         supers = scales.reshape(N, -1, STORED_Q4_K_BYTES)
         d, dmin = float16_at(supers, 0), float16_at(supers, 2)
-        return pack_q4_k(values, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1), bits)
+        return pack_q4_k(codes, d, dmin, supers[..., 4:12].reshape(N, -1), supers[..., 12:].reshape(N, -1), bits)
     if kind == "q6_k":
         supers = scales.reshape(N, -1, STORED_Q6_K_BYTES)
         sc = supers[..., 2:].contiguous().view(torch.int8).reshape(N, -1)
-        return pack_q6_k(values, float16_at(supers, 0), sc)
-    return pack(values, scales, bits, group_size)
+        return pack_q6_k(codes, float16_at(supers, 0), sc)
+    return pack(codes, scales, bits, group_size)
 
 
 def from_gguf_blocks(blocks: torch.Tensor, bits: int, shape: tuple[int, int],
@@ -333,14 +334,11 @@ def from_gguf_blocks(blocks: torch.Tensor, bits: int, shape: tuple[int, int],
     raw = blocks.reshape(N, K // BLOCK, per_block)
     scales = float16_at(raw, 0)  # (N, K / 32)
     payload = raw[..., 2:]
-    if bits == 8:
-        values = payload.contiguous().view(torch.int8).to(torch.int16)
-    else:
-        values = nibble_runs(payload, 16).to(torch.int16) - BIAS[4]  # (N, K / 32, 32)
-    values = values.reshape(N, K)
+    # The codes are the values + BIAS: an int8 value's byte with its sign bit flipped; Q4_0's nibbles as they are.
+    codes = (payload ^ 0x80 if bits == 8 else nibble_runs(payload, 16)).reshape(N, K)
     if row_order is not None:
-        values, scales = values[row_order], scales[row_order]
-    return pack(values, scales, bits, BLOCK)
+        codes, scales = codes[row_order], scales[row_order]
+    return pack(codes, scales, bits, BLOCK)
 
 
 def q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,8 +370,7 @@ def from_gguf_q4_k(blocks: torch.Tensor, shape: tuple[int, int], row_order: torc
     codes = nibble_runs(raw[..., -128:], 32).reshape(N, -1, 8, 32)  # (N, supers, sub-block, 32)
     if bits == 5:
         codes |= ((raw[..., 16:48].reshape(N, -1, 1, 32) >> bit_offsets(1, raw)[:, None]) & 1) << 4
-    return pack_q4_k(codes.reshape(N, K).to(torch.int16) - BIAS[bits], d, dmin, sc.reshape(N, -1), m.reshape(N, -1),
-                     bits)
+    return pack_q4_k(codes.reshape(N, K), d, dmin, sc.reshape(N, -1), m.reshape(N, -1), bits)
 
 
 def from_gguf_q5_k(blocks: torch.Tensor, shape: tuple[int, int],
@@ -382,18 +379,18 @@ def from_gguf_q5_k(blocks: torch.Tensor, shape: tuple[int, int],
     return from_gguf_q4_k(blocks, shape, row_order, bits=5)
 
 
-def pack_q4_k(values: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor,
+def pack_q4_k(codes: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor,
               m: torch.Tensor, bits: int = 4) -> QuantizedWeight:
-    """A "q4_k" weight (bits 5: "q5_k") in the kernel's layout from its values q - 8 (q - 16) (N, K), d and dmin
+    """A "q4_k" weight (bits 5: "q5_k") in the kernel's layout from its codes q (N, K) uint8, d and dmin
     (N, K / 256) float16 and sc and m (N, K / 32) uint8."""
-    N, K = values.shape
+    N, K = codes.shape
     tiles, supers = -(-N // TILE), K // SUPER_BLOCK
     factors = torch.stack([tiled_rows(d), tiled_rows(dmin)], dim=2)  # (tiles, 16, d / dmin, supers)
     factors = factors.permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(tiles, supers, 64)
     pairs = torch.stack([tiled_rows(sc), tiled_rows(m)], dim=-1).view(tiles, TILE, supers, 8, 2)  # [tile, row, s, j, .]
     pairs = pairs.permute(0, 2, 3, 4, 1).reshape(tiles, supers, 256)
     kind = "q4_k" if bits == 4 else "q5_k"
-    return QuantizedWeight(pack_codes(values, bits), torch.cat([factors, pairs], dim=-1).contiguous(),
+    return QuantizedWeight(pack_codes(codes, bits), torch.cat([factors, pairs], dim=-1).contiguous(),
                            *K_QUANT_SCHEMES[kind], K, N, kind=kind)
 
 
@@ -413,16 +410,16 @@ def from_gguf_q6_k(blocks: torch.Tensor, shape: tuple[int, int],
     top = (raw[..., 128:192].reshape(N, -1, 2, 1, 32) >> bit_offsets(2, raw)[:, None]) & 3  # (N, supers, half, t, 32)
     codes = low.reshape(N, K) | top.reshape(N, K) << 4
     sc = raw[..., 192:208].contiguous().view(torch.int8).reshape(N, -1)
-    return pack_q6_k(codes.to(torch.int16) - BIAS[6], float16_at(raw, 208), sc)
+    return pack_q6_k(codes, float16_at(raw, 208), sc)
 
 
-def pack_q6_k(values: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> QuantizedWeight:
-    """A "q6_k" weight in the kernel's layout from its values q - 32 (N, K), d (N, K / 256) float16 and sc
-    (N, K / 16) int8."""
-    N, K = values.shape
+def pack_q6_k(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> QuantizedWeight:
+    """A "q6_k" weight in the kernel's layout from its codes q (N, K) uint8 (value q - 32), d (N, K / 256) float16
+    and sc (N, K / 16) int8."""
+    N, K = codes.shape
     tiles, supers = -(-N // TILE), K // SUPER_BLOCK
     factors = tiled_rows(d).transpose(1, 2).contiguous().view(torch.uint8)  # (tiles, supers, 32)
     scales = tiled_rows(sc.view(torch.uint8)).view(tiles, TILE, supers, 16).permute(0, 2, 3, 1)
     scales = scales.reshape(tiles, supers, 256)
-    return QuantizedWeight(pack_codes(values, 6), torch.cat([factors, scales], dim=-1).contiguous(),
+    return QuantizedWeight(pack_codes(codes, 6), torch.cat([factors, scales], dim=-1).contiguous(),
                            *K_QUANT_SCHEMES["q6_k"], K, N, kind="q6_k")
