@@ -170,7 +170,7 @@ static void project(const Projections *p, const uint16_t *x, int64_t M, int64_t 
     int64_t first_tile[4] = {0};
     for (int i = 0; i < p->count; i++) first_tile[i + 1] = first_tile[i] + (p->N[i] + TILE - 1) / TILE;
     #pragma omp single
-    quantize_activations(x, 1, M, &s, p->bits[0] == 8 ? 128 : 8, act);
+    quantize_activations(x, 1, M, &s, p->bits[0] == 8 ? 128 : 8, act, 1);
     const int64_t tiles = first_tile[p->count];
     #pragma omp for schedule(static)
     for (int64_t first = 0; first < tiles; first += TASK_TILES)

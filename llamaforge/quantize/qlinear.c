@@ -106,9 +106,11 @@ static inline void store16(void *out, int is_bf16, int64_t index, __m512 values,
 }
 
 // Quantize rows of x (M, K), float32 or bfloat16, into int8 blocks of 32: scale = absmax / 127,
-// code = round-to-nearest-even(x * (1 / scale)). The last block is completed with zeros.
+// code = round-to-nearest-even(x * (1 / scale)). The last block is completed with zeros. Rows split across
+// `n_threads` (a prompt's rows: the other core would wait, 1.01-1.10x prefill here); 1 inside a parallel region.
 static void quantize_activations(const void *x, int is_bf16, int64_t M, const Shape *s, int bias,
-                                 QuantizedActivations *out) {
+                                 QuantizedActivations *out, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (M > 1 && n_threads > 1)
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < s->blocks; b++) {
             int64_t start = b * BLOCK, index = m * s->K + start;
@@ -578,7 +580,7 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     }
     first_tile[0] = 0;
     for (int i = 0; i < count; i++) first_tile[i + 1] = first_tile[i] + (Ns[i] + TILE - 1) / TILE;
-    quantize_activations(x, io_bf16, M, &s, bits == 8 ? 128 : 8, &act);
+    quantize_activations(x, io_bf16, M, &s, bits == 8 ? 128 : 8, &act, n_threads);
     const int64_t tiles = first_tile[count];
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t first = 0; first < tiles; first += TASK_TILES)
