@@ -37,6 +37,7 @@ from llamaforge.quantize import (
 )
 from llamaforge.quantize.formats import (
     BIAS,
+    from_gguf,
     from_gguf_q4_k,
     from_gguf_q5_k,
     from_gguf_q6_k,
@@ -158,6 +159,38 @@ def test_k_quant_blocks_repack_holding_gguf_dequantization_exactly(kind: str) ->
         assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
     bits_a_weight = from_gguf(raw[:32], (32, 512)).nbytes * 8 / (32 * 512)
     assert bits_a_weight == {"q4_k": 4.625, "q5_k": 5.625, "q6_k": 6.5625}[kind]
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_gguf_repack_lays_out_every_byte_as_the_torch_loaders(type_name: str, compiled: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.repack_gguf, what loading a GGUF runs (one compiled pass over the file's bytes, or formats.py's torch
+    loaders without the kernels), gives the torch loaders' codes and scales byte for byte: a quantizer's blocks and
+    random bytes, a partial last tile, rows reordered; bytes that do not fit the shape are refused."""
+    if compiled and kernels.native() is None:
+        pytest.skip("the compiled repack needs the int8/int4 kernel library (AVX-512 VNNI or AVX2, a C compiler)")
+    if not compiled:
+        monkeypatch.setattr(kernels, "native", lambda: None)
+    N, K = 37, 512
+    gguf_type = getattr(gguf.GGMLQuantizationType, type_name)
+    kind = type_name.lower()
+    if kind in K_QUANTS:
+        blocks = [K_QUANTS[kind][3](torch.randn(N, K) * 0.05), random_k_quant_bytes(kind, N, K)]
+    else:
+        size = 2 + 32 * (8 if type_name == "Q8_0" else 4) // 8
+        blocks = [gguf_bytes(torch.randn(N, K) * 0.05, gguf_type), torch.randint(0, 256, (N, K // 32 * size),
+                                                                                 dtype=torch.uint8)]
+    for raw in blocks:
+        for order in (None, torch.randperm(N)):
+            ours = kernels.repack_gguf(raw.numpy(), type_name, (N, K), order)
+            theirs = from_gguf(raw.clone(), type_name, (N, K), order)
+            assert (ours.bits, ours.group_size, ours.kind, ours.in_features, ours.out_features) == (
+                theirs.bits, theirs.group_size, theirs.kind, theirs.in_features, theirs.out_features)
+            assert torch.equal(ours.codes, theirs.codes)
+            assert torch.equal(ours.scales.view(torch.uint8), theirs.scales.view(torch.uint8))
+    with pytest.raises(ValueError, match=f"a {type_name} tensor of shape 36 x 512 needs .* bytes; got"):
+        kernels.repack_gguf(raw.numpy(), type_name, (36, K))
 
 
 @needs_kernel

@@ -32,8 +32,9 @@ from llamaforge.checkpoint.keymaps import (
 )
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
-from llamaforge.quantize import QuantizedWeight, from_gguf_blocks, quantize_weight
-from llamaforge.quantize.formats import from_gguf_q4_k, from_gguf_q5_k, from_gguf_q6_k
+from llamaforge.quantize import QuantizedWeight, quantize_weight
+from llamaforge.quantize.formats import GGUF_SCHEMES
+from llamaforge.quantize.kernels import repack_gguf
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -151,9 +152,7 @@ def stored_dtype(reader) -> torch.dtype:
 
 
 # Linear weights of these types load as stored (`iter_tensors(keep_quantized=True)`): int8 / int4 / k-quant layers.
-KEPT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
-# The k-quants' loaders (the others: from_gguf_blocks).
-K_QUANT_LOADERS = {"Q4_K": from_gguf_q4_k, "Q5_K": from_gguf_q5_k, "Q6_K": from_gguf_q6_k}
+KEPT_BITS = {name: bits for name, (bits, _) in GGUF_SCHEMES.items()}
 # Types stored in floats: everything else is quantized in blocks.
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
@@ -207,12 +206,8 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                                     config.n_heads, config.n_kv_heads)
             order = rows[:, 0].long()
             if tensor.tensor_type.name in KEPT_BITS:
-                blocks = torch.from_numpy(np.array(tensor.data))  # a copy: the file is mapped read-only
-                loader = K_QUANT_LOADERS.get(tensor.tensor_type.name)
-                if loader is not None:
-                    yield name, loader(blocks, shape, row_order=order)
-                else:
-                    yield name, from_gguf_blocks(blocks, bits, shape, row_order=order)
+                in_place = torch.equal(order, torch.arange(shape[0]))
+                yield name, repack_gguf(tensor.data, tensor.tensor_type.name, shape, None if in_place else order)
             else:
                 yield name, quantize_weight(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
             continue

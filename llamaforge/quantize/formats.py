@@ -423,3 +423,19 @@ def pack_q6_k(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> Quantiz
     scales = scales.reshape(tiles, supers, 256)
     return QuantizedWeight(pack_codes(codes, 6), torch.cat([factors, scales], dim=-1).contiguous(),
                            *K_QUANT_SCHEMES["q6_k"], K, N, kind="q6_k")
+
+
+# llama.cpp's block types a GGUF tensor keeps as stored: its bits and kind.
+GGUF_SCHEMES = {"Q8_0": (8, "int"), "Q4_0": (4, "int"), "Q4_K": (4, "q4_k"), "Q5_K": (5, "q5_k"), "Q6_K": (6, "q6_k")}
+
+
+def from_gguf(blocks: torch.Tensor, type_name: str, shape: tuple[int, int],
+              row_order: torch.Tensor | None = None) -> QuantizedWeight:
+    """A GGUF tensor's raw bytes of one of GGUF_SCHEMES' types as a QuantizedWeight, nothing rounded (in torch;
+    kernels.repack_gguf does it in one compiled pass)."""
+    bits, kind = GGUF_SCHEMES[type_name]
+    if kind == "int":
+        return from_gguf_blocks(blocks, bits, shape, row_order)
+    if kind == "q6_k":
+        return from_gguf_q6_k(blocks, shape, row_order)
+    return from_gguf_q4_k(blocks, shape, row_order, bits)

@@ -26,11 +26,29 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llamaforge.model import KVCache
-from llamaforge.quantize.formats import BIAS, BLOCK, WITH_MINS, QuantizedWeight, dequantize_weight, unpack_codes
+from llamaforge.quantize.formats import (
+    BIAS,
+    BLOCK,
+    GGUF_SCHEMES,
+    K_QUANT_SCHEMES,
+    Q4_K_BYTES,
+    Q5_K_BYTES,
+    Q6_K_BYTES,
+    Q6_K_SUPER_BYTES,
+    SUPER_BLOCK,
+    SUPER_BYTES,
+    TILE,
+    WITH_MINS,
+    QuantizedWeight,
+    dequantize_weight,
+    from_gguf,
+    unpack_codes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +195,8 @@ def native() -> ctypes.CDLL | None:
     library.qlinear_many.restype = ctypes.c_int
     library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
     library.dequantize.restype = None
+    library.repack_gguf.argtypes = [_PTR, _INT64, _INT64, _PTR, ctypes.c_int, ctypes.c_int, _PTR, _PTR, ctypes.c_int]
+    library.repack_gguf.restype = ctypes.c_int
     return library
 
 
@@ -452,6 +472,35 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
                        q.bits, q.group_size, dtype == torch.bfloat16, torch.get_num_threads())
     return out
+
+
+def repack_gguf(blocks: np.ndarray, type_name: str, shape: tuple[int, int],
+                row_order: torch.Tensor | None = None) -> QuantizedWeight:
+    """A GGUF tensor's raw bytes (blocks: uint8, e.g. the mapped file's) of one of formats.GGUF_SCHEMES' types as a
+    QuantizedWeight, its rows in `row_order` ((N,) file rows) or the file's: one threaded pass of the compiled
+    library where it runs (a 7B Q4_K_M file's weights in seconds), else formats.from_gguf in torch (the same bytes).
+    """
+    bits, kind = GGUF_SCHEMES[type_name]
+    N, K = shape
+    per_block = {"int": (BLOCK, 2 + BLOCK * bits // 8), "q4_k": (SUPER_BLOCK, Q4_K_BYTES),
+                 "q5_k": (SUPER_BLOCK, Q5_K_BYTES), "q6_k": (SUPER_BLOCK, Q6_K_BYTES)}[kind]
+    if K % per_block[0] or blocks.size != N * K // per_block[0] * per_block[1]:
+        raise ValueError(f"a {type_name} tensor of shape {N} x {K} needs rows of whole {per_block[0]}-weight blocks "
+                         f"and {N * K // per_block[0] * per_block[1]} bytes; got {blocks.size}")
+    library = native()
+    if library is None:
+        return from_gguf(torch.from_numpy(np.array(blocks)), type_name, shape, row_order)  # a writable copy
+    blocks = np.ascontiguousarray(blocks)
+    tiles, supers = -(-N // TILE), K // SUPER_BLOCK
+    codes = torch.empty(tiles, K // BLOCK, TILE * BLOCK * bits // 8, dtype=torch.uint8)
+    scales = (torch.empty(tiles, K // BLOCK, TILE, dtype=torch.float16) if kind == "int" else
+              torch.empty(tiles, supers, Q6_K_SUPER_BYTES if kind == "q6_k" else SUPER_BYTES, dtype=torch.uint8))
+    order = None if row_order is None else row_order.to(torch.int64).contiguous()
+    if library.repack_gguf(blocks.ctypes.data, N, K, None if order is None else order.data_ptr(), bits,
+                           KIND_CODES[kind], codes.data_ptr(), scales.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"no room to repack a {N} x {K} {type_name} tensor")
+    group = BLOCK if kind == "int" else K_QUANT_SCHEMES[kind][1]
+    return QuantizedWeight(codes, scales, bits, group, K, N, kind=kind)
 
 
 def fallback_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:

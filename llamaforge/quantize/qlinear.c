@@ -630,3 +630,147 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
         }
     }
 }
+
+// ---- Loading: GGUF blocks into the layout above ----
+// llama.cpp's Q8_0, Q4_0 (KIND_INT, bits 8 / 4, groups of 32), Q4_K, Q5_K and Q6_K blocks as the kernel's codes and
+// scales, nothing rounded: formats.py's from_gguf_blocks, from_gguf_q4_k and from_gguf_q6_k in one pass over the
+// file's bytes instead of a dozen torch passes (which the tests hold it equal to, and which run without a compiler).
+// The GGUF block layouts are described there.
+#define GGUF_Q8_0_BYTES 34
+#define GGUF_Q4_0_BYTES 18
+#define GGUF_Q4_K_BYTES 144
+#define GGUF_Q5_K_BYTES 176
+#define GGUF_Q6_K_BYTES 210
+
+static inline uint16_t half_at(const uint8_t *bytes) { return (uint16_t)(bytes[0] | bytes[1] << 8); }
+
+// One row of a GGUF tensor (K weights): its codes (value + bias, as the layout stores them) into codes[0 .. K - 1],
+// and its scale fields into this row's lane r of the tile's scales (see repack_gguf).
+static void gguf_row(const uint8_t *row, int64_t K, int bits, int kind, uint8_t *codes, uint8_t *tile_scales,
+                     int r) {
+    if (kind == KIND_INT) {
+        uint16_t *scales = (uint16_t *)tile_scales;
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            const uint8_t *block = row + b * (bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES);
+            uint8_t *c = codes + b * BLOCK;
+            scales[b * TILE + r] = half_at(block);
+            if (bits == 8) {
+                for (int i = 0; i < BLOCK; i++) c[i] = block[2 + i] ^ 0x80;  // int8 value + 128
+            } else {
+                for (int i = 0; i < 16; i++) {
+                    c[i] = block[2 + i] & 0x0F;
+                    c[16 + i] = block[2 + i] >> 4;
+                }
+            }
+        }
+        return;
+    }
+    for (int64_t s = 0; s < K / 256; s++) {
+        uint8_t *c = codes + s * 256;
+        if (kind == KIND_Q6_K) {
+            const uint8_t *block = row + s * GGUF_Q6_K_BYTES, *ql = block, *qh = block + 128;
+            uint8_t *out = tile_scales + s * Q6_K_SUPER_BYTES;
+            memcpy(out + 2 * r, block + 208, 2);                                     // d
+            for (int j = 0; j < 16; j++) out[2 * TILE + j * TILE + r] = block[192 + j];  // sc of weights 16j ..
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < 64; i++) {
+                    c[128 * h + i] = ql[64 * h + i] & 0x0F;
+                    c[128 * h + 64 + i] = ql[64 * h + i] >> 4;
+                }
+            for (int h = 0; h < 2; h++)
+                for (int t = 0; t < 4; t++)
+                    for (int i = 0; i < 32; i++) c[128 * h + 32 * t + i] |= ((qh[32 * h + i] >> (2 * t)) & 3) << 4;
+            continue;
+        }
+        const uint8_t *block = row + s * (bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES), *packed = block + 4;
+        const uint8_t *qs = block + (bits == 4 ? 16 : 48);
+        uint8_t *out = tile_scales + s * SUPER_BYTES;
+        memcpy(out + 2 * r, block, 2);                 // d
+        memcpy(out + 2 * TILE + 2 * r, block + 2, 2);  // dmin
+        for (int j = 0; j < 8; j++) {  // 6-bit scale and min of sub-block j (formats.q4_k_scales_and_mins)
+            const uint8_t sc = j < 4 ? packed[j] & 0x3F : (packed[j + 4] & 0x0F) | (packed[j - 4] >> 6) << 4;
+            const uint8_t m = j < 4 ? packed[j + 4] & 0x3F : (packed[j + 4] >> 4) | (packed[j] >> 6) << 4;
+            out[4 * TILE + j * 2 * TILE + r] = sc;
+            out[4 * TILE + j * 2 * TILE + TILE + r] = m;
+        }
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 32; i++) {
+                c[64 * j + i] = qs[32 * j + i] & 0x0F;
+                c[64 * j + 32 + i] = qs[32 * j + i] >> 4;
+            }
+        if (bits == 5)
+            for (int j = 0; j < 8; j++)
+                for (int i = 0; i < 32; i++) c[32 * j + i] |= ((block[16 + i] >> j) & 1) << 4;
+    }
+}
+
+// A tile's codes (16 rows of `padded_k` codes each, row r at rows + r * padded_k) in the layout at the top.
+static void write_tile(const uint8_t *rows, int64_t padded_k, int bits, uint8_t *tile_codes, int64_t block_bytes) {
+    for (int64_t b = 0; b < padded_k / BLOCK; b++) {
+        uint8_t *out = tile_codes + b * block_bytes;
+        for (int r = 0; r < TILE; r++) {
+            const uint8_t *c = rows + r * padded_k + b * BLOCK;
+            for (int i = 0; i < 4; i++) {
+                if (bits == 8) {
+                    for (int v = 0; v < 8; v++) out[64 * v + 4 * r + i] = c[4 * v + i];
+                    continue;
+                }
+                uint8_t top[2] = {0, 0};
+                for (int v = 0; v < 4; v++) {
+                    const uint8_t low = c[4 * v + i], high = c[16 + 4 * v + i];
+                    out[64 * v + 4 * r + i] = (low & 0x0F) | (high & 0x0F) << 4;
+                    if (bits == 5) top[0] |= (low >> 4) << v | (high >> 4) << (4 + v);
+                    if (bits == 6) {
+                        top[0] |= (low >> 4) << (2 * v);
+                        top[1] |= (high >> 4) << (2 * v);
+                    }
+                }
+                if (bits >= 5) out[256 + 4 * r + i] = top[0];
+                if (bits == 6) out[320 + 4 * r + i] = top[1];
+            }
+        }
+    }
+}
+
+// The GGUF tensor `blocks` (N rows of K weights; row_order: which row of the file each row of the result is, or NULL
+// for the file's order) of llama.cpp's type given by bits and kind (KIND_INT with 8: Q8_0, 4: Q4_0) into `codes`
+// (tiles, blocks, block bytes) and `scales` ((tiles, K / 32, 16) float16 for KIND_INT, else (tiles, K / 256,
+// SUPER_BYTES or Q6_K_SUPER_BYTES) bytes), as formats.py lays them out. Rows past N take the zero value's code
+// and zero scales. K is a multiple of the type's block. Returns 0, or -1 when out of memory.
+int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_order, int bits, int kind,
+                uint8_t *codes, uint8_t *scales, int n_threads) {
+    const Shape s = shape_of(K, bits, BLOCK, kind);
+    const int64_t tiles = (N + TILE - 1) / TILE, block_bytes = s.tile_bytes / s.blocks;
+    const int64_t row_bytes = kind == KIND_INT ? K / BLOCK * (bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES)
+                              : K / 256 * (kind == KIND_Q6_K ? GGUF_Q6_K_BYTES
+                                           : bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES);
+    const uint8_t bias = bits == 8 ? 128 : (uint8_t)(1 << (bits - 1));  // formats.BIAS
+    const int64_t scale_bytes = 2 * s.tile_scales;
+    int failed = 0;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        uint8_t *rows = (uint8_t *)malloc((size_t)(TILE * s.blocks * BLOCK));
+        if (rows == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (rows == NULL) continue;
+            uint8_t *tile_scales = scales + t * scale_bytes;
+            memset(tile_scales, 0, (size_t)scale_bytes);
+            for (int r = 0; r < TILE; r++) {
+                const int64_t n = t * TILE + r;
+                if (n >= N) {
+                    memset(rows + r * s.blocks * BLOCK, bias, (size_t)(s.blocks * BLOCK));
+                    continue;
+                }
+                const int64_t source = row_order != NULL ? row_order[n] : n;
+                gguf_row(blocks + source * row_bytes, K, bits, kind, rows + r * s.blocks * BLOCK, tile_scales, r);
+            }
+            write_tile(rows, s.blocks * BLOCK, bits, codes + t * s.tile_bytes, block_bytes);
+        }
+        free(rows);
+    }
+    return failed ? -1 : 0;
+}
