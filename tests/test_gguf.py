@@ -77,6 +77,22 @@ def test_transformers_reads_our_gguf_as_the_same_model(gqa_model_dir: Path, tmp_
     torch.testing.assert_close(theirs, logits(base, ids), rtol=0, atol=1e-5)
 
 
+def test_the_reader_reads_what_gguf_pys_reader_reads(gqa_model_dir: Path, tmp_path: Path) -> None:
+    """open_reader's faster slicing of the mapped file (`_plain_slices`) gives gguf-py's own fields and tensors:
+    every metadata value and type, the vocabulary, every tensor's name, type, shape, offset and bytes."""
+    path = export(llamaforge.load(gqa_model_dir, dtype=torch.float32), tmp_path / "model.gguf", "q4_0")
+    ours, theirs = gguf_checkpoint.open_reader(path), gguf.GGUFReader(path)
+    assert type(ours) is not gguf.GGUFReader and len(theirs.fields["tokenizer.ggml.tokens"].contents()) > 100
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert (ours.fields[key].types, ours.fields[key].contents()) == (field.types, field.contents()), key
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset, t.data.dtype, t.data.shape)
+            for t in ours.tensors] == [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset, t.data.dtype,
+                                        t.data.shape) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data, equal_nan=a.data.dtype.kind == "f")
+               for a, b in zip(ours.tensors, theirs.tensors, strict=True))
+
+
 def test_q8_0_holds_llama_cpps_8_bit_weights(gqa_model_dir: Path, tmp_path: Path) -> None:
     base = llamaforge.load(gqa_model_dir, dtype=torch.float32)
     path = export(base, tmp_path / "model.gguf", "q8_0")
