@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -573,6 +574,19 @@ def test_every_kernel_library_builds_in_the_second_pass() -> None:
     assert kernels.instruction_set() == {"emulate": "emulated", "avx2": "avx2"}[os.environ["LLAMAFORGE_KERNELS"]]
     assert kernels.native() is not None and kernels.native_bf16() is not None
     assert kernels.native_decode() is not None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+def test_a_kernel_build_is_announced_once(tmp_path, caplog) -> None:
+    """A first run compiles the kernels (10-20 s here): it says so, once a library, and not when the build is cached."""
+    source = tmp_path / "probe.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    with caplog.at_level("WARNING", logger=kernels.__name__):
+        first = kernels.build(source, tmp_path / "cache", ("-O2", "-shared", "-fPIC"))
+        again = kernels.build(source, tmp_path / "cache", ("-O2", "-shared", "-fPIC"))
+    assert first == again and first.exists()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"llamaforge: compiling its probe kernels for this CPU (once; kept in {tmp_path / 'cache'})"]
 
 
 @pytest.mark.parametrize(("cpu", "setting", "expected"), [

@@ -175,6 +175,8 @@ def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str
         return library
     directory.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: processes that build at once never load a half-written file.
+    # Said, as a warning so that it shows without logging set up: a first run otherwise sits silent for 10-20 s.
+    log.warning("llamaforge: compiling its %s kernels for this CPU (once; kept in %s)", source.stem, directory)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / library.name
         result = subprocess.run([compiler, *flags, "-o", str(partial), str(source)], capture_output=True, text=True)

@@ -150,6 +150,8 @@ def use_bf16_kernel(model: nn.Module, batch_invariant: bool = False) -> int:
             for name, kernel in KERNEL_HOOKS.items():
                 if hasattr(type(module), name):
                     setattr(module, name, functools.partial(kernel, fallback=getattr(type(module), name)))
+    if changed or (dtype == torch.bfloat16 and device is not None and device.type == "cpu"):
+        kernels.native_bf16()  # built now (once a machine), not in the middle of the first answer
     return changed
 
 
