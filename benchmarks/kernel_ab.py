@@ -52,11 +52,7 @@ K_QUANTS = {"q4_k": (from_gguf_q4_k, 144, slice(0, 4)), "q5_k": (from_gguf_q5_k,
             "q6_k": (from_gguf_q6_k, 210, slice(208, 210))}
 
 SOURCES = Path(kernels.__file__).parent
-# kernels.py's library loaders: (source, its AVX-512 build's CPU and compiler flags, sources it includes)
-LOADERS = {"native": (kernels.SOURCE, kernels.CPU_FLAGS, kernels.COMPILE_FLAGS, ()),
-           "native_bf16": (kernels.BF16_SOURCE, kernels.BF16_CPU_FLAGS, kernels.BF16_COMPILE_FLAGS, ()),
-           "native_decode": (kernels.DECODE_SOURCE, kernels.DECODE_CPU_FLAGS, kernels.DECODE_COMPILE_FLAGS,
-                             (kernels.SOURCE, kernels.BF16_SOURCE))}
+LOADERS = kernels.LIBRARIES  # loader name: (source, its AVX-512 build's CPU and compiler flags, includes)
 
 
 def build_version(edits: list[tuple[str, str, str]], directory: Path) -> dict[str, ctypes.CDLL]:

@@ -14,6 +14,7 @@ of 32, integer dot products, then the scales), which the tests hold the compiled
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -77,6 +79,10 @@ EMULATION_HEADER = Path(__file__).with_name("avx512_emulation.h")
 EMULATION_FLAGS = ("-O2", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi", "-DLLAMAFORGE_EMULATE_AVX512",
                    "-include", str(EMULATION_HEADER))
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# Each library's loader: its source, the CPU flags and compiler flags of its AVX-512 build, the sources it includes.
+LIBRARIES = {"native": (SOURCE, CPU_FLAGS, COMPILE_FLAGS, ()),
+             "native_bf16": (BF16_SOURCE, BF16_CPU_FLAGS, BF16_COMPILE_FLAGS, ()),
+             "native_decode": (DECODE_SOURCE, DECODE_CPU_FLAGS, DECODE_COMPILE_FLAGS, (SOURCE, BF16_SOURCE))}
 
 
 def cache_dir() -> Path:
@@ -127,6 +133,7 @@ def load(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...],
 def _load_or_log(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...], includes: tuple[Path, ...],
                  without: str) -> ctypes.CDLL | None:
     """`load`, or None with the reason logged once: `without` says what runs instead."""
+    build_all()
     try:
         library = load(source, cpu_flags, flags, includes)
     except (RuntimeError, OSError) as exc:
@@ -135,6 +142,21 @@ def _load_or_log(source: Path, cpu_flags: tuple[str, ...], flags: tuple[str, ...
     if library is None and os.environ.get("LLAMAFORGE_KERNELS", "1") != "0":
         log.info("%s: this CPU has neither AVX-512 (%s) nor AVX2 with FMA and F16C", without, ", ".join(cpu_flags))
     return library
+
+
+@cache
+def build_all() -> None:
+    """Compile every library that runs here side by side, before the first is loaded: a first run waited for three
+    compilers in turn (6 + 3 + 1 s here; 6 s at once on two cores). A failure is left for its loader to report."""
+    jobs = []
+    for source, cpu_flags, flags, includes in LIBRARIES.values():
+        chosen = build_flags(cpu_flags, flags)
+        if chosen is not None:
+            jobs.append((source, chosen[0], (*includes, *chosen[1])))
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        for job in [pool.submit(build, source, None, flags, includes) for source, flags, includes in jobs]:
+            with contextlib.suppress(RuntimeError, OSError):
+                job.result()
 
 
 def cpu_flags() -> set[str]:
@@ -189,7 +211,7 @@ def build(source: Path = SOURCE, directory: Path | None = None, flags: tuple[str
 @cache
 def native() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (the reason logged once) where it cannot run."""
-    library = _load_or_log(SOURCE, CPU_FLAGS, COMPILE_FLAGS, (), "int8/int4 layers use the slower torch fallback")
+    library = _load_or_log(*LIBRARIES["native"], "int8/int4 layers use the slower torch fallback")
     if library is None:
         return None
     library.qlinear_many.argtypes = [_PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64,
@@ -205,7 +227,7 @@ def native() -> ctypes.CDLL | None:
 @cache
 def native_bf16() -> ctypes.CDLL | None:
     """The compiled bfloat16 kernel library, or None (the reason logged once) where it cannot run."""
-    library = _load_or_log(BF16_SOURCE, BF16_CPU_FLAGS, BF16_COMPILE_FLAGS, (), "bfloat16 layers use torch's GEMM")
+    library = _load_or_log(*LIBRARIES["native_bf16"], "bfloat16 layers use torch's GEMM")
     if library is None:
         return None
     library.bf16_linear.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, _INT64, ctypes.c_int]
@@ -243,8 +265,7 @@ class Dims(ctypes.Structure):
 @cache
 def native_decode() -> ctypes.CDLL | None:
     """The compiled fused decode layers (decode_layers.c), or None (the reason logged once) where they cannot run."""
-    library = _load_or_log(DECODE_SOURCE, DECODE_CPU_FLAGS, DECODE_COMPILE_FLAGS, (SOURCE, BF16_SOURCE),
-                           "decode steps run layer by layer through torch")
+    library = _load_or_log(*LIBRARIES["native_decode"], "decode steps run layer by layer through torch")
     if library is None:
         return None
     library.decode_layers.argtypes = [_PTR, _INT64, ctypes.POINTER(Layer), _INT64, ctypes.POINTER(Dims), _PTR, _PTR,
