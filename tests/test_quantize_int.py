@@ -78,6 +78,30 @@ def test_groups_of_32_are_llama_cpp_codes_exactly(bits: int, kind: str) -> None:
     assert torch.equal(dequantize_weight(ours), torch.from_numpy(np.ascontiguousarray(reference)))
 
 
+@needs_kernel
+@pytest.mark.parametrize(("bits", "group_size"), SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_quantizer_writes_the_torch_quantizers_codes(bits: int, group_size: int | None,
+                                                             dtype: torch.dtype) -> None:
+    """kernels.quantize (what quantizing a model runs: one compiled pass) gives formats.quantize_weight's codes and
+    float16 scales bit for bit: every width (a ragged last group and block), a partial last tile, all-zero groups
+    (one starting with -0.0, whose scale keeps that sign), magnitudes tied between signs, values on int8's halves."""
+    for K in WIDTHS:
+        weight = torch.randn(37, K) * torch.rand(37, 1) * 0.1
+        weight[1, :32] = 0.0
+        weight[2, :32] = 0.0
+        weight[2, 0] = -0.0
+        weight[4, 3], weight[4, 7] = 0.05, -0.05  # the largest magnitude twice, + first
+        weight[5, :32] = torch.arange(32) - 15.5  # x / scale on halves: 127 / 16.5 * (k + 0.5) ...
+        weight[5, 0] = 16.5
+        weight = weight.to(dtype)
+        ours, theirs = kernels.quantize(weight, bits, group_size), quantize_weight(weight, bits, group_size)
+        assert (ours.bits, ours.group_size, ours.in_features, ours.out_features) == (
+            theirs.bits, theirs.group_size, theirs.in_features, theirs.out_features)
+        assert torch.equal(ours.codes, theirs.codes), K
+        assert torch.equal(ours.scales.view(torch.int16), theirs.scales.view(torch.int16)), K
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_layout_interleaves_16_rows_and_the_stored_layout_is_row_major(bits: int) -> None:
     """Each byte sits where qlinear.c and formats.py say: the kernel's tiles of 16 rows x blocks of 32, and the

@@ -33,9 +33,9 @@ from llamaforge.checkpoint.keymaps import (
 )
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
-from llamaforge.quantize import QuantizedWeight, quantize_weight
+from llamaforge.quantize import QuantizedWeight
 from llamaforge.quantize.formats import GGUF_SCHEMES
-from llamaforge.quantize.kernels import repack_gguf
+from llamaforge.quantize.kernels import quantize, repack_gguf
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -229,7 +229,7 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                 in_place = torch.equal(order, torch.arange(shape[0]))
                 yield name, repack_gguf(tensor.data, tensor.tensor_type.name, shape, None if in_place else order)
             else:
-                yield name, quantize_weight(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
+                yield name, quantize(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
             continue
         yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 

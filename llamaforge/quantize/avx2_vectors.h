@@ -55,6 +55,7 @@ LLF_INLINE __m512 llf_sub_ps(__m512 a, __m512 b) { LLF_EACH(__m512, _mm256_sub_p
 LLF_INLINE __m512 llf_mul_ps(__m512 a, __m512 b) { LLF_EACH(__m512, _mm256_mul_ps(a.h[i], b.h[i])); }
 LLF_INLINE __m512 llf_div_ps(__m512 a, __m512 b) { LLF_EACH(__m512, _mm256_div_ps(a.h[i], b.h[i])); }
 LLF_INLINE __m512 llf_max_ps(__m512 a, __m512 b) { LLF_EACH(__m512, _mm256_max_ps(a.h[i], b.h[i])); }
+LLF_INLINE __m512 llf_min_ps(__m512 a, __m512 b) { LLF_EACH(__m512, _mm256_min_ps(a.h[i], b.h[i])); }
 LLF_INLINE __m512 llf_fmadd_ps(__m512 a, __m512 b, __m512 c) {
     LLF_EACH(__m512, _mm256_fmadd_ps(a.h[i], b.h[i], c.h[i]));
 }
@@ -208,6 +209,7 @@ LLF_INLINE void llf_mask_storeu_epi16_256(void *p, __mmask16 k, __m256i a) {
 #define _mm512_mul_ps llf_mul_ps
 #define _mm512_div_ps llf_div_ps
 #define _mm512_max_ps llf_max_ps
+#define _mm512_min_ps llf_min_ps
 #define _mm512_fmadd_ps llf_fmadd_ps
 #define _mm512_fnmadd_ps llf_fnmadd_ps
 #define _mm512_abs_ps llf_abs_ps

@@ -47,8 +47,10 @@ from llamaforge.quantize.formats import (
     TILE,
     WITH_MINS,
     QuantizedWeight,
+    check_scheme,
     dequantize_weight,
     from_gguf,
+    quantize_weight,
     unpack_codes,
 )
 
@@ -221,6 +223,9 @@ def native() -> ctypes.CDLL | None:
     library.dequantize.restype = None
     library.repack_gguf.argtypes = [_PTR, _INT64, _INT64, _PTR, ctypes.c_int, ctypes.c_int, _PTR, _PTR, ctypes.c_int]
     library.repack_gguf.restype = ctypes.c_int
+    library.quantize_rows.argtypes = [_PTR, ctypes.c_int, _INT64, _INT64, ctypes.c_int, _INT64, _PTR, _PTR,
+                                      ctypes.c_int]
+    library.quantize_rows.restype = ctypes.c_int
     return library
 
 
@@ -495,6 +500,27 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
                        q.bits, q.group_size, dtype == torch.bfloat16, torch.get_num_threads())
     return out
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
+    """formats.quantize_weight (llama.cpp's Q8_0 / Q4_0 rules): in one threaded compiled pass for a CPU weight where
+    the kernels run (the same codes and scales for finite weights; a 7B model's linears in seconds, where torch took
+    ~40 s), else in torch."""
+    library = native()
+    if library is None or weight.device.type != "cpu" or weight.dim() != 2:
+        return quantize_weight(weight, bits, group_size)
+    check_scheme(bits, group_size)
+    N, K = weight.shape
+    group = min(group_size or (BLOCK if bits == 4 else K), K)
+    w = weight.detach()
+    w = (w if w.dtype in (torch.float32, torch.bfloat16) else w.float()).contiguous()
+    blocks, n_groups = -(-K // BLOCK), -(-K // group)
+    codes = torch.empty(-(-N // TILE), blocks, TILE * BLOCK * bits // 8, dtype=torch.uint8)
+    scales = torch.empty(-(-N // TILE), n_groups, TILE, dtype=torch.float16)
+    if library.quantize_rows(w.data_ptr(), w.dtype == torch.bfloat16, N, K, bits, group, codes.data_ptr(),
+                             scales.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"no room to quantize a {N} x {K} weight")
+    return QuantizedWeight(codes, scales, bits, group, K, N)
 
 
 def repack_gguf(blocks: np.ndarray, type_name: str, shape: tuple[int, int],

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llamaforge.quantize import kernels
-from llamaforge.quantize.formats import QuantizedWeight, check_scheme, from_stored, quantize_weight, stored_codes
+from llamaforge.quantize.formats import QuantizedWeight, check_scheme, from_stored, stored_codes
 from llamaforge.quantize.nf4 import NF4Linear
 
 # Up to this many tokens per sequence the bfloat16 kernel runs (decoding, short prompts); above, torch's GEMM is
@@ -43,7 +43,7 @@ class QuantizedLinear(nn.Module):
         """Quantize a bias-free `nn.Linear`'s weight."""
         if linear.bias is not None:
             raise ValueError(f"QuantizedLinear has no bias; cannot quantize {linear} (Llama's linears have none)")
-        return cls(quantize_weight(linear.weight, bits, group_size))
+        return cls(kernels.quantize(linear.weight, bits, group_size))
 
     @property
     def weight_q(self) -> QuantizedWeight:

@@ -774,3 +774,97 @@ int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_
     }
     return failed ? -1 : 0;
 }
+
+// ---- Quantizing: float weights into the layout above ----
+// formats.py's quantize_weight (llama.cpp's Q8_0 / Q4_0 rules, any group) in one threaded pass, the same codes and
+// float16 scales bit for bit (the tests hold the two equal): each product and sum is rounded on its own, as there
+// (GCC would otherwise fuse x * inverse + 8.5 into one multiply-add, which rounds once).
+#if defined(__GNUC__) && !defined(__clang__)
+#define SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
+#else
+#define SEPARATE_ROUNDING
+#endif
+
+// One group of a row (w[start .. start + count - 1]): its codes (value + bias) into codes[0 .. count - 1]; its scale.
+static SEPARATE_ROUNDING float quantize_group(const void *w, int is_bf16, int64_t start, int64_t count, int bits,
+                                              uint8_t *codes) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; i += 16)
+        top = _mm512_max_ps(top, _mm512_abs_ps(load16_as_float(w, is_bf16, start + i, first_lanes(count - i))));
+    const float amax = _mm512_reduce_max_ps(top);
+    float extreme = 0.0f;  // int4: the first value of the largest magnitude (torch's argmax, llama.cpp's loop)
+    for (int64_t i = 0; bits == 4 && i < count; i += 16) {
+        const __mmask16 keep = first_lanes(count - i);
+        const __m512 values = load16_as_float(w, is_bf16, start + i, keep);
+        const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(values), _mm512_set1_ps(amax), _CMP_EQ_OQ) & keep;
+        if (at) {
+            float lanes[16];
+            _mm512_mask_storeu_ps(lanes, (__mmask16)0xFFFF, values);
+            extreme = lanes[__builtin_ctz(at)];
+            break;
+        }
+    }
+    const float scale = bits == 8 ? amax / 127.0f : extreme / -8.0f;
+    const __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+    const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+    for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 keep = first_lanes(count - i);
+        const __m512 scaled = _mm512_mul_ps(load16_as_float(w, is_bf16, start + i, keep), inverse);
+        __m512i code;
+        if (bits == 8) {  // halves away from zero (llama.cpp's roundf), as formats.py writes it; then the sign
+            const __m512 magnitude = _mm512_abs_ps(scaled), whole = _mm512_roundscale_ps(magnitude, down);
+            const __m512 half = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f),
+                                                                   _mm512_sub_ps(magnitude, whole)), down);
+            const __m512 rounded = _mm512_min_ps(_mm512_add_ps(whole, half), _mm512_set1_ps(127.0f));
+            const __m512i sign = _mm512_and_si512(_mm512_castps_si512(scaled), _mm512_set1_epi32((int)0x80000000));
+            code = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_castsi512_ps(
+                _mm512_or_si512(_mm512_castps_si512(rounded), sign))), _mm512_set1_epi32(128));
+        } else {  // llama.cpp: (int8_t)(x + 8.5f), a floor here since x + 8.5 > 0; clamped to 0 .. 15
+            const __m512 floored = _mm512_roundscale_ps(_mm512_add_ps(scaled, _mm512_set1_ps(8.5f)), down);
+            code = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(floored, _mm512_setzero_ps()),
+                                                    _mm512_set1_ps(15.0f)));
+        }
+        uint8_t bytes[16];
+        _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(code));
+        memcpy(codes + i, bytes, (size_t)(count - i < 16 ? count - i : 16));
+    }
+    return scale;
+}
+
+// The weight w (N, K), float32 or bfloat16, quantized to `bits` (8 or 4) with one scale per `group` weights of a row
+// (a multiple of 32, or >= K for one a row; the last group may be partial) into `codes` (tiles, blocks, block bytes)
+// and `scales` (tiles, n_groups, 16) float16, as formats.py's quantize_weight and pack lay them out. Returns 0, or -1
+// when out of memory.
+int quantize_rows(const void *w, int is_bf16, int64_t N, int64_t K, int bits, int64_t group, uint8_t *codes,
+                  uint16_t *scales, int n_threads) {
+    const Shape s = shape_of(K, bits, group, KIND_INT);
+    const int64_t tiles = (N + TILE - 1) / TILE, block_bytes = s.tile_bytes / s.blocks, width = s.blocks * BLOCK;
+    const int64_t span = group < K ? group : K;
+    const uint8_t bias = bits == 8 ? 128 : 8;
+    int failed = 0;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        uint8_t *rows = (uint8_t *)malloc((size_t)(TILE * width));
+        if (rows == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (rows == NULL) continue;
+            memset(rows, bias, (size_t)(TILE * width));  // rows past N and weights past K: zero values
+            for (int r = 0; r < TILE; r++) {
+                const int64_t n = t * TILE + r;
+                for (int64_t g = 0; g < s.n_groups; g++) {
+                    const int64_t start = g * span, count = start + span <= K ? span : K - start;
+                    const float scale = n < N ? quantize_group(w, is_bf16, n * K + start, count, bits,
+                                                               rows + r * width + start) : 0.0f;
+                    scales[(t * s.n_groups + g) * TILE + r] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
+                }
+            }
+            write_tile(rows, width, bits, codes + t * s.tile_bytes, block_bytes);
+        }
+        free(rows);
+    }
+    return failed ? -1 : 0;
+}
