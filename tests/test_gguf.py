@@ -187,6 +187,12 @@ def test_q4_k_m_loads_as_q4_k_and_q6_k_layers_holding_the_files_numbers(q4_k_ggu
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(q4_k_gguf).tensors if len(t.shape) == 2}
     assert kinds["blk.0.attn_q.weight"] == "Q4_K" and kinds["blk.1.ffn_down.weight"] == "Q6_K"
     dense = llamaforge.load(q4_k_gguf, dtype=torch.float32, quantize=None)
+    tensors = {t.name: t for t in gguf.GGUFReader(q4_k_gguf).tensors}
+    for name, weight in [("token_embd.weight", dense.model.model.embed_tokens.weight),
+                         ("blk.1.ffn_up.weight", dense.model.model.layers[1].mlp.up_proj.weight),
+                         ("blk.1.ffn_down.weight", dense.model.model.layers[1].mlp.down_proj.weight)]:
+        expected = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type).reshape(weight.shape)
+        assert torch.equal(weight.detach(), torch.from_numpy(expected)), name
     kept = llamaforge.load(q4_k_gguf)
     dense_layers = dict(dense.model.named_modules())
     quantized = {name: m for name, m in kept.model.named_modules() if isinstance(m, QuantizedLinear)}

@@ -33,9 +33,8 @@ from llamaforge.checkpoint.keymaps import (
 )
 from llamaforge.config import ModelArgs, reading
 from llamaforge.errors import CheckpointError, TokenizerError
-from llamaforge.quantize import QuantizedWeight
+from llamaforge.quantize import QuantizedWeight, kernels
 from llamaforge.quantize.formats import GGUF_SCHEMES
-from llamaforge.quantize.kernels import quantize, repack_gguf
 from llamaforge.tokenizer import Tokenizer, sentencepiece_proto
 
 MAGIC = b"GGUF"
@@ -195,12 +194,14 @@ def has_kept_types(reader) -> bool:
 
 def tensor_array(tensor) -> np.ndarray:
     """One GGUF tensor as a float numpy array (rows, columns): float32 and float16 as stored, anything else
-    (bfloat16, quantized) dequantized to float32."""
+    (bfloat16, quantized) dequantized to float32 (the kept types by the kernels, gguf-py's numbers, faster)."""
     gguf = _gguf()
     shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists the innermost dimension first
     kind = tensor.tensor_type
     if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return np.array(tensor.data).reshape(shape)
+    if kind.name in GGUF_SCHEMES and len(shape) == 2:
+        return kernels.dequantize(kernels.repack_gguf(tensor.data, kind.name, shape), torch.float32).numpy()
     return gguf.quants.dequantize(tensor.data, kind).reshape(shape)
 
 
@@ -226,10 +227,10 @@ def iter_tensors(reader, config: ModelArgs, keep_quantized: bool = False
                                     config.n_heads, config.n_kv_heads)
             order = rows[:, 0].long()
             if tensor.tensor_type.name in KEPT_BITS:
-                in_place = torch.equal(order, torch.arange(shape[0]))
-                yield name, repack_gguf(tensor.data, tensor.tensor_type.name, shape, None if in_place else order)
+                moved = None if torch.equal(order, torch.arange(shape[0])) else order
+                yield name, kernels.repack_gguf(tensor.data, tensor.tensor_type.name, shape, moved)
             else:
-                yield name, quantize(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
+                yield name, kernels.quantize(torch.from_numpy(tensor_array(tensor))[order], bits, 32)
             continue
         yield meta_to_hf(meta_name, torch.from_numpy(tensor_array(tensor)), config.n_heads, config.n_kv_heads)
 

@@ -219,7 +219,8 @@ def native() -> ctypes.CDLL | None:
     library.qlinear_many.argtypes = [_PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64,
                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]
     library.qlinear_many.restype = ctypes.c_int
-    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int]
+    library.dequantize.argtypes = [_PTR, _PTR, _PTR, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int]
     library.dequantize.restype = None
     library.repack_gguf.argtypes = [_PTR, _INT64, _INT64, _PTR, ctypes.c_int, ctypes.c_int, _PTR, _PTR, ctypes.c_int]
     library.repack_gguf.restype = ctypes.c_int
@@ -490,15 +491,14 @@ def _(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], bi
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight in `dtype`: the compiled kernel's threaded loop where it runs (int8 / int4), else torch (and
-    for the k-quants)."""
+    """The dense weight in `dtype`: the compiled kernel's threaded loop where it runs (float32 / bfloat16 on the CPU;
+    the same numbers as formats.dequantize_weight), else torch."""
     library = native()
-    if (library is None or dtype not in (torch.float32, torch.bfloat16) or q.codes.device.type != "cpu"
-            or q.kind != "int"):
+    if library is None or dtype not in (torch.float32, torch.bfloat16) or q.codes.device.type != "cpu":
         return dequantize_weight(q, dtype)
     out = torch.empty(q.out_features, q.in_features, dtype=dtype)
     library.dequantize(q.codes.data_ptr(), q.scales.data_ptr(), out.data_ptr(), q.out_features, q.in_features,
-                       q.bits, q.group_size, dtype == torch.bfloat16, torch.get_num_threads())
+                       q.bits, q.group_size, KIND_CODES[q.kind], dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 

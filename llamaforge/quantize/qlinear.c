@@ -589,13 +589,73 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     return 0;
 }
 
-// The dense weight (N, K), float32 or bfloat16 (out_bf16), for the many-row (prefill) path: KIND_INT weights
-// (formats.py dequantizes the k-quants).
+// Where a product and a sum must round apart, as in torch and numpy (GCC would otherwise fuse x * a + b into one
+// multiply-add, which rounds once).
+#if defined(__GNUC__) && !defined(__clang__)
+#define SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
+#else
+#define SEPARATE_ROUNDING
+#endif
+
+static inline uint16_t half_at(const uint8_t *bytes) { return (uint16_t)(bytes[0] | bytes[1] << 8); }
+
+// Row r's 32 codes of a k-quant block (4, 5 or 6 bits) in the layout at the top, in weight order.
+static void block_row_codes(const uint8_t *block, int bits, int r, uint8_t codes[BLOCK]) {
+    for (int k = 0; k < BLOCK; k++) {
+        const int i = k % 4, v = k % 16 / 4, half = k / 16;
+        const uint8_t packed = block[64 * v + 4 * r + i];
+        uint8_t code = half ? packed >> 4 : packed & 0x0F;
+        if (bits == 5) code |= ((block[256 + 4 * r + i] >> (4 * half + v)) & 1) << 4;
+        if (bits == 6) code |= ((block[256 + 64 * half + 4 * r + i] >> (2 * v)) & 3) << 4;
+        codes[k] = code;
+    }
+}
+
+// Row r of a k-quant tile (`kind`), dequantized into out[index .. index + K - 1] as formats.dequantize_weight computes
+// it: d * sc * q - dmin * m (Q4_K, Q5_K), d * sc * (q - 32) (Q6_K), d * sc and dmin * m exact in float32.
+static SEPARATE_ROUNDING void k_quant_row(const uint8_t *tile_codes, const uint8_t *tile_scales, const Shape *s,
+                                          int kind, int r, void *out, int out_bf16, int64_t index) {
+    const int64_t block_bytes = s->tile_bytes / s->blocks;
+    for (int64_t b = 0; b < s->blocks; b++) {
+        uint8_t q[BLOCK];
+        float values[BLOCK];
+        block_row_codes(tile_codes + b * block_bytes, s->bits, r, q);
+        if (kind == KIND_Q6_K) {
+            const uint8_t *super = tile_scales + b / SUPER_BLOCKS * Q6_K_SUPER_BYTES;
+            const float d = _cvtsh_ss(half_at(super + 2 * r));
+            for (int k = 0; k < BLOCK; k++) {
+                const int8_t sc = (int8_t)super[2 * TILE + (2 * (b % SUPER_BLOCKS) + k / 16) * TILE + r];
+                values[k] = (float)((int)q[k] - 32) * (d * (float)sc);
+            }
+        } else {
+            const uint8_t *super = tile_scales + b / SUPER_BLOCKS * SUPER_BYTES, *pair = super + 4 * TILE
+                                   + b % SUPER_BLOCKS * 2 * TILE;
+            const float scale = _cvtsh_ss(half_at(super + 2 * r)) * (float)pair[r];
+            const float min = _cvtsh_ss(half_at(super + 2 * TILE + 2 * r)) * (float)pair[TILE + r];
+            for (int k = 0; k < BLOCK; k++) values[k] = (float)q[k] * scale - min;
+        }
+        const int64_t k = b * BLOCK;
+        store16(out, out_bf16, index + k, _mm512_maskz_loadu_ps((__mmask16)0xFFFF, values), (__mmask16)0xFFFF);
+        store16(out, out_bf16, index + k + 16, _mm512_maskz_loadu_ps((__mmask16)0xFFFF, values + 16),
+                (__mmask16)0xFFFF);
+    }
+}
+
+// The dense weight (N, K), float32 or bfloat16 (out_bf16), of any kind: for the many-row (prefill) path, exports and
+// the embedding of a GGUF file.
 void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t N, int64_t K, int bits,
-                int64_t group, int out_bf16, int n_threads) {
-    const Shape s = shape_of(K, bits, group, KIND_INT);
+                int64_t group, int kind, int out_bf16, int n_threads) {
+    const Shape s = shape_of(K, bits, group, kind);
     const int64_t tiles = (N + TILE - 1) / TILE;
     const int64_t block_bytes = s.tile_bytes / s.blocks;
+    if (kind != KIND_INT) {  // K is a multiple of 256
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t tile = 0; tile < tiles; tile++)
+            for (int r = 0; r < TILE && tile * TILE + r < N; r++)
+                k_quant_row(codes + tile * s.tile_bytes, (const uint8_t *)(scales + tile * s.tile_scales), &s, kind, r,
+                            out, out_bf16, (tile * TILE + r) * K);
+        return;
+    }
     const __m512i bias = _mm512_set1_epi32(bits == 8 ? 128 : 8);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t tile = 0; tile < tiles; tile++) {
@@ -641,8 +701,6 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
 #define GGUF_Q4_K_BYTES 144
 #define GGUF_Q5_K_BYTES 176
 #define GGUF_Q6_K_BYTES 210
-
-static inline uint16_t half_at(const uint8_t *bytes) { return (uint16_t)(bytes[0] | bytes[1] << 8); }
 
 // One row of a GGUF tensor (K weights): its codes (value + bias, as the layout stores them) into codes[0 .. K - 1],
 // and its scale fields into this row's lane r of the tile's scales (see repack_gguf).
@@ -778,12 +836,7 @@ int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_
 // ---- Quantizing: float weights into the layout above ----
 // formats.py's quantize_weight (llama.cpp's Q8_0 / Q4_0 rules, any group) in one threaded pass, the same codes and
 // float16 scales bit for bit (the tests hold the two equal): each product and sum is rounded on its own, as there
-// (GCC would otherwise fuse x * inverse + 8.5 into one multiply-add, which rounds once).
-#if defined(__GNUC__) && !defined(__clang__)
-#define SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
-#else
-#define SEPARATE_ROUNDING
-#endif
+// (SEPARATE_ROUNDING).
 
 // One group of a row (w[start .. start + count - 1]): its codes (value + bias) into codes[0 .. count - 1]; its scale.
 static SEPARATE_ROUNDING float quantize_group(const void *w, int is_bf16, int64_t start, int64_t count, int bits,
