@@ -29,6 +29,7 @@ from llamaforge.quantize import (
     quantize_model,
     use_bf16_kernel,
     use_fused_decode,
+    weight_quantizer,
 )
 from llamaforge.sampling import SamplingParams
 from llamaforge.tokenizer import Tokenizer
@@ -228,7 +229,9 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     keep_quantized = quantize in ("auto", *MODES) and adapter_path is None
     if quantize == "auto":
         quantize = "nf4" if adapter_path is not None and trained_on_nf4(adapter_path) else None
-    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer, keep_quantized)
+    # int8 / int4 without an adapter to merge: each linear is quantized as it is read (the float model never whole).
+    streamed = weight_quantizer(quantize, group_size) if quantize in MODES and adapter_path is None else None
+    checkpoint = load_checkpoint(source, parse_dtype(dtype), device, tokenizer, keep_quantized, streamed)
     if quantize == "nf4":
         quantize_linears_nf4(checkpoint.model)
     if adapter_path is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import engine_tokens, q4_k_bytes, q6_k_bytes
+from factories import engine_tokens, q4_k_bytes, q6_k_bytes, write_hf_dir
 from torch import nn
 
 import llamaforge
@@ -725,6 +725,49 @@ def test_load_uses_the_kernels_for_cpu_bfloat16(quantize: str | None) -> None:
     kinds = {type(m).__name__ for m in llm.model.modules() if isinstance(m, nn.Linear | QuantizedLinear)}
     assert kinds == ({"QuantizedLinear"} if quantize else {"Bf16Linear"})
     assert llamaforge.load(dtype="float32").model.lm_head.__class__ is nn.Linear
+
+
+@pytest.mark.parametrize(("mode", "group", "tied"), [("int4", None, False), ("int4", 128, True),
+                                                    ("int8", None, False), ("int8", 64, True)])
+def test_load_quantizes_each_linear_as_it_is_read(tmp_path, tiny_tokenizer_path, monkeypatch, mode: str,
+                                                  group: int | None, tied: bool) -> None:
+    """load(..., quantize=int8 / int4) quantizes each linear weight as soon as it is read, before the next tensor
+    (the float model is never whole in memory), cast to the load's dtype first: the codes and scales quantize_model
+    gives the float model, an output layer tied to the embedding included, and the same answer."""
+    from llamaforge.checkpoint import hf
+
+    config = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=320,
+                       max_seq_len=128, tie_word_embeddings=tied)  # 320: ragged for groups of 128
+    model_dir = write_hf_dir(tmp_path / "model", init_weights(Llama(config), seed=1, std=0.05), tiny_tokenizer_path)
+    events = []
+    read, quantize = hf.iter_tensors, kernels.quantize
+
+    def reading(*args, **kwargs):
+        for name, tensor in read(*args, **kwargs):
+            events.append(("read", name))
+            yield name, tensor
+
+    monkeypatch.setattr(hf, "iter_tensors", reading)
+    monkeypatch.setattr(kernels, "quantize",
+                        lambda weight, *args: events.append(("quantize",)) or quantize(weight, *args))
+    streamed = llamaforge.load(model_dir, dtype="bfloat16", quantize=mode, group_size=group)
+    linears = [f"{name}.weight" for name, module in Llama(config).named_modules() if isinstance(module, nn.Linear)]
+    for name in linears:
+        if ("read", name) in events:
+            assert events[events.index(("read", name)) + 1] == ("quantize",), name
+    assert ("read", "lm_head.weight") not in events if tied else ("read", "lm_head.weight") in events
+    reference = llamaforge.load(model_dir, dtype="bfloat16")
+    quantize_model(reference.model, mode, group)
+    ours = {name: m for name, m in streamed.model.named_modules() if isinstance(m, QuantizedLinear)}
+    theirs = {name: m for name, m in reference.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert ours.keys() == theirs.keys() and len(ours) == len(linears)
+    for name, layer in ours.items():
+        assert (layer.bits, layer.group_size) == (theirs[name].bits, theirs[name].group_size), name
+        assert torch.equal(layer.codes, theirs[name].codes) and torch.equal(layer.scales, theirs[name].scales), name
+    down = streamed.model.model.layers[0].mlp.down_proj  # int4 keeps it in int8 where the group is ragged
+    assert streamed.model.lm_head.bits == 8 and down.bits == (4 if mode == "int4" and group != 128 else 8)
+    assert streamed.generate("The llama", max_new_tokens=8, temperature=0.0).token_ids == reference.generate(
+        "The llama", max_new_tokens=8, temperature=0.0).token_ids
 
 
 @pytest.mark.parametrize(("mode", "group"), [("int8", None), ("int4", 64)])

@@ -13,7 +13,7 @@ target dtype as it arrives, so loading never holds the checkpoint and the model 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,12 +109,13 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    tokenizer: str | Path | None = None, keep_quantized: bool = False) -> Checkpoint:
+                    tokenizer: str | Path | None = None, keep_quantized: bool = False,
+                    quantize: Callable[[str, torch.Tensor], QuantizedWeight] | None = None) -> Checkpoint:
     """Load model and tokenizer; dtype None keeps the stored dtype, device None picks CUDA when present.
 
     `keep_quantized`: a GGUF's quantized linear weights become QuantizedLinear layers (Q8_0 / Q4_0 and the k-quants
     Q4_K / Q5_K / Q6_K as stored, see gguf.kept_bits), and the default dtype of everything else is then bfloat16,
-    the kernel's activations.
+    the kernel's activations. `quantize` (see build_model) quantizes the other linear weights as they are read.
     """
     path = resolve(source)
     kind = detect_format(path)
@@ -145,7 +146,7 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype | None = None, device
     else:  # the header is the config, and read_header has checked the file's size against it
         config, shared = llama2c.read_header(path)
         tensors = llama2c.iter_tensors(path, config, shared)
-    model = build_model(config, tensors, dtype, device)
+    model = build_model(config, tensors, dtype, device, quantize)
     if tokenizer:
         loaded_tokenizer = Tokenizer(tokenizer)
     else:
@@ -188,19 +189,24 @@ def check_vocab(tokenizer: Tokenizer, config: ModelArgs) -> None:
 
 
 def build_model(config: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
-                dtype: torch.dtype | None, device: torch.device) -> Llama:
+                dtype: torch.dtype | None, device: torch.device,
+                quantize: Callable[[str, torch.Tensor], QuantizedWeight] | None = None) -> Llama:
     """Fill a meta-device model with streamed tensors, each cast on arrival.
 
     The tensors' names and shapes are those `inventory.check` has compared with the config; their dtype is
-    known only now.
+    known only now. `quantize(name, weight)` (quantize.weight_quantizer), where given, turns each linear weight into
+    its QuantizedWeight as it arrives (cast first), so the float model is never whole in memory.
     """
     with torch.device("meta"):
         model = Llama(config)
+    linears = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     loaded: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()  # state keys of the layers built whole from a QuantizedWeight
     for name, tensor in tensors:
         if IGNORED_KEYS.search(name):
             continue
+        if quantize is not None and name in linears and torch.is_tensor(tensor) and tensor.is_floating_point():
+            tensor = quantize(name, tensor.to(device=device, dtype=dtype or tensor.dtype))
         if isinstance(tensor, QuantizedWeight):  # a linear layer stored quantized: it becomes one as it is
             layer = name.removesuffix(".weight")
             model.set_submodule(layer, QuantizedLinear(tensor).to(device))

@@ -12,6 +12,7 @@ from llamaforge.quantize.linear import (
     parse_mode,
     quantize_model,
     use_bf16_kernel,
+    weight_quantizer,
 )
 from llamaforge.quantize.nf4 import (
     NF4_CODE,
@@ -31,4 +32,5 @@ __all__ = [
     "check_batch_invariant", "dense_state_dict", "dequantize_nf4", "dequantize_nf4_blockwise", "dequantize_weight",
     "from_gguf_blocks", "linear_bytes", "pack_4bit", "parse_mode", "quantize_linears_nf4", "quantize_model",
     "quantize_nf4", "quantize_nf4_blockwise", "quantize_weight", "unpack_4bit", "use_bf16_kernel", "use_fused_decode",
+    "weight_quantizer",
 ]

@@ -201,15 +201,33 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None) -
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name in targets:
         linear = model.get_submodule(name)
-        head = name == "lm_head" or name.endswith(".lm_head")
-        ragged = group_size is not None and linear.in_features % group_size != 0
-        if bits == 4 and (head or linear.in_features % (group_size or 32) != 0):
-            quantized = QuantizedLinear.from_linear(linear, 8, None)
-        else:
-            quantized = QuantizedLinear.from_linear(linear, bits, None if bits == 8 and ragged else group_size)
         # One layer at a time: each dense weight is freed once its codes exist, so the peak stays one layer.
-        model.set_submodule(name, quantized)
+        model.set_submodule(name, QuantizedLinear.from_linear(linear, *layer_scheme(name, linear.in_features, bits,
+                                                                                    group_size)))
     return model
+
+
+def layer_scheme(name: str, in_features: int, bits: int, group_size: int | None) -> tuple[int, int | None]:
+    """The bits and group size `quantize_model` gives the linear `name` (see there): int8 for int4's output layer
+    and for widths the group does not divide, one scale a row for int8 where its group does not divide the width."""
+    head = name == "lm_head" or name.endswith(".lm_head")
+    if bits == 4 and (head or in_features % (group_size or 32) != 0):
+        return 8, None
+    ragged = group_size is not None and in_features % group_size != 0
+    return bits, None if bits == 8 and ragged else group_size
+
+
+def weight_quantizer(mode: str, group_size: int | None = None) -> Callable[[str, torch.Tensor], QuantizedWeight]:
+    """A function quantizing the weight of linear `name` (its state key, "....weight") as `quantize_model` would:
+    for checkpoint.build_model, which then quantizes each linear weight as it is read, so a load never holds the
+    whole float model (a 7B bfloat16 checkpoint loaded as int4 peaked at 16 GiB)."""
+    bits = parse_mode(mode, group_size)
+
+    def quantize(name: str, weight: torch.Tensor) -> QuantizedWeight:
+        return kernels.quantize(weight, *layer_scheme(name.removesuffix(".weight"), weight.shape[1], bits,
+                                                      group_size))
+
+    return quantize
 
 
 def linear_bytes(model: nn.Module) -> int:
