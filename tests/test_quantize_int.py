@@ -78,6 +78,27 @@ def test_groups_of_32_are_llama_cpp_codes_exactly(bits: int, kind: str) -> None:
     assert torch.equal(dequantize_weight(ours), torch.from_numpy(np.ascontiguousarray(reference)))
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_a_stored_weight_repacks_to_the_codes_it_was_saved_from(compiled: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.repack_stored, what loading a quantized checkpoint runs (one compiled pass, or formats.from_stored
+    without the kernels), rebuilds the kernel's codes and scales a weight was saved from, byte for byte: every int
+    scheme and width (ragged tails), the k-quants, a partial last tile."""
+    if compiled and kernels.native() is None:
+        pytest.skip("the compiled repack needs the int8/int4 kernel library (AVX-512 VNNI or AVX2, a C compiler)")
+    if not compiled:
+        monkeypatch.setattr(kernels, "native", lambda: None)
+    weights = [quantize_weight(torch.randn(37, K) * 0.05, bits, group) for K in WIDTHS for bits, group in SCHEMES]
+    weights += [k_quant_weight(kind, 37, 768, seed=3) for kind in K_QUANTS]
+    for q in weights:
+        codes, scales = stored_codes(q)
+        back = kernels.repack_stored(codes, scales, q.bits, q.group_size, q.in_features, q.kind)
+        assert (back.bits, back.group_size, back.kind, back.in_features, back.out_features) == (
+            q.bits, q.group_size, q.kind, q.in_features, q.out_features)
+        assert torch.equal(back.codes, q.codes) and torch.equal(back.scales.view(torch.uint8),
+                                                                q.scales.view(torch.uint8)), (q.kind, q.bits)
+
+
 @needs_kernel
 @pytest.mark.parametrize(("bits", "group_size"), SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

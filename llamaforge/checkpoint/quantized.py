@@ -27,14 +27,13 @@ import torch
 from llamaforge.checkpoint.inventory import Inventory, expected_shapes
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError
-from llamaforge.quantize import QuantizedLinear, QuantizedWeight
+from llamaforge.quantize import QuantizedLinear, QuantizedWeight, kernels
 from llamaforge.quantize.formats import (
     K_QUANT_SCHEMES,
     KINDS,
     STORED_Q4_K_BYTES,
     STORED_Q6_K_BYTES,
     SUPER_BLOCK,
-    from_stored,
     stored_width,
 )
 
@@ -115,8 +114,9 @@ def group_tensors(tensors: Iterable[tuple[str, torch.Tensor]], layers: dict[str,
         if len(parts) == 2:
             del waiting[layer]
             scheme = layers[layer]
-            yield f"{layer}.weight", from_stored(parts["codes"], parts["scales"], scheme["bits"], scheme["group_size"],
-                                                 in_features[layer], scheme.get("kind", "int"))
+            yield f"{layer}.weight", kernels.repack_stored(parts["codes"], parts["scales"], scheme["bits"],
+                                                           scheme["group_size"], in_features[layer],
+                                                           scheme.get("kind", "int"))
 
 
 def in_features_of(config: ModelArgs, layers: dict[str, dict]) -> dict[str, int]:

@@ -42,6 +42,8 @@ from llamaforge.quantize.formats import (
     Q5_K_BYTES,
     Q6_K_BYTES,
     Q6_K_SUPER_BYTES,
+    STORED_Q4_K_BYTES,
+    STORED_Q6_K_BYTES,
     SUPER_BLOCK,
     SUPER_BYTES,
     TILE,
@@ -50,7 +52,9 @@ from llamaforge.quantize.formats import (
     check_scheme,
     dequantize_weight,
     from_gguf,
+    from_stored,
     quantize_weight,
+    stored_width,
     unpack_codes,
 )
 
@@ -227,6 +231,9 @@ def native() -> ctypes.CDLL | None:
     library.quantize_rows.argtypes = [_PTR, ctypes.c_int, _INT64, _INT64, ctypes.c_int, _INT64, _PTR, _PTR,
                                       ctypes.c_int]
     library.quantize_rows.restype = ctypes.c_int
+    library.repack_stored.argtypes = [_PTR, _INT64, _PTR, _INT64, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int,
+                                      _PTR, _PTR, ctypes.c_int]
+    library.repack_stored.restype = ctypes.c_int
     return library
 
 
@@ -521,6 +528,33 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> 
                              scales.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError(f"no room to quantize a {N} x {K} weight")
     return QuantizedWeight(codes, scales, bits, group, K, N)
+
+
+def repack_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
+                  kind: str = "int") -> QuantizedWeight:
+    """formats.from_stored (a quantized checkpoint's row-major codes and scales into the kernel's layout): one
+    threaded compiled pass where the kernels run and the tensors have the stored layout's shapes, else torch."""
+    library = native()
+    N, K = codes.shape[0], in_features
+    width = stored_width(K) * bits // 8
+    scale_shape = ((N, -(-K // group_size)) if kind == "int" else
+                   (N, K // SUPER_BLOCK * (STORED_Q6_K_BYTES if kind == "q6_k" else STORED_Q4_K_BYTES)))
+    expected = torch.float16 if kind == "int" else torch.uint8
+    if (library is None or codes.device.type != "cpu" or codes.dtype != torch.uint8 or tuple(codes.shape) != (N, width)
+            or tuple(scales.shape) != scale_shape or scales.dtype != expected
+            or (kind != "int" and K % SUPER_BLOCK)):
+        return from_stored(codes, scales, bits, group_size, in_features, kind)
+    codes, scales = codes.contiguous(), scales.contiguous()
+    tiles = -(-N // TILE)
+    out_codes = torch.empty(tiles, -(-K // BLOCK), TILE * BLOCK * bits // 8, dtype=torch.uint8)
+    out_scales = (torch.empty(tiles, scale_shape[1], TILE, dtype=torch.float16) if kind == "int" else
+                  torch.empty(tiles, K // SUPER_BLOCK, Q6_K_SUPER_BYTES if kind == "q6_k" else SUPER_BYTES,
+                              dtype=torch.uint8))
+    if library.repack_stored(codes.data_ptr(), width, scales.data_ptr(), scales[0].nbytes if N else 0, N, K, bits,
+                             group_size, KIND_CODES[kind], out_codes.data_ptr(), out_scales.data_ptr(),
+                             torch.get_num_threads()) != 0:
+        raise MemoryError(f"no room to repack a {N} x {K} weight")
+    return QuantizedWeight(out_codes, out_scales, bits, group_size, K, N, kind=kind)
 
 
 def repack_gguf(blocks: np.ndarray, type_name: str, shape: tuple[int, int],

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llamaforge.quantize import kernels
-from llamaforge.quantize.formats import QuantizedWeight, check_scheme, from_stored, stored_codes
+from llamaforge.quantize.formats import QuantizedWeight, check_scheme, stored_codes
 from llamaforge.quantize.nf4 import NF4Linear
 
 # Up to this many tokens per sequence the bfloat16 kernel runs (decoding, short prompts); above, torch's GEMM is
@@ -92,7 +92,7 @@ class QuantizedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         codes, scales = state_dict.get(f"{prefix}codes"), state_dict.get(f"{prefix}scales")
         if codes is not None and scales is not None:
-            q = from_stored(codes, scales, self.bits, self.group_size, self.in_features, self.kind)
+            q = kernels.repack_stored(codes, scales, self.bits, self.group_size, self.in_features, self.kind)
             state_dict[f"{prefix}codes"], state_dict[f"{prefix}scales"] = q.codes, q.scales
         super()._load_from_state_dict(state_dict, prefix, *args)
 

@@ -790,24 +790,74 @@ static void write_tile(const uint8_t *rows, int64_t padded_k, int bits, uint8_t 
     }
 }
 
-// The GGUF tensor `blocks` (N rows of K weights; row_order: which row of the file each row of the result is, or NULL
-// for the file's order) of llama.cpp's type given by bits and kind (KIND_INT with 8: Q8_0, 4: Q4_0) into `codes`
-// (tiles, blocks, block bytes) and `scales` ((tiles, K / 32, 16) float16 for KIND_INT, else (tiles, K / 256,
-// SUPER_BYTES or Q6_K_SUPER_BYTES) bytes), as formats.py lays them out. Rows past N take the zero value's code
-// and zero scales. K is a multiple of the type's block. Returns 0, or -1 when out of memory.
-int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_order, int bits, int kind,
-                uint8_t *codes, uint8_t *scales, int n_threads) {
-    const Shape s = shape_of(K, bits, BLOCK, kind);
-    const int64_t tiles = (N + TILE - 1) / TILE, block_bytes = s.tile_bytes / s.blocks;
-    const int64_t row_bytes = kind == KIND_INT ? K / BLOCK * (bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES)
-                              : K / 256 * (kind == KIND_Q6_K ? GGUF_Q6_K_BYTES
-                                           : bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES);
+// One row of llamaforge's stored layout (formats.py's stored_codes: `code_bytes` of codes, its scales) as gguf_row
+// does for GGUF: its K codes into codes[0 .. K - 1], its scale fields into lane r of the tile's scales.
+static void stored_row(const uint8_t *row, const uint8_t *row_scales, int64_t K, int64_t code_bytes, int bits,
+                       int kind, int64_t n_groups, uint8_t *codes, uint8_t *tile_scales, int r) {
+    if (bits == 8) {
+        memcpy(codes, row, (size_t)K);
+    } else {  // each 128 weights in 64 bytes, weight i in the low nibble of byte i, 64 + i in the high one
+        uint8_t run[128];
+        for (int64_t j = 0; j * 128 < K; j++) {
+            const uint8_t *packed = row + 64 * j;
+            for (int i = 0; i < 64; i++) {
+                run[i] = packed[i] & 0x0F;
+                run[64 + i] = packed[i] >> 4;
+            }
+            memcpy(codes + 128 * j, run, (size_t)(K - 128 * j < 128 ? K - 128 * j : 128));
+        }
+        const uint8_t *top = row + code_bytes * 4 / bits;  // then the top bits, 8 / bits - 4 weights a byte
+        if (bits == 5)
+            for (int64_t k = 0; k < K; k += 8)
+                for (int i = 0; i < 8; i++) codes[k + i] |= ((top[k / 8] >> i) & 1) << 4;
+        if (bits == 6)
+            for (int64_t k = 0; k < K; k += 4)
+                for (int i = 0; i < 4; i++) codes[k + i] |= ((top[k / 4] >> (2 * i)) & 3) << 4;
+    }
+    if (kind == KIND_INT) {
+        for (int64_t g = 0; g < n_groups; g++)
+            memcpy((uint16_t *)tile_scales + g * TILE + r, row_scales + 2 * g, 2);
+        return;
+    }
+    for (int64_t s = 0; s < K / 256; s++) {
+        if (kind == KIND_Q6_K) {  // d, then 16 int8 sc
+            const uint8_t *super = row_scales + s * 18;
+            uint8_t *out = tile_scales + s * Q6_K_SUPER_BYTES;
+            memcpy(out + 2 * r, super, 2);
+            for (int j = 0; j < 16; j++) out[2 * TILE + j * TILE + r] = super[2 + j];
+            continue;
+        }
+        const uint8_t *super = row_scales + s * 20;  // d, dmin, then 8 sc, 8 m
+        uint8_t *out = tile_scales + s * SUPER_BYTES;
+        memcpy(out + 2 * r, super, 2);
+        memcpy(out + 2 * TILE + 2 * r, super + 2, 2);
+        for (int j = 0; j < 8; j++) {
+            out[4 * TILE + j * 2 * TILE + r] = super[4 + j];
+            out[4 * TILE + j * 2 * TILE + TILE + r] = super[12 + j];
+        }
+    }
+}
+
+// Where repack_tiles reads its rows: a GGUF tensor's blocks, or the stored layout's codes and scales.
+typedef struct {
+    const uint8_t *codes, *scales;    // scales: NULL for GGUF (inside its blocks)
+    int64_t code_bytes, scale_bytes;  // of one row
+} Rows;
+
+// N rows of K weights from `from` (row_order: which of its rows each row of the result is, or NULL for its order)
+// into `codes` (tiles, blocks, block bytes) and `scales` ((tiles, n_groups, 16) float16 for KIND_INT, else (tiles,
+// K / 256, SUPER_BYTES or Q6_K_SUPER_BYTES) bytes), as formats.py lays them out. Rows past N take the zero value's
+// code and zero scales; so do codes past K. Returns 0, or -1 when out of memory.
+static int repack_tiles(const Rows *from, int64_t N, int64_t K, const int64_t *row_order, int bits, int64_t group,
+                        int kind, uint8_t *codes, uint8_t *scales, int n_threads) {
+    const Shape s = shape_of(K, bits, group, kind);
+    const int64_t tiles = (N + TILE - 1) / TILE, block_bytes = s.tile_bytes / s.blocks, width = s.blocks * BLOCK;
     const uint8_t bias = bits == 8 ? 128 : (uint8_t)(1 << (bits - 1));  // formats.BIAS
     const int64_t scale_bytes = 2 * s.tile_scales;
     int failed = 0;
     #pragma omp parallel num_threads(n_threads)
     {
-        uint8_t *rows = (uint8_t *)malloc((size_t)(TILE * s.blocks * BLOCK));
+        uint8_t *rows = (uint8_t *)malloc((size_t)(TILE * width));
         if (rows == NULL) {
             #pragma omp atomic write
             failed = 1;
@@ -817,20 +867,41 @@ int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_
             if (rows == NULL) continue;
             uint8_t *tile_scales = scales + t * scale_bytes;
             memset(tile_scales, 0, (size_t)scale_bytes);
-            for (int r = 0; r < TILE; r++) {
-                const int64_t n = t * TILE + r;
-                if (n >= N) {
-                    memset(rows + r * s.blocks * BLOCK, bias, (size_t)(s.blocks * BLOCK));
-                    continue;
-                }
-                const int64_t source = row_order != NULL ? row_order[n] : n;
-                gguf_row(blocks + source * row_bytes, K, bits, kind, rows + r * s.blocks * BLOCK, tile_scales, r);
+            memset(rows, bias, (size_t)(TILE * width));
+            for (int r = 0; r < TILE && t * TILE + r < N; r++) {
+                const int64_t source = row_order != NULL ? row_order[t * TILE + r] : t * TILE + r;
+                const uint8_t *row = from->codes + source * from->code_bytes;
+                if (from->scales == NULL)
+                    gguf_row(row, K, bits, kind, rows + r * width, tile_scales, r);
+                else
+                    stored_row(row, from->scales + source * from->scale_bytes, K, from->code_bytes, bits, kind,
+                               s.n_groups, rows + r * width, tile_scales, r);
             }
-            write_tile(rows, s.blocks * BLOCK, bits, codes + t * s.tile_bytes, block_bytes);
+            write_tile(rows, width, bits, codes + t * s.tile_bytes, block_bytes);
         }
         free(rows);
     }
     return failed ? -1 : 0;
+}
+
+// The GGUF tensor `blocks` (N rows of K weights) of llama.cpp's type given by bits and kind (KIND_INT with 8: Q8_0,
+// 4: Q4_0) in the layout (repack_tiles). K is a multiple of the type's block.
+int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_order, int bits, int kind,
+                uint8_t *codes, uint8_t *scales, int n_threads) {
+    const int64_t row_bytes = kind == KIND_INT ? K / BLOCK * (bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES)
+                              : K / 256 * (kind == KIND_Q6_K ? GGUF_Q6_K_BYTES
+                                           : bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES);
+    const Rows from = {blocks, NULL, row_bytes, 0};
+    return repack_tiles(&from, N, K, row_order, bits, BLOCK, kind, codes, scales, n_threads);
+}
+
+// A weight in llamaforge's stored layout (formats.py's stored_codes: codes (N, code_bytes), scales (N, scale_bytes))
+// in the kernel's (repack_tiles), `group` as stored.
+int repack_stored(const uint8_t *stored, int64_t code_bytes, const uint8_t *stored_scales, int64_t scale_bytes,
+                  int64_t N, int64_t K, int bits, int64_t group, int kind, uint8_t *codes, uint8_t *scales,
+                  int n_threads) {
+    const Rows from = {stored, stored_scales, code_bytes, scale_bytes};
+    return repack_tiles(&from, N, K, NULL, bits, group, kind, codes, scales, n_threads);
 }
 
 // ---- Quantizing: float weights into the layout above ----
