@@ -521,13 +521,22 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> 
     group = min(group_size or (BLOCK if bits == 4 else K), K)
     w = weight.detach()
     w = (w if w.dtype in (torch.float32, torch.bfloat16) else w.float()).contiguous()
-    blocks, n_groups = -(-K // BLOCK), -(-K // group)
-    codes = torch.empty(-(-N // TILE), blocks, TILE * BLOCK * bits // 8, dtype=torch.uint8)
-    scales = torch.empty(-(-N // TILE), n_groups, TILE, dtype=torch.float16)
+    codes, scales = _empty_layout(N, K, bits, "int", -(-K // group))
     if library.quantize_rows(w.data_ptr(), w.dtype == torch.bfloat16, N, K, bits, group, codes.data_ptr(),
                              scales.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError(f"no room to quantize a {N} x {K} weight")
     return QuantizedWeight(codes, scales, bits, group, K, N)
+
+
+def _empty_layout(N: int, K: int, bits: int, kind: str, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Room for an N x K weight's codes and scales in the kernel's layout (formats.QuantizedWeight): kind "int"
+    with `n_groups` float16 scales a row, or a k-quant's scale bytes for each 256 weights."""
+    tiles = -(-N // TILE)
+    codes = torch.empty(tiles, -(-K // BLOCK), TILE * BLOCK * bits // 8, dtype=torch.uint8)
+    if kind == "int":
+        return codes, torch.empty(tiles, n_groups, TILE, dtype=torch.float16)
+    return codes, torch.empty(tiles, K // SUPER_BLOCK, Q6_K_SUPER_BYTES if kind == "q6_k" else SUPER_BYTES,
+                              dtype=torch.uint8)
 
 
 def repack_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
@@ -545,11 +554,7 @@ def repack_stored(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_si
             or (kind != "int" and K % SUPER_BLOCK)):
         return from_stored(codes, scales, bits, group_size, in_features, kind)
     codes, scales = codes.contiguous(), scales.contiguous()
-    tiles = -(-N // TILE)
-    out_codes = torch.empty(tiles, -(-K // BLOCK), TILE * BLOCK * bits // 8, dtype=torch.uint8)
-    out_scales = (torch.empty(tiles, scale_shape[1], TILE, dtype=torch.float16) if kind == "int" else
-                  torch.empty(tiles, K // SUPER_BLOCK, Q6_K_SUPER_BYTES if kind == "q6_k" else SUPER_BYTES,
-                              dtype=torch.uint8))
+    out_codes, out_scales = _empty_layout(N, K, bits, kind, scale_shape[1])
     if library.repack_stored(codes.data_ptr(), width, scales.data_ptr(), scales[0].nbytes if N else 0, N, K, bits,
                              group_size, KIND_CODES[kind], out_codes.data_ptr(), out_scales.data_ptr(),
                              torch.get_num_threads()) != 0:
@@ -574,10 +579,7 @@ def repack_gguf(blocks: np.ndarray, type_name: str, shape: tuple[int, int],
     if library is None:
         return from_gguf(torch.from_numpy(np.array(blocks)), type_name, shape, row_order)  # a writable copy
     blocks = np.ascontiguousarray(blocks)
-    tiles, supers = -(-N // TILE), K // SUPER_BLOCK
-    codes = torch.empty(tiles, K // BLOCK, TILE * BLOCK * bits // 8, dtype=torch.uint8)
-    scales = (torch.empty(tiles, K // BLOCK, TILE, dtype=torch.float16) if kind == "int" else
-              torch.empty(tiles, supers, Q6_K_SUPER_BYTES if kind == "q6_k" else SUPER_BYTES, dtype=torch.uint8))
+    codes, scales = _empty_layout(N, K, bits, kind, K // BLOCK)
     order = None if row_order is None else row_order.to(torch.int64).contiguous()
     if library.repack_gguf(blocks.ctypes.data, N, K, None if order is None else order.data_ptr(), bits,
                            KIND_CODES[kind], codes.data_ptr(), scales.data_ptr(), torch.get_num_threads()) != 0:

@@ -589,14 +589,6 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
     return 0;
 }
 
-// Where a product and a sum must round apart, as in torch and numpy (GCC would otherwise fuse x * a + b into one
-// multiply-add, which rounds once).
-#if defined(__GNUC__) && !defined(__clang__)
-#define SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
-#else
-#define SEPARATE_ROUNDING
-#endif
-
 static inline uint16_t half_at(const uint8_t *bytes) { return (uint16_t)(bytes[0] | bytes[1] << 8); }
 
 // Row r's 32 codes of a k-quant block (4, 5 or 6 bits) in the layout at the top, in weight order.
@@ -612,8 +604,9 @@ static void block_row_codes(const uint8_t *block, int bits, int r, uint8_t codes
 }
 
 // Row r of a k-quant tile (`kind`), dequantized into out[index .. index + K - 1] as formats.dequantize_weight computes
-// it: d * sc * q - dmin * m (Q4_K, Q5_K), d * sc * (q - 32) (Q6_K), d * sc and dmin * m exact in float32.
-static SEPARATE_ROUNDING void k_quant_row(const uint8_t *tile_codes, const uint8_t *tile_scales, const Shape *s,
+// it: d * sc * q - dmin * m (Q4_K, Q5_K), d * sc * (q - 32) (Q6_K), every product exact in float32 (only the
+// subtraction rounds, so a fused multiply-add would give the same bits).
+static void k_quant_row(const uint8_t *tile_codes, const uint8_t *tile_scales, const Shape *s,
                                           int kind, int r, void *out, int out_bf16, int64_t index) {
     const int64_t block_bytes = s->tile_bytes / s->blocks;
     for (int64_t b = 0; b < s->blocks; b++) {
@@ -691,11 +684,11 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
     }
 }
 
-// ---- Loading: GGUF blocks into the layout above ----
-// llama.cpp's Q8_0, Q4_0 (KIND_INT, bits 8 / 4, groups of 32), Q4_K, Q5_K and Q6_K blocks as the kernel's codes and
-// scales, nothing rounded: formats.py's from_gguf_blocks, from_gguf_q4_k and from_gguf_q6_k in one pass over the
-// file's bytes instead of a dozen torch passes (which the tests hold it equal to, and which run without a compiler).
-// The GGUF block layouts are described there.
+// ---- Loading: GGUF blocks and stored checkpoints into the layout above ----
+// llama.cpp's Q8_0, Q4_0 (KIND_INT, bits 8 / 4, groups of 32), Q4_K, Q5_K and Q6_K blocks, and llamaforge's stored
+// layout, as the kernel's codes and scales, nothing rounded: formats.py's from_gguf_blocks, from_gguf_q4_k,
+// from_gguf_q6_k and from_stored in one pass over the bytes instead of a dozen torch passes (which the tests hold it
+// equal to, and which run without a compiler). The layouts read are described there.
 #define GGUF_Q8_0_BYTES 34
 #define GGUF_Q4_0_BYTES 18
 #define GGUF_Q4_K_BYTES 144
@@ -906,8 +899,13 @@ int repack_stored(const uint8_t *stored, int64_t code_bytes, const uint8_t *stor
 
 // ---- Quantizing: float weights into the layout above ----
 // formats.py's quantize_weight (llama.cpp's Q8_0 / Q4_0 rules, any group) in one threaded pass, the same codes and
-// float16 scales bit for bit (the tests hold the two equal): each product and sum is rounded on its own, as there
-// (SEPARATE_ROUNDING).
+// float16 scales bit for bit (the tests hold the two equal): each product and sum is rounded on its own, as there.
+// GCC would fuse x * inverse + 8.5 into one multiply-add, which rounds once; SEPARATE_ROUNDING keeps them apart.
+#if defined(__GNUC__) && !defined(__clang__)
+#define SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
+#else
+#define SEPARATE_ROUNDING
+#endif
 
 // One group of a row (w[start .. start + count - 1]): its codes (value + bias) into codes[0 .. count - 1]; its scale.
 static SEPARATE_ROUNDING float quantize_group(const void *w, int is_bf16, int64_t start, int64_t count, int bits,
