@@ -831,73 +831,7 @@ static void stored_row(const uint8_t *row, const uint8_t *row_scales, int64_t K,
     }
 }
 
-// Where repack_tiles reads its rows: a GGUF tensor's blocks, or the stored layout's codes and scales.
-typedef struct {
-    const uint8_t *codes, *scales;    // scales: NULL for GGUF (inside its blocks)
-    int64_t code_bytes, scale_bytes;  // of one row
-} Rows;
-
-// N rows of K weights from `from` (row_order: which of its rows each row of the result is, or NULL for its order)
-// into `codes` (tiles, blocks, block bytes) and `scales` ((tiles, n_groups, 16) float16 for KIND_INT, else (tiles,
-// K / 256, SUPER_BYTES or Q6_K_SUPER_BYTES) bytes), as formats.py lays them out. Rows past N take the zero value's
-// code and zero scales; so do codes past K. Returns 0, or -1 when out of memory.
-static int repack_tiles(const Rows *from, int64_t N, int64_t K, const int64_t *row_order, int bits, int64_t group,
-                        int kind, uint8_t *codes, uint8_t *scales, int n_threads) {
-    const Shape s = shape_of(K, bits, group, kind);
-    const int64_t tiles = (N + TILE - 1) / TILE, block_bytes = s.tile_bytes / s.blocks, width = s.blocks * BLOCK;
-    const uint8_t bias = bits == 8 ? 128 : (uint8_t)(1 << (bits - 1));  // formats.BIAS
-    const int64_t scale_bytes = 2 * s.tile_scales;
-    int failed = 0;
-    #pragma omp parallel num_threads(n_threads)
-    {
-        uint8_t *rows = (uint8_t *)malloc((size_t)(TILE * width));
-        if (rows == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            if (rows == NULL) continue;
-            uint8_t *tile_scales = scales + t * scale_bytes;
-            memset(tile_scales, 0, (size_t)scale_bytes);
-            memset(rows, bias, (size_t)(TILE * width));
-            for (int r = 0; r < TILE && t * TILE + r < N; r++) {
-                const int64_t source = row_order != NULL ? row_order[t * TILE + r] : t * TILE + r;
-                const uint8_t *row = from->codes + source * from->code_bytes;
-                if (from->scales == NULL)
-                    gguf_row(row, K, bits, kind, rows + r * width, tile_scales, r);
-                else
-                    stored_row(row, from->scales + source * from->scale_bytes, K, from->code_bytes, bits, kind,
-                               s.n_groups, rows + r * width, tile_scales, r);
-            }
-            write_tile(rows, width, bits, codes + t * s.tile_bytes, block_bytes);
-        }
-        free(rows);
-    }
-    return failed ? -1 : 0;
-}
-
-// The GGUF tensor `blocks` (N rows of K weights) of llama.cpp's type given by bits and kind (KIND_INT with 8: Q8_0,
-// 4: Q4_0) in the layout (repack_tiles). K is a multiple of the type's block.
-int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_order, int bits, int kind,
-                uint8_t *codes, uint8_t *scales, int n_threads) {
-    const int64_t row_bytes = kind == KIND_INT ? K / BLOCK * (bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES)
-                              : K / 256 * (kind == KIND_Q6_K ? GGUF_Q6_K_BYTES
-                                           : bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES);
-    const Rows from = {blocks, NULL, row_bytes, 0};
-    return repack_tiles(&from, N, K, row_order, bits, BLOCK, kind, codes, scales, n_threads);
-}
-
-// A weight in llamaforge's stored layout (formats.py's stored_codes: codes (N, code_bytes), scales (N, scale_bytes))
-// in the kernel's (repack_tiles), `group` as stored.
-int repack_stored(const uint8_t *stored, int64_t code_bytes, const uint8_t *stored_scales, int64_t scale_bytes,
-                  int64_t N, int64_t K, int bits, int64_t group, int kind, uint8_t *codes, uint8_t *scales,
-                  int n_threads) {
-    const Rows from = {stored, stored_scales, code_bytes, scale_bytes};
-    return repack_tiles(&from, N, K, NULL, bits, group, kind, codes, scales, n_threads);
-}
-
-// ---- Quantizing: float weights into the layout above ----
+// ---- Quantizing: float weights into the layout above (quantize_rows, through repack_tiles below) ----
 // formats.py's quantize_weight (llama.cpp's Q8_0 / Q4_0 rules, any group) in one threaded pass, the same codes and
 // float16 scales bit for bit (the tests hold the two equal): each product and sum is rounded on its own, as there.
 // GCC would fuse x * inverse + 8.5 into one multiply-add, which rounds once; SEPARATE_ROUNDING keeps them apart.
@@ -953,16 +887,37 @@ static SEPARATE_ROUNDING float quantize_group(const void *w, int is_bf16, int64_
     return scale;
 }
 
-// The weight w (N, K), float32 or bfloat16, quantized to `bits` (8 or 4) with one scale per `group` weights of a row
-// (a multiple of 32, or >= K for one a row; the last group may be partial) into `codes` (tiles, blocks, block bytes)
-// and `scales` (tiles, n_groups, 16) float16, as formats.py's quantize_weight and pack lay them out. Returns 0, or -1
-// when out of memory.
-int quantize_rows(const void *w, int is_bf16, int64_t N, int64_t K, int bits, int64_t group, uint8_t *codes,
-                  uint16_t *scales, int n_threads) {
-    const Shape s = shape_of(K, bits, group, KIND_INT);
+// Where repack_tiles reads its rows: a GGUF tensor's blocks, the stored layout's codes and scales, or float weights
+// to quantize.
+enum { ROWS_GGUF, ROWS_STORED, ROWS_FLOAT };
+typedef struct {
+    int format;                      // ROWS_GGUF, ROWS_STORED or ROWS_FLOAT
+    const uint8_t *data, *scales;    // the rows; ROWS_STORED's scales
+    int64_t row_bytes, scale_bytes;  // of one row
+    int is_bf16;                     // ROWS_FLOAT: bfloat16 (else float32) weights
+} Rows;
+
+// One row of float weights (ROWS_FLOAT) quantized group by group (quantize_group): its codes into codes[0 .. K - 1],
+// its float16 scales into lane r of the tile's.
+static void float_row(const void *row, int is_bf16, const Shape *s, uint8_t *codes, uint16_t *tile_scales, int r) {
+    const int64_t span = s->group < s->K ? s->group : s->K;
+    for (int64_t g = 0; g < s->n_groups; g++) {
+        const int64_t start = g * span, count = start + span <= s->K ? span : s->K - start;
+        const float scale = quantize_group(row, is_bf16, start, count, s->bits, codes + start);
+        tile_scales[g * TILE + r] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+// N rows of K weights from `from` (row_order: which of its rows each row of the result is, or NULL for its order)
+// into `codes` (tiles, blocks, block bytes) and `scales` ((tiles, n_groups, 16) float16 for KIND_INT, else (tiles,
+// K / 256, SUPER_BYTES or Q6_K_SUPER_BYTES) bytes), as formats.py lays them out. Rows past N take the zero value's
+// code and zero scales; so do codes past K. Returns 0, or -1 when out of memory.
+static int repack_tiles(const Rows *from, int64_t N, int64_t K, const int64_t *row_order, int bits, int64_t group,
+                        int kind, uint8_t *codes, uint8_t *scales, int n_threads) {
+    const Shape s = shape_of(K, bits, group, kind);
     const int64_t tiles = (N + TILE - 1) / TILE, block_bytes = s.tile_bytes / s.blocks, width = s.blocks * BLOCK;
-    const int64_t span = group < K ? group : K;
-    const uint8_t bias = bits == 8 ? 128 : 8;
+    const uint8_t bias = bits == 8 ? 128 : (uint8_t)(1 << (bits - 1));  // formats.BIAS
+    const int64_t scale_bytes = 2 * s.tile_scales;
     int failed = 0;
     #pragma omp parallel num_threads(n_threads)
     {
@@ -974,19 +929,52 @@ int quantize_rows(const void *w, int is_bf16, int64_t N, int64_t K, int bits, in
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             if (rows == NULL) continue;
-            memset(rows, bias, (size_t)(TILE * width));  // rows past N and weights past K: zero values
-            for (int r = 0; r < TILE; r++) {
-                const int64_t n = t * TILE + r;
-                for (int64_t g = 0; g < s.n_groups; g++) {
-                    const int64_t start = g * span, count = start + span <= K ? span : K - start;
-                    const float scale = n < N ? quantize_group(w, is_bf16, n * K + start, count, bits,
-                                                               rows + r * width + start) : 0.0f;
-                    scales[(t * s.n_groups + g) * TILE + r] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
-                }
+            uint8_t *tile_scales = scales + t * scale_bytes;
+            memset(tile_scales, 0, (size_t)scale_bytes);
+            memset(rows, bias, (size_t)(TILE * width));
+            for (int r = 0; r < TILE && t * TILE + r < N; r++) {
+                const int64_t source = row_order != NULL ? row_order[t * TILE + r] : t * TILE + r;
+                const uint8_t *row = from->data + source * from->row_bytes;
+                if (from->format == ROWS_GGUF)
+                    gguf_row(row, K, bits, kind, rows + r * width, tile_scales, r);
+                else if (from->format == ROWS_STORED)
+                    stored_row(row, from->scales + source * from->scale_bytes, K, from->row_bytes, bits, kind,
+                               s.n_groups, rows + r * width, tile_scales, r);
+                else
+                    float_row(row, from->is_bf16, &s, rows + r * width, (uint16_t *)tile_scales, r);
             }
             write_tile(rows, width, bits, codes + t * s.tile_bytes, block_bytes);
         }
         free(rows);
     }
     return failed ? -1 : 0;
+}
+
+// The GGUF tensor `blocks` (N rows of K weights) of llama.cpp's type given by bits and kind (KIND_INT with 8: Q8_0,
+// 4: Q4_0) in the layout (repack_tiles). K is a multiple of the type's block.
+int repack_gguf(const uint8_t *blocks, int64_t N, int64_t K, const int64_t *row_order, int bits, int kind,
+                uint8_t *codes, uint8_t *scales, int n_threads) {
+    const int64_t row_bytes = kind == KIND_INT ? K / BLOCK * (bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES)
+                              : K / 256 * (kind == KIND_Q6_K ? GGUF_Q6_K_BYTES
+                                           : bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES);
+    const Rows from = {ROWS_GGUF, blocks, NULL, row_bytes, 0, 0};
+    return repack_tiles(&from, N, K, row_order, bits, BLOCK, kind, codes, scales, n_threads);
+}
+
+// A weight in llamaforge's stored layout (formats.py's stored_codes: codes (N, code_bytes), scales (N, scale_bytes))
+// in the kernel's (repack_tiles), `group` as stored.
+int repack_stored(const uint8_t *stored, int64_t code_bytes, const uint8_t *stored_scales, int64_t scale_bytes,
+                  int64_t N, int64_t K, int bits, int64_t group, int kind, uint8_t *codes, uint8_t *scales,
+                  int n_threads) {
+    const Rows from = {ROWS_STORED, stored, stored_scales, code_bytes, scale_bytes, 0};
+    return repack_tiles(&from, N, K, NULL, bits, group, kind, codes, scales, n_threads);
+}
+
+// The weight w (N, K), float32 or bfloat16, quantized to `bits` (8 or 4) with one scale per `group` weights of a row
+// (a multiple of 32, or >= K for one a row; the last group may be partial) into `codes` (tiles, blocks, block bytes)
+// and `scales` (tiles, n_groups, 16) float16, as formats.py's quantize_weight and pack lay them out (repack_tiles).
+int quantize_rows(const void *w, int is_bf16, int64_t N, int64_t K, int bits, int64_t group, uint8_t *codes,
+                  uint16_t *scales, int n_threads) {
+    const Rows from = {ROWS_FLOAT, (const uint8_t *)w, NULL, K * (is_bf16 ? 2 : 4), 0, is_bf16};
+    return repack_tiles(&from, N, K, NULL, bits, group, KIND_INT, codes, (uint8_t *)scales, n_threads);
 }
