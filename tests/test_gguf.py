@@ -24,7 +24,7 @@ from llamaforge.checkpoint.gguf import write_gguf
 from llamaforge.cli import main
 from llamaforge.config import ModelArgs
 from llamaforge.errors import CheckpointError, TokenizerError
-from llamaforge.quantize import QuantizedLinear
+from llamaforge.quantize import QuantizedLinear, kernels
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'llamaforge[gguf]')")
 LLAMA_CPP_PYTHON = os.environ.get("LLAMAFORGE_LLAMA_CPP_PYTHON")
@@ -91,6 +91,26 @@ def test_the_reader_reads_what_gguf_pys_reader_reads(gqa_model_dir: Path, tmp_pa
                                         t.data.shape) for t in theirs.tensors]
     assert all(np.array_equal(a.data, b.data, equal_nan=a.data.dtype.kind == "f")
                for a, b in zip(ours.tensors, theirs.tensors, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "gguf-py"])
+def test_export_writes_llama_cpps_quantizer_bytes(kind: str, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q8_0 / Q4_0 export encodes a weight into exactly gguf-py's (llama.cpp's reference quantizer's) bytes, through
+    the kernels' quantizer where it runs (kernels.quantize_gguf) or gguf-py's own: rows of every magnitude, an all-zero
+    block (one starting with -0.0), a magnitude tied between signs."""
+    if compiled and kernels.native() is None:
+        pytest.skip("the compiled quantizer needs the int8/int4 kernel library (AVX-512 VNNI or AVX2, a C compiler)")
+    if not compiled:
+        monkeypatch.setattr(kernels, "native", lambda: None)
+    weight = (torch.randn(40, 256) * torch.rand(40, 1) * 0.1).numpy()
+    weight[1, :32] = 0.0
+    weight[2, :32] = 0.0
+    weight[2, 0] = -0.0
+    weight[4, 3], weight[4, 7] = 0.05, -0.05
+    gguf_type = getattr(gguf.GGMLQuantizationType, kind)
+    encoded = gguf_checkpoint._encode(gguf, weight, gguf_type)
+    assert encoded.dtype == np.uint8 and np.array_equal(encoded, gguf.quants.quantize(weight, gguf_type))
 
 
 def test_q8_0_holds_llama_cpps_8_bit_weights(gqa_model_dir: Path, tmp_path: Path) -> None:

@@ -390,4 +390,8 @@ def _encode(gguf, array: np.ndarray, kind: Any) -> np.ndarray:
         return array.astype(np.float32)
     if kind == kinds.F16:
         return array.astype(np.float16)
+    if kind in (kinds.Q8_0, kinds.Q4_0):  # gguf-py's bytes, from the kernels' quantizer where it runs (~10x faster)
+        blocks = kernels.quantize_gguf(array, 8 if kind == kinds.Q8_0 else 4)
+        if blocks is not None:
+            return blocks
     return gguf.quants.quantize(array, kind)

@@ -234,6 +234,8 @@ def native() -> ctypes.CDLL | None:
     library.repack_stored.argtypes = [_PTR, _INT64, _PTR, _INT64, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int,
                                       _PTR, _PTR, ctypes.c_int]
     library.repack_stored.restype = ctypes.c_int
+    library.quantize_gguf.argtypes = [_PTR, ctypes.c_int, _INT64, _INT64, ctypes.c_int, _PTR, ctypes.c_int]
+    library.quantize_gguf.restype = None
     return library
 
 
@@ -526,6 +528,19 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> 
                              scales.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError(f"no room to quantize a {N} x {K} weight")
     return QuantizedWeight(codes, scales, bits, group, K, N)
+
+
+def quantize_gguf(weight: np.ndarray, bits: int) -> np.ndarray | None:
+    """A float weight (N, K) as GGUF's Q8_0 (bits 8) or Q4_0 (4) blocks, (N, K / 32 * (2 + 4 * bits)) uint8, the bytes
+    llama.cpp's quantizer (and gguf-py's) writes, in one threaded compiled pass; None where the kernels do not run."""
+    library = native()
+    if library is None:
+        return None
+    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    N, K = w.shape
+    out = np.empty((N, K // BLOCK * (2 + BLOCK * bits // 8)), dtype=np.uint8)
+    library.quantize_gguf(w.data_ptr(), False, N, K, bits, out.ctypes.data, torch.get_num_threads())
+    return out
 
 
 def _empty_layout(N: int, K: int, bits: int, kind: str, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

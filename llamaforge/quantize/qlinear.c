@@ -978,3 +978,21 @@ int quantize_rows(const void *w, int is_bf16, int64_t N, int64_t K, int bits, in
     const Rows from = {ROWS_FLOAT, (const uint8_t *)w, NULL, K * (is_bf16 ? 2 : 4), 0, is_bf16};
     return repack_tiles(&from, N, K, NULL, bits, group, KIND_INT, codes, (uint8_t *)scales, n_threads);
 }
+
+// The weight w (N, K), float32 or bfloat16, as GGUF's Q8_0 / Q4_0 blocks (bits 8 / 4; N x K / 32 blocks of 34 / 18
+// bytes, row by row): the bytes llama.cpp's quantizer writes (quantize_group's codes and scales), for `export`.
+// K is a multiple of 32.
+void quantize_gguf(const void *w, int is_bf16, int64_t N, int64_t K, int bits, uint8_t *out, int n_threads) {
+    const int64_t blocks = K / BLOCK, block_bytes = bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t codes[BLOCK], *block = out + (n * blocks + b) * block_bytes;
+            const float scale = quantize_group(w, is_bf16, n * K + b * BLOCK, BLOCK, bits, codes);
+            const uint16_t half = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
+            memcpy(block, &half, 2);
+            for (int i = 0; i < (bits == 8 ? BLOCK : BLOCK / 2); i++)  // int8 values; Q4_0: i low, 16 + i high
+                block[2 + i] = bits == 8 ? codes[i] ^ 0x80 : (uint8_t)(codes[i] | codes[16 + i] << 4);
+        }
+    }
+}
