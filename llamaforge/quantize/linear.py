@@ -241,7 +241,6 @@ def linear_bytes(model: nn.Module) -> int:
     return total
 
 
-
 class DenseState(Mapping[str, torch.Tensor]):
     """`model.state_dict()` with each quantized layer's codes and scales replaced by its weight, dequantized to
     float32 each time it is read and never kept: exporting a quantized 7B model holds one dense layer at a time
