@@ -112,6 +112,22 @@ def test_load_memory_benchmark_loads_in_the_target_dtype() -> None:
     assert all(row["param_dtypes"] == ["bfloat16"] for row in report["results"])
 
 
+def test_load_time_benchmark_times_each_side_in_its_own_process(tiny_model_dir: Path) -> None:
+    """Each side loads in a fresh process, a checkout given with --tree from that checkout (here this one again);
+    llama.cpp's side is refused for anything but a GGUF file."""
+    repository = BENCHMARKS.parent
+    report = run_json("load_time.py", str(tiny_model_dir), "--quantize", "int4", "--rounds", "2",
+                      "--tree", str(repository))
+    assert set(report["results"]) == {"llamaforge", f"llamaforge@{repository}"}
+    for row in report["results"].values():
+        assert len(row["load_s"]) == 2 and all(seconds > 0 for seconds in row["load_s"])
+        assert 0 < row["peak_anon_gib"] <= row["peak_rss_gib"]
+    assert report["results"]["llamaforge"]["vs_llamaforge"] == 1
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "load_time.py"), str(tiny_model_dir),
+                              "--llamacpp-python", sys.executable], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--llamacpp-python needs a .gguf file" in refused.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["f32", "q4_0"])
 def test_serve_benchmark_batching_gives_the_same_text(weights: str) -> None:
