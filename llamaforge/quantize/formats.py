@@ -140,13 +140,19 @@ def check_scheme(bits: int, group_size: int | None) -> None:
                          + (" (or none for int8's one scale per row)" if bits == 8 else ""))
 
 
+def group_width(bits: int, group_size: int | None, in_features: int) -> int:
+    """The weights a scale covers along a row of `in_features` for `group_size` (None: the whole row for int8, the
+    smallest group for int4), at most the row."""
+    if bits == 4 and group_size is None:
+        group_size = GROUP_SIZES[0]
+    return min(group_size or in_features, in_features)
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
     """Quantize a 2-D float weight (N, K) to `bits` with one scale per `group_size` weights (None: per row)."""
     check_scheme(bits, group_size)
-    if bits == 4 and group_size is None:
-        group_size = GROUP_SIZES[0]
     N, K = weight.shape
-    group = min(group_size or K, K)
+    group = group_width(bits, group_size, K)
     n_groups = -(-K // group)
     w = weight.detach().float()
     padded = torch.nn.functional.pad(w, (0, n_groups * group - K)).view(N, n_groups, group)

@@ -53,6 +53,7 @@ from llamaforge.quantize.formats import (
     dequantize_weight,
     from_gguf,
     from_stored,
+    group_width,
     quantize_weight,
     stored_width,
     unpack_codes,
@@ -234,7 +235,7 @@ def native() -> ctypes.CDLL | None:
     library.repack_stored.argtypes = [_PTR, _INT64, _PTR, _INT64, _INT64, _INT64, ctypes.c_int, _INT64, ctypes.c_int,
                                       _PTR, _PTR, ctypes.c_int]
     library.repack_stored.restype = ctypes.c_int
-    library.quantize_gguf.argtypes = [_PTR, ctypes.c_int, _INT64, _INT64, ctypes.c_int, _PTR, ctypes.c_int]
+    library.quantize_gguf.argtypes = [_PTR, _INT64, _INT64, ctypes.c_int, _PTR, ctypes.c_int]
     library.quantize_gguf.restype = None
     return library
 
@@ -520,7 +521,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> 
         return quantize_weight(weight, bits, group_size)
     check_scheme(bits, group_size)
     N, K = weight.shape
-    group = min(group_size or (BLOCK if bits == 4 else K), K)
+    group = group_width(bits, group_size, K)
     w = weight.detach()
     w = (w if w.dtype in (torch.float32, torch.bfloat16) else w.float()).contiguous()
     codes, scales = _empty_layout(N, K, bits, "int", -(-K // group))
@@ -536,10 +537,10 @@ def quantize_gguf(weight: np.ndarray, bits: int) -> np.ndarray | None:
     library = native()
     if library is None:
         return None
-    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    w = np.ascontiguousarray(weight, dtype=np.float32)
     N, K = w.shape
     out = np.empty((N, K // BLOCK * (2 + BLOCK * bits // 8)), dtype=np.uint8)
-    library.quantize_gguf(w.data_ptr(), False, N, K, bits, out.ctypes.data, torch.get_num_threads())
+    library.quantize_gguf(w.ctypes.data, N, K, bits, out.ctypes.data, torch.get_num_threads())
     return out
 
 

@@ -694,6 +694,27 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
 #define GGUF_Q4_K_BYTES 144
 #define GGUF_Q5_K_BYTES 176
 #define GGUF_Q6_K_BYTES 210
+#define STORED_Q4_K_BYTES 20  // a row's Q4_K / Q5_K scale bytes a super-block in the stored layout: d, dmin, 8 sc, 8 m
+#define STORED_Q6_K_BYTES 18  // a row's Q6_K scale bytes a super-block in the stored layout: d, 16 sc
+
+// Row r's Q4_K / Q5_K factors of one super-block into a tile's scales (`out`, SUPER_BYTES): d and dmin (float16
+// bytes), then each sub-block's sc and m.
+static void put_q4_k_scales(uint8_t *out, int r, const uint8_t *d, const uint8_t *dmin, const uint8_t sc[8],
+                            const uint8_t m[8]) {
+    memcpy(out + 2 * r, d, 2);
+    memcpy(out + 2 * TILE + 2 * r, dmin, 2);
+    for (int j = 0; j < 8; j++) {
+        out[4 * TILE + j * 2 * TILE + r] = sc[j];
+        out[4 * TILE + j * 2 * TILE + TILE + r] = m[j];
+    }
+}
+
+// Row r's Q6_K factors of one super-block into a tile's scales (`out`, Q6_K_SUPER_BYTES): d (float16 bytes), then
+// the sc of each 16 weights.
+static void put_q6_k_scales(uint8_t *out, int r, const uint8_t *d, const uint8_t sc[16]) {
+    memcpy(out + 2 * r, d, 2);
+    for (int j = 0; j < 16; j++) out[2 * TILE + j * TILE + r] = sc[j];
+}
 
 // One row of a GGUF tensor (K weights): its codes (value + bias, as the layout stores them) into codes[0 .. K - 1],
 // and its scale fields into this row's lane r of the tile's scales (see repack_gguf).
@@ -720,9 +741,7 @@ static void gguf_row(const uint8_t *row, int64_t K, int bits, int kind, uint8_t 
         uint8_t *c = codes + s * 256;
         if (kind == KIND_Q6_K) {
             const uint8_t *block = row + s * GGUF_Q6_K_BYTES, *ql = block, *qh = block + 128;
-            uint8_t *out = tile_scales + s * Q6_K_SUPER_BYTES;
-            memcpy(out + 2 * r, block + 208, 2);                                     // d
-            for (int j = 0; j < 16; j++) out[2 * TILE + j * TILE + r] = block[192 + j];  // sc of weights 16j ..
+            put_q6_k_scales(tile_scales + s * Q6_K_SUPER_BYTES, r, block + 208, block + 192);
             for (int h = 0; h < 2; h++)
                 for (int i = 0; i < 64; i++) {
                     c[128 * h + i] = ql[64 * h + i] & 0x0F;
@@ -735,15 +754,12 @@ static void gguf_row(const uint8_t *row, int64_t K, int bits, int kind, uint8_t 
         }
         const uint8_t *block = row + s * (bits == 4 ? GGUF_Q4_K_BYTES : GGUF_Q5_K_BYTES), *packed = block + 4;
         const uint8_t *qs = block + (bits == 4 ? 16 : 48);
-        uint8_t *out = tile_scales + s * SUPER_BYTES;
-        memcpy(out + 2 * r, block, 2);                 // d
-        memcpy(out + 2 * TILE + 2 * r, block + 2, 2);  // dmin
+        uint8_t sc[8], m[8];
         for (int j = 0; j < 8; j++) {  // 6-bit scale and min of sub-block j (formats.q4_k_scales_and_mins)
-            const uint8_t sc = j < 4 ? packed[j] & 0x3F : (packed[j + 4] & 0x0F) | (packed[j - 4] >> 6) << 4;
-            const uint8_t m = j < 4 ? packed[j + 4] & 0x3F : (packed[j + 4] >> 4) | (packed[j] >> 6) << 4;
-            out[4 * TILE + j * 2 * TILE + r] = sc;
-            out[4 * TILE + j * 2 * TILE + TILE + r] = m;
+            sc[j] = j < 4 ? packed[j] & 0x3F : (packed[j + 4] & 0x0F) | (packed[j - 4] >> 6) << 4;
+            m[j] = j < 4 ? packed[j + 4] & 0x3F : (packed[j + 4] >> 4) | (packed[j] >> 6) << 4;
         }
+        put_q4_k_scales(tile_scales + s * SUPER_BYTES, r, block, block + 2, sc, m);
         for (int j = 0; j < 4; j++)
             for (int i = 0; i < 32; i++) {
                 c[64 * j + i] = qs[32 * j + i] & 0x0F;
@@ -813,20 +829,12 @@ static void stored_row(const uint8_t *row, const uint8_t *row_scales, int64_t K,
         return;
     }
     for (int64_t s = 0; s < K / 256; s++) {
-        if (kind == KIND_Q6_K) {  // d, then 16 int8 sc
-            const uint8_t *super = row_scales + s * 18;
-            uint8_t *out = tile_scales + s * Q6_K_SUPER_BYTES;
-            memcpy(out + 2 * r, super, 2);
-            for (int j = 0; j < 16; j++) out[2 * TILE + j * TILE + r] = super[2 + j];
-            continue;
-        }
-        const uint8_t *super = row_scales + s * 20;  // d, dmin, then 8 sc, 8 m
-        uint8_t *out = tile_scales + s * SUPER_BYTES;
-        memcpy(out + 2 * r, super, 2);
-        memcpy(out + 2 * TILE + 2 * r, super + 2, 2);
-        for (int j = 0; j < 8; j++) {
-            out[4 * TILE + j * 2 * TILE + r] = super[4 + j];
-            out[4 * TILE + j * 2 * TILE + TILE + r] = super[12 + j];
+        if (kind == KIND_Q6_K) {
+            const uint8_t *super = row_scales + s * STORED_Q6_K_BYTES;
+            put_q6_k_scales(tile_scales + s * Q6_K_SUPER_BYTES, r, super, super + 2);
+        } else {
+            const uint8_t *super = row_scales + s * STORED_Q4_K_BYTES;
+            put_q4_k_scales(tile_scales + s * SUPER_BYTES, r, super, super + 2, super + 4, super + 12);
         }
     }
 }
@@ -979,16 +987,16 @@ int quantize_rows(const void *w, int is_bf16, int64_t N, int64_t K, int bits, in
     return repack_tiles(&from, N, K, NULL, bits, group, KIND_INT, codes, (uint8_t *)scales, n_threads);
 }
 
-// The weight w (N, K), float32 or bfloat16, as GGUF's Q8_0 / Q4_0 blocks (bits 8 / 4; N x K / 32 blocks of 34 / 18
+// The weight w (N, K), float32, as GGUF's Q8_0 / Q4_0 blocks (bits 8 / 4; N x K / 32 blocks of 34 / 18
 // bytes, row by row): the bytes llama.cpp's quantizer writes (quantize_group's codes and scales), for `export`.
 // K is a multiple of 32.
-void quantize_gguf(const void *w, int is_bf16, int64_t N, int64_t K, int bits, uint8_t *out, int n_threads) {
+void quantize_gguf(const float *w, int64_t N, int64_t K, int bits, uint8_t *out, int n_threads) {
     const int64_t blocks = K / BLOCK, block_bytes = bits == 8 ? GGUF_Q8_0_BYTES : GGUF_Q4_0_BYTES;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t b = 0; b < blocks; b++) {
             uint8_t codes[BLOCK], *block = out + (n * blocks + b) * block_bytes;
-            const float scale = quantize_group(w, is_bf16, n * K + b * BLOCK, BLOCK, bits, codes);
+            const float scale = quantize_group(w, 0, n * K + b * BLOCK, BLOCK, bits, codes);
             const uint16_t half = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
             memcpy(block, &half, 2);
             for (int i = 0; i < (bits == 8 ? BLOCK : BLOCK / 2); i++)  // int8 values; Q4_0: i low, 16 + i high
