@@ -155,9 +155,9 @@ def test_q8_0_and_q4_0_load_as_int8_and_int4_layers_without_rounding_again(gqa_m
                         base.tokenizer.encode("The llama hums a quiet song", bos=True))
 
 
-def assert_decodes_like(kept32: llamaforge.LLM, dense: llamaforge.LLM, ids: list[int]) -> None:
+def assert_decodes_like(kept32: llamaforge.LLM, dense: llamaforge.LLM, ids: list[int], within: float = 0.05) -> None:
     """Decoding `ids` one token at a time (so the int8 / int4 kernel does the work), the kept model's top log
-    probabilities stay within 0.05 of the dense model's, and a clear choice stays the choice."""
+    probabilities stay `within` the dense model's, and a clear choice stays the choice."""
     decoded, reference = [], []
     for position in range(1, len(ids) + 1):  # one token at a time, as decoding runs, so the kernel does the work
         decoded.append(kept32.generate(ids[:position], max_new_tokens=1, temperature=0.0, logprobs=True,
@@ -165,7 +165,7 @@ def assert_decodes_like(kept32: llamaforge.LLM, dense: llamaforge.LLM, ids: list
         reference.append(dense.generate(ids[:position], max_new_tokens=1, temperature=0.0, logprobs=True,
                                         top_logprobs=5).top_logprobs[0])
     for ours, theirs in zip(decoded, reference, strict=True):
-        assert all(abs(ours[t] - theirs[t]) < 0.05 for t in set(ours) & set(theirs))
+        assert all(abs(ours[t] - theirs[t]) < within for t in set(ours) & set(theirs))
         first, second = sorted(theirs.values(), reverse=True)[:2]
         if first - second > 0.1:  # a clear choice stays the choice (a near-tie may flip)
             assert max(ours, key=ours.get) == max(theirs, key=theirs.get)
@@ -225,8 +225,10 @@ def test_q4_k_m_loads_as_q4_k_and_q6_k_layers_holding_the_files_numbers(q4_k_ggu
     fused = kept.generate(prompt, max_new_tokens=8, temperature=0.0)
     kept.model.fused_decode = None
     assert kept.generate(prompt, max_new_tokens=8, temperature=0.0).token_ids == fused.token_ids
+    # Activations round to int8 with one scale for each 256 against k-quants (llama.cpp's Q8_K): in a model 256 wide,
+    # one for a whole hidden vector (measured: 0.060 at most; 0.038 with a scale each 32, as int8 / int4 have).
     assert_decodes_like(llamaforge.load(q4_k_gguf, dtype=torch.float32), dense,
-                        dense.tokenizer.encode("The llama hums a quiet song", bos=True))
+                        dense.tokenizer.encode("The llama hums a quiet song", bos=True), within=0.1)
 
 
 def test_a_q4_k_model_saves_as_a_quantized_checkpoint_and_loads_back(q4_k_gguf: Path, tmp_path: Path) -> None:
@@ -445,8 +447,10 @@ def test_other_quantized_types_load_as_int8_close_to_their_values(tmp_path: Path
 def test_llama_cpps_own_k_quant_file_runs_as_stored_with_llama_cpps_logits(tmp_path: Path, tiny_tokenizer_path: Path,
                                                                           file_type: str, kinds: set[str]) -> None:
     """llama.cpp's quantizer makes a Q4_K_M / Q5_K_M file (its own choice of k-quant a tensor); llamaforge runs its
-    linears as stored and, teacher-forced, gives llama.cpp's logits on the file up to activation rounding (ours int8
-    in blocks of 32, llama.cpp's in blocks of 256; measured on Q4_K_M: mean difference 0.02 on logits up to 3.4)."""
+    linears as stored and, teacher-forced, gives llama.cpp's logits on the file up to rounding (both round activations
+    to int8 in blocks of 256, as llama.cpp's Q8_K, but llama.cpp's repacked kernels quantize them their own way and
+    keep its KV cache in float16; measured on Q4_K_M: mean difference 0.015 on logits up to 3.4, each side 0.016 from
+    the dequantized file's)."""
     config = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=512, max_seq_len=128)
     model_dir = write_hf_dir(tmp_path / "model", random_model(config, std=0.05), tiny_tokenizer_path)
     f16 = export(llamaforge.load(model_dir, dtype=torch.float32), tmp_path / "model.gguf", "f16")
@@ -459,8 +463,8 @@ def test_llama_cpps_own_k_quant_file_runs_as_stored_with_llama_cpps_logits(tmp_p
     dense = llamaforge.load(path, dtype=torch.float32, quantize=None)
     ours, exact = logits(kept, ids), logits(dense, ids)
     scale = exact.abs().max()
-    # llama.cpp's own rounding (activations per 256) takes it further from the file's exact product than ours does.
-    assert (ours - exact).abs().mean() < (theirs - exact).abs().mean()
+    # Ours rounds as much as llama.cpp's own does, no more (measured: 0.0161 and 0.0164 on Q4_K_M).
+    assert (ours - exact).abs().mean() < 1.2 * (theirs - exact).abs().mean()
     assert (ours - theirs).abs().max() < 0.04 * scale and (ours - theirs).abs().mean() < 0.01 * scale
 
 

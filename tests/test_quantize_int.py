@@ -244,17 +244,19 @@ def test_gguf_repack_lays_out_every_byte_as_the_torch_loaders(type_name: str, co
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_k_quant_kernel_equals_its_torch_reference(kind: str, rows: int) -> None:
     """k-quant weights in the kernel: each block's (Q6_K: each half block's) integer dot product times d * sc
-    (Q4_K, Q5_K: less dmin * m times the activations' block sum), as the reference computes it, and close to the float
-    product with the dequantized weight (int8 activations being the only difference)."""
+    (Q4_K, Q5_K: less dmin * m times the activations' block sum) under the activations' scale of each 256 (llama.cpp's
+    Q8_K), as the reference computes it, and close to the float product with the dequantized weight (int8
+    activations being the only difference: a step of a 256-value block's largest magnitude / 127, ~1% here)."""
     q = k_quant_weight(kind, 40, 768, seed=rows)
     x = torch.randn(rows, 768)
-    x[0, :32] = 0.0
+    x[0, :256] = 0.0  # an all-zero activation super-block
+    x[-1, 256:512] *= 100.0  # and one far larger than the others
     reference = kernels.qlinear_reference(x, q)
     out = kernels.qlinear(x, q)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
     assert torch.equal(out, torch.cat([kernels.qlinear(x[i:i + 1], q) for i in range(rows)]))
     exact = x @ dequantize_weight(q).T
-    assert ((out - exact).norm() / exact.norm()).item() < 0.01
+    assert ((out - exact).norm() / exact.norm()).item() < 0.02
     x16 = x.bfloat16()
     torch.testing.assert_close(kernels.qlinear(x16, q), kernels.qlinear_reference(x16.float(), q).bfloat16(),
                                rtol=1e-2, atol=1e-2)

@@ -133,6 +133,12 @@ LLF_INLINE int32_t llf_reduce_add_epi32(__m512i a) {
     return _mm_cvtsi128_si32(_mm_add_epi32(two, _mm_shuffle_epi32(two, 1)));
 }
 
+// VPDPWSSD: each int32 lane plus the products of its two int16 pairs (VPMADDWD's sums, exact but for -32768 squared,
+// which no caller passes).
+LLF_INLINE __m512i llf_dpwssd_epi32(__m512i acc, __m512i a, __m512i b) {
+    LLF_EACH(__m512i, _mm256_add_epi32(acc.h[i], _mm256_madd_epi16(a.h[i], b.h[i])));
+}
+
 // VDPBF16PS: each float lane plus the products of its two bfloat16 pairs, the odd pair's first (Intel's order).
 // Products of bfloat16 values are exact in float32, so each fused multiply-add rounds once, as the instruction does.
 LLF_INLINE __m512 llf_dpbf16_ps(__m512 acc, __m512bh a, __m512bh b) {
@@ -240,6 +246,7 @@ LLF_INLINE void llf_mask_storeu_epi16_256(void *p, __mmask16 k, __m256i a) {
 #define _mm512_reduce_max_ps llf_reduce_max_ps
 #define _mm512_reduce_add_epi32 llf_reduce_add_epi32
 #define _mm512_dpbf16_ps llf_dpbf16_ps
+#define _mm512_dpwssd_epi32 llf_dpwssd_epi32
 #undef _mm512_cmp_ps_mask
 #define _mm512_cmp_ps_mask llf_cmp_ps_mask
 #define _mm512_maskz_mov_ps llf_maskz_mov_ps

@@ -9,7 +9,8 @@ the layers: an int8 / int4 weight is dequantized and multiplied, the same weight
 activations. LLAMAFORGE_KERNELS=avx2 builds the AVX2 libraries on a CPU with AVX-512 too (to test them there).
 
 `qlinear_reference` is the kernel's arithmetic written in torch (activations quantized to int8 in blocks
-of 32, integer dot products, then the scales), which the tests hold the compiled kernel to.
+of 32, or of 256 as llama.cpp's Q8_K against the k-quants, integer dot products, then the scales), which the tests hold
+the compiled kernel to.
 """
 
 from __future__ import annotations
@@ -609,12 +610,21 @@ def fallback_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     return F.linear(x, dequantize(q, x.dtype).to(x.device))
 
 
-def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) as the kernel quantizes it: int8 values (M, blocks * 32) and float32 scales (M, blocks)."""
+def quantize_activations_reference(x: torch.Tensor, kind: str = "int") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) as the kernel quantizes it for weights of `kind`: int8 values (M, blocks * 32) and float32 scales, one
+    for each 32 values (M, blocks), or for a k-quant one for each 256 (M, K / 256), as llama.cpp's Q8_K: the value of
+    largest magnitude (the first of equals) max, iscale = -127 / max, values round(iscale * x), scale 1 / iscale."""
     M, K = x.shape
-    blocks = F.pad(x.float(), (0, -K % BLOCK)).view(M, -1, BLOCK)
-    scales = blocks.abs().amax(dim=-1) / 127
-    inverse = torch.where(scales != 0, 1 / scales, torch.zeros_like(scales))
+    width = BLOCK if kind == "int" else SUPER_BLOCK
+    blocks = F.pad(x.float(), (0, -K % width)).view(M, -1, width)
+    if kind == "int":
+        scales = blocks.abs().amax(dim=-1) / 127
+        inverse = torch.where(scales != 0, 1 / scales, torch.zeros_like(scales))
+    else:
+        largest = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))[..., 0]  # argmax: the first of equals
+        # A division, as the C's (`-127 / tensor` would multiply by the reciprocal, rounding twice).
+        inverse = torch.where(largest != 0, torch.full_like(largest, -127.0) / largest, torch.zeros_like(largest))
+        scales = torch.where(largest != 0, 1 / inverse, torch.zeros_like(largest))
     values = (blocks * inverse[..., None]).round()  # round half to even, as the kernel's conversion does
     return values.view(M, -1), scales
 
@@ -622,16 +632,16 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
 def qlinear_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     """The kernel's result computed in torch, in float64 (the kernel sums in float32): (M, N) float32. Each
     32-weight block's sum is x_scale * (w_scale * integer dot product - w_min * sum of x's codes), w_min being
-    zero but for Q4_K / Q5_K, whose codes are taken without their offset; Q6_K's half blocks each have their scale."""
-    values, x_scales = quantize_activations_reference(x)  # (M, blocks * 32), (M, blocks)
+    zero but for Q4_K / Q5_K, whose codes are taken without their offset; Q6_K's half blocks each have their scale;
+    x_scale is the activations' scale of the block (of its 256 for a k-quant)."""
+    values, x_scales = quantize_activations_reference(x, q.kind)  # (M, blocks * 32), (M, blocks or K / 256)
     sub = q.sub_block  # weights of a row under one scale (and min)
-    subs = x_scales.shape[1] * BLOCK // sub
+    subs = values.shape[1] // sub
     codes = unpack_codes(q).double() + (BIAS[q.bits] if q.kind in WITH_MINS else 0)
     w_subs = F.pad(codes, (0, -q.in_features % BLOCK)).view(q.out_features, subs, sub)
     x_subs = values.double().view(x.shape[0], subs, sub)
     dots = torch.einsum("msk,nsk->mns", x_subs, w_subs)  # (M, N, subs): exact integers
     w_scales, w_mins = (t.double() for t in q.block_scales())  # (N, subs) each
     sums = x_subs.sum(-1)[:, None, :]  # (M, 1, subs)
-    x_scales = x_scales.double().repeat_interleave(BLOCK // sub, dim=1)[:, None, :]
+    x_scales = x_scales.double().repeat_interleave(subs // x_scales.shape[1], dim=1)[:, None, :]
     return (x_scales * (dots * w_scales[None] - sums * w_mins[None])).sum(-1).float()
-

@@ -22,13 +22,10 @@
 // Weights of kind KIND_Q4_K keep llama.cpp's Q4_K blocks (formats.py's from_gguf_q4_k): the 4-bit layout's codes q,
 // unsigned, and per 32-weight block of a row a scale d * sc and a min dmin * m, w = d * sc * q - dmin * m, from
 // 6-bit sc and m bytes under float16 d and dmin for each 256 weights. Their scales are bytes: per tile and
-// super-block, d of the 16 rows (float16), dmin, then per block sc of the 16 rows and m (SUPER_BYTES in all). A
-// block's sum is then x_scale * (d * sc * sum(q * x) - dmin * m * sum(x)): the integer sum without the offset,
-// and one more multiply-add by the activations' block sum (QuantizedActivations.sums). (llama.cpp's k-quant dot
-// products quantize activations in blocks of 256; here they stay in blocks of 32, for every kind.) KIND_Q5_K is Q4_K
-// with 5-bit codes (0 .. 31): the 4-bit layout's low 4 bits, then a vector whose byte 4r + i holds in bit v the top
-// bit of the code in the low nibble of byte 4r + i of vector v (weight 4v + i), in bit 4 + v that of its high nibble
-// (weight 16 + 4v + i).
+// super-block, d of the 16 rows (float16), dmin, then per block sc of the 16 rows and m (SUPER_BYTES in all).
+// KIND_Q5_K is Q4_K with 5-bit codes (0 .. 31): the 4-bit layout's low 4 bits, then a vector whose byte 4r + i holds
+// in bit v the top bit of the code in the low nibble of byte 4r + i of vector v (weight 4v + i), in bit 4 + v that of
+// its high nibble (weight 16 + 4v + i).
 //
 // Weights of kind KIND_Q6_K keep llama.cpp's Q6_K blocks (from_gguf_q6_k): 6-bit codes q (value q - 32) with an int8
 // scale sc for each 16 weights of a row under a float16 d for each 256, w = d * sc * (q - 32). A block's codes are
@@ -37,6 +34,15 @@
 // 4v + i), the second those of the high nibbles (weight 16 + 4v + i). Low nibbles are weights 0 .. 15 of the block,
 // high ones 16 .. 31: each half has its own integer sum and scale. Scales per tile and super-block: d of the 16 rows
 // (float16), then per block sc of the 16 rows for weights 0 .. 15, then for weights 16 .. 31 (Q6_K_SUPER_BYTES).
+//
+// Against the k-quants, activations are quantized as llama.cpp quantizes them for these types (its Q8_K): one scale
+// x_d for each 256, so that a super-block's integer sums, each times its integer sc, add up in integers, and a row's
+// sum takes float arithmetic once a super-block: x_d * d * (sum over blocks of sc * sum(q * x)) (Q6_K: over half
+// blocks). What does not depend on the codes (Q4_K's and Q5_K's mins, x_d * dmin * m * sum(x); Q6_K's offset,
+// x_d * d * sc * 32 * sum(x)) is an integer sum a super-block too, of 16-bit pairs (VPDPWSSD), taken before the codes'
+// (k_quant_offsets). With an activation scale a block, each block cost every activation row a float multiply and two
+// multiply-adds on the pipes VPDPBUSD runs on: 1.05-1.10x on a 128-row layer now (docs/benchmarks.md), for a step of
+// rounding as large as llama.cpp's own (its quantize_row_q8_K_ref: the same codes).
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The weight codes are the unsigned side, offset by `bias`
 // (128 or 8), so sum(code * x) = sum(w * x) + bias * sum(x); the second term depends on x alone and starts
@@ -66,10 +72,10 @@
 // The activations of one call, quantized: everything the inner loop needs that does not depend on weights.
 typedef struct {
     int8_t *codes;     // (M, blocks * 32) int8
-    int32_t *negbias;  // (M, blocks): -bias * (sum of the block's codes)
-    float *scales;     // (M, blocks)
-    float *sums;       // (M, blocks): scale * (sum of the block's codes), the block's sum as quantized
-    int32_t *halves;   // (M, blocks, 2): the sums of the block's first 16 codes and of its last 16
+    int32_t *negbias;  // KIND_INT (M, blocks): -bias * (sum of the block's codes)
+    float *scales;     // KIND_INT (M, blocks); k-quants (M, blocks / 8): x_d of each 256
+    int32_t *pairs;    // k-quants (M, blocks): sums of codes as int16 pairs, low half first (k_quant_offsets): Q4_K,
+                       // Q5_K: of blocks 8j + 2i and 8j + 2i + 1 at 8j + i (i < 4); Q6_K: of block b's halves at b
 } QuantizedActivations;
 
 typedef struct {
@@ -105,33 +111,91 @@ static inline void store16(void *out, int is_bf16, int64_t index, __m512 values,
         _mm512_mask_storeu_ps((float *)out + index, keep, values);
 }
 
-// Quantize rows of x (M, K), float32 or bfloat16, into int8 blocks of 32: scale = absmax / 127,
-// code = round-to-nearest-even(x * (1 / scale)). The last block is completed with zeros. Rows split across
+// x[index], float32 or bfloat16.
+static inline float value_at(const void *x, int is_bf16, int64_t index) {
+    if (!is_bf16) return ((const float *)x)[index];
+    const uint32_t word = (uint32_t)((const uint16_t *)x)[index] << 16;
+    float value;
+    memcpy(&value, &word, 4);
+    return value;
+}
+
+// Two int16 values in one int32, `low` in its low half (VPDPWSSD's pairs).
+static inline int32_t int16_pair(int32_t low, int32_t high) {
+    return (int32_t)((uint32_t)(uint16_t)low | (uint32_t)high << 16);
+}
+
+// Row m of x quantized in blocks of 32 (KIND_INT): scale = absmax / 127, code = round-to-nearest-even(x * (1 / scale)).
+// The last block is completed with zeros.
+static void quantize_blocks(const void *x, int is_bf16, int64_t m, const Shape *s, int bias,
+                            QuantizedActivations *out) {
+    for (int64_t b = 0; b < s->blocks; b++) {
+        int64_t start = b * BLOCK, index = m * s->K + start;
+        __m512 lo = load16_as_float(x, is_bf16, index, first_lanes(s->K - start));
+        __m512 hi = load16_as_float(x, is_bf16, index + 16, first_lanes(s->K - start - 16));
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        float scale = amax / 127.0f;
+        __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+        // |x / scale| <= 127, so the conversions never saturate.
+        __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+        __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+        int8_t *codes = out->codes + m * s->blocks * BLOCK + start;
+        _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(q_lo));
+        _mm_storeu_si128((__m128i *)(codes + 16), _mm512_cvtepi32_epi8(q_hi));
+        out->negbias[m * s->blocks + b] = -bias * (_mm512_reduce_add_epi32(q_lo) + _mm512_reduce_add_epi32(q_hi));
+        out->scales[m * s->blocks + b] = scale;
+    }
+}
+
+// Row m of x quantized in blocks of 256 for the k-quants, as llama.cpp's quantize_row_q8_K_ref does (the same codes and
+// x_d): the value of largest magnitude (the first of equals) sets iscale = -127 / max, code = round-to-nearest-even(
+// iscale * x) (never past 127 in magnitude, so its clamp at 127 is left out) and x_d = 1 / iscale; zero where the
+// block is. K is a multiple of 256. Then the code sums k_quant_offsets takes (QuantizedActivations.pairs).
+static void quantize_super_blocks(const void *x, int is_bf16, int64_t m, const Shape *s, QuantizedActivations *out) {
+    for (int64_t j = 0; j < s->blocks / SUPER_BLOCKS; j++) {
+        const int64_t start = m * s->K + j * SUPER_BLOCKS * BLOCK;
+        __m512 values[16], magnitudes = _mm512_setzero_ps();
+        for (int i = 0; i < 16; i++) {
+            values[i] = load16_as_float(x, is_bf16, start + 16 * i, (__mmask16)0xFFFF);
+            magnitudes = _mm512_max_ps(magnitudes, _mm512_abs_ps(values[i]));
+        }
+        const __m512 amax = _mm512_set1_ps(_mm512_reduce_max_ps(magnitudes));
+        float max = 0.0f;
+        for (int i = 0; i < 16; i++) {
+            const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(values[i]), amax, _CMP_EQ_OQ);
+            if (at) {
+                max = value_at(x, is_bf16, start + 16 * i + __builtin_ctz(at));
+                break;
+            }
+        }
+        const float iscale = max != 0.0f ? -127.0f / max : 0.0f;
+        int32_t sums[16];  // of each 16 codes
+        for (int i = 0; i < 16; i++) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values[i], _mm512_set1_ps(iscale)));
+            _mm_storeu_si128((__m128i *)(out->codes + (m * s->blocks + j * SUPER_BLOCKS) * BLOCK + 16 * i),
+                             _mm512_cvtepi32_epi8(q));
+            sums[i] = _mm512_reduce_add_epi32(q);
+        }
+        out->scales[m * (s->blocks / SUPER_BLOCKS) + j] = max != 0.0f ? 1.0f / iscale : 0.0f;
+        int32_t *pairs = out->pairs + m * s->blocks + j * SUPER_BLOCKS;
+        for (int i = 0; i < SUPER_BLOCKS; i++)
+            pairs[i] = s->kind == KIND_Q6_K ? int16_pair(sums[2 * i], sums[2 * i + 1])
+                       : i < SUPER_BLOCKS / 2 ? int16_pair(sums[4 * i] + sums[4 * i + 1],
+                                                           sums[4 * i + 2] + sums[4 * i + 3])
+                       : 0;
+    }
+}
+
+// Quantize rows of x (M, K), float32 or bfloat16, into int8 codes for weights of s->kind. Rows split across
 // `n_threads` (a prompt's rows: the other core would wait, 1.01-1.10x prefill here); 1 inside a parallel region.
 static void quantize_activations(const void *x, int is_bf16, int64_t M, const Shape *s, int bias,
                                  QuantizedActivations *out, int n_threads) {
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (M > 1 && n_threads > 1)
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t b = 0; b < s->blocks; b++) {
-            int64_t start = b * BLOCK, index = m * s->K + start;
-            __m512 lo = load16_as_float(x, is_bf16, index, first_lanes(s->K - start));
-            __m512 hi = load16_as_float(x, is_bf16, index + 16, first_lanes(s->K - start - 16));
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-            float scale = amax / 127.0f;
-            __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
-            // |x / scale| <= 127, so the conversions never saturate.
-            __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
-            __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-            int8_t *codes = out->codes + m * s->blocks * BLOCK + start;
-            _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(q_lo));
-            _mm_storeu_si128((__m128i *)(codes + 16), _mm512_cvtepi32_epi8(q_hi));
-            const int32_t low = _mm512_reduce_add_epi32(q_lo), sum = low + _mm512_reduce_add_epi32(q_hi);
-            out->halves[2 * (m * s->blocks + b)] = low;
-            out->halves[2 * (m * s->blocks + b) + 1] = sum - low;
-            out->negbias[m * s->blocks + b] = -bias * sum;
-            out->scales[m * s->blocks + b] = scale;
-            out->sums[m * s->blocks + b] = scale * (float)sum;
-        }
+        if (s->kind == KIND_INT)
+            quantize_blocks(x, is_bf16, m, s, bias, out);
+        else
+            quantize_super_blocks(x, is_bf16, m, s, out);
     }
 }
 
@@ -151,41 +215,80 @@ static inline __m512i top_bits(__m512i high, const int v) {
            : v == 2 ? high : _mm512_srli_epi32(high, 2);
 }
 
-// 16 bytes as float32.
-static inline __m512 bytes_as_float(const uint8_t *bytes) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes)));
-}
-
-// 16 signed bytes as float32.
-static inline __m512 signed_bytes_as_float(const uint8_t *bytes) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)bytes)));
-}
-
-// The weight scales of block b for a tile's 16 rows, where the weight has groups or is a k-quant (d * sc, exact in
-// float32; then *second is dmin * m for KIND_Q4_K and KIND_Q5_K, and for KIND_Q6_K the scales of the block's last 16
-// weights, the result being its first 16's): zeros, never read, where it has one scale a row. Blocks come in order
-// from 0: `factors` keeps a k-quant's d (and dmin) of the current super-block, converted at its first block.
-static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, const int kind, int64_t b,
-                                  __m512 factors[2], __m512 *second) {
-    if (kind == KIND_Q6_K) {
-        const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * Q6_K_SUPER_BYTES;
-        const uint8_t *bytes = super + 2 * TILE + b % SUPER_BLOCKS * 2 * TILE;
-        if (b % SUPER_BLOCKS == 0) factors[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
-        *second = _mm512_mul_ps(factors[0], signed_bytes_as_float(bytes + TILE));
-        return _mm512_mul_ps(factors[0], signed_bytes_as_float(bytes));
-    }
-    if (kind == KIND_Q4_K || kind == KIND_Q5_K) {
-        const uint8_t *super = (const uint8_t *)tile_scales + b / SUPER_BLOCKS * SUPER_BYTES;
-        const uint8_t *bytes = super + 2 * TILE * 2 + b % SUPER_BLOCKS * 2 * TILE;
-        if (b % SUPER_BLOCKS == 0) {
-            factors[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super));
-            factors[1] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE)));
-        }
-        *second = _mm512_mul_ps(factors[1], bytes_as_float(bytes + TILE));
-        return _mm512_mul_ps(factors[0], bytes_as_float(bytes));
-    }
-    if (one_scale_a_row(s, kind)) return _mm512_setzero_ps();
+// The weight scales of block b (KIND_INT) for a tile's 16 rows, where the weight has groups: zeros, never read, where
+// it has one scale a row.
+static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, int64_t b) {
+    if (one_scale_a_row(s, KIND_INT)) return _mm512_setzero_ps();
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + b * BLOCK / s->group * TILE)));
+}
+
+// A k-quant tile's scale bytes of super-block j (SUPER_BYTES or Q6_K_SUPER_BYTES, described at the top).
+static inline const uint8_t *super_block_scales(const uint16_t *tile_scales, const int kind, int64_t j) {
+    return (const uint8_t *)tile_scales + j * (kind == KIND_Q6_K ? Q6_K_SUPER_BYTES : SUPER_BYTES);
+}
+
+// Within them, block b's 16 sc bytes (b counted from the super-block's first), then its 16 m bytes (Q6_K: the 16 sc of
+// the block's last 16 weights).
+static inline const uint8_t *block_scale_bytes(const uint8_t *super, const int kind, int64_t b) {
+    return super + (kind == KIND_Q6_K ? 2 : 4) * TILE + b * 2 * TILE;
+}
+
+// 16 bytes, unsigned or signed, as int32 lanes.
+static inline __m512i bytes_as_int32(const uint8_t *bytes, const int is_signed) {
+    const __m128i loaded = _mm_loadu_si128((const __m128i *)bytes);
+    return is_signed ? _mm512_cvtepi8_epi32(loaded) : _mm512_cvtepu8_epi32(loaded);
+}
+
+// The term of each activation row m0 + t's sums that the codes do not change, negated, in acc[t] for the k-quant loop
+// to start from: for Q4_K and Q5_K the mins, sum of x_d * dmin * (sum over blocks of m * the block's code sum), for
+// Q6_K the codes' offset, sum of x_d * d * 32 * (sum over half blocks of sc * the half's code sum). Each super-block's
+// integer sum takes VPDPWSSD over two blocks (halves) at once: their factors, as a lane's int16 pair, times the
+// activations' code sums, paired as in QuantizedActivations.pairs.
+static inline void k_quant_offsets(const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+                                   const int count, const int kind, const Shape *s, __m512 acc[Q_M_TILE]) {
+    const int64_t supers = s->blocks / SUPER_BLOCKS;
+    for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < supers; j++) {
+        const uint8_t *super = super_block_scales(tile_scales, kind, j);
+        __m512i sums[Q_M_TILE];
+        for (int t = 0; t < count; t++) sums[t] = _mm512_setzero_si512();
+        for (int i = 0; i < (kind == KIND_Q6_K ? SUPER_BLOCKS : SUPER_BLOCKS / 2); i++) {
+            __m512i factors;
+            if (kind == KIND_Q6_K) {
+                const uint8_t *sc = block_scale_bytes(super, kind, i);
+                factors = _mm512_or_si512(_mm512_and_si512(bytes_as_int32(sc, 1), _mm512_set1_epi32(0xFFFF)),
+                                          _mm512_slli_epi32(bytes_as_int32(sc + TILE, 1), 16));
+            } else {
+                factors = _mm512_or_si512(bytes_as_int32(block_scale_bytes(super, kind, 2 * i) + TILE, 0),
+                                          _mm512_slli_epi32(bytes_as_int32(block_scale_bytes(super, kind, 2 * i + 1)
+                                                                           + TILE, 0), 16));
+            }
+            for (int t = 0; t < count; t++) {
+                const int32_t code_sums = act->pairs[(m0 + t) * s->blocks + j * SUPER_BLOCKS + i];
+                sums[t] = _mm512_dpwssd_epi32(sums[t], factors, _mm512_set1_epi32(code_sums));
+            }
+        }
+        const __m512 factor = kind == KIND_Q6_K
+            ? _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super)), _mm512_set1_ps(32.0f))
+            : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(super + 2 * TILE)));
+        for (int t = 0; t < count; t++) {
+            const __m512 scaled = _mm512_mul_ps(factor, _mm512_set1_ps(act->scales[(m0 + t) * supers + j]));
+            acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sums[t]), scaled, acc[t]);
+        }
+    }
+}
+
+// The end of super-block j in the k-quant loop: each row's integer sum (of sc * the codes' products) times x_d * d,
+// added to acc[t], and the sum set to zero for the next.
+static inline void k_quant_super_block_done(const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+                                            const int count, const int kind, const Shape *s, int64_t j,
+                                            __m512i sums[Q_M_TILE], __m512 acc[Q_M_TILE]) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super_block_scales(tile_scales, kind, j)));
+    for (int t = 0; t < count; t++) {
+        const float x_d = act->scales[(m0 + t) * (s->blocks / SUPER_BLOCKS) + j];
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_mul_ps(d, _mm512_set1_ps(x_d)), acc[t]);
+        sums[t] = _mm512_setzero_si512();
+    }
 }
 
 // A tile's 16 row sums, with their rows' weight scales applied where one_scale_a_row (else as they are).
@@ -197,12 +300,14 @@ static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const 
 #ifdef LLAMAFORGE_AVX2
 // AVX2 has no VPDPBUSD. A tile's 16 rows are two halves of 8 (the low and high 32 bytes of each 64-byte vector), and
 // the byte products come from VPMADDUBSW (unsigned times signed bytes, pairs summed into 16 bits, saturating) and
-// VPMADDWD (16-bit pairs summed into 32 bits), exact for both widths:
+// VPMADDWD (16-bit pairs summed into 32 bits), exact for every width:
 //  - 4 bits: codes 0 .. 15 times activations -127 .. 127 make pairs of at most 3,810, so a block's 8 vectors add up
 //    in 16 bits (at most 30,480) before one VPMADDWD; the codes' offset goes as on AVX-512 (negbias).
 //  - 8 bits: a code minus 128 is the signed value, and VPSIGNB moves each value's sign onto its activation so that
 //    the unsigned side is |value| <= 128 (llama.cpp's Q8_0 route): pairs of at most 32,512, each vector its own
 //    VPMADDWD, and no offset to remove.
+//  - the k-quants: VPMADDWD multiplies the pairs by the block's sc (as a 16-bit pair) where the others take ones, so
+//    each sum comes out scaled; 5- and 6-bit codes (pairs up to 7,874 and 16,002) take it vector by vector.
 
 // top_bits for one half of a tile's rows.
 static inline __m256i top_bits_256(__m256i high, const int v) {
@@ -210,79 +315,62 @@ static inline __m256i top_bits_256(__m256i high, const int v) {
            : v == 2 ? high : _mm256_srli_epi32(high, 2);
 }
 
-// Block b (32 weights of a tile's 16 rows) of the dot products with activation rows m0 .. m0 + count - 1, added
-// into acc[t][half] (half h: rows 8h .. 8h + 7).
+// Half `half` (rows 8h .. 8h + 7) of a block's 8 code vectors: vector v pairs with activation bytes 4v .. 4v + 3.
+// 8-bit codes come as signed values, the others unsigned.
+static inline __attribute__((always_inline)) void load_half(const uint8_t *block, const int bits, const int half,
+                                                            __m256i w[8]) {
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+    if (bits == 8) {
+        for (int v = 0; v < 8; v++)
+            w[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half)),
+                                    _mm256_set1_epi8((char)0x80));
+    } else if (bits == 5) {
+        const __m256i top = _mm256_set1_epi8(0x10);
+        const __m256i high = _mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half));
+        for (int v = 0; v < 4; v++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
+            w[v] = _mm256_or_si256(_mm256_and_si256(packed, low_nibbles),
+                                   _mm256_and_si256(_mm256_slli_epi32(high, 4 - v), top));
+            w[v + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
+                                       _mm256_and_si256(_mm256_srli_epi32(high, v), top));
+        }
+    } else if (bits == 6) {
+        const __m256i top = _mm256_set1_epi8(0x30);
+        const __m256i high[2] = {_mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half)),
+                                 _mm256_loadu_si256((const __m256i *)(block + 320 + 32 * half))};
+        for (int v = 0; v < 4; v++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
+            w[v] = _mm256_or_si256(_mm256_and_si256(packed, low_nibbles),
+                                   _mm256_and_si256(top_bits_256(high[0], v), top));
+            w[v + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
+                                       _mm256_and_si256(top_bits_256(high[1], v), top));
+        }
+    } else {
+        for (int v = 0; v < 4; v++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
+            w[v] = _mm256_and_si256(packed, low_nibbles);
+            w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+        }
+    }
+}
+
+// Block b (32 weights of a tile's 16 rows, KIND_INT) of the dot products with activation rows m0 .. m0 + count - 1,
+// added into acc[t][half] (half h: rows 8h .. 8h + 7).
 static inline __attribute__((always_inline)) void block_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const int kind, const Shape *s, int64_t b, __m512 factors[2],
-        __m256 acc[Q_M_TILE][2]) {
-    const int64_t block_bytes = s->tile_bytes / s->blocks;
-    const __m256i ones = _mm256_set1_epi16(1), low_nibbles = _mm256_set1_epi8(0x0F);
-    const __m256i sign_bit = _mm256_set1_epi8((char)0x80);
-    const uint8_t *block = tile_codes + b * block_bytes;
-    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K || kind == KIND_Q5_K;
-    __m512 w_second;
-    const __m512 w_scales = group_scales(tile_scales, s, kind, b, factors, &w_second);
+        const int count, const int bits, const Shape *s, int64_t b, __m256 acc[Q_M_TILE][2]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *block = tile_codes + b * (s->tile_bytes / s->blocks);
+    const int per_row = one_scale_a_row(s, KIND_INT);
+    const __m512 w_scales = group_scales(tile_scales, s, b);
     for (int half = 0; half < 2; half++) {
-        __m256i w[8];  // vector v pairs with activation bytes 4v .. 4v + 3
-        if (bits == 8) {
-            for (int v = 0; v < 8; v++)
-                w[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half)),
-                                        sign_bit);
-        } else if (bits == 5) {
-            const __m256i top = _mm256_set1_epi8(0x10);
-            const __m256i high = _mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half));
-            for (int v = 0; v < 4; v++) {
-                const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
-                w[v] = _mm256_or_si256(_mm256_and_si256(packed, low_nibbles),
-                                       _mm256_and_si256(_mm256_slli_epi32(high, 4 - v), top));
-                w[v + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
-                                           _mm256_and_si256(_mm256_srli_epi32(high, v), top));
-            }
-        } else if (bits == 6) {
-            const __m256i top = _mm256_set1_epi8(0x30);
-            const __m256i high[2] = {_mm256_loadu_si256((const __m256i *)(block + 256 + 32 * half)),
-                                     _mm256_loadu_si256((const __m256i *)(block + 320 + 32 * half))};
-            for (int v = 0; v < 4; v++) {
-                const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
-                w[v] = _mm256_or_si256(_mm256_and_si256(packed, low_nibbles),
-                                       _mm256_and_si256(top_bits_256(high[0], v), top));
-                w[v + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
-                                           _mm256_and_si256(top_bits_256(high[1], v), top));
-            }
-        } else {
-            for (int v = 0; v < 4; v++) {
-                const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 64 * v + 32 * half));
-                w[v] = _mm256_and_si256(packed, low_nibbles);
-                w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
-            }
-        }
+        __m256i w[8];
+        load_half(block, bits, half, w);
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
             __m256i sums;
-            if (kind == KIND_Q6_K) {  // codes up to 63: each vector's pairs widened at once (two would overflow)
-                const int32_t *halves = act->halves + 2 * (m * s->blocks + b);
-                __m256i low = _mm256_set1_epi32(-32 * halves[0]), high = _mm256_set1_epi32(-32 * halves[1]);
-                for (int v = 0; v < 4; v++) {
-                    low = _mm256_add_epi32(low, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                        w[v], _mm256_set1_epi32(x4[v])), ones));
-                    high = _mm256_add_epi32(high, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                        w[v + 4], _mm256_set1_epi32(x4[v + 4])), ones));
-                }
-                const __m256 x_scale = _mm256_set1_ps(act->scales[m * s->blocks + b]);
-                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), _mm256_mul_ps(w_scales.h[half], x_scale),
-                                               acc[t][half]);
-                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_mul_ps(w_second.h[half], x_scale),
-                                               acc[t][half]);
-                continue;
-            }
-            if (bits == 5) {  // codes up to 31: each vector's pairs widened at once (eight would overflow 16 bits)
-                sums = _mm256_setzero_si256();
-                for (int v = 0; v < 8; v++)
-                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                        w[v], _mm256_set1_epi32(x4[v])), ones));
-            } else if (bits == 8) {
+            if (bits == 8) {
                 sums = _mm256_setzero_si256();
                 for (int v = 0; v < 8; v++)
                     sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(
@@ -291,57 +379,101 @@ static inline __attribute__((always_inline)) void block_dot(
                 __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x4[0]));
                 for (int v = 1; v < 8; v++)
                     pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[v], _mm256_set1_epi32(x4[v])));
-                sums = _mm256_madd_epi16(pairs, ones);
-                if (!with_mins) sums = _mm256_add_epi32(sums, _mm256_set1_epi32(act->negbias[m * s->blocks + b]));
+                sums = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones),
+                                        _mm256_set1_epi32(act->negbias[m * s->blocks + b]));
             }
             const __m256 x_scale = _mm256_set1_ps(act->scales[m * s->blocks + b]);
             const __m256 scales = per_row ? x_scale : _mm256_mul_ps(w_scales.h[half], x_scale);
             acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[t][half]);
-            if (with_mins)
-                acc[t][half] = _mm256_fnmadd_ps(w_second.h[half], _mm256_set1_ps(act->sums[m * s->blocks + b]),
-                                                acc[t][half]);
         }
     }
 }
 
-// One tile's 16 rows dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for m0 + t.
+// Block b of a k-quant tile dotted with activation rows m0 .. m0 + count - 1: each (half) block's integer sum times its
+// sc, added into sums[t] (as k_quant_tile_dot describes).
+static inline __attribute__((always_inline)) void k_quant_block(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int count, const int bits, const int kind, const Shape *s, int64_t b, __m512i sums[Q_M_TILE]) {
+    const uint8_t *block = tile_codes + b * (s->tile_bytes / s->blocks);
+    const uint8_t *sc = block_scale_bytes(super_block_scales(tile_scales, kind, b / SUPER_BLOCKS), kind,
+                                          b % SUPER_BLOCKS);
+    const __m512i low_half = _mm512_set1_epi32(0xFFFF);
+    const __m512i first = bytes_as_int32(sc, kind == KIND_Q6_K);  // the weights' first 16, Q6_K; else all 32
+    const __m512i second = kind == KIND_Q6_K ? bytes_as_int32(sc + TILE, 1) : first;
+    const __m512i first_pair = _mm512_or_si512(_mm512_and_si512(first, low_half), _mm512_slli_epi32(first, 16));
+    const __m512i second_pair = _mm512_or_si512(_mm512_and_si512(second, low_half), _mm512_slli_epi32(second, 16));
+    for (int half = 0; half < 2; half++) {
+        __m256i w[8];
+        load_half(block, bits, half, w);
+        for (int t = 0; t < count; t++) {
+            const int32_t *x4 = (const int32_t *)(act->codes + ((m0 + t) * s->blocks + b) * BLOCK);
+            __m256i sum;
+            if (bits == 4) {
+                __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x4[0]));
+                for (int v = 1; v < 8; v++)
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[v], _mm256_set1_epi32(x4[v])));
+                sum = _mm256_madd_epi16(pairs, first_pair.h[half]);
+            } else {
+                sum = _mm256_setzero_si256();
+                for (int v = 0; v < 8; v++)
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w[v], _mm256_set1_epi32(x4[v])),
+                                                                  v < 4 ? first_pair.h[half] : second_pair.h[half]));
+            }
+            sums[t].h[half] = _mm256_add_epi32(sums[t].h[half], sum);
+        }
+    }
+}
+
+// One tile's 16 rows (KIND_INT) dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for
+// m0 + t.
 static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
+        const int count, const int bits, const Shape *s, __m512 out[Q_M_TILE]) {
     __m256 acc[Q_M_TILE][2];
-    __m512 factors[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int t = 0; t < count; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < s->blocks; b++)
-        block_dot(tile_codes, tile_scales, act, m0, count, bits, kind, s, b, factors, acc);
+    for (int64_t b = 0; b < s->blocks; b++) block_dot(tile_codes, tile_scales, act, m0, count, bits, s, b, acc);
     for (int t = 0; t < count; t++) {
         out[t].h[0] = acc[t][0];
         out[t].h[1] = acc[t][1];
-        out[t] = row_scaled(out[t], tile_scales, s, kind);
+        out[t] = row_scaled(out[t], tile_scales, s, KIND_INT);
     }
 }
 
 #define TASK_TILES 4  // tiles a task of the joint loop: for a single activation row they stream side by side
 
 // TASK_TILES tiles (codes[i], scales[i]) dotted with activation row m, block by block in turn, each row's sum in
-// tile_dot's order: as many streams of weight bytes for a core (one reached ~25 GB/s on Zen 3's two cores). Four made
-// decode steps 1.17x faster there (int8 and int4), two 1.05-1.08x; eight are slower (their sums spill).
+// tile_dot's (k_quant_tile_dot's) order: as many streams of weight bytes for a core (one reached ~25 GB/s on Zen 3's
+// two cores). Four made decode steps 1.17x faster there (int8 and int4), two 1.05-1.08x; eight are slower (their
+// sums spill).
 static inline __attribute__((always_inline)) void tiles_dot(
         const uint8_t *const codes[TASK_TILES], const uint16_t *const scales[TASK_TILES],
         const QuantizedActivations *act, int64_t m, const int bits, const int kind, const Shape *s,
         __m512 out[TASK_TILES]) {
-    __m256 acc[TASK_TILES][Q_M_TILE][2];
-    __m512 factors[TASK_TILES][2];
-    for (int i = 0; i < TASK_TILES; i++) {
-        acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
-        factors[i][0] = factors[i][1] = _mm512_setzero_ps();
+    if (kind != KIND_INT) {
+        __m512 acc[TASK_TILES][Q_M_TILE];
+        __m512i sums[TASK_TILES][Q_M_TILE];
+        for (int i = 0; i < TASK_TILES; i++) {
+            k_quant_offsets(scales[i], act, m, 1, kind, s, acc[i]);
+            sums[i][0] = _mm512_setzero_si512();
+        }
+        for (int64_t b = 0; b < s->blocks; b++) {
+            for (int i = 0; i < TASK_TILES; i++)
+                k_quant_block(codes[i], scales[i], act, m, 1, bits, kind, s, b, sums[i]);
+            if (b % SUPER_BLOCKS == SUPER_BLOCKS - 1)
+                for (int i = 0; i < TASK_TILES; i++)
+                    k_quant_super_block_done(scales[i], act, m, 1, kind, s, b / SUPER_BLOCKS, sums[i], acc[i]);
+        }
+        for (int i = 0; i < TASK_TILES; i++) out[i] = acc[i][0];
+        return;
     }
+    __m256 acc[TASK_TILES][Q_M_TILE][2];
+    for (int i = 0; i < TASK_TILES; i++) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < s->blocks; b++)
-        for (int i = 0; i < TASK_TILES; i++)
-            block_dot(codes[i], scales[i], act, m, 1, bits, kind, s, b, factors[i], acc[i]);
+        for (int i = 0; i < TASK_TILES; i++) block_dot(codes[i], scales[i], act, m, 1, bits, s, b, acc[i]);
     for (int i = 0; i < TASK_TILES; i++) {
         out[i].h[0] = acc[i][0][0];
         out[i].h[1] = acc[i][0][1];
-        out[i] = row_scaled(out[i], scales[i], s, kind);
+        out[i] = row_scaled(out[i], scales[i], s, KIND_INT);
     }
 }
 #else
@@ -385,39 +517,24 @@ static inline __attribute__((always_inline)) void load_block(const uint8_t *bloc
     }
 }
 
-// One tile's 16 rows dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for m0 + t.
+// One tile's 16 rows (KIND_INT) dotted with activation rows m0 .. m0 + count - 1: out[t] lane r = row r's sum for
+// m0 + t.
 static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-        const int count, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
+        const int count, const int bits, const Shape *s, __m512 out[Q_M_TILE]) {
     __m512 acc[Q_M_TILE];
     for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
     const int64_t block_bytes = s->tile_bytes / s->blocks;
-    const int per_row = one_scale_a_row(s, kind), with_mins = kind == KIND_Q4_K || kind == KIND_Q5_K;
-    __m512 factors[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int per_row = one_scale_a_row(s, KIND_INT);
     for (int64_t b = 0; b < s->blocks; b++) {
         __m512i w[8];
         load_block(tile_codes + b * block_bytes, bits, w);
-        __m512 w_second;
-        const __m512 w_scales = group_scales(tile_scales, s, kind, b, factors, &w_second);
+        const __m512 w_scales = group_scales(tile_scales, s, b);
         for (int t = 0; t < count; t++) {
             const int64_t m = m0 + t;
             const int32_t *x4 = (const int32_t *)(act->codes + (m * s->blocks + b) * BLOCK);
-            if (kind == KIND_Q6_K) {  // a chain for each half of the block, each half its scale; the offset 32
-                const int32_t *halves = act->halves + 2 * (m * s->blocks + b);
-                __m512i low = _mm512_set1_epi32(-32 * halves[0]), high = _mm512_set1_epi32(-32 * halves[1]);
-                for (int v = 0; v < 4; v++) {
-                    low = _mm512_dpbusd_epi32(low, w[v], _mm512_set1_epi32(x4[v]));
-                    high = _mm512_dpbusd_epi32(high, w[v + 4], _mm512_set1_epi32(x4[v + 4]));
-                }
-                const __m512 x_scale = _mm512_set1_ps(act->scales[m * s->blocks + b]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), _mm512_mul_ps(w_scales, x_scale), acc[t]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_mul_ps(w_second, x_scale), acc[t]);
-                continue;
-            }
-            // Two chains of multiply-adds, so each waits on half as many predecessors. (Q4_K's codes have no offset:
-            // its min takes the activations' sum.)
-            __m512i even = with_mins ? _mm512_setzero_si512() : _mm512_set1_epi32(act->negbias[m * s->blocks + b]);
-            __m512i odd = _mm512_setzero_si512();
+            // Two chains of multiply-adds, so each waits on half as many predecessors.
+            __m512i even = _mm512_set1_epi32(act->negbias[m * s->blocks + b]), odd = _mm512_setzero_si512();
             for (int v = 0; v < 8; v += 2) {
                 even = _mm512_dpbusd_epi32(even, w[v], _mm512_set1_epi32(x4[v]));
                 odd = _mm512_dpbusd_epi32(odd, w[v + 1], _mm512_set1_epi32(x4[v + 1]));
@@ -425,13 +542,59 @@ static inline __attribute__((always_inline)) void tile_dot(
             const __m512 x_scale = _mm512_set1_ps(act->scales[m * s->blocks + b]);
             const __m512 scales = per_row ? x_scale : _mm512_mul_ps(w_scales, x_scale);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), scales, acc[t]);
-            if (with_mins) acc[t] = _mm512_fnmadd_ps(w_second, _mm512_set1_ps(act->sums[m * s->blocks + b]), acc[t]);
         }
     }
-    for (int t = 0; t < count; t++) out[t] = row_scaled(acc[t], tile_scales, s, kind);
+    for (int t = 0; t < count; t++) out[t] = row_scaled(acc[t], tile_scales, s, KIND_INT);
 }
 
+// Block b of a k-quant tile dotted with activation rows m0 .. m0 + count - 1: each (half) block's integer sum times its
+// sc, added into sums[t] (as k_quant_tile_dot describes). Two chains of multiply-adds a row: Q6_K's halves (each its
+// sc), else the even and odd vectors.
+static inline __attribute__((always_inline)) void k_quant_block(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int count, const int bits, const int kind, const Shape *s, int64_t b, __m512i sums[Q_M_TILE]) {
+    __m512i w[8];
+    load_block(tile_codes + b * (s->tile_bytes / s->blocks), bits, w);
+    const uint8_t *sc = block_scale_bytes(super_block_scales(tile_scales, kind, b / SUPER_BLOCKS), kind,
+                                          b % SUPER_BLOCKS);
+    const __m512i first = bytes_as_int32(sc, kind == KIND_Q6_K);  // the weights' first 16, Q6_K; else all 32
+    for (int t = 0; t < count; t++) {
+        const int32_t *x4 = (const int32_t *)(act->codes + ((m0 + t) * s->blocks + b) * BLOCK);
+        __m512i one = _mm512_setzero_si512(), other = _mm512_setzero_si512();
+        if (kind == KIND_Q6_K) {
+            for (int v = 0; v < 4; v++) {
+                one = _mm512_dpbusd_epi32(one, w[v], _mm512_set1_epi32(x4[v]));
+                other = _mm512_dpbusd_epi32(other, w[v + 4], _mm512_set1_epi32(x4[v + 4]));
+            }
+            sums[t] = _mm512_add_epi32(sums[t], _mm512_add_epi32(
+                _mm512_mullo_epi32(one, first), _mm512_mullo_epi32(other, bytes_as_int32(sc + TILE, 1))));
+        } else {
+            for (int v = 0; v < 8; v += 2) {
+                one = _mm512_dpbusd_epi32(one, w[v], _mm512_set1_epi32(x4[v]));
+                other = _mm512_dpbusd_epi32(other, w[v + 1], _mm512_set1_epi32(x4[v + 1]));
+            }
+            sums[t] = _mm512_add_epi32(sums[t], _mm512_mullo_epi32(_mm512_add_epi32(one, other), first));
+        }
+    }
+}
 #endif
+
+// One k-quant tile's 16 rows dotted with activation rows m0 .. m0 + count - 1 (out[t] lane r = row r's sum for m0 + t):
+// from k_quant_offsets' terms, then each super-block's integer sum of sc times its blocks' (Q6_K: half blocks')
+// integer dot products, times x_d * d. (Within a super-block, sc <= 63 (Q6_K: |sc| <= 128) times at most 8 blocks of
+// 32 codes <= 31 (16 <= 63) times 127 stays far inside int32.)
+static inline __attribute__((always_inline)) void k_quant_tile_dot(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int count, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
+    __m512i sums[Q_M_TILE];
+    k_quant_offsets(tile_scales, act, m0, count, kind, s, out);
+    for (int t = 0; t < count; t++) sums[t] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < s->blocks; b++) {
+        k_quant_block(tile_codes, tile_scales, act, m0, count, bits, kind, s, b, sums);
+        if (b % SUPER_BLOCKS == SUPER_BLOCKS - 1)
+            k_quant_super_block_done(tile_scales, act, m0, count, kind, s, b / SUPER_BLOCKS, sums, out);
+    }
+}
 
 static Shape shape_of(int64_t K, int bits, int64_t group, int kind) {
     Shape s;
@@ -454,13 +617,12 @@ static int allocate_activations(QuantizedActivations *act, int64_t M, int64_t K)
     act->codes = (int8_t *)malloc((size_t)(blocks * BLOCK));
     act->negbias = (int32_t *)malloc(sizeof(int32_t) * (size_t)blocks);
     act->scales = (float *)malloc(sizeof(float) * (size_t)blocks);
-    act->sums = (float *)malloc(sizeof(float) * (size_t)blocks);
-    act->halves = (int32_t *)malloc(sizeof(int32_t) * (size_t)(2 * blocks));
-    return act->codes && act->negbias && act->scales && act->sums && act->halves ? 0 : -1;
+    act->pairs = (int32_t *)malloc(sizeof(int32_t) * (size_t)blocks);
+    return act->codes && act->negbias && act->scales && act->pairs ? 0 : -1;
 }
 
 static void free_activations(QuantizedActivations *act) {
-    free(act->codes); free(act->negbias); free(act->scales); free(act->sums); free(act->halves);
+    free(act->codes); free(act->negbias); free(act->scales); free(act->pairs);
 }
 
 // Which of `count` weights item `joint` of a joint loop over all their items (tiles, rows) belongs to, weight i
@@ -492,20 +654,30 @@ static inline JointTile joint_tile_at(int64_t joint, int count, const int64_t *f
     return t;
 }
 
-// tile_dot for `rows` (1 .. Q_M_TILE) activation rows from m0, with `rows` and `kind` constants in each call, so that
-// the accumulators live in registers and each kind's loop has its own arithmetic only.
+// tile_dot (k_quant_tile_dot for a k-quant `kind`) for `rows` (1 .. Q_M_TILE) activation rows from m0, with `rows`
+// and `kind` constants in each call, so that the accumulators live in registers and each kind's loop has its own
+// arithmetic only.
+static inline __attribute__((always_inline)) void tile_rows_of(
+        const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
+        const int rows, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
+    if (kind == KIND_INT)
+        tile_dot(tile_codes, tile_scales, act, m0, rows, bits, s, out);
+    else
+        k_quant_tile_dot(tile_codes, tile_scales, act, m0, rows, bits, kind, s, out);
+}
+
 static inline __attribute__((always_inline)) void tile_rows(
         const uint8_t *tile_codes, const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
         const int rows, const int bits, const int kind, const Shape *s, __m512 out[Q_M_TILE]) {
     switch (rows) {
-        case 1: tile_dot(tile_codes, tile_scales, act, m0, 1, bits, kind, s, out); break;
-        case 2: tile_dot(tile_codes, tile_scales, act, m0, 2, bits, kind, s, out); break;
-        case 3: tile_dot(tile_codes, tile_scales, act, m0, 3, bits, kind, s, out); break;
-        case 4: tile_dot(tile_codes, tile_scales, act, m0, 4, bits, kind, s, out); break;
-        case 5: tile_dot(tile_codes, tile_scales, act, m0, 5, bits, kind, s, out); break;
-        case 6: tile_dot(tile_codes, tile_scales, act, m0, 6, bits, kind, s, out); break;
-        case 7: tile_dot(tile_codes, tile_scales, act, m0, 7, bits, kind, s, out); break;
-        default: tile_dot(tile_codes, tile_scales, act, m0, 8, bits, kind, s, out); break;
+        case 1: tile_rows_of(tile_codes, tile_scales, act, m0, 1, bits, kind, s, out); break;
+        case 2: tile_rows_of(tile_codes, tile_scales, act, m0, 2, bits, kind, s, out); break;
+        case 3: tile_rows_of(tile_codes, tile_scales, act, m0, 3, bits, kind, s, out); break;
+        case 4: tile_rows_of(tile_codes, tile_scales, act, m0, 4, bits, kind, s, out); break;
+        case 5: tile_rows_of(tile_codes, tile_scales, act, m0, 5, bits, kind, s, out); break;
+        case 6: tile_rows_of(tile_codes, tile_scales, act, m0, 6, bits, kind, s, out); break;
+        case 7: tile_rows_of(tile_codes, tile_scales, act, m0, 7, bits, kind, s, out); break;
+        default: tile_rows_of(tile_codes, tile_scales, act, m0, 8, bits, kind, s, out); break;
     }
 }
 
@@ -606,25 +778,22 @@ static void block_row_codes(const uint8_t *block, int bits, int r, uint8_t codes
 // Row r of a k-quant tile (`kind`), dequantized into out[index .. index + K - 1] as formats.dequantize_weight computes
 // it: d * sc * q - dmin * m (Q4_K, Q5_K), d * sc * (q - 32) (Q6_K), every product exact in float32 (only the
 // subtraction rounds, so a fused multiply-add would give the same bits).
-static void k_quant_row(const uint8_t *tile_codes, const uint8_t *tile_scales, const Shape *s,
-                                          int kind, int r, void *out, int out_bf16, int64_t index) {
+static void k_quant_row(const uint8_t *tile_codes, const uint16_t *tile_scales, const Shape *s, int kind, int r,
+                        void *out, int out_bf16, int64_t index) {
     const int64_t block_bytes = s->tile_bytes / s->blocks;
     for (int64_t b = 0; b < s->blocks; b++) {
         uint8_t q[BLOCK];
         float values[BLOCK];
         block_row_codes(tile_codes + b * block_bytes, s->bits, r, q);
+        const uint8_t *super = super_block_scales(tile_scales, kind, b / SUPER_BLOCKS);
+        const uint8_t *bytes = block_scale_bytes(super, kind, b % SUPER_BLOCKS);
+        const float d = _cvtsh_ss(half_at(super + 2 * r));
         if (kind == KIND_Q6_K) {
-            const uint8_t *super = tile_scales + b / SUPER_BLOCKS * Q6_K_SUPER_BYTES;
-            const float d = _cvtsh_ss(half_at(super + 2 * r));
-            for (int k = 0; k < BLOCK; k++) {
-                const int8_t sc = (int8_t)super[2 * TILE + (2 * (b % SUPER_BLOCKS) + k / 16) * TILE + r];
-                values[k] = (float)((int)q[k] - 32) * (d * (float)sc);
-            }
+            for (int k = 0; k < BLOCK; k++)
+                values[k] = (float)((int)q[k] - 32) * (d * (float)(int8_t)bytes[k / 16 * TILE + r]);
         } else {
-            const uint8_t *super = tile_scales + b / SUPER_BLOCKS * SUPER_BYTES, *pair = super + 4 * TILE
-                                   + b % SUPER_BLOCKS * 2 * TILE;
-            const float scale = _cvtsh_ss(half_at(super + 2 * r)) * (float)pair[r];
-            const float min = _cvtsh_ss(half_at(super + 2 * TILE + 2 * r)) * (float)pair[TILE + r];
+            const float scale = d * (float)bytes[r];
+            const float min = _cvtsh_ss(half_at(super + 2 * TILE + 2 * r)) * (float)bytes[TILE + r];
             for (int k = 0; k < BLOCK; k++) values[k] = (float)q[k] * scale - min;
         }
         const int64_t k = b * BLOCK;
@@ -645,8 +814,8 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int64_t tile = 0; tile < tiles; tile++)
             for (int r = 0; r < TILE && tile * TILE + r < N; r++)
-                k_quant_row(codes + tile * s.tile_bytes, (const uint8_t *)(scales + tile * s.tile_scales), &s, kind, r,
-                            out, out_bf16, (tile * TILE + r) * K);
+                k_quant_row(codes + tile * s.tile_bytes, scales + tile * s.tile_scales, &s, kind, r, out, out_bf16,
+                            (tile * TILE + r) * K);
         return;
     }
     const __m512i bias = _mm512_set1_epi32(bits == 8 ? 128 : 8);
