@@ -16,6 +16,7 @@ those of llamaforge/quantize (qlinear.c, bf16linear.c, decode_layers.c). docs/be
     python benchmarks/kernel_ab.py my_variants.py --mode int8 --linear 5632,2048,128   # one N x K layer, 128 rows
     python benchmarks/kernel_ab.py my_variants.py --mode q4_k --linear 5632,2048,1     # a GGUF k-quant layer
     python benchmarks/kernel_ab.py my_variants.py --attention 512,512  # 512 queries over 512 cached positions
+    python benchmarks/kernel_ab.py my_variants.py --gguf model.Q4_K_M.gguf --prefill 128  # a file's model, as loaded
 
 A single call's weights (or cache) stay in the caches between calls unless they are larger than them: pick shapes
 for what the change is about (arithmetic: cache-resident; streaming: larger than the L3).
@@ -140,7 +141,11 @@ def workload(args: argparse.Namespace) -> Callable[[], torch.Tensor]:
         return linear_call(args.mode, *args.linear)
     if args.attention:
         return attention_call(config, *args.attention)
-    model = model_in_mode(init_weights(Llama(config), seed=0).eval(), args.mode)
+    if args.gguf:
+        model = llamaforge.load(args.gguf).model  # as decode.py's file modes run it
+        config = model.config
+    else:
+        model = model_in_mode(init_weights(Llama(config), seed=0).eval(), args.mode)
     positions = max(256, args.prefill + 1)
     caches = [KVCache.allocate(1, positions, config.n_kv_heads, config.head_dim, torch.bfloat16, "cpu")
               for _ in range(config.n_layers)]
@@ -160,6 +165,8 @@ def main() -> None:
     parser.add_argument("--mode", default="int4", choices=["bf16", "int8", "int4", *K_QUANTS],
                         help="the model's weights (the k-quants: with --linear only)")
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS), help="model shape")
+    parser.add_argument("--gguf", type=Path, help="decode or prefill this GGUF file's model (as llamaforge.load "
+                        "makes it) instead of random weights in --preset's shape and --mode")
     what = parser.add_mutually_exclusive_group()  # the workload; a decode step without any
     what.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens, not decode")
     what.add_argument("--linear", type=shape(3), metavar="N,K,M",
@@ -171,7 +178,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args()
-    if args.mode in K_QUANTS and not (args.linear and args.linear[1] % 256 == 0):
+    if args.gguf and (args.linear or args.attention):
+        parser.error("--gguf runs a file's model: give --prefill N or nothing (a decode step)")
+    if args.mode in K_QUANTS and not args.gguf and not (args.linear and args.linear[1] % 256 == 0):
         parser.error(f"--mode {args.mode} times one layer: give --linear N,K,M with K a multiple of 256")
     if kernels.native() is None or kernels.native_bf16() is None or kernels.native_decode() is None:
         raise SystemExit("the kernels do not build or run on this machine (AVX-512 or AVX2, a C compiler)")
@@ -201,13 +210,14 @@ def main() -> None:
              "vs_base": base_ms / (statistics.median(s) * 1e3),
              "same_result": bool(torch.equal(results[name], results["base"]))} for name, s in seconds.items()]
     if args.json:
-        print(json.dumps({"mode": args.mode, "preset": args.preset, "prefill": args.prefill, "linear": args.linear,
+        print(json.dumps({"mode": args.mode, "preset": args.preset, "gguf": args.gguf and str(args.gguf),
+                          "prefill": args.prefill, "linear": args.linear,
                           "attention": args.attention, "rows": rows}))
         return
     what = (f"{args.mode} linear {'x'.join(map(str, args.linear[:2]))}, {args.linear[2]} rows" if args.linear
             else f"attention of {args.attention[0]} queries over {args.attention[1]} positions, {args.preset}'s heads"
-            if args.attention else f"{args.mode} {args.preset} " + (f"prefill of {args.prefill} tokens" if args.prefill
-                                                                     else "decode step"))
+            if args.attention else (args.gguf.name if args.gguf else f"{args.mode} {args.preset}")
+            + (f" prefill of {args.prefill} tokens" if args.prefill else " decode step"))
     print(f"{what}, {args.threads} threads, median of {args.rounds} alternating rounds")
     print("| variant | ms | rounds | speed vs base | result equal base's |")
     print("| --- | ---: | --- | ---: | --- |")

@@ -84,7 +84,8 @@ typedef struct {
     int bits, kind;
 } Shape;
 
-static inline __m512 load16_as_float(const void *x, int is_bf16, int64_t index, __mmask16 keep) {
+static inline __attribute__((always_inline)) __m512 load16_as_float(const void *x, int is_bf16, int64_t index,
+                                                                     __mmask16 keep) {
     if (is_bf16) {
         __m256i half = _mm256_maskz_loadu_epi16(keep, (const void *)((const uint16_t *)x + index));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
@@ -92,19 +93,20 @@ static inline __m512 load16_as_float(const void *x, int is_bf16, int64_t index, 
     return _mm512_maskz_loadu_ps(keep, (const float *)x + index);
 }
 
-static inline __mmask16 first_lanes(int64_t n) {
+static inline __attribute__((always_inline)) __mmask16 first_lanes(int64_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
 // 16 float32 values rounded to bfloat16 (nearest even, as torch's .to(torch.bfloat16)).
-static inline __m256i to_bf16(__m512 values) {
+static inline __attribute__((always_inline)) __m256i to_bf16(__m512 values) {
     __m512i bits = _mm512_castps_si512(values);
     __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
                                         _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16));
 }
 
-static inline void store16(void *out, int is_bf16, int64_t index, __m512 values, __mmask16 keep) {
+static inline __attribute__((always_inline)) void store16(void *out, int is_bf16, int64_t index, __m512 values,
+                                                         __mmask16 keep) {
     if (is_bf16)
         _mm256_mask_storeu_epi16((uint16_t *)out + index, keep, to_bf16(values));
     else
@@ -204,37 +206,40 @@ static void quantize_activations(const void *x, int is_bf16, int64_t M, const Sh
 // layer 1.04-1.10x faster on Zen 4 (docs/benchmarks.md). With groups, each block's weight scale times its
 // activation scale multiplies its sums (llama.cpp's order, so a Q8_0 / Q4_0 file's dot products round as there).
 // `kind` is s->kind, a constant where the kernels call this, so that each kind's loop has only its own arithmetic.
-static inline int one_scale_a_row(const Shape *s, const int kind) {
+static inline __attribute__((always_inline)) int one_scale_a_row(const Shape *s, const int kind) {
     return kind == KIND_INT && s->group >= s->K;
 }
 
 // Q6_K's top 2 bits of the codes of vector v (bits 2v, 2v + 1 of each byte of `high`) moved to bits 4 and 5 (other
 // bits are the caller's to mask off).
-static inline __m512i top_bits(__m512i high, const int v) {
+static inline __attribute__((always_inline)) __m512i top_bits(__m512i high, const int v) {
     return v == 0 ? _mm512_slli_epi32(high, 4) : v == 1 ? _mm512_slli_epi32(high, 2)
            : v == 2 ? high : _mm512_srli_epi32(high, 2);
 }
 
 // The weight scales of block b (KIND_INT) for a tile's 16 rows, where the weight has groups: zeros, never read, where
 // it has one scale a row.
-static inline __m512 group_scales(const uint16_t *tile_scales, const Shape *s, int64_t b) {
+static inline __attribute__((always_inline)) __m512 group_scales(const uint16_t *tile_scales, const Shape *s,
+                                                                  int64_t b) {
     if (one_scale_a_row(s, KIND_INT)) return _mm512_setzero_ps();
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile_scales + b * BLOCK / s->group * TILE)));
 }
 
 // A k-quant tile's scale bytes of super-block j (SUPER_BYTES or Q6_K_SUPER_BYTES, described at the top).
-static inline const uint8_t *super_block_scales(const uint16_t *tile_scales, const int kind, int64_t j) {
+static inline __attribute__((always_inline)) const uint8_t *super_block_scales(const uint16_t *tile_scales,
+                                                                                const int kind, int64_t j) {
     return (const uint8_t *)tile_scales + j * (kind == KIND_Q6_K ? Q6_K_SUPER_BYTES : SUPER_BYTES);
 }
 
 // Within them, block b's 16 sc bytes (b counted from the super-block's first), then its 16 m bytes (Q6_K: the 16 sc of
 // the block's last 16 weights).
-static inline const uint8_t *block_scale_bytes(const uint8_t *super, const int kind, int64_t b) {
+static inline __attribute__((always_inline)) const uint8_t *block_scale_bytes(const uint8_t *super, const int kind,
+                                                                               int64_t b) {
     return super + (kind == KIND_Q6_K ? 2 : 4) * TILE + b * 2 * TILE;
 }
 
 // 16 bytes, unsigned or signed, as int32 lanes.
-static inline __m512i bytes_as_int32(const uint8_t *bytes, const int is_signed) {
+static inline __attribute__((always_inline)) __m512i bytes_as_int32(const uint8_t *bytes, const int is_signed) {
     const __m128i loaded = _mm_loadu_si128((const __m128i *)bytes);
     return is_signed ? _mm512_cvtepi8_epi32(loaded) : _mm512_cvtepu8_epi32(loaded);
 }
@@ -244,8 +249,9 @@ static inline __m512i bytes_as_int32(const uint8_t *bytes, const int is_signed) 
 // Q6_K the codes' offset, sum of x_d * d * 32 * (sum over half blocks of sc * the half's code sum). Each super-block's
 // integer sum takes VPDPWSSD over two blocks (halves) at once: their factors, as a lane's int16 pair, times the
 // activations' code sums, paired as in QuantizedActivations.pairs.
-static inline void k_quant_offsets(const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-                                   const int count, const int kind, const Shape *s, __m512 acc[Q_M_TILE]) {
+static inline __attribute__((always_inline)) void k_quant_offsets(
+        const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0, const int count, const int kind,
+        const Shape *s, __m512 acc[Q_M_TILE]) {
     const int64_t supers = s->blocks / SUPER_BLOCKS;
     for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < supers; j++) {
@@ -280,9 +286,9 @@ static inline void k_quant_offsets(const uint16_t *tile_scales, const QuantizedA
 
 // The end of super-block j in the k-quant loop: each row's integer sum (of sc * the codes' products) times x_d * d,
 // added to acc[t], and the sum set to zero for the next.
-static inline void k_quant_super_block_done(const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0,
-                                            const int count, const int kind, const Shape *s, int64_t j,
-                                            __m512i sums[Q_M_TILE], __m512 acc[Q_M_TILE]) {
+static inline __attribute__((always_inline)) void k_quant_super_block_done(
+        const uint16_t *tile_scales, const QuantizedActivations *act, int64_t m0, const int count, const int kind,
+        const Shape *s, int64_t j, __m512i sums[Q_M_TILE], __m512 acc[Q_M_TILE]) {
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)super_block_scales(tile_scales, kind, j)));
     for (int t = 0; t < count; t++) {
         const float x_d = act->scales[(m0 + t) * (s->blocks / SUPER_BLOCKS) + j];
@@ -292,7 +298,8 @@ static inline void k_quant_super_block_done(const uint16_t *tile_scales, const Q
 }
 
 // A tile's 16 row sums, with their rows' weight scales applied where one_scale_a_row (else as they are).
-static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const Shape *s, const int kind) {
+static inline __attribute__((always_inline)) __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const Shape *s,
+                                                              const int kind) {
     if (!one_scale_a_row(s, kind)) return sums;
     return _mm512_mul_ps(sums, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tile_scales)));
 }
@@ -310,7 +317,7 @@ static inline __m512 row_scaled(__m512 sums, const uint16_t *tile_scales, const 
 //    each sum comes out scaled; 5- and 6-bit codes (pairs up to 7,874 and 16,002) take it vector by vector.
 
 // top_bits for one half of a tile's rows.
-static inline __m256i top_bits_256(__m256i high, const int v) {
+static inline __attribute__((always_inline)) __m256i top_bits_256(__m256i high, const int v) {
     return v == 0 ? _mm256_slli_epi32(high, 4) : v == 1 ? _mm256_slli_epi32(high, 2)
            : v == 2 ? high : _mm256_srli_epi32(high, 2);
 }
@@ -441,31 +448,14 @@ static inline __attribute__((always_inline)) void tile_dot(
 
 #define TASK_TILES 4  // tiles a task of the joint loop: for a single activation row they stream side by side
 
-// TASK_TILES tiles (codes[i], scales[i]) dotted with activation row m, block by block in turn, each row's sum in
-// tile_dot's (k_quant_tile_dot's) order: as many streams of weight bytes for a core (one reached ~25 GB/s on Zen 3's
-// two cores). Four made decode steps 1.17x faster there (int8 and int4), two 1.05-1.08x; eight are slower (their
-// sums spill).
+// TASK_TILES tiles (codes[i], scales[i], KIND_INT) dotted with activation row m, block by block in turn, each row's
+// sum in tile_dot's order: as many streams of weight bytes for a core (one reached ~25 GB/s on Zen 3's two cores).
+// Four made decode steps 1.17x faster there (int8 and int4), two 1.05-1.08x; eight are slower (their sums spill).
+// Not for the k-quants: their integer sums beside the float ones spill, and a Q4_K_M decode step took 1.64x as long
+// as with one tile at a time (Zen 4, docs/benchmarks.md).
 static inline __attribute__((always_inline)) void tiles_dot(
         const uint8_t *const codes[TASK_TILES], const uint16_t *const scales[TASK_TILES],
-        const QuantizedActivations *act, int64_t m, const int bits, const int kind, const Shape *s,
-        __m512 out[TASK_TILES]) {
-    if (kind != KIND_INT) {
-        __m512 acc[TASK_TILES][Q_M_TILE];
-        __m512i sums[TASK_TILES][Q_M_TILE];
-        for (int i = 0; i < TASK_TILES; i++) {
-            k_quant_offsets(scales[i], act, m, 1, kind, s, acc[i]);
-            sums[i][0] = _mm512_setzero_si512();
-        }
-        for (int64_t b = 0; b < s->blocks; b++) {
-            for (int i = 0; i < TASK_TILES; i++)
-                k_quant_block(codes[i], scales[i], act, m, 1, bits, kind, s, b, sums[i]);
-            if (b % SUPER_BLOCKS == SUPER_BLOCKS - 1)
-                for (int i = 0; i < TASK_TILES; i++)
-                    k_quant_super_block_done(scales[i], act, m, 1, kind, s, b / SUPER_BLOCKS, sums[i], acc[i]);
-        }
-        for (int i = 0; i < TASK_TILES; i++) out[i] = acc[i][0];
-        return;
-    }
+        const QuantizedActivations *act, int64_t m, const int bits, const Shape *s, __m512 out[TASK_TILES]) {
     __m256 acc[TASK_TILES][Q_M_TILE][2];
     for (int i = 0; i < TASK_TILES; i++) acc[i][0][0] = acc[i][0][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < s->blocks; b++)
@@ -627,7 +617,7 @@ static void free_activations(QuantizedActivations *act) {
 
 // Which of `count` weights item `joint` of a joint loop over all their items (tiles, rows) belongs to, weight i
 // holding items first[i] .. first[i + 1] - 1.
-static inline int joint_owner(int64_t joint, int count, const int64_t *first) {
+static inline __attribute__((always_inline)) int joint_owner(int64_t joint, int count, const int64_t *first) {
     int i = 0;
     while (i + 1 < count && joint >= first[i + 1]) i++;
     return i;
@@ -643,8 +633,9 @@ typedef struct {
     __mmask16 keep;
 } JointTile;
 
-static inline JointTile joint_tile_at(int64_t joint, int count, const int64_t *first_tile, const uint8_t *const *codes,
-                                      const uint16_t *const *scales, const int64_t *Ns, const Shape *s) {
+static inline __attribute__((always_inline)) JointTile joint_tile_at(
+        int64_t joint, int count, const int64_t *first_tile, const uint8_t *const *codes, const uint16_t *const *scales,
+        const int64_t *Ns, const Shape *s) {
     JointTile t;
     t.owner = joint_owner(joint, count, first_tile);
     t.tile = joint - first_tile[t.owner];
@@ -709,7 +700,7 @@ static inline __attribute__((always_inline)) void joint_task(
         const uint16_t *const *scales, void *const *ys, const int64_t *Ns, int64_t M,
         const QuantizedActivations *act, const Shape *s, int io_bf16) {
 #ifdef LLAMAFORGE_AVX2
-    if (M == 1 && first + TASK_TILES <= tiles) {
+    if (M == 1 && s->kind == KIND_INT && first + TASK_TILES <= tiles) {
         JointTile at[TASK_TILES];
         const uint8_t *task_codes[TASK_TILES];
         const uint16_t *task_scales[TASK_TILES];
@@ -719,14 +710,7 @@ static inline __attribute__((always_inline)) void joint_task(
             task_scales[j] = at[j].scales;
         }
         __m512 out[TASK_TILES];
-        if (s->kind == KIND_Q4_K)
-            tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_Q4_K, s, out);
-        else if (s->kind == KIND_Q6_K)
-            tiles_dot(task_codes, task_scales, act, 0, 6, KIND_Q6_K, s, out);
-        else if (s->kind == KIND_Q5_K)
-            tiles_dot(task_codes, task_scales, act, 0, 5, KIND_Q5_K, s, out);
-        else
-            tiles_dot(task_codes, task_scales, act, 0, s->bits, KIND_INT, s, out);
+        tiles_dot(task_codes, task_scales, act, 0, s->bits, s, out);
         for (int j = 0; j < TASK_TILES; j++) store16(ys[at[j].owner], io_bf16, at[j].tile * TILE, out[j], at[j].keep);
         return;
     }
