@@ -747,15 +747,43 @@ int qlinear_many(const void *x, int count, const uint8_t *const *codes, const ui
 
 static inline uint16_t half_at(const uint8_t *bytes) { return (uint16_t)(bytes[0] | bytes[1] << 8); }
 
-// Row r's 32 codes of a k-quant block (4, 5 or 6 bits) in the layout at the top, in weight order.
-static void block_row_codes(const uint8_t *block, int bits, int r, uint8_t codes[BLOCK]) {
-    for (int k = 0; k < BLOCK; k++) {
-        const int i = k % 4, v = k % 16 / 4, half = k / 16;
-        const uint8_t packed = block[64 * v + 4 * r + i];
-        uint8_t code = half ? packed >> 4 : packed & 0x0F;
-        if (bits == 5) code |= ((block[256 + 4 * r + i] >> (4 * half + v)) & 1) << 4;
-        if (bits == 6) code |= ((block[256 + 64 * half + 4 * r + i] >> (2 * v)) & 3) << 4;
-        codes[k] = code;
+// The top bit(s) that `bits` (5 or 6) add to a row's 16 codes, from the 4 bytes of a top-bit plane that the row's
+// codes share (their 4 bytes of the plane's vector, as set1): code k = 4v + i has its bit at bit `shift` + v (5 bits)
+// or its 2 bits at bits 2v, 2v + 1 (6 bits) of byte i; they come back at bit 4 (and 5) of byte k.
+static inline __attribute__((always_inline)) __m128i top_bits_of_row(__m128i plane, const int bits, const int shift) {
+    const __m128i at = _mm_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8);  // bit v of byte k: 1 << k / 4
+    if (bits == 5) {
+        const __m128i bit = shift ? _mm_slli_epi16(at, 4) : at;  // 16 .. 128 fit each byte: no carry between bytes
+        return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(plane, bit), bit), _mm_set1_epi8(0x10));
+    }
+    const __m128i low = _mm_setr_epi8(1, 1, 1, 1, 4, 4, 4, 4, 16, 16, 16, 16, 64, 64, 64, 64);  // bit 2v
+    const __m128i high = _mm_add_epi8(low, low);  // bit 2v + 1
+    return _mm_or_si128(_mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(plane, low), low), _mm_set1_epi8(0x10)),
+                        _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(plane, high), high), _mm_set1_epi8(0x20)));
+}
+
+// Row r's 32 codes of a block in the layout at the top (any width), unsigned: weights 0 .. 15 in *lo, 16 .. 31 in
+// *hi. The row's 4-byte pieces lie 64 bytes apart (dword 16v + r of the block); its top-bit planes' 4 bytes at
+// 256 + 4r (5 bits: one plane, the high nibbles' bits from bit 4; 6 bits: 256 + 4r and 320 + 4r).
+static inline __attribute__((always_inline)) void row_codes(const uint8_t *block, const int bits, int r, __m128i *lo,
+                                                            __m128i *hi) {
+    const __m256i pieces = _mm256_add_epi32(_mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), _mm256_set1_epi32(r));
+    if (bits == 8) {
+        const __m256i row = _mm256_i32gather_epi32((const int *)block, pieces, 4);
+        *lo = _mm256_castsi256_si128(row);
+        *hi = _mm256_extracti128_si256(row, 1);
+        return;
+    }
+    const __m128i row = _mm_i32gather_epi32((const int *)block, _mm256_castsi256_si128(pieces), 4);
+    *lo = _mm_and_si128(row, _mm_set1_epi8(0x0F));
+    *hi = _mm_and_si128(_mm_srli_epi16(row, 4), _mm_set1_epi8(0x0F));
+    if (bits == 5) {
+        const __m128i plane = _mm_set1_epi32(*(const int32_t *)(block + 256 + 4 * r));
+        *lo = _mm_or_si128(*lo, top_bits_of_row(plane, 5, 0));
+        *hi = _mm_or_si128(*hi, top_bits_of_row(plane, 5, 4));
+    } else if (bits == 6) {
+        *lo = _mm_or_si128(*lo, top_bits_of_row(_mm_set1_epi32(*(const int32_t *)(block + 256 + 4 * r)), 6, 0));
+        *hi = _mm_or_si128(*hi, top_bits_of_row(_mm_set1_epi32(*(const int32_t *)(block + 320 + 4 * r)), 6, 0));
     }
 }
 
@@ -766,24 +794,26 @@ static void k_quant_row(const uint8_t *tile_codes, const uint16_t *tile_scales, 
                         void *out, int out_bf16, int64_t index) {
     const int64_t block_bytes = s->tile_bytes / s->blocks;
     for (int64_t b = 0; b < s->blocks; b++) {
-        uint8_t q[BLOCK];
-        float values[BLOCK];
-        block_row_codes(tile_codes + b * block_bytes, s->bits, r, q);
+        __m128i lo, hi;
+        row_codes(tile_codes + b * block_bytes, s->bits, r, &lo, &hi);
         const uint8_t *super = super_block_scales(tile_scales, kind, b / SUPER_BLOCKS);
         const uint8_t *bytes = block_scale_bytes(super, kind, b % SUPER_BLOCKS);
         const float d = _cvtsh_ss(half_at(super + 2 * r));
+        __m512 values_lo, values_hi;
         if (kind == KIND_Q6_K) {
-            for (int k = 0; k < BLOCK; k++)
-                values[k] = (float)((int)q[k] - 32) * (d * (float)(int8_t)bytes[k / 16 * TILE + r]);
+            const __m512i offset = _mm512_set1_epi32(32);
+            values_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), offset)),
+                                      _mm512_set1_ps(d * (float)(int8_t)bytes[r]));
+            values_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), offset)),
+                                      _mm512_set1_ps(d * (float)(int8_t)bytes[TILE + r]));
         } else {
-            const float scale = d * (float)bytes[r];
-            const float min = _cvtsh_ss(half_at(super + 2 * TILE + 2 * r)) * (float)bytes[TILE + r];
-            for (int k = 0; k < BLOCK; k++) values[k] = (float)q[k] * scale - min;
+            const __m512 scale = _mm512_set1_ps(d * (float)bytes[r]);
+            const __m512 min = _mm512_set1_ps(_cvtsh_ss(half_at(super + 2 * TILE + 2 * r)) * (float)bytes[TILE + r]);
+            values_lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), scale), min);
+            values_hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), scale), min);
         }
-        const int64_t k = b * BLOCK;
-        store16(out, out_bf16, index + k, _mm512_maskz_loadu_ps((__mmask16)0xFFFF, values), (__mmask16)0xFFFF);
-        store16(out, out_bf16, index + k + 16, _mm512_maskz_loadu_ps((__mmask16)0xFFFF, values + 16),
-                (__mmask16)0xFFFF);
+        store16(out, out_bf16, index + b * BLOCK, values_lo, (__mmask16)0xFFFF);
+        store16(out, out_bf16, index + b * BLOCK + 16, values_hi, (__mmask16)0xFFFF);
     }
 }
 
@@ -807,22 +837,9 @@ void dequantize(const uint8_t *codes, const uint16_t *scales, void *out, int64_t
     for (int64_t tile = 0; tile < tiles; tile++) {
         for (int64_t r = 0; r < TILE && tile * TILE + r < N; r++) {
             const int64_t n = tile * TILE + r;
-            // Row r's 4-byte pieces lie 64 bytes apart: dword 16v + r of the block.
-            const __m256i pieces = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                                       _mm256_set1_epi32(TILE)),
-                                                    _mm256_set1_epi32((int)r));
             for (int64_t b = 0; b < s.blocks; b++) {
-                const uint8_t *block = codes + tile * s.tile_bytes + b * block_bytes;
                 __m128i lo, hi;  // the row's codes for weights 32b .. 32b + 15 and 32b + 16 .. 32b + 31
-                if (bits == 8) {
-                    __m256i row = _mm256_i32gather_epi32((const int *)block, pieces, 4);
-                    lo = _mm256_castsi256_si128(row);
-                    hi = _mm256_extracti128_si256(row, 1);
-                } else {
-                    __m128i row = _mm_i32gather_epi32((const int *)block, _mm256_castsi256_si128(pieces), 4);
-                    lo = _mm_and_si128(row, _mm_set1_epi8(0x0F));
-                    hi = _mm_and_si128(_mm_srli_epi16(row, 4), _mm_set1_epi8(0x0F));
-                }
+                row_codes(codes + tile * s.tile_bytes + b * block_bytes, bits, (int)r, &lo, &hi);
                 const int64_t g = s.group >= K ? 0 : b * BLOCK / s.group;
                 const __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[(tile * s.n_groups + g) * TILE + r]));
                 const int64_t k = b * BLOCK;
