@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import random_model, write_hf_dir
 
-import llamaforge
 from llamaforge.checkpoint.gguf import write_gguf
-from llamaforge.config import ModelArgs
 from llamaforge.quantize import kernels
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -289,10 +286,8 @@ def test_kernel_ab_benchmark_times_one_linear_or_attention_call(tmp_path: Path) 
     assert attention["other rounding"]["same_result"] and not attention["other score scale"]["same_result"]
 
 
-def test_kernel_ab_benchmark_runs_a_gguf_files_model(tmp_path: Path, tiny_tokenizer_path: Path) -> None:
+def test_kernel_ab_benchmark_runs_a_gguf_files_model(tmp_path: Path, tiny_llm) -> None:
     """--gguf: the model a file loads as (here Q8_0, kept as int8 in groups of 32), a prefill of it."""
-    config = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, hidden_dim=128, max_seq_len=128)
-    llm = llamaforge.load(write_hf_dir(tmp_path / "model", random_model(config), tiny_tokenizer_path))
-    path = write_gguf(llm.model.state_dict(), llm.config, llm.tokenizer, tmp_path / "model.gguf", "q8_0")
+    path = write_gguf(tiny_llm.model.state_dict(), tiny_llm.config, tiny_llm.tokenizer, tmp_path / "model.gguf", "q8_0")
     rows = kernel_ab_rows(tmp_path, {"other rounding": OTHER_ROUNDING}, "--gguf", str(path), "--prefill", "5")
     assert not rows["other rounding"]["same_result"]  # its int8 layers went through the edited kernel

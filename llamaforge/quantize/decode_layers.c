@@ -43,13 +43,6 @@ typedef struct {
     float eps;
 } Dims;
 
-static inline float bf16_value(uint16_t bits) {
-    uint32_t word = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &word, 4);
-    return value;
-}
-
 // out = weight * bfloat16(x * rsqrt(mean(x^2) + eps)), as RMSNorm in a bfloat16 model.
 static void rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t n, float eps) {
     __m512 squares = _mm512_setzero_ps();

@@ -113,13 +113,37 @@ static inline __attribute__((always_inline)) void store16(void *out, int is_bf16
         _mm512_mask_storeu_ps((float *)out + index, keep, values);
 }
 
-// x[index], float32 or bfloat16.
-static inline float value_at(const void *x, int is_bf16, int64_t index) {
-    if (!is_bf16) return ((const float *)x)[index];
-    const uint32_t word = (uint32_t)((const uint16_t *)x)[index] << 16;
+// A bfloat16 value (its bits) as float32.
+static inline float bf16_value(uint16_t bits) {
+    const uint32_t word = (uint32_t)bits << 16;
     float value;
     memcpy(&value, &word, 4);
     return value;
+}
+
+// x[index], float32 or bfloat16.
+static inline float value_at(const void *x, int is_bf16, int64_t index) {
+    return is_bf16 ? bf16_value(((const uint16_t *)x)[index]) : ((const float *)x)[index];
+}
+
+// The largest magnitude among x[start .. start + count - 1], float32 or bfloat16.
+static inline float largest_magnitude(const void *x, int is_bf16, int64_t start, int64_t count) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; i += 16)
+        top = _mm512_max_ps(top, _mm512_abs_ps(load16_as_float(x, is_bf16, start + i, first_lanes(count - i))));
+    return _mm512_reduce_max_ps(top);
+}
+
+// The first of x[start .. start + count - 1] whose magnitude is `amax` (their largest): the value llama.cpp's
+// quantizers keep (and torch's argmax finds); 0 where none is (a NaN among them).
+static inline float first_of_magnitude(const void *x, int is_bf16, int64_t start, int64_t count, float amax) {
+    for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 keep = first_lanes(count - i);
+        const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(load16_as_float(x, is_bf16, start + i, keep)),
+                                                _mm512_set1_ps(amax), _CMP_EQ_OQ) & keep;
+        if (at) return value_at(x, is_bf16, start + i + __builtin_ctz(at));
+    }
+    return 0.0f;
 }
 
 // Two int16 values in one int32, `low` in its low half (VPDPWSSD's pairs).
@@ -155,25 +179,13 @@ static void quantize_blocks(const void *x, int is_bf16, int64_t m, const Shape *
 // block is. K is a multiple of 256. Then the code sums k_quant_offsets takes (QuantizedActivations.pairs).
 static void quantize_super_blocks(const void *x, int is_bf16, int64_t m, const Shape *s, QuantizedActivations *out) {
     for (int64_t j = 0; j < s->blocks / SUPER_BLOCKS; j++) {
-        const int64_t start = m * s->K + j * SUPER_BLOCKS * BLOCK;
-        __m512 values[16], magnitudes = _mm512_setzero_ps();
-        for (int i = 0; i < 16; i++) {
-            values[i] = load16_as_float(x, is_bf16, start + 16 * i, (__mmask16)0xFFFF);
-            magnitudes = _mm512_max_ps(magnitudes, _mm512_abs_ps(values[i]));
-        }
-        const __m512 amax = _mm512_set1_ps(_mm512_reduce_max_ps(magnitudes));
-        float max = 0.0f;
-        for (int i = 0; i < 16; i++) {
-            const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(values[i]), amax, _CMP_EQ_OQ);
-            if (at) {
-                max = value_at(x, is_bf16, start + 16 * i + __builtin_ctz(at));
-                break;
-            }
-        }
+        const int64_t start = m * s->K + j * SUPER_BLOCKS * BLOCK, width = SUPER_BLOCKS * BLOCK;
+        const float max = first_of_magnitude(x, is_bf16, start, width, largest_magnitude(x, is_bf16, start, width));
         const float iscale = max != 0.0f ? -127.0f / max : 0.0f;
         int32_t sums[16];  // of each 16 codes
         for (int i = 0; i < 16; i++) {
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values[i], _mm512_set1_ps(iscale)));
+            const __m512 values = load16_as_float(x, is_bf16, start + 16 * i, (__mmask16)0xFFFF);
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values, _mm512_set1_ps(iscale)));
             _mm_storeu_si128((__m128i *)(out->codes + (m * s->blocks + j * SUPER_BLOCKS) * BLOCK + 16 * i),
                              _mm512_cvtepi32_epi8(q));
             sums[i] = _mm512_reduce_add_epi32(q);
@@ -1022,23 +1034,8 @@ static void stored_row(const uint8_t *row, const uint8_t *row_scales, int64_t K,
 // One group of a row (w[start .. start + count - 1]): its codes (value + bias) into codes[0 .. count - 1]; its scale.
 static SEPARATE_ROUNDING float quantize_group(const void *w, int is_bf16, int64_t start, int64_t count, int bits,
                                               uint8_t *codes) {
-    __m512 top = _mm512_setzero_ps();
-    for (int64_t i = 0; i < count; i += 16)
-        top = _mm512_max_ps(top, _mm512_abs_ps(load16_as_float(w, is_bf16, start + i, first_lanes(count - i))));
-    const float amax = _mm512_reduce_max_ps(top);
-    float extreme = 0.0f;  // int4: the first value of the largest magnitude (torch's argmax, llama.cpp's loop)
-    for (int64_t i = 0; bits == 4 && i < count; i += 16) {
-        const __mmask16 keep = first_lanes(count - i);
-        const __m512 values = load16_as_float(w, is_bf16, start + i, keep);
-        const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(values), _mm512_set1_ps(amax), _CMP_EQ_OQ) & keep;
-        if (at) {
-            float lanes[16];
-            _mm512_mask_storeu_ps(lanes, (__mmask16)0xFFFF, values);
-            extreme = lanes[__builtin_ctz(at)];
-            break;
-        }
-    }
-    const float scale = bits == 8 ? amax / 127.0f : extreme / -8.0f;
+    const float amax = largest_magnitude(w, is_bf16, start, count);
+    const float scale = bits == 8 ? amax / 127.0f : first_of_magnitude(w, is_bf16, start, count, amax) / -8.0f;
     const __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
     const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
     for (int64_t i = 0; i < count; i += 16) {
