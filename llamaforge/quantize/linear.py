@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llamaforge.quantize import kernels
-from llamaforge.quantize.formats import QuantizedWeight, check_scheme, stored_codes
+from llamaforge.quantize.formats import GROUP_SIZES, QuantizedWeight, check_scheme, stored_codes
 from llamaforge.quantize.nf4 import NF4Linear
 
 # Up to this many tokens per sequence the bfloat16 kernel runs (decoding, short prompts); above, torch's GEMM is
@@ -209,7 +209,7 @@ def layer_scheme(name: str, in_features: int, bits: int, group_size: int | None)
     """The bits and group size `quantize_model` gives the linear `name` (see there): int8 for int4's output layer
     and for widths the group does not divide, one scale a row for int8 where its group does not divide the width."""
     head = name == "lm_head" or name.endswith(".lm_head")
-    if bits == 4 and (head or in_features % (group_size or 32) != 0):
+    if bits == 4 and (head or in_features % (group_size or GROUP_SIZES[0]) != 0):  # int4's default group
         return 8, None
     ragged = group_size is not None and in_features % group_size != 0
     return bits, None if bits == 8 and ragged else group_size
